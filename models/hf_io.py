@@ -1,0 +1,175 @@
+"""Hugging Face safetensors import and export, without torch.
+
+`load_pretrained` validates config.json and every tensor's name and shape (from the safetensors headers) before reading
+any data, then reads tensor by tensor straight into (sharded) device arrays: the host holds at most one parameter
+(for scanned layouts, one stacked parameter) beyond what is already on the devices.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
+
+from models import sharding
+from models.config import ModelConfig
+from models.hf_names import TensorMap, hf_shape, tensor_maps
+from models.transformer import Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers that old checkpoints saved but that are derived, not learned: recomputed from the config.
+DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointMismatchError(ValueError):
+    """A safetensors checkpoint does not have exactly the tensors (names and shapes) the config implies."""
+
+
+def read_config(hf_dir: str | pathlib.Path, **runtime: Any) -> ModelConfig:
+    path = pathlib.Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json in the Hugging Face folder")
+    with open(path) as f:
+        return ModelConfig.from_hf(json.load(f), **runtime)
+
+
+def weight_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    """Tensor name -> safetensors file, from the index json (sharded) or the single file."""
+    hf_dir = pathlib.Path(hf_dir)
+    if (hf_dir / INDEX_FILE).exists():
+        with open(hf_dir / INDEX_FILE) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: hf_dir / file for name, file in weight_map.items()}
+    if (hf_dir / SINGLE_FILE).exists():
+        with safe_open(hf_dir / SINGLE_FILE, "numpy") as f:
+            return {name: hf_dir / SINGLE_FILE for name in f.keys()}
+    raise FileNotFoundError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights are loaded)")
+
+
+class _Reader:
+    """Opens each safetensors file once and reads headers or single tensors on demand."""
+
+    def __init__(self, files: dict[str, pathlib.Path]):
+        self.files = files
+        self._handles: dict[pathlib.Path, Any] = {}
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._handles:
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: listed in {INDEX_FILE} for tensor {name!r} but missing")
+            self._handles[path] = safe_open(path, "numpy")
+        return self._handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+
+def _validate(reader: _Reader, maps: list[TensorMap], shapes: dict[tuple, tuple[int, ...]], config: ModelConfig):
+    """Missing / unexpected / mis-shaped tensors -> CheckpointMismatchError naming each (before any data is read)."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for tmap in maps:
+        for name in tmap.hf_names(config.num_layers):
+            expected[name] = hf_shape(tmap, shapes[tmap.path])
+    present = set(reader.files)
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(n for n in present - set(expected)
+                        if not n.endswith(DERIVED_SUFFIXES) and not (config.tie_embeddings and n == "lm_head.weight"))
+    problems = [f"missing tensor {n} (expected shape {expected[n]})" for n in missing]
+    problems += [f"unexpected tensor {n} (shape {reader.shape(n)}) not used by {config.architecture}" for n in unexpected]
+    problems += [f"tensor {n} has shape {reader.shape(n)} in the checkpoint but the config implies {shape}"
+                 for n, shape in expected.items() if n in present and reader.shape(n) != shape]
+    if problems:
+        raise CheckpointMismatchError("safetensors checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+
+
+def _per_layer_shapes(abstract: dict, config: ModelConfig) -> dict[tuple, tuple[int, ...]]:
+    """Shape of one layer's (or the one global) parameter for every stacked-layout path."""
+    shapes = {}
+    for tmap in tensor_maps(config):
+        if tmap.path[0] != "layers":
+            shapes[tmap.path] = tuple(_get(abstract, tmap.path).shape)
+        elif config.scan_layers:
+            shapes[tmap.path] = tuple(_get(abstract, tmap.path).shape[1:])
+        else:
+            shapes[tmap.path] = tuple(_get(abstract, ("layers", 0) + tmap.path[1:]).shape)
+    return shapes
+
+
+def _get(tree: dict, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, param_dtype: str = "float32",
+                    **runtime: Any) -> tuple[Transformer, ModelConfig]:
+    """Loads a Hugging Face folder (config.json + safetensors) into a `Transformer`.
+
+    `runtime` sets other ModelConfig runtime fields (compute_dtype, scan_layers, remat, attention). With `mesh`,
+    every parameter is placed with the sharding its logical axes resolve to; otherwise on the default device.
+    """
+    config = read_config(hf_dir, param_dtype=param_dtype, **runtime)
+    reader = _Reader(weight_files(hf_dir))
+    abstract_model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    abstract = nnx.to_pure_dict(abstract_state)
+    maps = list(tensor_maps(config))
+    shapes = _per_layer_shapes(abstract, config)
+    _validate(reader, maps, shapes, config)
+
+    specs = sharding.state_shardings(abstract_state, mesh) if mesh is not None else None
+    spec_tree = nnx.to_pure_dict(specs) if specs is not None else None
+    dtype = np.dtype(config.param_dtype) if config.param_dtype != "bfloat16" else jax.numpy.bfloat16
+
+    def place(path: tuple, host: np.ndarray) -> jax.Array:
+        target = _get(spec_tree, path) if spec_tree is not None else None
+        return jax.device_put(host, target if isinstance(target, NamedSharding) else None)
+
+    def read(tmap: TensorMap, name: str) -> np.ndarray:
+        return tmap.to_ours(reader.tensor(name), shapes[tmap.path]).astype(dtype)
+
+    loaded = jax.tree.map(lambda _: None, abstract)
+    for tmap in maps:
+        names = tmap.hf_names(config.num_layers)
+        if tmap.path[0] != "layers":
+            _set(loaded, tmap.path, place(tmap.path, read(tmap, names[0])))
+        elif config.scan_layers:
+            host = np.empty((config.num_layers,) + shapes[tmap.path], dtype)
+            for i, name in enumerate(names):
+                host[i] = read(tmap, name)
+            _set(loaded, tmap.path, place(tmap.path, host))
+            del host
+        else:
+            for i, name in enumerate(names):
+                path = ("layers", i) + tmap.path[1:]
+                _set(loaded, path, place(path, read(tmap, name)))
+    if config.tie_embeddings and "lm_head.weight" in reader.files:
+        _check_tied(reader, _get(loaded, ("embed", "embedding")))
+    nnx.replace_by_pure_dict(abstract_state, loaded)
+    return nnx.merge(graphdef, abstract_state), config
+
+
+def _check_tied(reader: _Reader, embedding: jax.Array) -> None:
+    """A tied checkpoint that still stores lm_head.weight must store the embedding there; anything else is a
+    different network."""
+    head = reader.tensor("lm_head.weight")
+    if head.shape != embedding.shape or not np.array_equal(head.astype(np.float32),
+                                                           np.asarray(embedding, np.float32)):
+        raise CheckpointMismatchError(
+            "config.json sets tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")

@@ -1,0 +1,85 @@
+"""Parameter-holding building blocks: dense projections, RMSNorm, the gated MLP and the token embedding.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (resolved to mesh axes by
+`models.sharding.RULES`). Variables are created with `eager_sharding=False`: placement is decided once, by
+`models.sharding`, not at construction, so the same module builds on one device, on a mesh, or under `jax.eval_shape`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+
+
+def make_param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+    if len(names) != value.ndim:
+        raise ValueError(f"logical axes {names} do not match parameter shape {value.shape}")
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], config: ModelConfig) -> nnx.Param:
+    value = config.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return make_param(value.astype(config.param_dtype), names)
+
+
+class Dense(nnx.Module):
+    """`y = einsum(equation, x, kernel) (+ bias)`; the bias covers the kernel's output axes (all but the first)."""
+
+    def __init__(self, equation: str, shape: tuple[int, ...], names: tuple[str, ...], config: ModelConfig, *,
+                 rngs: nnx.Rngs, bias: bool = False):
+        self.equation = equation
+        self.dtype = config.compute_dtype
+        self.kernel = normal_param(rngs, shape, names, config)
+        self.bias = make_param(jnp.zeros(shape[1:], config.param_dtype), names[1:]) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, normalised in float32 then scaled in the compute dtype (as transformers does)."""
+
+    def __init__(self, size: int, config: ModelConfig, names: tuple[str, ...] = ("norm",)):
+        self.eps = config.rms_norm_eps
+        self.dtype = config.compute_dtype
+        self.scale = make_param(jnp.ones((size,), config.param_dtype), names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`, `[batch, seq, embed] -> [batch, seq, embed]`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        e, m = config.hidden_size, config.intermediate_size
+        self.gate_proj = Dense("bse,em->bsm", (e, m), ("embed", "mlp"), config, rngs=rngs)
+        self.up_proj = Dense("bse,em->bsm", (e, m), ("embed", "mlp"), config, rngs=rngs)
+        self.down_proj = Dense("bsm,me->bse", (m, e), ("mlp", "embed"), config, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Embedding(nnx.Module):
+    """Token embedding `[vocab, embed]`; also the output projection when embeddings are tied."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = config.compute_dtype
+        self.embedding = normal_param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """`[batch, seq]` int -> `[batch, seq, embed]`."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: `[batch, seq, embed] -> [batch, seq, vocab]` float32."""
+        return jnp.einsum("bse,ve->bsv", x, self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
