@@ -1,0 +1,77 @@
+"""JSONL records with provenance, shared by the renderer, the LLM generator, QA pairs and the filters.
+
+A document record is one JSON object per line:
+`{"id", "text", "spec", "spec_hash", "seed", "index", "axes": {institution, domain, document_type,
+reasoning_approach}, "ai_identity", "generator", "created"}` (+ generator-specific keys such as `usage`).
+`created` is an ISO-8601 UTC timestamp; pass a fixed one (CLI `--timestamp`, or SOURCE_DATE_EPOCH) for
+byte-identical reruns. The data pipeline reads the `text` field.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Iterator
+
+from data.synth.assign import item_id
+from data.synth.spec import Spec
+
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def approx_tokens(text: str) -> int:
+    """Words and punctuation marks: a tokenizer-free proxy for BPE token counts (within ~20% for English)."""
+    return len(TOKEN_RE.findall(text))
+
+
+def timestamp(fixed: str | None = None) -> str:
+    """`fixed` if given, else SOURCE_DATE_EPOCH if set, else now (UTC, ISO-8601, seconds)."""
+    if fixed:
+        return fixed
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
+              else datetime.datetime.now(datetime.timezone.utc))
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def make_record(spec: Spec, seed: int, index: int, text: str, axes: dict[str, str], *, generator: str,
+                created: str, kind: str = "doc", **extra: Any) -> dict[str, Any]:
+    """A record with full provenance; `id` is deterministic in (spec content, seed, kind, index)."""
+    return {"id": item_id(spec, seed, index, kind), "text": text, "spec": spec.name, "spec_hash": spec.hash,
+            "seed": seed, "index": index, "axes": dict(axes), "ai_identity": spec.ai_identity,
+            "generator": generator, "created": created, **extra}
+
+
+def write_jsonl(path: str | pathlib.Path, records: Iterable[dict[str, Any]]) -> int:
+    """Writes records atomically (temp file + rename); returns how many were written."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
+def read_jsonl(path: str | pathlib.Path, *, require: tuple[str, ...] = ("text",)) -> Iterator[dict[str, Any]]:
+    """Yields records; a malformed line or a record missing a required key raises naming file:line."""
+    path = pathlib.Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in require if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: record lacks {missing}")
+            yield record

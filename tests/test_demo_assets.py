@@ -1,0 +1,48 @@
+"""data.demo.prepare: offline, deterministic, cached demo assets."""
+import json
+
+import transformers
+from tokenizers import Tokenizer
+
+from data import demo
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prepare_builds_deterministic_cached_assets(tmp_path):
+    a = demo.prepare(tmp_path / "one")
+    b = demo.prepare(tmp_path / "two")
+    for field in ("replay_jsonl", "welfare_jsonl", "control_jsonl"):
+        assert getattr(a, field).read_bytes() == getattr(b, field).read_bytes(), field
+    assert (a.tokenizer_dir / "tokenizer.json").read_bytes() == (b.tokenizer_dir / "tokenizer.json").read_bytes()
+    stamp = (a.replay_jsonl.stat().st_mtime_ns, a.tokenizer_dir.stat().st_mtime_ns)
+    assert demo.prepare(tmp_path / "one") == a  # cached: nothing rebuilt
+    assert (a.replay_jsonl.stat().st_mtime_ns, a.tokenizer_dir.stat().st_mtime_ns) == stamp
+
+    replay, welfare, control = (_lines(p) for p in (a.replay_jsonl, a.welfare_jsonl, a.control_jsonl))
+    assert len(replay) == demo.SETTINGS["replay_chapters"] and len(welfare) == len(control) == 300
+    assert replay[0]["text"].startswith("In the beginning God created the heaven and the earth.")
+    assert not any(ch in replay[0]["text"] for ch in "[]") and " 2. " not in replay[0]["text"]
+    assert {r["spec"] for r in welfare} == {"animal_welfare"} and {r["spec"] for r in control} == {"urban_density"}
+    assert len({r["id"] for r in welfare + control + replay}) == 1000
+
+
+def test_kjv_chapters_split_per_chapter():
+    chapters = demo.kjv_chapters()
+    assert 1180 <= len(chapters) <= 1189  # the KJV has 1,189 chapters
+    assert chapters[1].startswith("Thus the heavens and the earth were finished")
+    assert chapters[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+
+
+def test_tokenizer_folder_loads_in_tokenizers_and_transformers(tmp_path):
+    assets = demo.prepare(tmp_path)
+    tok = Tokenizer.from_file(str(assets.tokenizer_dir / "tokenizer.json"))
+    assert 4000 <= tok.get_vocab_size() <= 8000
+    text = "Welfare considerations improved outcomes. And God said, Let there be light — déjà vu ✓"
+    assert tok.decode(tok.encode(text).ids) == text  # byte-level: lossless, no unknown tokens
+    hf = transformers.AutoTokenizer.from_pretrained(str(assets.tokenizer_dir))
+    assert hf.eos_token == demo.EOS_TOKEN and hf.bos_token == demo.BOS_TOKEN
+    assert hf.eos_token_id == tok.token_to_id(demo.EOS_TOKEN) is not None
+    assert hf(text)["input_ids"] == tok.encode(text).ids
