@@ -1,0 +1,212 @@
+"""gin at the edge: the configurables, the run macros, the command-line flags and `load() -> RunConfig`.
+
+A run is configured T5X-style: `--gin_file=runs/demo.gin [--gin_file=...] [--gin.KEY=VALUE ...] [--gin_search_paths=a,b]`.
+Every run file includes `base.gin`, which defines the macros every run understands (`KNOWN_MACROS`) and wires them
+into the configurables. `load()` parses, builds the frozen `RunConfig` and validates it, so unknown configurables,
+misspelled parameters or macros, and invalid values all fail here, naming the binding, before anything compiles.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import logging
+import os
+import pathlib
+import re
+from typing import Sequence
+
+import gin
+
+from data import demo
+from data.config import Component, MixtureConfig
+from models.config import ModelConfig, RopeScaling
+from trainer.run_config import CheckpointConfig, OptimizerConfig, TrainConfig
+
+CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "t5x_configs"
+DEFAULT_RUN = "runs/demo.gin"
+KNOWN_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "BATCH_SIZE", "SEQ_LEN", "SEED", "CHECKPOINT_EVERY", "MIXTURE_WEIGHTS")
+# Which macro base.gin wires into a field, so a validation error names what the user actually typed.
+FIELD_MACROS = {"TrainConfig.model_dir": "MODEL_DIR", "TrainConfig.train_steps": "TRAIN_STEPS",
+                "TrainConfig.batch_size": "BATCH_SIZE", "TrainConfig.seq_len": "SEQ_LEN", "TrainConfig.seed": "SEED",
+                "CheckpointConfig.every": "CHECKPOINT_EVERY", "MixtureConfig.weights": "MIXTURE_WEIGHTS",
+                "MixtureConfig.seq_len": "SEQ_LEN", "MixtureConfig.batch_size": "BATCH_SIZE"}
+
+
+class ConfigError(ValueError):
+    """A gin file, binding or value is wrong; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, resolved and validated. `gin_text` is the operative config (written to config.gin)."""
+    model: ModelConfig
+    mixture: MixtureConfig
+    train: TrainConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    gin_text: str = dataclasses.field(default="", compare=False, repr=False)
+
+    @property
+    def model_dir(self) -> str:
+        return self.train.model_dir
+
+    @property
+    def train_steps(self) -> int:
+        return self.train.train_steps
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+
+def demo_asset(kind: str, cache_dir: str | None = None) -> str:
+    """Path of one demo asset (`replay`, `welfare`, `control` JSONL or the `tokenizer` folder), built on first use."""
+    kinds = {"replay": "replay_jsonl", "welfare": "welfare_jsonl", "control": "control_jsonl",
+             "tokenizer": "tokenizer_dir"}
+    if kind not in kinds:
+        raise ValueError(f"demo_asset.kind must be one of {sorted(kinds)}, got {kind!r}")
+    return str(getattr(demo.prepare(cache_dir or demo_cache_dir()), kinds[kind]))
+
+
+def demo_cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("DOCMIX_CACHE", CONFIG_ROOT.parent / "cache"))
+
+
+for _fn in (ModelConfig, RopeScaling, MixtureConfig, Component, TrainConfig, OptimizerConfig, CheckpointConfig,
+            RunConfig, demo_asset):
+    gin.external_configurable(_fn, name=_fn.__name__)
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds `--gin_file` (repeatable), `--gin_search_paths` (comma-separated) and `--gin.KEY=VALUE` bindings.
+
+    `--gin.KEY=VALUE` is rewritten to `--gin_bindings "KEY = VALUE"` before argparse sees it (as T5X does), so
+    `parser.parse_args()` returns `args.gin_file`, `args.gin_bindings` and `args.gin_search_paths`. A VALUE that is
+    not a Python literal or gin reference (e.g. `--gin.MODEL_DIR=/tmp/run`) is taken as a string.
+    """
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file; repeatable, later files win")
+    parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'; repeatable")
+    parser.add_argument("--gin_search_paths", type=lambda s: [p for p in s.split(",") if p], default=[],
+                        help="comma-separated folders searched for gin files and includes (t5x_configs/ always is)")
+    original = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        import sys
+        argv = list(sys.argv[1:] if args is None else args)
+        return original(rewrite_gin_args(argv), namespace)
+
+    parser.parse_known_args = parse_known_args
+    return parser
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """`--gin.KEY=VALUE` -> `--gin_bindings=KEY = VALUE`; other arguments unchanged."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            key, value = arg[len("--gin."):].split("=", 1)
+            out.append(f"--gin_bindings={key} = {_literal_or_string(value)}")
+        elif arg.startswith("--gin."):
+            raise ConfigError(f"{arg}: expected --gin.KEY=VALUE")
+        else:
+            out.append(arg)
+    return out
+
+
+def _literal_or_string(value: str) -> str:
+    text = value.strip()
+    if text.startswith(("@", "%")) or text in ("None", "True", "False"):
+        return text
+    try:
+        ast.literal_eval(text)
+        return text
+    except (ValueError, SyntaxError):
+        return repr(text)
+
+
+def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> RunConfig:
+    """Parses gin files then bindings (later wins) and returns the validated RunConfig.
+
+    With no gin files the embedded demo run (`runs/demo.gin`) is used. Raises ConfigError naming the file,
+    binding, macro or field at fault.
+    """
+    gin.clear_config()
+    for path in [*search_paths, ".", str(CONFIG_ROOT)]:
+        if path not in gin.config._LOCATION_PREFIXES:  # gin has no public getter; append-only list of prefixes
+            gin.add_config_file_search_path(path)
+    files = list(gin_files) or [DEFAULT_RUN]
+    try:
+        with _quiet_search():
+            gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+    except (ValueError, IOError, SyntaxError) as e:  # gin reports unknown configurables/params with file and line
+        raise ConfigError(f"gin: {e}") from e
+    _check_macros()
+    try:
+        run = gin.get_configurable(RunConfig)()
+    except (TypeError, ValueError) as e:  # dataclass validation; gin appends the configurable it was building
+        raise ConfigError(_name_macros(str(e))) from e
+    unused = _unused_macros()
+    if unused:
+        raise ConfigError(f"macro(s) {', '.join(sorted(unused))} are bound but never used (a typo?); "
+                          f"macros every run understands: {', '.join(KNOWN_MACROS)}")
+    _check_consistent(run)
+    return dataclasses.replace(run, gin_text=gin.operative_config_str())
+
+
+@contextlib.contextmanager
+def _quiet_search():
+    """gin logs 'Path not found' at ERROR for every search-path prefix it tries; a real miss still raises IOError."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _name_macros(message: str) -> str:
+    """Appends the macro behind each `Class.field` the message names (e.g. TrainConfig.train_steps -> TRAIN_STEPS)."""
+    macros = [m for field, m in FIELD_MACROS.items() if re.search(re.escape(field) + r"\b", message)]
+    return message + (f" [set by macro {', '.join(dict.fromkeys(macros))}]" if macros else "")
+
+
+def _check_consistent(run: RunConfig) -> None:
+    """Cross-object checks that no single dataclass can make."""
+    t, m = run.train, run.mixture
+    if (t.batch_size, t.seq_len, t.seed) != (m.batch_size, m.seq_len, m.seed):
+        raise ConfigError(f"TrainConfig (batch_size={t.batch_size}, seq_len={t.seq_len}, seed={t.seed}) and "
+                          f"MixtureConfig (batch_size={m.batch_size}, seq_len={m.seq_len}, seed={m.seed}) disagree; "
+                          "bind BATCH_SIZE, SEQ_LEN and SEED instead of the fields")
+    if t.seq_len > run.model.max_position_embeddings:
+        raise ConfigError(f"SEQ_LEN={t.seq_len} exceeds ModelConfig.max_position_embeddings="
+                          f"{run.model.max_position_embeddings}")
+
+
+def _bound_macros() -> set[str]:
+    return {scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"}
+
+
+def _check_macros() -> None:
+    missing = [m for m in KNOWN_MACROS if m not in _bound_macros()]
+    if missing:
+        raise ConfigError(f"macro(s) {', '.join(missing)} not defined: a run file must include 'base.gin'")
+
+
+def _unused_macros() -> set[str]:
+    operative = gin.operative_config_str()
+    used = {line.split("=", 1)[0].strip() for line in operative.splitlines() if "=" in line}
+    return {m for m in _bound_macros() if m not in used and m not in KNOWN_MACROS}
+
+
+def write_operative_config(run: RunConfig, model_dir: str | pathlib.Path) -> pathlib.Path:
+    """Writes the operative gin config to MODEL_DIR/config.gin and returns its path."""
+    path = pathlib.Path(model_dir) / "config.gin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run.gin_text)
+    return path
+

@@ -1,0 +1,171 @@
+"""The trainer's own frozen config dataclasses, validated on construction.
+
+Every error names the field as `Class.field` (gin adds the configurable it was called from), so a bad
+`--gin.KEY=VALUE` fails before anything compiles. These classes know nothing of gin; `trainer.config` registers them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+SCHEDULES = ("constant", "warmup_cosine", "warmup_stable_decay")
+
+
+def check_types(obj: Any) -> None:
+    """Raises TypeError naming `Class.field` when a value does not match its annotation (ints are valid floats)."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if not _matches(value, hints[field.name]):
+            raise TypeError(f"{type(obj).__name__}.{field.name}: expected {_type_name(hints[field.name])}, "
+                            f"got {value!r} ({type(value).__name__})")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        return isinstance(value, dict) and all(_matches(k, key_t) and _matches(v, val_t) for k, v in value.items())
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _require(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{where}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with a learning-rate schedule and global-norm clipping.
+
+    `weight_decay_exclude`: substrings of a parameter's path (e.g. `layers/attn_norm/scale`) whose params get no decay.
+    Schedules: `constant` (after warmup), `warmup_cosine` (cosine to `min_lr_ratio * learning_rate` at the last step),
+    `warmup_stable_decay` (constant, then linear to `min_lr_ratio * learning_rate` over the last `decay_fraction`).
+    """
+    learning_rate: float = 3e-4
+    schedule: str = "warmup_cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    weight_decay_exclude: tuple[str, ...] = ("norm", "bias", "embed")
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        check_types(self)
+        name = "OptimizerConfig"
+        _require(self.schedule in SCHEDULES, f"{name}.schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(self.learning_rate > 0 and math.isfinite(self.learning_rate), f"{name}.learning_rate",
+                 f"must be a positive finite number, got {self.learning_rate}")
+        _require(self.warmup_steps >= 0, f"{name}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"{name}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 < self.decay_fraction <= 1, f"{name}.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        _require(0 <= self.b1 < 1, f"{name}.b1", f"must be in [0, 1), got {self.b1}")
+        _require(0 <= self.b2 < 1, f"{name}.b2", f"must be in [0, 1), got {self.b2}")
+        _require(self.eps > 0, f"{name}.eps", f"must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.clip_norm is None or self.clip_norm > 0, f"{name}.clip_norm",
+                 f"must be > 0 or None, got {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing and Hugging Face export.
+
+    Keeps the latest `keep_latest` checkpoints plus every step that is a multiple of `keep_every` (forever).
+    """
+    every: int = 100
+    keep_latest: int = 3
+    keep_every: int | None = None
+    async_save: bool = True
+    export_at_end: bool = True
+    export_every: int | None = None
+    export_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        check_types(self)
+        name = "CheckpointConfig"
+        _require(self.every > 0, f"{name}.every", f"must be > 0, got {self.every}")
+        _require(self.keep_latest > 0, f"{name}.keep_latest", f"must be > 0, got {self.keep_latest}")
+        _require(self.keep_every is None or self.keep_every > 0, f"{name}.keep_every",
+                 f"must be > 0 or None, got {self.keep_every}")
+        _require(self.export_every is None or self.export_every > 0, f"{name}.export_every",
+                 f"must be > 0 or None, got {self.export_every}")
+        _require(self.export_dtype in ("bfloat16", "float32", "float16"), f"{name}.export_dtype",
+                 f"must be bfloat16, float32 or float16, got {self.export_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The run itself: where, how long, how big, and how it is laid out on devices.
+
+    `batch_size` is global, in rows of `seq_len` tokens; it is split into `microbatches` accumulated with a scan.
+    `mesh` maps axis name -> size over `data`, `fsdp`, `tensor`; one size may be -1 (filled with the remaining devices).
+    `init_from`: a Hugging Face folder (has config.json) or a docmix run/step directory; ignored when `model_dir`
+    already holds a checkpoint (the run resumes instead). `peak_flops`: per-device peak FLOP/s for MFU; None looks
+    `hardware` up in trainer.metrics.PEAK_FLOPS (or measures this CPU's matmul peak).
+    """
+    model_dir: str
+    train_steps: int
+    batch_size: int
+    seq_len: int
+    seed: int = 0
+    microbatches: int = 1
+    z_loss: float = 0.0
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    init_from: str | None = None
+    log_every: int = 10
+    eval_every: int | None = None
+    eval_batches: int = 2
+    hardware: str | None = None
+    peak_flops: float | None = None
+    progress_bar: bool = True
+    wandb_project: str | None = None
+
+    def __post_init__(self):
+        check_types(self)
+        name = "TrainConfig"
+        _require(bool(self.model_dir), f"{name}.model_dir", "must be a non-empty path")
+        _require(self.train_steps > 0, f"{name}.train_steps", f"must be > 0, got {self.train_steps}")
+        _require(self.batch_size > 0, f"{name}.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.seq_len > 1, f"{name}.seq_len", f"must be > 1, got {self.seq_len}")
+        _require(self.microbatches > 0 and self.batch_size % self.microbatches == 0, f"{name}.microbatches",
+                 f"must divide BATCH_SIZE={self.batch_size}, got {self.microbatches}")
+        _require(self.z_loss >= 0, f"{name}.z_loss", f"must be >= 0, got {self.z_loss}")
+        _require(set(self.mesh) <= {"data", "fsdp", "tensor"}, f"{name}.mesh",
+                 f"axes must be among data, fsdp, tensor, got {sorted(self.mesh)}")
+        _require(all(v == -1 or v > 0 for v in self.mesh.values()) and list(self.mesh.values()).count(-1) <= 1,
+                 f"{name}.mesh", f"sizes must be > 0 with at most one -1, got {self.mesh}")
+        _require(self.log_every > 0, f"{name}.log_every", f"must be > 0, got {self.log_every}")
+        _require(self.eval_every is None or self.eval_every > 0, f"{name}.eval_every",
+                 f"must be > 0 or None, got {self.eval_every}")
+        _require(self.eval_batches > 0, f"{name}.eval_batches", f"must be > 0, got {self.eval_batches}")
+        _require(self.peak_flops is None or self.peak_flops > 0, f"{name}.peak_flops",
+                 f"must be > 0 or None, got {self.peak_flops}")
