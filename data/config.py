@@ -1,0 +1,210 @@
+"""Mixture configuration: components, token-share weights, stages, packing and tokenizer policy.
+
+Both dataclasses are frozen and validate themselves in `__post_init__`; every error names the field or component
+so that a bad gin binding (`--gin.MIXTURE_WEIGHTS=...`) fails before anything is read or compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("jsonl", "parquet", "array_record", "tfds", "hf_disk", "seqio", "pretokenized")
+FORMATS = ("text", "chat", "alpaca")
+PACKINGS = ("concat_then_split", "first_fit")
+ON_EXHAUSTED = ("stop", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One named mixture component: where its documents are and how they become training tokens.
+
+    kind: one of SOURCE_KINDS. `paths` are files or globs (local or any `etils.epath` URL) for jsonl (.jsonl/.jsonl.gz),
+      parquet, array_record and pretokenized; a `save_to_disk` folder for hf_disk. `dataset` names the TFDS dataset
+      (with `split`, `data_dir`) or the seqio Task/Mixture (with `split`).
+    text_field: record field holding the document text (format "text").
+    format: "text" (one document per record), "chat" (`messages` list, chat template) or "alpaca"
+      (`instruction`/`input`/`output`, chat template); chat/alpaca train only on assistant tokens.
+    prefix: text put before every document (e.g. "<DOCTAG>"); its tokens are never loss targets.
+    loss_weight: weight of this component's target tokens in `loss_mask`.
+    max_epochs: cap on passes over the documents (None = repeat forever); `on_exhausted` says what happens past it:
+      "stop" ends the pipeline (StopIteration), "error" raises `data.mixture.ComponentExhausted`.
+    packing: "concat_then_split" (no padding, documents split at row ends) or "first_fit" (whole documents packed
+      into rows, documents longer than seq_len split into consecutive chunks; `packing_bins` open rows).
+    truncate: keep only the first seq_len tokens of each document instead of splitting it.
+    """
+
+    name: str
+    kind: str = "jsonl"
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    format: str = "text"
+    prefix: str = ""
+    loss_weight: float = 1.0
+    max_epochs: int | None = None
+    on_exhausted: str = "stop"
+    packing: str = "concat_then_split"
+    packing_bins: int = 16
+    truncate: bool = False
+    shuffle: bool = True
+    dataset: str = ""
+    split: str = "train"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"Component {self.name!r}"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Component name must be an identifier-like string, got {self.name!r}")
+        if isinstance(self.paths, str):
+            object.__setattr__(self, "paths", (self.paths,))
+        object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+        _choice(where, "kind", self.kind, SOURCE_KINDS)
+        _choice(where, "format", self.format, FORMATS)
+        _choice(where, "packing", self.packing, PACKINGS)
+        _choice(where, "on_exhausted", self.on_exhausted, ON_EXHAUSTED)
+        if self.kind in ("tfds", "seqio"):
+            if not self.dataset:
+                raise ValueError(f"{where}: kind={self.kind!r} needs `dataset` (the TFDS name or seqio Task/Mixture)")
+        elif not self.paths:
+            raise ValueError(f"{where}: kind={self.kind!r} needs at least one entry in `paths`")
+        if self.kind == "pretokenized" and (self.format != "text" or self.prefix):
+            raise ValueError(f"{where}: a pretokenized component was rendered at pretokenize time; "
+                             "set format/prefix when running data.pretokenize, not here")
+        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
+            raise ValueError(f"{where}: loss_weight must be a finite number >= 0, got {self.loss_weight!r}")
+        if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
+            raise ValueError(f"{where}: max_epochs must be None or an int >= 1, got {self.max_epochs!r}")
+        if self.packing_bins < 1:
+            raise ValueError(f"{where}: packing_bins must be >= 1, got {self.packing_bins}")
+
+
+def _choice(where: str, field: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where}: {field}={value!r} is not one of {list(allowed)}")
+
+
+def normalize_weights(weights: Mapping[str, float], names: Sequence[str], field: str = "weights") -> dict[str, float]:
+    """Validates token-share weights over the component `names` and returns them normalized to sum to 1.
+
+    Zero weights are kept (as 0.0) so the caller can drop the component; missing, unknown, negative, NaN and all-zero
+    weights are errors naming the component.
+    """
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"MixtureConfig.{field} must be a dict from component name to token share, got {weights!r}")
+    unknown = [k for k in weights if k not in names]
+    if unknown:
+        raise ValueError(f"MixtureConfig.{field}: unknown component(s) {unknown}; components are {list(names)}")
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"MixtureConfig.{field}: no weight for component(s) {missing} (give weight 0 to drop one)")
+    values = {}
+    for name in names:
+        w = weights[name]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"MixtureConfig.{field}[{name!r}] must be a finite number >= 0, got {w!r}")
+        values[name] = float(w)
+    total = sum(values.values())
+    if total <= 0:
+        raise ValueError(f"MixtureConfig.{field}: all weights are zero; at least one component needs a positive share")
+    if abs(total - 1.0) > 1e-6:
+        log.warning("MixtureConfig.%s sum to %g, not 1; normalizing to token shares %s", field, total,
+                    {k: v / total for k, v in values.items()})
+    return {k: v / total for k, v in values.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+    """Everything the data pipeline needs; `data.pipeline.build(config)` turns it into batches.
+
+    weights: component name -> share of training TOKENS (normalized; 0 removes the component).
+    stages: ((start_step, weights), ...): from training step `start_step` on, these weights apply.
+    seq_len: row length in tokens; batch_size: GLOBAL batch in rows (all processes together).
+    block_size: rows per mixture block; in each block every component gets exactly its largest-remainder share.
+    tokenizer: a tokenizer.json file or a folder with tokenizer.json (+ tokenizer_config.json, chat template).
+    add_bos/add_eos: None = the tokenizer's own policy (see data.tokenize); bos_token/eos_token override the tokens.
+    max_bad_records: per component, malformed records skipped (and reported) before the run stops with an error.
+    num_shards: data shards (None = the process count). Each shard is packed and mixed independently and fills
+      batch_size/num_shards contiguous rows of every global batch; keep it fixed to get the same global stream from
+      any number of processes that divides it.
+    worker_count: Grain worker processes per JAX process (0 = in-process).
+    """
+
+    components: tuple[Component, ...]
+    weights: Mapping[str, float]
+    tokenizer: str
+    seq_len: int = 1024
+    batch_size: int = 8
+    seed: int = 0
+    block_size: int = 1024
+    stages: tuple[tuple[int, Mapping[str, float]], ...] = ()
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    max_bad_records: int = 100
+    num_shards: int | None = None
+    worker_count: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "components", tuple(self.components))
+        if not self.components:
+            raise ValueError("MixtureConfig.components is empty")
+        for c in self.components:
+            if not isinstance(c, Component):
+                raise ValueError(f"MixtureConfig.components must hold data.config.Component, got {c!r}")
+        names = [c.name for c in self.components]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"MixtureConfig.components: duplicate component name(s) {dups}")
+        for field in ("seq_len", "batch_size", "block_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MixtureConfig.{field} must be a positive int, got {value!r}")
+        if self.block_size >= 2**31:
+            raise ValueError(f"MixtureConfig.block_size too large: {self.block_size}")
+        if self.max_bad_records < 0:
+            raise ValueError(f"MixtureConfig.max_bad_records must be >= 0, got {self.max_bad_records}")
+        if self.num_shards is not None and (self.num_shards < 1 or self.batch_size % self.num_shards):
+            raise ValueError(f"MixtureConfig.num_shards={self.num_shards} must be >= 1 and divide "
+                             f"batch_size={self.batch_size}")
+        if self.worker_count < 0:
+            raise ValueError(f"MixtureConfig.worker_count must be >= 0, got {self.worker_count}")
+        if not self.tokenizer:
+            raise ValueError("MixtureConfig.tokenizer must name a tokenizer.json or a folder holding one")
+        object.__setattr__(self, "weights", normalize_weights(self.weights, names))
+        stages, last = [], 0
+        for i, stage in enumerate(self.stages):
+            if not (isinstance(stage, Sequence) and len(stage) == 2):
+                raise ValueError(f"MixtureConfig.stages[{i}] must be (start_step, weights), got {stage!r}")
+            start, weights = stage
+            if isinstance(start, bool) or not isinstance(start, int) or start <= last:
+                raise ValueError(f"MixtureConfig.stages[{i}]: start_step must be an int > {last} "
+                                 f"(stages in increasing order after step 0), got {start!r}")
+            stages.append((start, normalize_weights(weights, names, field=f"stages[{i}]")))
+            last = start
+        object.__setattr__(self, "stages", tuple(stages))
+
+    @property
+    def active_components(self) -> tuple[Component, ...]:
+        """Components with a positive weight in some stage, in config order (their index is `batch['component']`)."""
+        schedules = [self.weights] + [w for _, w in self.stages]
+        return tuple(c for c in self.components if any(w[c.name] > 0 for w in schedules))
+
+    def weight_schedule(self) -> tuple[tuple[int, dict[str, float]], ...]:
+        """((start_step, normalized weights over the active components), ...), the first at step 0."""
+        names = [c.name for c in self.active_components]
+        return tuple((start, {n: w[n] for n in names}) for start, w in ((0, self.weights),) + self.stages)
+
+    def shards(self, process_count: int) -> int:
+        """Number of data shards for a run with `process_count` JAX processes."""
+        shards = self.num_shards or process_count
+        if shards % process_count:
+            raise ValueError(f"MixtureConfig.num_shards={shards} is not a multiple of the process count "
+                             f"{process_count}")
+        if self.batch_size % shards:
+            raise ValueError(f"MixtureConfig.batch_size={self.batch_size} must be divisible by the {shards} data shards")
+        return shards

@@ -1,0 +1,204 @@
+"""`build(config) -> Pipeline`: sources -> tokens -> packed rows -> block mixture -> batches, with stats.
+
+Data shards: the global batch of `batch_size` rows is `num_shards` contiguous slices of `batch_size/num_shards` rows.
+Shard j owns the documents j, j+S, j+2S, ... of every component (before shuffling), packs them and mixes its rows
+by the block schedule on its own. A JAX process builds only the shards of its slice of the global batch, so per-process
+outputs are disjoint and, stacked in process order, equal the batches of one process building every shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from data.config import Component, MixtureConfig
+from data.documents import DocumentEncoder
+from data.mixture import BlockMixIterDataset, Schedule
+from data.packing import pack_rows
+from data.sources import ScanReport, open_source
+from data.tokenize import TextEncoder
+
+ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+
+
+def component_seed(seed: int, name: str) -> int:
+    """A stable per-component seed (independent of the other components, so adding one changes nobody's order)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
+
+
+class _ShardBatchIterDataset(grain.IterDataset):
+    """Stacks `rows` rows from each shard's row stream, shard after shard: batch arrays [len(shards) * rows, ...]."""
+
+    def __init__(self, shards: Sequence[grain.IterDataset], rows: int):
+        super().__init__(list(shards))
+        self._rows = rows
+
+    def __iter__(self) -> "_ShardBatchIterator":
+        return _ShardBatchIterator([iter(p) for p in self._parents], self._rows)
+
+
+class _ShardBatchIterator(grain.DatasetIterator):
+    def __init__(self, parents: list[grain.DatasetIterator], rows: int):
+        super().__init__(parents)
+        self._rows = rows
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(p) for p in self._parents for _ in range(self._rows)]
+        batch = {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+        batch["component"] = np.array([r["component"] for r in rows], dtype=np.int32)
+        batch["_documents"] = np.array([r["_documents"] for r in rows], dtype=np.int32)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"shards": [p.get_state() for p in self._parents]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["shards"]) != len(self._parents):
+            raise ValueError(f"data iterator state has {len(state['shards'])} shards but this process builds "
+                             f"{len(self._parents)}; keep MixtureConfig.num_shards / the process count as saved")
+        for p, s in zip(self._parents, state["shards"]):
+            p.set_state(s)
+
+
+class _StatsIterDataset(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, names: Sequence[str]):
+        super().__init__(parent)
+        self._names = tuple(names)
+
+    def __iter__(self) -> "StatsIterator":
+        return StatsIterator(iter(self._parent), self._names)
+
+
+class StatsIterator(grain.DatasetIterator):
+    """The pipeline's iterator: yields the batch dict and counts what it yielded (counts are part of its state)."""
+
+    def __init__(self, parent: grain.DatasetIterator, names: Sequence[str]):
+        super().__init__(parent)
+        self._names = names
+        self._counts = self._zero()
+
+    def _zero(self) -> dict[str, Any]:
+        per = {n: 0 for n in self._names}
+        return {"rows": dict(per), "tokens": dict(per), "documents": dict(per), "padding": 0, "batches": 0}
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._parent)
+        docs = batch.pop("_documents")
+        comp = batch["component"]
+        real = (batch["segment_ids"] > 0).sum(axis=1)
+        c = self._counts
+        for key, values in (("rows", np.ones_like(real)), ("tokens", real), ("documents", docs)):
+            sums = np.bincount(comp, values, minlength=len(self._names))
+            for name, v in zip(self._names, sums):
+                c[key][name] += int(v)
+        c["padding"] += int(batch["segment_ids"].size - real.sum())
+        c["batches"] += 1
+        return batch
+
+    def counts(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._counts.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "counts": self.counts()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        saved = state["counts"]
+        self._counts = self._zero()
+        for key in ("padding", "batches"):
+            self._counts[key] = int(saved[key])
+        for key in ("rows", "tokens", "documents"):  # by name, so counts survive a change of components
+            for name in self._names:
+                self._counts[key][name] = int(saved[key].get(name, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """component_names[i] is the component of `batch['component'] == i`; `iterator` yields this process's batches."""
+
+    config: MixtureConfig
+    component_names: tuple[str, ...]
+    iterator: StatsIterator
+    dataset: grain.IterDataset
+    reports: dict[str, ScanReport]
+    documents_per_epoch: dict[str, int]  # documents of each component in this process's shards
+    encoder: TextEncoder
+
+    def stats(self) -> dict[str, Any]:
+        """Realized counts of this process's batches so far: per component rows, non-padding tokens, token share,
+        documents started, epochs (documents / documents per epoch), filtered empty and skipped bad records;
+        the padding fraction of all tokens."""
+        c = self.iterator.counts()
+        tokens = sum(c["tokens"].values())
+        comps = {}
+        for name in self.component_names:
+            report = self.reports[name]
+            comps[name] = {"rows": c["rows"][name], "tokens": c["tokens"][name],
+                           "token_share": c["tokens"][name] / max(tokens, 1), "documents": c["documents"][name],
+                           "epochs": c["documents"][name] / self.documents_per_epoch[name],
+                           "empty_filtered": report.empty, "bad_records": len(report.bad)}
+        all_tokens = tokens + c["padding"]
+        return {"components": comps, "rows": sum(c["rows"].values()), "batches": c["batches"],
+                "padding_fraction": c["padding"] / all_tokens if all_tokens else 0.0}
+
+
+def _local_shards(config: MixtureConfig, process_index: int, process_count: int) -> tuple[int, range]:
+    if not (0 <= process_index < process_count):
+        raise ValueError(f"process_index={process_index} out of range for process_count={process_count}")
+    shards = config.shards(process_count)
+    per = shards // process_count
+    return shards, range(process_index * per, (process_index + 1) * per)
+
+
+def _open(component: Component, encoder: TextEncoder, config: MixtureConfig):
+    """(random-access documents, per-document map fn, scan report) for one component."""
+    if component.kind == "pretokenized":
+        from data.pretokenize import open_pretokenized
+
+        source, fn = open_pretokenized(component, encoder)
+        return source, fn, ScanReport(documents=len(source))
+    doc_encoder = DocumentEncoder(component, encoder)
+    source, report = open_source(component, doc_encoder.check, max_bad_records=config.max_bad_records)
+    return source, doc_encoder, report
+
+
+def build(config: MixtureConfig, *, process_index: int = 0, process_count: int = 1) -> Pipeline:
+    """Validates every source (paths, bad records, empty components) up front, then wires the Grain pipeline."""
+    shards, local = _local_shards(config, process_index, process_count)
+    encoder = TextEncoder(config)
+    components = config.active_components
+    names = [c.name for c in components]
+    rows_per_shard = config.batch_size // shards
+    stages = [(start * rows_per_shard, [w[n] for n in names]) for start, w in config.weight_schedule()]
+    opened = {c.name: _open(c, encoder, config) for c in components}
+    per_epoch = {n: 0 for n in names}
+    shard_streams = []
+    for j in local:
+        row_streams = []
+        for c in components:
+            source, fn, _ = opened[c.name]
+            docs = grain.MapDataset.source(source)[j::shards]
+            if len(docs) == 0:
+                raise ValueError(f"component {c.name!r} has {len(source)} documents, fewer than the {shards} data "
+                                 "shards; every shard needs at least one")
+            per_epoch[c.name] += len(docs)
+            seed = component_seed(config.seed, c.name)
+            if c.shuffle:
+                docs = docs.shuffle(seed=seed)
+            docs = docs.repeat(c.max_epochs).map(fn)
+            it = docs.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            row_streams.append(pack_rows(it, c, config.seq_len, seed))
+        schedule = Schedule.from_weights(stages, block_size=config.block_size, seed=config.seed, shard=j, names=names)
+        shard_streams.append(BlockMixIterDataset(row_streams, names=names, schedule=schedule,
+                                                 on_exhausted=[c.on_exhausted for c in components],
+                                                 max_epochs=[c.max_epochs for c in components]))
+    dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard)
+    if config.worker_count:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    dataset = _StatsIterDataset(dataset, names)
+    return Pipeline(config=config, component_names=tuple(names), iterator=iter(dataset), dataset=dataset,
+                    reports={n: opened[n][2] for n in names}, documents_per_epoch=per_epoch, encoder=encoder)
