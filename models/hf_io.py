@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -169,7 +170,86 @@ def _check_tied(reader: _Reader, embedding: jax.Array) -> None:
     """A tied checkpoint that still stores lm_head.weight must store the embedding there; anything else is a
     different network."""
     head = reader.tensor("lm_head.weight")
-    if head.shape != embedding.shape or not np.array_equal(head.astype(np.float32),
-                                                           np.asarray(embedding, np.float32)):
+    if head.shape != embedding.shape or not np.array_equal(head.astype(embedding.dtype), np.asarray(embedding)):
         raise CheckpointMismatchError(
             "config.json sets tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+def _hf_tensors(params: dict, config: ModelConfig):
+    """Yields (hf_name, shape, read, TensorMap) in checkpoint order; `read()` gathers our per-layer array to the host
+    only when the tensor is written, so a scanned model is never copied layer by layer on the devices up front."""
+    for tmap in tensor_maps(config):
+        for i, name in enumerate(tmap.hf_names(config.num_layers)):
+            if tmap.path[0] != "layers":
+                array, index = _get(params, tmap.path), ()
+            elif config.scan_layers:
+                array, index = _get(params, tmap.path), (i,)
+            else:
+                array, index = _get(params, ("layers", i) + tmap.path[1:]), ()
+            shape = array.shape[len(index):]
+            yield name, shape, (lambda a=array, idx=index: np.asarray(a[idx] if idx else a)), tmap
+
+
+def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
+                    tokenizer_dir: str | pathlib.Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Writes a Hugging Face folder: config.json, safetensors shards (+ index when more than one),
+    generation_config.json, and the tokenizer files found in `tokenizer_dir`.
+
+    Tensors are gathered to the host one at a time and written one shard at a time (host peak: one shard).
+    """
+    from safetensors.numpy import save_file
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"save_pretrained: dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+    tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+    config = model.config
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    np_dtype = jax.numpy.bfloat16 if dtype == "bfloat16" else np.float32
+    itemsize = np.dtype(np_dtype).itemsize
+
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for entry in _hf_tensors(params, config):
+        nbytes = int(np.prod(entry[1])) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: np.ascontiguousarray(tmap.to_hf(read()).astype(np_dtype)) for name, _, read, tmap in shard}
+        save_file(tensors, out_dir / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+        del tensors
+    if len(shards) > 1:
+        total = sum(int(np.prod(shape)) * itemsize for shard in shards for _, shape, _, _ in shard)
+        _write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    elif (out_dir / INDEX_FILE).exists():
+        (out_dir / INDEX_FILE).unlink()  # a stale index from an earlier sharded export would shadow the new file
+    _write_json(out_dir / "config.json", {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype})
+    generation = {k: v for k, v in config.to_hf().items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    _write_json(out_dir / "generation_config.json", {**generation, "_from_model_config": True})
+    for path in tok_files:
+        shutil.copyfile(path, out_dir / path.name)
+
+
+def _tokenizer_files(tokenizer_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    found = [pathlib.Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (pathlib.Path(tokenizer_dir) / n).exists()]
+    if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in found):
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json, tokenizer.model or vocab.json to export")
+    return found
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -35,3 +35,17 @@ def test_positions_are_used(hf_model):
     got = np.asarray(model(tokens, positions=positions))
     np.testing.assert_allclose(got, hf_logits(torch_model, tokens, positions), rtol=0, atol=1e-4)
     assert np.abs(got - np.asarray(model(tokens))).max() > 1e-3
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_save_pretrained_reloads_in_transformers(hf_model, scan, tmp_path):
+    import torch
+    import transformers
+
+    arch, folder, torch_model = hf_model
+    model, _ = hf_io.load_pretrained(folder, scan_layers=scan)
+    hf_io.save_pretrained(model, tmp_path, dtype="float32")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is type(torch_model)
+    tokens = random_tokens(2, 24, seed=2)
+    np.testing.assert_allclose(hf_logits(reloaded, tokens), hf_logits(torch_model, tokens), rtol=0, atol=1e-5)
