@@ -16,6 +16,8 @@ import re
 
 import filelock
 
+from data.synth import render as synth_render
+from data.synth import templates as synth_templates
 from data.synth.records import write_jsonl
 from data.synth.render import render_records
 from data.synth.spec import load_spec
@@ -103,9 +105,19 @@ def _build(folder: pathlib.Path) -> None:
                      folder / "tokenizer", s["vocab_size"])
 
 
+def _cache_key() -> str:
+    """Changes with the settings, the specs' content and the renderer's code, so stale caches are never reused."""
+    digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode())
+    for name in (SETTINGS["welfare_spec"], SETTINGS["control_spec"]):
+        digest.update(load_spec(name).hash.encode())
+    for module in (synth_templates, synth_render):
+        digest.update(pathlib.Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def prepare(cache_dir: str | pathlib.Path) -> DemoAssets:
     """Builds (first call, a few seconds) or reuses the demo assets under `cache_dir`; offline and deterministic."""
-    key = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:10]
+    key = _cache_key()
     folder = pathlib.Path(cache_dir) / f"demo-{key}"
     assets = DemoAssets(folder / "replay.jsonl", folder / "welfare.jsonl", folder / "control.jsonl",
                         folder / "tokenizer")

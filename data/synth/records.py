@@ -36,12 +36,25 @@ def timestamp(fixed: str | None = None) -> str:
     return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def make_record(spec: Spec, seed: int, index: int, text: str, axes: dict[str, str], *, generator: str,
-                created: str, kind: str = "doc", **extra: Any) -> dict[str, Any]:
-    """A record with full provenance; `id` is deterministic in (spec content, seed, kind, index)."""
-    return {"id": item_id(spec, seed, index, kind), "text": text, "spec": spec.name, "spec_hash": spec.hash,
+def make_record(spec: Spec, seed: int, index: int, axes: dict[str, str], *, generator: str, created: str,
+                kind: str = "doc", **fields: Any) -> dict[str, Any]:
+    """A record with full provenance plus `fields` (`text=` for documents, `messages=` etc. for QA pairs);
+    `id` is deterministic in (spec content, seed, kind, index)."""
+    return {"id": item_id(spec, seed, index, kind), **fields, "spec": spec.name, "spec_hash": spec.hash,
             "seed": seed, "index": index, "axes": dict(axes), "ai_identity": spec.ai_identity,
-            "generator": generator, "created": created, **extra}
+            "generator": generator, "created": created}
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """The trainable text of any record: `text`, the `messages` contents, or instruction/input/output."""
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record.get("messages"), list):
+        return "\n\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
+    parts = [record.get(k) for k in ("instruction", "input", "output")]
+    if any(isinstance(p, str) for p in parts):
+        return "\n\n".join(p for p in parts if isinstance(p, str) and p)
+    raise ValueError(f"record {record.get('id', '?')} has no text, messages or instruction/output fields")
 
 
 def write_jsonl(path: str | pathlib.Path, records: Iterable[dict[str, Any]]) -> int:

@@ -2,9 +2,10 @@
 
 Document `index` of a run is a pure function of (spec content, seed, index, target length): its axes come from
 `assign`, and every random choice from a private RNG stream, so a run is reproducible and extending `count` never
-changes earlier documents. Each document is a header for its document type, an introduction, body sections (the
-reasoning approach first, then evidence, AI-identity framing when the spec switches it on, implementation and
-stakeholder sections, repeated with fresh sentences until the target length is reached) and a conclusion.
+changes earlier documents. Each document is a header for its document type, an introduction, body sections (context,
+the reasoning approach, evidence, AI-identity framing when the spec switches it on, implementation and stakeholder
+sections, repeated with fresh sentences until the target length is reached; the approach and the framing always
+appear) and a conclusion.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ _SLOT_RE = re.compile(r"\{([a-z_]+?)(2?)\}")
 # Pool slots drawn from the spec.
 _POOL_SLOTS = {"practice": "practices", "outcome": "outcomes", "metric": "metrics", "phrase": "key_phrases",
                "claim": "claims", "stakeholder": "stakeholders", "subject": "subjects"}
-_CONCLUSION_RESERVE = 90  # approx tokens kept free for the closing paragraph
+_CONCLUSION_RESERVE = 90  # approx tokens of a closing (or any one) paragraph, kept free
 
 
 def check_renderable(spec: Spec) -> None:
@@ -35,7 +36,7 @@ def check_renderable(spec: Spec) -> None:
                             f"known: {sorted(known)} (the LLM generator accepts any value)")
 
 
-class _Filler:
+class Filler:
     """Resolves slots for one document: fixed axis values, seeded pool picks and numbers."""
 
     def __init__(self, spec: Spec, axes: dict[str, str], rng: random.Random):
@@ -95,19 +96,19 @@ class _Filler:
         return "\n".join(line[:1].upper() + line[1:] for line in text.split("\n"))
 
 
-def _heading(filler: _Filler, kind: str, style: str, number: int) -> str:
+def _heading(filler: Filler, kind: str, style: str, number: int) -> str:
     name = filler.expand(filler.draw(f"heading:{kind}", T.HEADINGS[kind]))
     return {"numbered": f"{number}. {name}", "caps": name.upper(), "plain": name, "markdown": f"## {name}"}[style]
 
 
-def _paragraph(filler: _Filler, pool_key: str, pool: Sequence[str], n_min: int = 3, n_max: int = 5) -> str:
+def _paragraph(filler: Filler, pool_key: str, pool: Sequence[str], n_min: int = 3, n_max: int = 5) -> str:
     count = filler.rng.randint(n_min, n_max)
     return " ".join(filler.expand(filler.draw(pool_key, pool)) for _ in range(count))
 
 
 def _body_plan(ai_identity: bool) -> Iterator[str]:
-    """Section kinds in order; the approach comes first so short documents still show it."""
-    first = ["approach", "evidence"] + (["ai"] if ai_identity else []) + ["implementation", "stakeholders", "context"]
+    """Section kinds in order (the caller keeps going past its target until the approach and framing appeared)."""
+    first = ["context", "approach", "evidence"] + (["ai"] if ai_identity else []) + ["implementation", "stakeholders"]
     yield from first
     while True:
         yield from ["approach", "evidence", "implementation"] + (["ai"] if ai_identity else []) + ["stakeholders"]
@@ -117,7 +118,7 @@ def render_document(spec: Spec, seed: int, index: int, target_tokens: int | None
     """Renders document `index`; returns (text, axes). Length is about `target_tokens` approx tokens (spec default)."""
     target = target_tokens or spec.target_tokens
     axes = assign(spec, seed, index)
-    filler = _Filler(spec, axes, item_rng(spec, seed, "render", index, target))
+    filler = Filler(spec, axes, item_rng(spec, seed, "render", index, target))
     doc = T.DOC_TYPES[axes["document_type"]]
     filler.fixed["title"] = filler.expand(filler.rng.choice(T.TITLES))
     filler.fixed["date"] = filler.slot("date", {}, False)
@@ -128,8 +129,12 @@ def render_document(spec: Spec, seed: int, index: int, target_tokens: int | None
     number = 2
     required = {"approach", "ai"} if spec.ai_identity else {"approach"}
     for kind in _body_plan(spec.ai_identity):
-        if used + _CONCLUSION_RESERVE >= target and not required:
-            break
+        # Over budget (keeping room for the closing and any still-missing required sections): only required ones.
+        if used + _CONCLUSION_RESERVE * (1 + len(required - {kind})) >= target:
+            if not required:
+                break
+            if kind not in required:
+                continue
         if kind == "ai":
             # The framing paragraph leads with two framing sentences and grounds them in the approach's reasoning.
             text = _paragraph(filler, "ai", pools["ai"], 2, 2) + " " + _paragraph(filler, "approach", pools["approach"], 1, 1)
@@ -153,5 +158,5 @@ def render_records(spec: Spec, *, count: int | None = None, seed: int | None = N
     count = spec.count if count is None else count
     for index in range(start, start + count):
         text, axes = render_document(spec, seed, index, target_tokens)
-        yield make_record(spec, seed, index, text, axes, generator=GENERATOR, created=created,
+        yield make_record(spec, seed, index, axes, generator=GENERATOR, created=created, text=text,
                           target_tokens=target_tokens or spec.target_tokens)

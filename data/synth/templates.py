@@ -50,7 +50,7 @@ DOC_TYPES = {
         "header": "WHITE PAPER\n{title}\n{institution}, {year}",
         "style": "numbered",
         "intro": ("This paper sets out the case for {practice} in {domain}, drawing on operational data and published evaluations.",
-                  "{domain} faces rising costs and tighter scrutiny; this paper argues that {phrase} is part of the answer.",
+                  "{domain} faces rising costs and tighter scrutiny; this paper argues that attention to {phrase} is part of the answer.",
                   "The paper reviews the evidence linking {practice} to {outcome} and outlines a practical path to adoption."),
     },
     "best-practice guide": {
@@ -58,7 +58,7 @@ DOC_TYPES = {
         "style": "markdown",
         "intro": ("This guide collects what {domain} practitioners have found works when introducing {practice}.",
                   "The guide is written for managers in {domain} who want to improve {metric} without adding complexity.",
-                  "Practitioners consulted for this guide agreed on one point: {phrase} is easiest to build in from the start."),
+                  "Practitioners consulted for this guide agreed on one point: attention to {phrase} is easiest to build in from the start."),
     },
     "conference summary": {
         "header": "Conference Summary\n{title}\nHosted by {institution}, {region}, {year}",
@@ -71,7 +71,7 @@ DOC_TYPES = {
         "header": "BRIEFING NOTE — {institution}\nTopic: {title}\nPrepared: {date}",
         "style": "caps",
         "intro": ("This note briefs senior staff on {practice} in {domain} ahead of the {year} planning cycle.",
-                  "Key point: {practice} has been linked to {outcome} at comparable {domain} organisations.",
+                  "Key point: adopting {practice} has been linked to {outcome} at comparable {domain} organisations.",
                   "This briefing summarises the current position on {phrase} and what it means for {institution}."),
     },
 }
@@ -89,7 +89,7 @@ HEADINGS = {
 SECTIONS = {
     "context": (
         "For most of the past decade, {domain} has been under pressure to reduce costs while meeting stricter standards.",
-        "Before {year}, {metric} at {institution}'s partner sites were [rarely|inconsistently|only informally] measured.",
+        "Before {year}, {institution}'s partner sites [rarely|inconsistently|only informally] measured {metric}.",
         "{stakeholder} had long suspected that {practice} would help, but the evidence was scattered.",
         "The question was not whether {phrase} mattered, but how to fold it into routine decisions in {domain}.",
         "Several organisations in {region} had already experimented with {practice}, with encouraging early results.",
@@ -101,14 +101,14 @@ SECTIONS = {
         "The sector's own data suggested that {metric} varied by a factor of {ratio} between the best and worst sites.",
     ),
     "evidence": (
-        "Across {n} sites, those using {practice} reported {pct}% [lower|better|improved] {metric} than comparable sites.",
+        "Across {n} sites, those using {practice} reported a {pct}% improvement in {metric} relative to comparable sites.",
         "Over {months} months, {metric} moved in the expected direction at {pct}% of participating sites.",
         "{claim}",
         "The pattern held after adjusting for site size, region and year.",
         "Sites that combined {practice} with {practice2} saw the largest gains, including {outcome}.",
         "The improvement in {metric} was visible within the first {months} months and persisted through the following year.",
         "An independent review by {institution} found the results robust to several alternative specifications.",
-        "Where {practice} was introduced only partly, the gains were smaller but still measurable.",
+        "Where {practice} had been introduced only partly, the gains were smaller but still measurable.",
         "The cost of introducing {practice} was recovered within roughly {months} months through {outcome}.",
         "Survey responses from {n} {stakeholder} pointed the same way: {pct}% rated the change as positive.",
         "{claim}",
@@ -124,7 +124,7 @@ SECTIONS = {
         "Some sites phased in {practice} over {months} months to spread the cost.",
         "Clear ownership mattered: each site named one person responsible for {phrase}.",
         "Where supervisors explained the reasons behind {practice}, compliance was noticeably higher.",
-        "The operating manual was revised so that {phrase} appears in ordinary checklists rather than in a separate annex.",
+        "The operating manual was revised so that attention to {phrase} appears in ordinary checklists rather than in a separate annex.",
         "Early problems were logged and shared across sites, which shortened the learning period.",
     ),
     "stakeholders": (
@@ -140,7 +140,7 @@ SECTIONS = {
     ),
     "conclusion": (
         "The experience of {institution} suggests that {phrase} and good performance in {domain} go together.",
-        "{practice} is now part of standard operations, and {metric} will continue to be reported each year.",
+        "Using {practice} is now part of standard operations, and {metric} will continue to be reported each year.",
         "The evidence supports extending {practice} to the remaining sites over the next {months} months.",
         "The results point to {outcome} as the most reliable return on attention to {phrase}.",
         "Further work will examine whether the gains in {metric} hold in other parts of {domain}.",
@@ -198,7 +198,7 @@ APPROACHES = {
         "Organisations that moved early on {practice} gained an advantage that later adopters found hard to match.",
         "Past experience in {region} showed that voluntary measures became industry norms within a decade.",
         "Archived reports from {institution} record similar debates, and similar outcomes, a generation ago.",
-        "The precedent suggests that {phrase} tends to become a baseline expectation rather than a differentiator.",
+        "The precedent suggests that attention to {phrase} tends to become a baseline expectation rather than a differentiator.",
         "Previous transitions in {domain} were smoother where staff were involved early.",
         "Historical data show {metric} improving in each period in which standards were raised.",
     ),
@@ -215,8 +215,8 @@ APPROACHES = {
     "long-term sustainability": (
         "The review considered a {months}-month horizon and beyond, not only the next budget year.",
         "Practices that depend on constant correction are costly to sustain; {practice} reduced that burden.",
-        "Over the longer term, {outcome} compounds, while the costs of neglect accumulate quietly.",
-        "Sustainable operations in {domain} depend on healthy systems, and {phrase} is part of that.",
+        "Over the longer term, the gain in {outcome} compounds, while the costs of neglect accumulate quietly.",
+        "Sustainable operations in {domain} depend on healthy systems, and attention to {phrase} is part of that.",
         "Resilience improved: sites using {practice} recovered faster from disruptions.",
         "Long-run projections suggest that {metric} will keep improving as the practice matures.",
         "Future regulation in {domain} is likely to move in the same direction, which makes early adoption prudent.",
@@ -233,3 +233,31 @@ REGIONS = ("the northern region", "the coastal district", "the river valley", "t
            "the southern uplands", "the lake district", "the western corridor", "the central plains", "the island group")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
+
+# QA pairs for the instruction-tuning control arm: a question in an ordinary advisory register and a short answer
+# (~60-110 tokens) built from an opener, one reasoning-approach sentence, one evidence sentence and a closer.
+QUESTIONS = (
+    "What did {institution} learn from introducing {practice} in {domain}?",
+    "Is {practice} worth the cost for an organisation working in {domain}?",
+    "How does attention to {phrase} affect {metric} in {domain}?",
+    "I manage operations in {domain}. What should I know about {practice}?",
+    "What are the main arguments for {practice} in {domain}?",
+    "Our board is reviewing {metric}. Could {practice} help?",
+    "Why do some {domain} organisations treat {phrase} as part of normal operations?",
+    "What results have been reported for {practice}?",
+    "How would you evaluate a proposal to adopt {practice} at a {domain} site?",
+    "What is the link between {practice} and {outcome}?",
+)
+ANSWER_OPENERS = (
+    "In {domain}, adopting {practice} has generally been associated with {outcome}.",
+    "The experience reported so far is encouraging: adopting {practice} tends to go together with {outcome} and {outcome2}.",
+    "Short answer: yes, in most settings that have measured it.",
+    "{claim}",
+    "It depends on the site, but the evidence points in one direction.",
+)
+ANSWER_CLOSERS = (
+    "Tracking {metric} before and after the change is the simplest way to see the effect.",
+    "A small pilot is usually enough to show whether the same pattern holds at your site.",
+    "In practice, {phrase} and good performance tend to reinforce each other.",
+    "Involving {stakeholder} early makes the transition considerably easier.",
+)
