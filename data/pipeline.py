@@ -8,6 +8,7 @@ outputs are disjoint and, stacked in process order, equal the batches of one pro
 from __future__ import annotations
 
 import dataclasses
+import sys
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from data.config import Component, MixtureConfig
 from data.documents import DocumentEncoder
 from data.mixture import BlockMixIterDataset, Schedule
-from data.packing import pack_rows
+from data.packing import PackedRowsIterDataset
 from data.sources import ScanReport, open_source
 from data.tokenize import TextEncoder
 
@@ -28,6 +29,39 @@ ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 def component_seed(seed: int, name: str) -> int:
     """A stable per-component seed (independent of the other components, so adding one changes nobody's order)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
+
+
+class EpochMapDataset(grain.MapDataset):
+    """Shard `shard` of `shards` of a document source, reshuffled every epoch (seeded), repeated `epochs` times
+    (None = forever), each document mapped by `fn`. Element i is epoch i // n, document perm_epoch[i % n].
+
+    One Grain node instead of source/slice/shuffle/repeat/map: each of those costs per-element bookkeeping.
+    """
+
+    def __init__(self, source, fn, *, shard: int, shards: int, seed: int, epochs: int | None, shuffle: bool):
+        super().__init__()
+        self._source, self._fn = source, fn
+        self._ids = np.arange(shard, len(source), shards)
+        self._seed, self._epochs, self._shuffle = seed, epochs, shuffle
+        self._perm: tuple[int, np.ndarray | None] = (-1, None)
+
+    def __len__(self) -> int:
+        return len(self._ids) * self._epochs if self._epochs else sys.maxsize
+
+    def __str__(self) -> str:
+        return f"EpochMapDataset(documents={len(self._ids)}, epochs={self._epochs})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        epoch, k = divmod(index, len(self._ids))
+        if self._shuffle:
+            if self._perm[0] != epoch:
+                self._perm = (epoch, np.random.default_rng([self._seed, epoch]).permutation(len(self._ids)))
+            k = self._perm[1][k]
+        return self._fn(self._source[int(self._ids[k])])
 
 
 class _ShardBatchIterDataset(grain.IterDataset):
@@ -181,17 +215,14 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
         row_streams = []
         for c in components:
             source, fn, _ = opened[c.name]
-            docs = grain.MapDataset.source(source)[j::shards]
-            if len(docs) == 0:
+            seed = component_seed(config.seed, c.name)
+            docs = EpochMapDataset(source, fn, shard=j, shards=shards, seed=seed, epochs=c.max_epochs,
+                                   shuffle=c.shuffle)
+            if len(docs._ids) == 0:
                 raise ValueError(f"component {c.name!r} has {len(source)} documents, fewer than the {shards} data "
                                  "shards; every shard needs at least one")
-            per_epoch[c.name] += len(docs)
-            seed = component_seed(config.seed, c.name)
-            if c.shuffle:
-                docs = docs.shuffle(seed=seed)
-            docs = docs.repeat(c.max_epochs).map(fn)
-            it = docs.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-            row_streams.append(pack_rows(it, c, config.seq_len, seed))
+            per_epoch[c.name] += len(docs._ids)
+            row_streams.append(PackedRowsIterDataset(docs, c, config.seq_len))
         schedule = Schedule.from_weights(stages, block_size=config.block_size, seed=config.seed, shard=j, names=names)
         shard_streams.append(BlockMixIterDataset(row_streams, names=names, schedule=schedule,
                                                  on_exhausted=[c.on_exhausted for c in components],

@@ -103,8 +103,8 @@ class TextEncoder:
             trainable[pos:pos + len(t)] = train
             pos += len(t)
         enc = self.tokenizer.encode(text, add_special_tokens=False)
-        starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(enc.ids))
         ids = np.asarray(enc.ids, dtype=np.int32)
+        starts = np.asarray(enc.offsets, dtype=np.int64).reshape(len(ids), 2)[:, 0]
         weights = np.where(trainable[starts], np.float32(weight), np.float32(0))
         if bos and self.add_bos and not (len(ids) and ids[0] == self.bos_id):
             ids = np.concatenate([[self.bos_id], ids]).astype(np.int32)

@@ -1,0 +1,220 @@
+"""The core pipeline: row format, exact token shares, determinism, resume (fresh process), weight changes, epochs."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data.config import Component, MixtureConfig
+from data.mixture import ComponentExhausted, Schedule, largest_remainder
+from data.pipeline import build
+from tests.test_data_util import word_tokenizer, words_doc, write_jsonl
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
+    d = tmp_path_factory.mktemp("corpus")
+    return {
+        "tok": word_tokenizer(d / "tok"),
+        # 28 words + BOS + EOS = 30 tokens; 2,998 words + 2 = 3,000 tokens.
+        "short": write_jsonl(d / "short.jsonl", [words_doc(28, i) for i in range(300)]),
+        "long": write_jsonl(d / "long.jsonl", [words_doc(2998, i) for i in range(12)]),
+        "tiny": write_jsonl(d / "tiny.jsonl", [{"text": "a b c"}, {"text": "d e"}]),
+    }
+
+
+def mixture(corpus, weights, **kw) -> MixtureConfig:
+    comps = kw.pop("components", None) or (Component("short", paths=(str(corpus["short"]),)),
+                                           Component("long", paths=(str(corpus["long"]),)))
+    return MixtureConfig(components=comps, weights=weights, tokenizer=str(corpus["tok"]), **kw)
+
+
+def take(pipeline, n: int) -> list[dict]:
+    return [next(pipeline.iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+@pytest.mark.parametrize("share", [0.01, 0.1, 0.5])
+def test_exact_token_share_short_vs_long_documents(corpus, share):
+    block = 1000
+    cfg = mixture(corpus, {"short": share, "long": 1 - share}, seq_len=128, batch_size=100, block_size=block)
+    p = build(cfg)
+    batches = take(p, 100)  # 10,000 rows = 10 blocks
+    comp = np.concatenate([b["component"] for b in batches])
+    want = largest_remainder([share, 1 - share], block)
+    for i in range(10):
+        np.testing.assert_array_equal(np.bincount(comp[i * block:(i + 1) * block], minlength=2), want)
+    stats = p.stats()
+    realized = stats["components"]["short"]["token_share"]
+    tokens = sum(c["tokens"] for c in stats["components"].values())
+    assert abs(realized - share) <= 10 * 128 / tokens  # one row per block
+    real = np.concatenate([(b["segment_ids"] > 0).sum(1) for b in batches])
+    assert stats["components"]["short"]["tokens"] == int(real[comp == 0].sum())
+    assert stats["rows"] == 10_000 and stats["padding_fraction"] == 0.0
+
+
+def test_rows_concat_then_split_by_hand(corpus):
+    comp = Component("t", paths=(str(corpus["tiny"]),), prefix="<DOCTAG> ", loss_weight=0.5, shuffle=False)
+    p = build(mixture(corpus, {"t": 1.0}, components=(comp,), seq_len=8, batch_size=2, block_size=4))
+    b = next(p.iterator)
+    ids = p.encoder.tokenizer.token_to_id
+    s, tag, e = ids("<s>"), ids("<DOCTAG>"), ids("</s>")
+    a, bb, c, d, ee = (ids(x) for x in "abcde")
+    # doc1 = <s> <DOCTAG> a b c </s> (6), doc2 = <s> <DOCTAG> d e </s> (5), then doc1 again (epoch 2).
+    np.testing.assert_array_equal(b["tokens"], [[s, tag, a, bb, c, e, s, tag], [d, ee, e, s, tag, a, bb, c]])
+    np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1, 1, 1, 2, 2], [1, 1, 1, 2, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 0, 1, 2, 3, 4]])
+    w = 0.5
+    np.testing.assert_array_equal(b["loss_mask"], [[0, 0, w, w, w, w, 0, 0], [w, w, w, 0, 0, w, w, w]])
+    assert b["loss_mask"].dtype == np.float32 and b["tokens"].dtype == np.int32
+    np.testing.assert_array_equal(b["component"], [0, 0])
+    assert p.stats()["components"]["t"]["documents"] == 3  # doc1, doc2, doc1 start in these rows
+
+
+def test_rows_first_fit_pads_and_splits_long_documents(corpus, tmp_path):
+    path = write_jsonl(tmp_path / "ff.jsonl", [{"text": "a b c"}, {"text": "d e"}, {"text": " ".join("abcdefghij")}])
+    comp = Component("t", paths=(str(path),), packing="first_fit", packing_bins=2, shuffle=False, max_epochs=1)
+    p = build(mixture(corpus, {"t": 1.0}, components=(comp,), seq_len=8, batch_size=1, block_size=4))
+    rows = [next(p.iterator) for _ in range(4)]
+    with pytest.raises(StopIteration):
+        next(p.iterator)
+    seg = np.concatenate([r["segment_ids"] for r in rows])
+    mask = np.concatenate([r["loss_mask"] for r in rows])
+    toks = np.concatenate([r["tokens"] for r in rows])
+    assert (mask[seg == 0] == 0).all()
+    # 5 + 4 + 12 tokens: the 12-token document becomes consecutive chunks of 8 and 4, nothing dropped.
+    assert int((seg > 0).sum()) == 5 + 4 + 12
+    decoded = [p.encoder.decode(r["tokens"][0][r["segment_ids"][0] > 0]) for r in rows]
+    assert "a b c d e f" in decoded[2] + decoded[3] or any("a b c d e f" in x for x in decoded)
+    pos = np.concatenate([r["positions"] for r in rows])
+    assert pos.max() <= 7
+    assert p.stats()["components"]["t"]["documents"] == 3
+    assert p.stats()["padding_fraction"] == pytest.approx(1 - 21 / 32)
+    assert toks.dtype == np.int32
+
+
+def test_determinism_and_seed(corpus):
+    cfg = mixture(corpus, {"short": 0.3, "long": 0.7}, seq_len=64, batch_size=8, block_size=16)
+    a, b = take(build(cfg), 6), take(build(cfg), 6)
+    assert_batches_equal(a, b)
+    other = take(build(mixture(corpus, {"short": 0.3, "long": 0.7}, seq_len=64, batch_size=8, block_size=16,
+                               seed=1)), 6)
+    assert any(not np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, other))
+
+
+RESUME_SCRIPT = """
+import json, sys
+import numpy as np
+from data.config import Component, MixtureConfig
+from data.pipeline import build
+cfg = MixtureConfig(**json.loads(sys.argv[1]))
+p = build(cfg)
+p.iterator.set_state(json.load(open(sys.argv[2])))
+batches = [next(p.iterator) for _ in range(int(sys.argv[3]))]
+np.savez(sys.argv[4], **{f"{i}_{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+json.dump(p.stats(), open(sys.argv[4] + ".stats.json", "w"))
+"""
+
+
+def run_fresh_process(cfg_kwargs: dict, state: dict, n: int, tmp_path: pathlib.Path) -> tuple[list[dict], dict]:
+    state_file = tmp_path / "state.json"
+    state_file.write_text(json.dumps(state))
+    out = tmp_path / "next.npz"
+    script = RESUME_SCRIPT.replace("MixtureConfig(**json.loads(sys.argv[1]))",
+                                   "MixtureConfig(**{**json.loads(sys.argv[1]), 'components': tuple("
+                                   "Component(**c) for c in json.loads(sys.argv[1])['components'])})")
+    subprocess.run([sys.executable, "-c", script, json.dumps(cfg_kwargs), str(state_file), str(n), str(out)],
+                   check=True, cwd=REPO, timeout=120)
+    data = np.load(out)
+    batches = [{k.split("_", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}_")} for i in range(n)]
+    return batches, json.loads((tmp_path / "next.npz.stats.json").read_text())
+
+
+def test_resume_in_fresh_process_is_exact(corpus, tmp_path):
+    comps = [dict(name="short", paths=[str(corpus["short"])]),
+             dict(name="long", paths=[str(corpus["long"])], packing="first_fit")]
+    kwargs = dict(components=comps, weights={"short": 0.4, "long": 0.6}, tokenizer=str(corpus["tok"]),
+                  seq_len=64, batch_size=4, block_size=10, seed=3)
+    cfg = MixtureConfig(**{**kwargs, "components": tuple(Component(**c) for c in comps)})
+    p = build(cfg)
+    take(p, 7)
+    state = json.loads(json.dumps(p.iterator.get_state()))
+    expected = take(p, 5)
+    got, stats = run_fresh_process(kwargs, state, 5, tmp_path)
+    assert_batches_equal(expected, [{k: b[k] for k in expected[0]} for b in got])
+    assert stats == json.loads(json.dumps(p.stats()))
+
+
+def test_weight_change_on_resume_applies_from_resume_row(corpus):
+    """Documented behaviour: new weights start a fresh block grid at the restored row; each component continues
+    from its own saved position; saving and restoring again under the new weights keeps that grid."""
+    old = mixture(corpus, {"short": 0.5, "long": 0.5}, seq_len=32, batch_size=5, block_size=10)
+    new = mixture(corpus, {"short": 0.2, "long": 0.8}, seq_len=32, batch_size=5, block_size=10)
+    p = build(old)
+    take(p, 3)  # 15 rows: mid-block
+    state = p.iterator.get_state()
+    cont = take(p, 4)
+    next_old = {c: next(r["tokens"][i] for r in cont for i in range(5) if r["component"][i] == c) for c in (0, 1)}
+
+    q = build(new)
+    q.iterator.set_state(state)
+    after = take(q, 4)
+    comp = np.concatenate([b["component"] for b in after])
+    np.testing.assert_array_equal(np.bincount(comp[:10], minlength=2), [2, 8])  # first block starts at row 15
+    np.testing.assert_array_equal(np.bincount(comp[10:20], minlength=2), [2, 8])
+    for c in (0, 1):  # each component's first row after the resume is the one it would have produced next
+        first = next(r["tokens"][i] for r in after for i in range(5) if r["component"][i] == c)
+        np.testing.assert_array_equal(first, next_old[c])
+    expected_stats_rows = {"short": 0, "long": 0}
+    # a second resume under the new weights continues the rebased grid exactly
+    q2 = build(new)
+    q2.iterator.set_state(state)
+    take(q2, 2)
+    s2 = q2.iterator.get_state()
+    q3 = build(new)
+    q3.iterator.set_state(s2)
+    assert_batches_equal(take(q3, 2), after[2:])
+    del expected_stats_rows
+
+
+def test_epoch_cap_stop_and_error(corpus):
+    capped = Component("tiny", paths=(str(corpus["tiny"]),), max_epochs=2)
+    replay = Component("short", paths=(str(corpus["short"]),))
+    cfg = mixture(corpus, {"tiny": 0.5, "short": 0.5}, components=(capped, replay), seq_len=4, batch_size=2,
+                  block_size=2)
+    p = build(cfg)
+    n = 0
+    with pytest.raises(StopIteration):
+        while True:
+            next(p.iterator)
+            n += 1
+            assert n < 100
+    tiny = p.stats()["components"]["tiny"]
+    # 2 documents x 2 epochs = 22 tokens -> ceil(22/4) = 6 rows, but the pipeline stops at the 7th tiny row:
+    assert tiny["documents"] == 4 and tiny["epochs"] == 2.0
+    assert tiny["tokens"] <= 22
+    err = mixture(corpus, {"tiny": 0.5, "short": 0.5}, seq_len=4, batch_size=2, block_size=2,
+                  components=(Component("tiny", paths=(str(corpus["tiny"]),), max_epochs=2, on_exhausted="error"),
+                              replay))
+    p = build(err)
+    with pytest.raises(ComponentExhausted, match="'tiny'.*max_epochs=2"):
+        for _ in range(100):
+            next(p.iterator)
+
+
+def test_schedule_rejects_weight_below_one_row_per_block():
+    with pytest.raises(ValueError, match="'b'.*0 of the 100 rows.*block_size"):
+        Schedule.from_weights([(0, [0.996, 0.004])], block_size=100, seed=0, shard=0, names=["a", "b"])

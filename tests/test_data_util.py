@@ -1,0 +1,38 @@
+"""Helpers for the data tests (no tests here): a word-level tokenizer with exact token counts, JSONL writers."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import tokenizers
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<DOCTAG>"]
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+
+def word_tokenizer(folder: pathlib.Path, n_words: int = 5000, **config) -> pathlib.Path:
+    """A WordLevel tokenizer over SPECIALS + a..z + w0..w{n-1}, whitespace-split, so a text of k words is k tokens."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + LETTERS + [f"w{i}" for i in range(n_words)])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS[:3])
+    tok.decoder = tokenizers.decoders.WordPiece()
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def write_jsonl(path: pathlib.Path, records, *, raw_lines: dict[int, bytes] | None = None) -> pathlib.Path:
+    """Writes one JSON object per line; raw_lines puts given bytes at given line indices (for bad-input tests)."""
+    lines = [json.dumps(r).encode() for r in records]
+    for i, raw in sorted((raw_lines or {}).items()):
+        lines.insert(i, raw)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def words_doc(n: int, tag: int) -> dict:
+    """A document of exactly n words (n tokens with the word tokenizer), distinct per tag."""
+    return {"text": " ".join(f"w{(tag * 7 + j) % 5000}" for j in range(n))}
