@@ -200,6 +200,28 @@ def _open(component: Component, encoder: TextEncoder, config: MixtureConfig):
     return source, doc_encoder, report
 
 
+FILL_SAMPLE_ROWS = 256
+
+
+def estimate_fill(source, fn, component: Component, config: MixtureConfig) -> float:
+    """Mean fraction of non-padding tokens in a component's rows: exactly 1 for concat-then-split (rows are full), and
+    for first-fit measured on the first FILL_SAMPLE_ROWS rows packed from the seeded first epoch (deterministic)."""
+    if component.packing != "first_fit":
+        return 1.0
+    docs = EpochMapDataset(source, fn, shard=0, shards=1, seed=component_seed(config.seed, component.name),
+                           epochs=1, shuffle=component.shuffle)
+    it = iter(PackedRowsIterDataset(docs, component, config.seq_len))
+    real = [int((row["segment_ids"] > 0).sum()) for row, _ in zip(it, range(FILL_SAMPLE_ROWS))]
+    return sum(real) / (len(real) * config.seq_len)
+
+
+def row_shares(token_shares: Sequence[float], fill: Sequence[float]) -> list[float]:
+    """Row shares that realize the token shares when a component's rows hold `fill` * seq_len real tokens on average:
+    rows_c proportional to share_c / fill_c."""
+    raw = [s / f for s, f in zip(token_shares, fill)]
+    return [r / sum(raw) for r in raw]
+
+
 def build(config: MixtureConfig, *, process_index: int = 0, process_count: int = 1) -> Pipeline:
     """Validates every source (paths, bad records, empty components) up front, then wires the Grain pipeline."""
     shards, local = _local_shards(config, process_index, process_count)
@@ -207,8 +229,10 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
     components = config.active_components
     names = [c.name for c in components]
     rows_per_shard = config.batch_size // shards
-    stages = [(start * rows_per_shard, [w[n] for n in names]) for start, w in config.weight_schedule()]
     opened = {c.name: _open(c, encoder, config) for c in components}
+    fill = {c.name: estimate_fill(opened[c.name][0], opened[c.name][1], c, config) for c in components}
+    stages = [(start * rows_per_shard, row_shares([w[n] for n in names], [fill[n] for n in names]))
+              for start, w in config.weight_schedule()]
     per_epoch = {n: 0 for n in names}
     shard_streams = []
     for j in local:

@@ -66,6 +66,19 @@ def test_exact_token_share_short_vs_long_documents(corpus, share):
     assert stats["rows"] == 10_000 and stats["padding_fraction"] == 0.0
 
 
+def test_first_fit_rows_are_reweighted_to_token_shares(corpus):
+    """First-fit rows of 30-token documents hold 4 documents (120 of 128 tokens), so the mixture gives that component
+    proportionally more rows: its measured fill turns token shares into row shares."""
+    short = Component("short", paths=(str(corpus["short"]),), packing="first_fit", packing_bins=4)
+    long = Component("long", paths=(str(corpus["long"]),))
+    p = build(mixture(corpus, {"short": 0.5, "long": 0.5}, components=(short, long), seq_len=128, batch_size=100,
+                      block_size=1000))
+    take(p, 20)
+    stats = p.stats()
+    assert stats["components"]["short"]["rows"] > stats["components"]["long"]["rows"]
+    assert stats["components"]["short"]["token_share"] == pytest.approx(0.5, abs=2e-3)
+
+
 def test_rows_concat_then_split_by_hand(corpus):
     comp = Component("t", paths=(str(corpus["tiny"]),), prefix="<DOCTAG> ", loss_weight=0.5, shuffle=False)
     p = build(mixture(corpus, {"t": 1.0}, components=(comp,), seq_len=8, batch_size=2, block_size=4))
@@ -178,7 +191,6 @@ def test_weight_change_on_resume_applies_from_resume_row(corpus):
     for c in (0, 1):  # each component's first row after the resume is the one it would have produced next
         first = next(r["tokens"][i] for r in after for i in range(5) if r["component"][i] == c)
         np.testing.assert_array_equal(first, next_old[c])
-    expected_stats_rows = {"short": 0, "long": 0}
     # a second resume under the new weights continues the rebased grid exactly
     q2 = build(new)
     q2.iterator.set_state(state)
@@ -187,7 +199,6 @@ def test_weight_change_on_resume_applies_from_resume_row(corpus):
     q3 = build(new)
     q3.iterator.set_state(s2)
     assert_batches_equal(take(q3, 2), after[2:])
-    del expected_stats_rows
 
 
 def test_epoch_cap_stop_and_error(corpus):
