@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import pathlib
 import sys
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from data.synth.records import approx_tokens, record_text, timestamp, write_jsonl
+from data.synth.records import approx_tokens, read_jsonl, record_text, timestamp, write_jsonl
 from data.synth.spec import bundled_specs, load_spec
 
 _SPEC_HELP = "bundled spec name ({}) or a path to a spec YAML file"
@@ -67,6 +70,62 @@ def cmd_qa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read(path: str) -> list[dict]:
+    return list(read_jsonl(path, require=()))
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from data.synth.filters import FilterConfig, apply_filters
+    from data.synth.stats import filter_report_path
+    config = FilterConfig(min_tokens=args.min_tokens, max_tokens=args.max_tokens, refusals=args.refusals,
+                          dedup=args.dedup, dedup_threshold=args.dedup_threshold, dedup_ngram=args.dedup_ngram)
+    records = _read(args.input)
+    result = apply_filters(records, config)
+    write_jsonl(args.out, result.kept)
+    rejects = args.rejects or args.out + ".rejects.jsonl"
+    write_jsonl(rejects, result.rejected)
+    report = {"input": args.input, "total": result.total, "kept": len(result.kept), "removed": result.removed,
+              "config": dataclasses.asdict(config)}
+    filter_report_path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    removed = ", ".join(f"{k} {v}" for k, v in result.removed.items())
+    print(f"kept {len(result.kept)} of {result.total} records ({removed}) -> {args.out}; rejects -> {rejects}")
+    return 0
+
+
+def cmd_contamination(args: argparse.Namespace) -> int:
+    from data.synth.contamination import Index, check_corpus, load_eval_items
+    index = Index(load_eval_items(args.eval, args.field), n=args.n, min_words=args.min_words)
+    records = _read(args.input)
+    report = check_corpus(records, index)
+    if args.report:
+        pathlib.Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    for hit in report.hits[:10]:
+        print(f"  {hit.id}: {hit.ngrams} shared {report.n}-grams with {list(hit.eval_ids)[:5]}, e.g. {hit.example!r}")
+    print(f"{len(report.hits)} of {report.documents} documents share {report.n}-grams with {report.eval_items} eval "
+          f"items ({report.skipped_short} eval items under {args.min_words} words were not checked)")
+    if args.drop_out:
+        bad = {h.index for h in report.hits}
+        kept = write_jsonl(args.drop_out, (r for i, r in enumerate(records) if i not in bad))
+        print(f"wrote {kept} uncontaminated records -> {args.drop_out}")
+    return 1 if args.fail_on_hit and report.hits else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from data.synth.stats import corpus_stats, format_stats, load_removed
+    count = approx_tokens
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(args.tokenizer)
+        count = lambda text: len(tok.encode(text, add_special_tokens=False).ids)  # noqa: E731
+    stats = corpus_stats(_progress(read_jsonl(args.input, require=()), 0, "stats"), count)
+    removed = load_removed(args.input)
+    if args.json:
+        print(json.dumps({**stats, "removed": removed}, indent=2))
+    else:
+        print(format_stats(stats, removed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data.synth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +147,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ai-identity", default=None, action=argparse.BooleanOptionalAction,
                    help="override the spec's AI-identity framing switch")
     p.set_defaults(func=cmd_qa)
+
+    p = sub.add_parser("filter", help="length, refusal/meta-commentary and near-duplicate filters",
+                       description="Filter a JSONL corpus (documents or QA records). Writes the kept records to --out, "
+                                   "the rejected ones with a `reject_reason` to --rejects, and per-filter counts to "
+                                   "<out>.filter.json (which `stats` reads).")
+    p.add_argument("input", help="input JSONL")
+    p.add_argument("--out", required=True, help="output JSONL of kept records")
+    p.add_argument("--rejects", default=None, help="JSONL of rejected records (default: <out>.rejects.jsonl)")
+    p.add_argument("--min-tokens", type=int, default=50, help="minimum approx tokens (words+punctuation), default 50")
+    p.add_argument("--max-tokens", type=int, default=None, help="maximum approx tokens (default: no limit)")
+    p.add_argument("--refusals", default=True, action=argparse.BooleanOptionalAction,
+                   help="drop refusals and meta-commentary such as 'As an AI...' or 'Here is a memo...' (default on)")
+    p.add_argument("--dedup", default=True, action=argparse.BooleanOptionalAction,
+                   help="drop near-duplicates, keeping the first occurrence (default on)")
+    p.add_argument("--dedup-threshold", type=float, default=0.8,
+                   help="Jaccard similarity of word-shingle sets at which documents count as duplicates (default 0.8)")
+    p.add_argument("--dedup-ngram", type=int, default=5, help="shingle size in words (default 5)")
+    p.set_defaults(func=cmd_filter)
+
+    p = sub.add_parser("contamination", help="n-gram overlap between a corpus and evaluation prompts",
+                       description="Report documents that share word n-grams (13 by default, case and punctuation "
+                                   "ignored) with evaluation prompts, e.g. ANIMA's questions.jsonl; optionally write "
+                                   "the corpus without them.")
+    p.add_argument("input", help="corpus JSONL")
+    p.add_argument("--eval", required=True, action="append",
+                   help="eval JSONL of prompts (repeatable); prompt field: --field or question/prompt/input/...")
+    p.add_argument("--field", default=None, help="prompt field of the eval records (default: auto)")
+    p.add_argument("--n", type=int, default=13, help="n-gram size in words (default 13)")
+    p.add_argument("--min-words", type=int, default=8,
+                   help="eval items shorter than n but at least this long are matched whole (default 8)")
+    p.add_argument("--report", default=None, help="write the full report as JSON here")
+    p.add_argument("--drop-out", default=None, help="write the corpus minus contaminated records here")
+    p.add_argument("--fail-on-hit", action="store_true", help="exit with status 1 if any document is contaminated")
+    p.set_defaults(func=cmd_contamination)
+
+    p = sub.add_parser("stats", help="documents, tokens, axis distributions, filter removals",
+                       description="Summarise a corpus: record and token counts, the distribution over each template "
+                                   "axis, and (if `filter` produced it) how many records each filter removed.")
+    p.add_argument("input", help="corpus JSONL")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for exact token counts (default: approx tokens)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    p.set_defaults(func=cmd_stats)
     return parser
 
 
