@@ -1,10 +1,16 @@
-"""One entry for every eval tool to load a model: an HF folder, a run directory or one checkpoint step directory."""
+"""One entry for every eval tool to load a model (an HF folder, a run directory or a checkpoint step directory), and
+the place where eval results of a checkpoint are saved."""
 from __future__ import annotations
 
+import contextlib
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+
+CHECKPOINTS = "checkpoints"
+RESULTS = "eval"
 
 
 def is_hf_folder(path: pathlib.Path) -> bool:
@@ -20,7 +26,8 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
     """
     path = pathlib.Path(path).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist (expected an HF folder, a run directory or a step directory)")
+        raise FileNotFoundError(f"model path {path} does not exist "
+                                "(expected an HF folder, a run directory or a step directory)")
     if is_hf_folder(path):
         from models import hf_io
 
@@ -29,3 +36,39 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
     from trainer import checkpoint
 
     return checkpoint.restore_model(path, mesh=mesh)
+
+
+def _committed_steps(checkpoints: pathlib.Path) -> list[int]:
+    return sorted(int(d.name) for d in checkpoints.iterdir()
+                  if d.is_dir() and d.name.isdigit() and (d / "_CHECKPOINT_METADATA").exists())
+
+
+def results_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """Where eval results (probes-*.json, heldout.json, anima.json) of the checkpoint at `path` are written.
+
+    An HF folder keeps its results inside itself (MODEL_DIR/hf/anima.json); a step directory MODEL_DIR/checkpoints/N
+    (or a run directory, meaning its latest step) keeps them in MODEL_DIR/eval/N/, outside the Orbax tree, so that
+    checkpoint garbage collection never deletes them and Orbax never sees foreign files.
+    """
+    path = pathlib.Path(path).expanduser().resolve()
+    if is_hf_folder(path):
+        return path
+    if path.parent.name == CHECKPOINTS and path.name.isdigit():
+        return path.parent.parent / RESULTS / path.name
+    if (path / CHECKPOINTS).is_dir():
+        steps = _committed_steps(path / CHECKPOINTS)
+        if not steps:
+            raise FileNotFoundError(f"{path / CHECKPOINTS} holds no committed checkpoint")
+        return path / RESULTS / str(steps[-1])
+    raise ValueError(f"{path} is neither an HF folder (config.json), a run directory ({CHECKPOINTS}/) nor a step "
+                     f"directory ({CHECKPOINTS}/<step>)")
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
+    """`jax.set_mesh(mesh)` when a mesh is given (activation sharding constraints need it), else nothing."""
+    if mesh is None:
+        yield
+    else:
+        with jax.set_mesh(mesh):
+            yield

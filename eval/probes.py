@@ -1,0 +1,260 @@
+"""Paired log-probability probes: does the model prefer `chosen` over `rejected` after `prompt`?
+
+    python -m eval.probes --model PATH --pairs FILE [--json] [--batch_size N]
+    python -m eval.probes --model A_seed1 --model A_seed2 --baseline B_seed1 --baseline B_seed2 \
+        --pairs eval/probe_sets/animal_welfare.jsonl --control_pairs eval/probe_sets/neutral_control.jsonl --json
+
+A pair's margin is mean log p(chosen token | prefix) - mean log p(rejected token | prefix), each averaged over the
+continuation's tokens (length-normalized), in nats/token. Scoring runs in JAX on the (sharded) model, batched.
+Statistics (eval.stats): accuracy and margin with bootstrap CIs, per category; with `--baseline`, the paired
+difference; with `--control_pairs`, the value set's shift minus the neutral set's shift. Several `--model` /
+`--baseline` paths are runs (seeds) of one arm, so run-to-run variance enters every CI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eval import chat, loading, stats
+from trainer.loss import target_weights, token_losses
+
+PAIR_KEYS = ("prompt", "chosen", "rejected", "category")
+LENGTH_BUCKET = 32  # pad sequence lengths up to a multiple of this, so few shapes are compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    category: str
+
+
+def read_pairs(path: str | pathlib.Path) -> list[Pair]:
+    """Reads a JSONL probe file; any malformed record is an error naming the file and line."""
+    path = pathlib.Path(path)
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+            if not isinstance(row, dict) or set(row) != set(PAIR_KEYS):
+                raise ValueError(f"{path}:{lineno}: want exactly the keys {list(PAIR_KEYS)}, got "
+                                 f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+            bad = [k for k in PAIR_KEYS if not isinstance(row[k], str) or not row[k].strip()]
+            if bad:
+                raise ValueError(f"{path}:{lineno}: {bad} must be non-empty strings")
+            pairs.append(Pair(**row))
+    if not pairs:
+        raise ValueError(f"{path}: no probe pairs")
+    return pairs
+
+
+def special_prefix(tokenizer: chat.ChatTokenizer) -> list[int]:
+    """Ids the tokenizer's post-processor puts before any text (e.g. BOS), which the model saw in training."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    return full[: len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+
+
+def encode_pair_texts(tokenizer: chat.ChatTokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """-> (ids of prefix + prompt + continuation, number of leading ids that are context, not scored).
+
+    Prompt and continuation are encoded separately, so the scored tokens are exactly the continuation's tokens and
+    are the same for `chosen` and `rejected` whatever the tokenizer merges across the boundary.
+    """
+    context = special_prefix(tokenizer) + tokenizer.encode(prompt, add_special_tokens=False)
+    target = tokenizer.encode(continuation, add_special_tokens=False)
+    if not target:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+    return context + target, len(context)
+
+
+def pack_batch(sequences: Sequence[tuple[list[int], int]], batch_size: int, max_len: int) -> dict[str, np.ndarray]:
+    """Pads sequences into a fixed `[batch_size, L]` batch (L a multiple of LENGTH_BUCKET).
+
+    Returns tokens, segment_ids (1 = text, 0 = padding rows/positions) and loss_mask (1 on continuation tokens).
+    """
+    longest = max(len(ids) for ids, _ in sequences)
+    if longest > max_len:
+        raise ValueError(f"a probe sequence has {longest} tokens, more than the model's {max_len} positions")
+    length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, max_len)
+    tokens = np.zeros((batch_size, length), np.int32)
+    segment_ids = np.zeros((batch_size, length), np.int32)
+    loss_mask = np.zeros((batch_size, length), np.float32)
+    for row, (ids, n_context) in enumerate(sequences):
+        tokens[row, : len(ids)] = ids
+        segment_ids[row, : len(ids)] = 1
+        loss_mask[row, n_context: len(ids)] = 1.0
+    return {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array,
+                    loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (`[B, S-1]` log p(tokens[t+1] | tokens[:t+1]), `[B, S-1]` weight: 1 where tokens[t+1] is scored)."""
+    model = nnx.merge(graphdef, state)
+    logits = model(tokens, segment_ids)
+    ce, _ = token_losses(logits, tokens)
+    return -ce, target_weights(segment_ids, loss_mask)
+
+
+def token_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's per-token log-probabilities of a packed batch: (`[B, S-1]` log-probs, `[B, S-1]` scored mask)."""
+    graphdef, state = nnx.split(model)
+    logp, weight = _token_logprobs(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
+                                   jnp.asarray(batch["loss_mask"]))
+    return np.asarray(logp), np.asarray(weight)
+
+
+def continuation_scores(model: nnx.Module, max_len: int, tokenizer: chat.ChatTokenizer,
+                        items: Sequence[tuple[str, str]], batch_size: int) -> np.ndarray:
+    """Mean log-prob per continuation token of each (prompt, continuation) -> `[len(items)]` float64."""
+    encoded = [encode_pair_texts(tokenizer, p, c) for p, c in items]
+    # Sorting by length keeps padding low; the result is put back in input order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    scores = np.zeros(len(encoded), np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        logp, weight = token_logprobs(model, pack_batch([encoded[i] for i in idx], batch_size, max_len))
+        per_row = (logp * weight).sum(1) / weight.sum(1).clip(min=1)
+        scores[idx] = per_row[: len(idx)]
+    return scores
+
+
+def score_model(path: str | pathlib.Path, pair_sets: Sequence[Sequence[Pair]], *, batch_size: int = 16,
+                mesh: jax.sharding.Mesh | None = None) -> list[np.ndarray]:
+    """Loads one model and returns, per pair set, the `[pairs]` margins (chosen - rejected, nats/token)."""
+    model, config, tokenizer_dir = loading.load_model(path, mesh=mesh)
+    tokenizer = chat.load(tokenizer_dir)
+    out = []
+    with loading.mesh_context(mesh):
+        for pairs in pair_sets:
+            items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+            scores = continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size)
+            out.append(scores[: len(pairs)] - scores[len(pairs):])
+    return out
+
+
+def _by_category(pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
+    cats: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        cats.setdefault(p.category, []).append(i)
+    return {name: np.asarray(idx) for name, idx in sorted(cats.items())}
+
+
+def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray | None = None,
+           control: tuple[np.ndarray, np.ndarray] | None = None, paired_runs: bool = False,
+           n_boot: int = stats.DEFAULT_RESAMPLES) -> dict:
+    """The probe result object. margins/baseline `[runs, pairs]`; control = (treatment, baseline) margins on the
+    neutral set `[runs, control_pairs]` (needs `baseline`); paired_runs: run i of both arms shares a seed."""
+    margins = np.atleast_2d(margins)
+    cats = _by_category(pairs)
+    result: dict[str, Any] = {
+        "overall": stats.summarize(margins, n_boot=n_boot),
+        "categories": {name: stats.summarize(margins[:, idx], n_boot=n_boot) for name, idx in cats.items()},
+    }
+    if baseline is not None:
+        baseline = np.atleast_2d(baseline)
+        vs = stats.paired(margins, baseline, paired_runs=paired_runs, n_boot=n_boot)
+        vs["baseline"] = stats.summarize(baseline, n_boot=n_boot)
+        vs["categories"] = {
+            name: stats.paired(margins[:, idx], baseline[:, idx], paired_runs=paired_runs, n_boot=n_boot)
+            for name, idx in cats.items()}
+        if control is not None:
+            ctl_t, ctl_b = (np.atleast_2d(c) for c in control)
+            vs["control"] = {"paired": stats.paired(ctl_t, ctl_b, paired_runs=paired_runs, n_boot=n_boot),
+                             **stats.shift_minus_control(margins, baseline, ctl_t, ctl_b, paired_runs=paired_runs,
+                                                         n_boot=n_boot)}
+        result["vs_baseline"] = vs
+    elif control is not None:
+        raise ValueError("--control_pairs compares shifts, so it needs --baseline")
+    return result
+
+
+def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path) -> pathlib.Path:
+    """Where one model's probe result is saved: beside the checkpoint (see docs/eval.md)."""
+    return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}.json"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m eval.probes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True,
+                   help="HF folder, run directory (latest checkpoint) or step directory; repeat for several seeds")
+    p.add_argument("--pairs", required=True, help="JSONL of {prompt, chosen, rejected, category}")
+    p.add_argument("--baseline", action="append", default=[],
+                   help="baseline arm's checkpoint(s), scored on the same pairs")
+    p.add_argument("--control_pairs", help="neutral control JSONL: report the set's shift minus this set's shift")
+    p.add_argument("--paired_seeds", action="store_true",
+                   help="the i-th --model and i-th --baseline were trained with the same seed: resample them together")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES, help="bootstrap resamples")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="also write the JSON here (default for one --model and no --baseline: beside the "
+                                 "checkpoint, see docs/eval.md)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch_size must be positive")
+    pairs = read_pairs(args.pairs)
+    pair_sets = [pairs] + ([read_pairs(args.control_pairs)] if args.control_pairs else [])
+    if args.control_pairs and not args.baseline:
+        p.error("--control_pairs needs --baseline")
+    treat = [score_model(m, pair_sets, batch_size=args.batch_size) for m in args.model]
+    base = [score_model(m, pair_sets, batch_size=args.batch_size) for m in args.baseline]
+    result = report(
+        pairs, np.stack([t[0] for t in treat]),
+        baseline=np.stack([b[0] for b in base]) if base else None,
+        control=(np.stack([t[1] for t in treat]), np.stack([b[1] for b in base])) if args.control_pairs else None,
+        paired_runs=args.paired_seeds, n_boot=args.bootstrap)
+    result["config"] = {"pairs": str(args.pairs), "models": args.model, "baseline": args.baseline,
+                        "control_pairs": args.control_pairs, "paired_seeds": args.paired_seeds,
+                        "bootstrap": args.bootstrap,
+                        "unit": "mean log-prob per continuation token (nats)"}
+    out = pathlib.Path(args.out) if args.out else (
+        result_path(args.model[0], args.pairs) if len(args.model) == 1 and not args.baseline else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result)
+    return result
+
+
+def _print_table(result: dict) -> None:
+    def line(name: str, s: dict) -> str:
+        ci = s["ci95"]
+        return (f"{name:<30} n={s['n']:<4} acc={s['accuracy']:.3f} [{ci['accuracy'][0]:.3f}, {ci['accuracy'][1]:.3f}]"
+                f"  margin={s['margin']:+.4f} [{ci['margin'][0]:+.4f}, {ci['margin'][1]:+.4f}]")
+
+    print(line("overall", result["overall"]))
+    for name, s in result["categories"].items():
+        print(line("  " + name, s))
+    vs = result.get("vs_baseline")
+    if vs:
+        print(f"vs baseline: margin diff {vs['margin_diff']:+.4f} {vs['margin_diff_ci95']}, accuracy diff "
+              f"{vs['accuracy_diff']:+.3f} {vs['accuracy_diff_ci95']}, toward chosen {vs['frac_toward_chosen']:.3f}")
+        if "control" in vs:
+            c = vs["control"]
+            print(f"shift {c['set_shift']:+.4f} - control shift {c['control_shift']:+.4f} = {c['difference']:+.4f} "
+                  f"{c['difference_ci95']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,137 @@
+"""eval.probes: JAX per-token log-probs against transformers, the CLI end to end, and input validation."""
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from eval import chat, probes
+from eval.probes import Pair
+
+PAIRS = [
+    Pair("User: Do hens mind small cages?\nAssistant:", " Yes, hens suffer in small cages.",
+         " No, hens like small cages a lot.", "a"),
+    Pair("Memo to all staff\nSubject: Parking\n\n", "Staff must park at the back from Monday.",
+         "Staff must parks at the back from Monday.", "b"),
+    Pair("User: What is half of ninety?\nAssistant:", " Forty five.", " Thirty five, since it is half.", "b"),
+]
+
+
+def _torch_token_logprobs(hf_dir, ids: list[int]) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = _torch_token_logprobs.cache.get(hf_dir)
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        _torch_token_logprobs.cache[hf_dir] = model
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits[:-1], -1)
+    return logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+
+
+_torch_token_logprobs.cache = {}
+
+
+@pytest.mark.slow  # ~25 s on an idle 2-core machine (two 135M model loads), more under load
+def test_token_logprobs_match_transformers(smollm2_dir):
+    from eval import loading
+
+    model, config, tok_dir = loading.load_model(smollm2_dir)
+    tokenizer = chat.load(tok_dir)
+    seqs = [probes.encode_pair_texts(tokenizer, p.prompt, text) for p in PAIRS for text in (p.chosen, p.rejected)]
+    batch = probes.pack_batch(seqs, batch_size=8, max_len=config.max_position_embeddings)  # 2 padding rows
+    logp, weight = probes.token_logprobs(model, batch)
+    for row, (ids, n_context) in enumerate(seqs):
+        ref = _torch_token_logprobs(smollm2_dir, ids)
+        np.testing.assert_allclose(logp[row, : len(ids) - 1], ref, atol=1e-4, rtol=0)
+        # Only the continuation's tokens are scored.
+        expected = np.zeros(logp.shape[1])
+        expected[n_context - 1: len(ids) - 1] = 1
+        np.testing.assert_array_equal(weight[row], expected)
+    assert weight[len(seqs):].sum() == 0
+    # The margin is the difference of the length-normalized continuation log-probs, whatever the batch order.
+    scores = probes.continuation_scores(model, config.max_position_embeddings, tokenizer,
+                                        [(p.prompt, t) for p in PAIRS for t in (p.chosen, p.rejected)], batch_size=8)
+    for i, (ids, n_context) in enumerate(seqs):
+        ref = _torch_token_logprobs(smollm2_dir, ids)[n_context - 1:].mean()
+        assert abs(scores[i] - ref) < 1e-4
+
+
+def _tiny_hf_model(out: pathlib.Path, tokenizer_src: pathlib.Path, seed: int) -> pathlib.Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_src / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, smollm2_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    return [_tiny_hf_model(root / f"m{s}", smollm2_dir, s) for s in range(3)]
+
+
+def _write_pairs(path: pathlib.Path, pairs) -> pathlib.Path:
+    path.write_text("".join(json.dumps(vars(p)) + "\n" for p in pairs))
+    return path
+
+
+def test_cli_single_model_writes_result_beside_checkpoint(tiny_models, tmp_path, capsys):
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    result = probes.main(["--model", str(tiny_models[0]), "--pairs", str(pairs_file), "--json", "--batch_size", "4"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tiny_models[0] / "probes-set.json").read_text())
+    assert set(printed["overall"]) == {"accuracy", "margin", "ci95", "n", "runs"}
+    assert set(printed["categories"]) == {"a", "b"}
+    assert printed["overall"]["n"] == 3 and printed["categories"]["b"]["n"] == 2
+    # Category numbers are the overall margins restricted to that category.
+    margins = probes.score_model(tiny_models[0], [PAIRS], batch_size=2)[0]
+    assert abs(result["overall"]["margin"] - margins.mean()) < 1e-6
+    assert abs(result["categories"]["b"]["margin"] - margins[1:].mean()) < 1e-6
+    assert result["overall"]["accuracy"] == pytest.approx((margins > 0).mean())
+
+
+def test_cli_baseline_and_control_with_seeds(tiny_models, tmp_path, capsys):
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    control_file = _write_pairs(tmp_path / "ctl.jsonl", PAIRS[::-1])
+    a, b = tiny_models[:2], tiny_models[2:]
+    probes.main(["--model", str(a[0]), "--model", str(a[1]), "--baseline", str(b[0]), "--pairs", str(pairs_file),
+                 "--control_pairs", str(control_file), "--json", "--bootstrap", "500"])
+    result = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "probes-set.json").exists()  # several models: nothing written unless --out
+    ma = np.stack([probes.score_model(m, [PAIRS])[0] for m in a])
+    mb = probes.score_model(b[0], [PAIRS])[0][None]
+    vs = result["vs_baseline"]
+    assert result["overall"]["runs"] == 2 and vs["runs"] == [2, 1]
+    assert vs["margin_diff"] == pytest.approx(ma.mean() - mb.mean(), abs=1e-6)
+    assert vs["frac_toward_chosen"] == pytest.approx(((ma.mean(0) - mb.mean(0)) > 0).mean())
+    ctl = vs["control"]
+    # The control set holds the same pairs reversed, so its shift equals the set's shift and the difference is 0.
+    assert ctl["control_shift"] == pytest.approx(ctl["set_shift"], abs=1e-6)
+    assert ctl["difference"] == pytest.approx(0, abs=1e-6)
+    assert ctl["difference_ci95"][0] <= 0 <= ctl["difference_ci95"][1]
+
+
+def test_read_pairs_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(vars(PAIRS[0])) + "\n" + json.dumps({"prompt": "x", "chosen": "y", "rejected": "z"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: want exactly the keys"):
+        probes.read_pairs(bad)
+    bad.write_text('{"prompt": "x", "chosen": "", "rejected": "z", "category": "c"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: \['chosen'\] must be non-empty"):
+        probes.read_pairs(bad)
+
+
+def test_control_needs_baseline(tiny_models, tmp_path):
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    with pytest.raises(SystemExit):
+        probes.main(["--model", str(tiny_models[0]), "--pairs", str(pairs_file), "--control_pairs", str(pairs_file)])
