@@ -193,8 +193,7 @@ def _open(component: Component, encoder: TextEncoder, config: MixtureConfig):
     if component.kind == "pretokenized":
         from data.pretokenize import open_pretokenized
 
-        source, fn = open_pretokenized(component, encoder)
-        return source, fn, ScanReport(documents=len(source))
+        return open_pretokenized(component, config.tokenizer)
     doc_encoder = DocumentEncoder(component, encoder)
     source, report = open_source(component, doc_encoder.check, max_bad_records=config.max_bad_records)
     return source, doc_encoder, report

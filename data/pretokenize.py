@@ -1,0 +1,145 @@
+"""Pre-tokenization: a component's documents -> ArrayRecord shards of token ids, written by several processes.
+
+    python -m data.pretokenize --gin_file=t5x_configs/runs/RUN.gin [--gin.KEY=VALUE ...] \
+        --component replay --output_dir gs://bucket/replay_tok [--num_files 16] [--processes 4]
+
+Each record is one document: int32 token ids [n] followed by uint8 target flags [n] (1 = a loss target), rendered with
+the component's format, prefix and the mixture's tokenizer/BOS/EOS policy. `pretokenized.json` next to the shards
+records the tokenizer (sha256 of tokenizer.json), counts and the rendering options. Read the shards back with
+`Component(kind="pretokenized", paths=("DIR/*.array_record",), loss_weight=...)`: start-up fails if the mixture's
+tokenizer is not the one the shards were written with.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import sys
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from data.config import Component, MixtureConfig
+from data.documents import DocumentEncoder
+from data.sources import DocumentSource, ScanReport, expand_paths, open_source
+from data.tokenize import TextEncoder, tokenizer_files
+
+METADATA = "pretokenized.json"
+
+
+def tokenizer_sha256(tokenizer: str) -> str:
+    tok_file, _, _ = tokenizer_files(tokenizer)
+    return hashlib.sha256(tok_file.read_bytes()).hexdigest()
+
+
+def encode_record(tokens: np.ndarray, weights: np.ndarray) -> bytes:
+    return tokens.astype("<i4").tobytes() + (weights > 0).astype(np.uint8).tobytes()
+
+
+def decode_record(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """-> (tokens int32 [n], target flags bool [n])."""
+    if len(raw) % 5:
+        raise ValueError(f"corrupt pretokenized record of {len(raw)} bytes (expected 5 bytes per token)")
+    n = len(raw) // 5
+    return np.frombuffer(raw, "<i4", count=n).astype(np.int32), np.frombuffer(raw, np.uint8, offset=4 * n) > 0
+
+
+def _write_file(source: DocumentSource, encoder: DocumentEncoder, lo: int, hi: int, path: str) -> tuple[int, int]:
+    from array_record.python import array_record_module
+
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    tokens = 0
+    for j in range(lo, hi):
+        doc = encoder(source[j])
+        writer.write(encode_record(doc["tokens"], doc["weights"]))
+        tokens += len(doc["tokens"])
+    writer.close()
+    return int(hi - lo), tokens
+
+
+def pretokenize(config: MixtureConfig, component: str, output_dir: str, *, num_files: int = 8,
+                processes: int = 2) -> dict[str, Any]:
+    """Writes `num_files` ArrayRecord shards of the component's documents (in order) using `processes` processes;
+    returns (and writes) the metadata."""
+    comp = next((c for c in config.components if c.name == component), None)
+    if comp is None:
+        raise ValueError(f"no component {component!r} in the mixture; components are "
+                         f"{[c.name for c in config.components]}")
+    if comp.kind == "pretokenized":
+        raise ValueError(f"component {component!r} is already pretokenized")
+    doc_encoder = DocumentEncoder(comp, TextEncoder(config))
+    source, report = open_source(comp, doc_encoder.check, max_bad_records=config.max_bad_records)
+    out = epath.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    num_files = max(1, min(num_files, len(source)))
+    bounds = np.linspace(0, len(source), num_files + 1).astype(int)
+    paths = [str(out / f"{component}-{i:05d}-of-{num_files:05d}.array_record") for i in range(num_files)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, processes), mp_context=ctx) as pool:
+        results = list(pool.map(_write_file, [source] * num_files, [doc_encoder] * num_files, bounds[:-1],
+                                bounds[1:], paths))
+    meta = {"component": component, "files": [epath.Path(p).name for p in paths],
+            "documents": sum(r[0] for r in results), "tokens": sum(r[1] for r in results),
+            "empty_filtered": report.empty, "bad_records": report.bad,
+            "tokenizer_sha256": tokenizer_sha256(config.tokenizer), "vocab_size": doc_encoder.encoder.vocab_size,
+            "format": comp.format, "prefix": comp.prefix, "add_bos": doc_encoder.encoder.add_bos,
+            "add_eos": doc_encoder.encoder.add_eos}
+    (out / METADATA).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+class PretokenizedDocuments:
+    """Picklable map fn: a pretokenized record -> {"tokens", "weights", "doc_pos"} with the component's loss_weight."""
+
+    def __init__(self, loss_weight: float):
+        self.loss_weight = np.float32(loss_weight)
+
+    def __call__(self, raw: bytes) -> dict[str, np.ndarray]:
+        tokens, targets = decode_record(raw)
+        return {"tokens": tokens, "weights": np.where(targets, self.loss_weight, np.float32(0)),
+                "doc_pos": np.arange(len(tokens), dtype=np.int32)}
+
+
+def open_pretokenized(component: Component, tokenizer: str):
+    """(random-access raw records, map fn, scan report from the metadata). Errors when the shards' tokenizer differs from the mixture's; the shards
+    carry their own BOS/EOS/prefix rendering."""
+    import grain
+
+    files = expand_paths(component)
+    report = ScanReport()
+    for folder in sorted({f.parent for f in files}):
+        meta_file = folder / METADATA
+        if not meta_file.exists():
+            raise FileNotFoundError(f"component {component.name!r}: {meta_file} missing; write shards with "
+                                    "python -m data.pretokenize")
+        meta = json.loads(meta_file.read_text())
+        if meta["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
+            raise ValueError(f"component {component.name!r}: {folder} was pretokenized with another tokenizer "
+                             f"(sha256 {meta['tokenizer_sha256'][:12]}…) than MixtureConfig.tokenizer={tokenizer}")
+        report.empty += meta["empty_filtered"]
+        report.bad += meta["bad_records"]
+    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    report.documents = len(source)
+    return source, PretokenizedDocuments(component.loss_weight), report
+
+
+def main(argv: list[str] | None = None) -> None:
+    from trainer import config as trainer_config
+
+    parser = trainer_config.add_gin_flags(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--component", required=True, help="name of the mixture component to pretokenize")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_files", type=int, default=8, help="ArrayRecord shards to write")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    args = parser.parse_args(argv)
+    run = trainer_config.load(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    meta = pretokenize(run.mixture, args.component, args.output_dir, num_files=args.num_files,
+                       processes=args.processes)
+    print(json.dumps({k: v for k, v in meta.items() if k != "bad_records"} | {"bad_records": len(meta["bad_records"])}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
