@@ -1,0 +1,68 @@
+"""preview() and the `python -m data.preview` CLI on a small gin config."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from data.config import Component, MixtureConfig
+from data.preview import format_table, preview
+from tests.test_data_util import word_tokenizer, words_doc, write_jsonl
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("preview")
+    return {"tok": word_tokenizer(d / "tok"),
+            "a": write_jsonl(d / "a.jsonl", [words_doc(6, i) for i in range(10)]),
+            "b": write_jsonl(d / "b.jsonl", [words_doc(30, i) for i in range(4)]), "dir": d}
+
+
+def test_preview_counts_and_samples(files):
+    comps = (Component("a", paths=(str(files["a"]),), prefix="<DOCTAG> "), Component("b", paths=(str(files["b"]),)))
+    cfg = MixtureConfig(components=comps, weights={"a": 0.25, "b": 0.75}, tokenizer=str(files["tok"]), seq_len=16,
+                        batch_size=4, block_size=8)
+    out = preview(cfg, 4, samples=1)
+    assert out["rows"] == 16 and out["padding_fraction"] == 0.0
+    a = out["components"]["a"]
+    assert (a["weight"], a["rows"], a["tokens"], a["token_share"]) == (0.25, 4, 64, 0.25)
+    assert a["documents"] == 8 and a["epochs"] == pytest.approx(0.8)  # 8-token docs, 2 per row
+    assert out["components"]["b"]["rows"] == 12
+    assert out["samples"]["a"][0].startswith("[[<s> <DOCTAG>]]") and " | " in out["samples"]["a"][0]
+    table = format_table(out)
+    assert "token share" in table and "--- b ---" in table
+
+
+def test_preview_cli_json(files, tmp_path):
+    gin_file = tmp_path / "small.gin"
+    gin_file.write_text(f"""
+include 'base.gin'
+include 'models/tiny.gin'
+MODEL_DIR = '{tmp_path / "run"}'
+SEQ_LEN = 16
+BATCH_SIZE = 4
+MIXTURE_WEIGHTS = {{'a': 0.25, 'b': 0.75}}
+MixtureConfig.components = (@a/Component(), @b/Component())
+MixtureConfig.tokenizer = '{files["tok"]}'
+MixtureConfig.block_size = 8
+a/Component.name = 'a'
+a/Component.paths = ('{files["a"]}',)
+b/Component.name = 'b'
+b/Component.paths = ('{files["b"]}',)
+""")
+    cmd = [sys.executable, "-m", "data.preview", f"--gin_file={gin_file}", "--num_batches", "4", "--json",
+           "--gin.MIXTURE_WEIGHTS={'a': 0.5, 'b': 0.5}"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(out) == {"components", "padding_fraction", "rows"}
+    assert set(out["components"]["a"]) == {"weight", "token_share", "rows", "tokens", "documents", "epochs"}
+    assert out["rows"] == 16 and out["components"]["a"]["rows"] == 8 and out["components"]["a"]["weight"] == 0.5
+    res = subprocess.run(cmd[:-2] + ["--gin.MIXTURE_WEIGHTS={'a': 0.5, 'zz': 0.5}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "zz" in res.stderr
