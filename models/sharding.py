@@ -49,14 +49,14 @@ def _axes_for(name: str | None, rules: Sequence[tuple[str, Any]]) -> tuple[str, 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh_shape: dict[str, int] | None = None, rules: Sequence[tuple[str, Any]] = RULES) -> P:
     """PartitionSpec for logical `names`; with `shape` and `mesh_shape`, mesh axes absent from the mesh or not dividing
-    the dimension are dropped, and a mesh axis is used at most once."""
+    the dimension are dropped (as are size-1 axes), and a mesh axis is used at most once."""
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):
         axes = []
         for axis in _axes_for(name, rules):
-            if axis in used or (mesh_shape is not None and axis not in mesh_shape):
-                continue
+            if axis in used or (mesh_shape is not None and mesh_shape.get(axis, 1) == 1):
+                continue  # absent or size-1 mesh axes add nothing
             if shape is not None and mesh_shape is not None:
                 if shape[i] % (math.prod(mesh_shape[a] for a in axes) * mesh_shape[axis]):
                     continue
@@ -115,3 +115,19 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh_shape))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_sharded(config: Any, mesh: Mesh, seed: int = 0):
+    """A freshly initialised `Transformer` whose parameters are created directly in their shardings (under jit with
+    out_shardings, so no device ever holds a full copy). `jax.eval_shape(lambda: init_sharded(...))` works too."""
+    from models.transformer import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+
+    def init():
+        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
+
+    # The NamedShardings carry the mesh, so no mesh context is needed (and this stays traceable by eval_shape).
+    state = jax.jit(init, out_shardings=state_shardings(abstract_state, mesh))()
+    return nnx.merge(graphdef, state)

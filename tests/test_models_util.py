@@ -4,6 +4,7 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+from flax import nnx
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -47,3 +48,13 @@ def hf_logits(model, tokens: np.ndarray, positions: np.ndarray | None = None) ->
 
 def random_tokens(batch: int, seq: int, seed: int = 0, vocab: int = 128) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, vocab, (batch, seq)).astype(np.int32)
+
+
+@nnx.jit
+def _call(model, tokens, segment_ids, positions):
+    return model(tokens, segment_ids, positions)
+
+
+def jax_logits(model, tokens, segment_ids=None, positions=None) -> np.ndarray:
+    """The model's logits under one jit (eager op-by-op dispatch is slow on a loaded 2-core machine)."""
+    return np.asarray(_call(model, tokens, segment_ids, positions))
