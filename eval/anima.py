@@ -1,0 +1,189 @@
+"""ANIMA (Animal Norms In Moral Assessment) through Inspect, on an exported HF folder or an OpenAI-compatible server.
+
+    python -m eval.anima --model runs/x/hf --grader openai/gpt-4o-mini [--dataset_dir DIR] [--epochs N] [--limit N]
+    python -m eval.anima --model http://127.0.0.1:8000/v1 --grader hf/ABS/PATH --out results/anima.json
+
+Runs `inspect_evals`' ANIMA scorer and metrics unchanged. The dataset comes from the Hugging Face Hub at the task's
+pinned revision, or from a local copy (`--dataset_dir`, see eval.anima_data). Results go to `anima.json` beside the
+checkpoint (or `--out`); higher is better, a grade C counts 1.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import inspect_ai
+from inspect_ai.log import EvalLog
+from inspect_ai.model import GenerateConfig, Model, get_model
+from inspect_ai.solver import generate
+from inspect_evals.anima import anima as hub_anima_task
+from inspect_evals.anima.dataset import DATASET_DEFAULT_REVISION, DATASET_REPO_ID
+from inspect_evals.anima.metrics import avg_by_dimension, dimension_normalized_avg, overall_mean
+from inspect_evals.anima.scorer import anima_scorer
+
+from eval import anima_data
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "anima.json"
+NON_DIMENSION_METRICS = ("overall_mean", "dimension_normalized_avg", "avg_by_dimension")
+# The server reads no key; the OpenAI client needs one. A real key for a remote server comes from this variable.
+API_KEY_ENV = "DOCMIX_API_KEY"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What to hand Inspect for a `--model`/`--grader` argument, and where results of an HF folder belong."""
+
+    name: str  # Inspect model name, e.g. "hf/<abs dir>" or "openai-api/docmix/<served id>"
+    base_url: str | None = None
+    hf_dir: pathlib.Path | None = None
+
+    def model(self, config: GenerateConfig = GenerateConfig(), role: str | None = None) -> Model:
+        if self.base_url is None:
+            return get_model(self.name, config=config, role=role)
+        return get_model(self.name, base_url=self.base_url, api_key=os.environ.get(API_KEY_ENV, "none"),
+                         config=config, role=role)
+
+
+def served_model_id(base_url: str) -> str:
+    """The first model id listed by an OpenAI-compatible server's /v1/models."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(API_KEY_ENV, "none"))
+    ids = [m.id for m in client.models.list().data]
+    if not ids:
+        raise ValueError(f"{base_url}/models lists no model")
+    return ids[0]
+
+
+def resolve_model(spec: str) -> ModelSpec:
+    """An HF folder -> Inspect's `hf/` provider; an http(s) URL -> Inspect's OpenAI-compatible provider; anything else
+    is taken as an Inspect model name (e.g. `openai/gpt-4o-mini`, `google/gemini-2.5-flash-lite`)."""
+    if spec.startswith(("http://", "https://")):
+        base_url = spec.rstrip("/")
+        return ModelSpec(name=f"openai-api/docmix/{served_model_id(base_url)}", base_url=base_url)
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a directory without config.json: pass an exported HF folder (MODEL_DIR/hf) "
+                             "or serve a checkpoint with `python -m eval.serve` and pass its URL")
+        return ModelSpec(name=f"hf/{path.resolve()}", hf_dir=path.resolve())
+    if "/" not in spec or spec.startswith((".", "/", "~")):
+        raise ValueError(f"{spec!r} is neither an existing HF folder, an http(s) URL nor an Inspect model name (provider/model)")
+    return ModelSpec(name=spec)
+
+
+def build_local_task(data: anima_data.LocalAnima, revision: str, grader: Model) -> inspect_ai.Task:
+    """The task `inspect_evals.anima.anima` builds, over a local dataset copy (same solver, scorer and metrics)."""
+    dims = data.dims_by_name
+    return inspect_ai.Task(
+        dataset=list(data.samples),
+        solver=generate(),
+        metrics=[overall_mean(), dimension_normalized_avg(dims), avg_by_dimension()],
+        scorer=anima_scorer(dimensions=dims, revision=revision, grader_models=[grader]),
+        name="anima",
+    )
+
+
+def _finite(value: float) -> float | None:
+    # No parseable grade at all gives NaN; JSON has no NaN, and null says "not measured".
+    return None if math.isnan(value) else value
+
+
+def summarize(log: EvalLog) -> dict[str, Any]:
+    """overall_mean, dimension_normalized_avg, per-dimension means and grading counts from a finished Inspect log."""
+    if log.status != "success" or log.results is None:
+        raise RuntimeError(f"ANIMA eval ended with status {log.status!r}: {log.error.message if log.error else 'no results'}")
+    metrics = {name: m.value for s in log.results.scores for name, m in s.metrics.items()}
+    scores = [next(iter(s.scores.values())) for s in log.samples or [] if s.scores]
+    return {
+        "overall_mean": _finite(metrics["overall_mean"]),
+        "dimension_normalized_avg": _finite(metrics["dimension_normalized_avg"]),
+        # avg_by_dimension is a dict-valued metric; Inspect stores one metric per dimension under its name.
+        "dimensions": {name: metrics[name] for name in sorted(metrics) if name not in NON_DIMENSION_METRICS},
+        "n_samples": len(log.samples or []),
+        "n_scored": sum(isinstance(s.value, dict) for s in scores),
+        "grades_attempted": sum((s.metadata or {}).get("grades_attempted", 0) for s in scores),
+        "grades_unparseable": sum((s.metadata or {}).get("grades_unparseable", 0) for s in scores),
+        "log": str(log.location),
+    }
+
+
+def _as_model(model: str | Model, config: GenerateConfig, role: str | None = None) -> tuple[Model, pathlib.Path | None]:
+    if isinstance(model, Model):
+        return model, None
+    spec = resolve_model(model)
+    return spec.model(config, role), spec.hf_dir
+
+
+def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.Path | None = None, epochs: int = 5,
+        limit: int | None = None, languages: Sequence[str] | None = None, max_tokens: int | None = None,
+        temperature: float | None = None, grader_max_tokens: int | None = None,
+        grader_temperature: float | None = None, log_dir: str | pathlib.Path | None = None,
+        out: str | pathlib.Path | None = None) -> dict[str, Any]:
+    """Runs ANIMA on `model` graded by `grader` (specs as in `resolve_model`, or Inspect Models), writes the result
+    JSON (`out`, default `anima.json` in the HF folder) and returns it."""
+    target, hf_dir = _as_model(model, GenerateConfig(max_tokens=max_tokens, temperature=temperature))
+    out_path = pathlib.Path(out) if out else (hf_dir / RESULT_FILE if hf_dir else None)
+    if out_path is None:
+        raise ValueError(f"--out is required when --model is not an HF folder (got {model!r})")
+    grader_model, _ = _as_model(grader, GenerateConfig(max_tokens=grader_max_tokens, temperature=grader_temperature),
+                                 role="grader")
+    if dataset_dir:
+        data = anima_data.load(dataset_dir, languages)
+        revision = f"local-{data.files_sha256['questions.jsonl'][:12]}"
+        task = build_local_task(data, revision, grader_model)
+        dataset = {"source": "local", "dir": str(pathlib.Path(dataset_dir).resolve()), "sha256": data.files_sha256,
+                   "ignored_tags": {str(k): list(v) for k, v in data.ignored_tags.items()}}
+    else:
+        revision = DATASET_DEFAULT_REVISION
+        task = hub_anima_task(grader_models=[grader_model], languages=list(languages) if languages else None)
+        dataset = {"source": "hub", "repo_id": DATASET_REPO_ID, "revision": revision}
+    log_dir = pathlib.Path(log_dir) if log_dir else out_path.parent / "anima_logs"
+    (log,) = inspect_ai.eval(task, model=target, epochs=epochs, limit=limit, log_dir=str(log_dir), display="none",
+                             fail_on_error=True, score_display=False)
+    result = {
+        "model": str(model), "inspect_model": str(target), "grader": str(grader_model), "dataset": dataset,
+        "revision": revision, "epochs": epochs, "limit": limit, "languages": list(languages) if languages else None,
+        "max_tokens": max_tokens, "temperature": temperature,
+        **summarize(log),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF folder, OpenAI-compatible base URL (…/v1) or Inspect model name")
+    p.add_argument("--grader", required=True, help="Inspect model name, HF folder or OpenAI-compatible base URL")
+    p.add_argument("--dataset_dir", help="local copy with questions.jsonl + dimensions.jsonl (default: the Hub)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--languages", nargs="+", help='e.g. English (null language in the data counts as "English")')
+    p.add_argument("--max_tokens", type=int, help="generation limit of the evaluated model")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--grader_max_tokens", type=int)
+    p.add_argument("--grader_temperature", type=float)
+    p.add_argument("--log_dir", help="Inspect logs (default: anima_logs/ beside the result file)")
+    p.add_argument("--out", help=f"result JSON (default: {RESULT_FILE} inside the HF folder)")
+    args = p.parse_args(argv)
+    result = run(args.model, args.grader, dataset_dir=args.dataset_dir, epochs=args.epochs, limit=args.limit,
+                 languages=args.languages, max_tokens=args.max_tokens, temperature=args.temperature,
+                 grader_max_tokens=args.grader_max_tokens, grader_temperature=args.grader_temperature,
+                 log_dir=args.log_dir, out=args.out)
+    print(json.dumps({k: result[k] for k in ("overall_mean", "dimension_normalized_avg", "dimensions", "n_scored")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
