@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data.synth.records import read_jsonl
 from eval import chat, loading, stats
 from trainer.loss import target_weights, token_losses
 
@@ -42,24 +43,15 @@ class Pair:
 
 
 def read_pairs(path: str | pathlib.Path) -> list[Pair]:
-    """Reads a JSONL probe file; any malformed record is an error naming the file and line."""
-    path = pathlib.Path(path)
+    """Reads a JSONL probe file; any malformed record is an error naming the file and record."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-            if not isinstance(row, dict) or set(row) != set(PAIR_KEYS):
-                raise ValueError(f"{path}:{lineno}: want exactly the keys {list(PAIR_KEYS)}, got "
-                                 f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
-            bad = [k for k in PAIR_KEYS if not isinstance(row[k], str) or not row[k].strip()]
-            if bad:
-                raise ValueError(f"{path}:{lineno}: {bad} must be non-empty strings")
-            pairs.append(Pair(**row))
+    for i, row in enumerate(read_jsonl(path, require=PAIR_KEYS), 1):
+        if set(row) != set(PAIR_KEYS):
+            raise ValueError(f"{path}: record {i}: want exactly the keys {list(PAIR_KEYS)}, got {sorted(row)}")
+        bad = [k for k in PAIR_KEYS if not isinstance(row[k], str) or not row[k].strip()]
+        if bad:
+            raise ValueError(f"{path}: record {i}: {bad} must be non-empty strings")
+        pairs.append(Pair(**row))
     if not pairs:
         raise ValueError(f"{path}: no probe pairs")
     return pairs

@@ -124,10 +124,10 @@ def test_cli_baseline_and_control_with_seeds(tiny_models, tmp_path, capsys):
 def test_read_pairs_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(vars(PAIRS[0])) + "\n" + json.dumps({"prompt": "x", "chosen": "y", "rejected": "z"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: want exactly the keys"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: record lacks \['category'\]"):
         probes.read_pairs(bad)
     bad.write_text('{"prompt": "x", "chosen": "", "rejected": "z", "category": "c"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: \['chosen'\] must be non-empty"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: record 1: \['chosen'\] must be non-empty"):
         probes.read_pairs(bad)
 
 

@@ -1,0 +1,111 @@
+"""PNG plots of the report table (eval.report): metrics against step per run, and against mixture share across runs.
+
+Each function draws one figure and returns what it plotted ({panel: {series: [[x, y, lo, hi], ...]}}), which
+eval.report saves as plots.json, so the figures can be checked and re-drawn without parsing images.
+"""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+Series = dict[str, list[list[float]]]
+
+
+def _metric_names(rows: Sequence[dict[str, Any]], prefix: str, suffix: str) -> list[str]:
+    names = []
+    for row in rows:
+        for key in row:
+            if key.startswith(prefix) and key.endswith(suffix) and key[len(prefix):-len(suffix)] not in names:
+                names.append(key[len(prefix):-len(suffix)])
+    return names
+
+
+def _point(row: dict[str, Any], x: float, key: str, lo_key: str | None, hi_key: str | None) -> list[float]:
+    y = float(row[key])
+    lo = float(row[lo_key]) if lo_key and lo_key in row else y
+    hi = float(row[hi_key]) if hi_key and hi_key in row else y
+    return [float(x), y, lo, hi]
+
+
+def _panels(metrics: list[tuple[str, str, str | None, str | None]], rows: Sequence[dict[str, Any]], x_of,
+            group_of) -> dict[str, Series]:
+    """{panel title: {group: [[x, y, lo, hi], ...]}} for every (title, key, lo_key, hi_key) metric present."""
+    panels: dict[str, Series] = {}
+    for title, key, lo_key, hi_key in metrics:
+        series: Series = {}
+        for row in rows:
+            x = x_of(row)
+            if key in row and row[key] != "" and x is not None:
+                series.setdefault(group_of(row), []).append(_point(row, x, key, lo_key, hi_key))
+        if series:
+            panels[title] = {g: sorted(pts) for g, pts in series.items()}
+    return panels
+
+
+def _draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: bool) -> None:
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for label, pts in series.items():
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, linestyle="-" if lines else "none")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no data", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _metrics(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str | None, str | None]]:
+    probe = [(f"probe margin: {n} (nats/token)", f"probe/{n}/margin", f"probe/{n}/margin_lo", f"probe/{n}/margin_hi")
+             for n in _metric_names(rows, "probe/", "/margin")]
+    held = [(f"held-out loss: {n}", f"heldout/{n}/loss", None, None) for n in _metric_names(rows, "heldout/", "/loss")]
+    anima = [(f"ANIMA {k}", f"anima/{k}", None, None) for k in ("overall_mean", "dimension_normalized_avg")
+             if any(f"anima/{k}" in r for r in rows)]
+    return probe + held + anima
+
+
+def against_step(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> dict[str, Series]:
+    """Probe margins (95% CI bars), held-out losses and ANIMA scores against step, one line per run."""
+    numbered = {r["run"] for r in rows if r["checkpoint"] != "hf"}
+    # The hf export repeats the final step; use it only for runs without numbered checkpoints.
+    use = [r for r in rows if r["checkpoint"] != "hf" or r["run"] not in numbered]
+    panels = _panels(_metrics(use), use, lambda r: r["step"], lambda r: r["run"])
+    _draw(panels, "step", path, lines=True)
+    return panels
+
+
+def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pathlib.Path) -> dict[str, Series]:
+    """Each run's final checkpoint against its mixture share of `share_component` (seeds are separate points)."""
+    final_step: dict[str, int] = {}
+    for r in rows:
+        if r.get("share") is not None and r["step"] is not None:
+            final_step[r["run"]] = max(final_step.get(r["run"], r["step"]), r["step"])
+    # A run's numbered final checkpoint and its hf export are the same step: merge their results.
+    final: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["run"] in final_step and r["step"] == final_step[r["run"]]:
+            final.setdefault(r["run"], {}).update(r)
+    last = list(final.values())
+    panels = _panels(_metrics(last), last, lambda r: r["share"], lambda r: "final checkpoint")
+    _draw(panels, f"mixture share of '{share_component}'", path, lines=False)
+    return panels
+
+
+def training_curves(curves: dict[str, list[tuple[int, float]]], path: pathlib.Path) -> dict[str, Series]:
+    """Training loss from metrics.jsonl against step, one line per run."""
+    panels = {"training loss": {run: [[float(s), float(v), float(v), float(v)] for s, v in pts]
+                                for run, pts in curves.items() if pts}}
+    _draw(panels if panels["training loss"] else {}, "step", path, lines=True)
+    return panels

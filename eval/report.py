@@ -1,0 +1,179 @@
+"""One table and a few plots across checkpoints and runs.
+
+    python -m eval.report RUN_DIR... [--out DIR] [--share_component synthetic]
+
+For every run directory it reads metrics.jsonl (training log), config.gin (the mixture weights) and the eval results
+saved beside each checkpoint (docs/eval.md): MODEL_DIR/eval/<step>/{probes-*.json, heldout.json, anima.json} and,
+for the final export, MODEL_DIR/hf/{probes-*.json, heldout.json, anima.json}. It writes DIR/report.csv and
+DIR/report.json (one row per run x checkpoint) and PNG plots: probe score and held-out loss against step (one line
+per run) and against the mixture share of `--share_component` across runs (final checkpoints), with 95% CIs.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import math
+import pathlib
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from data.synth.records import read_jsonl
+from eval import loading
+
+PROBE_PREFIX = "probes-"
+HF = "hf"
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """metrics.jsonl as a list of records sorted by step; a malformed record is an error naming it."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = list(read_jsonl(path, require=("step",)))
+    for i, rec in enumerate(records, 1):
+        if not isinstance(rec["step"], int):
+            raise ValueError(f"{path}: record {i}: 'step' must be an integer, got {rec['step']!r}")
+    return sorted(records, key=lambda r: r["step"])
+
+
+def mixture_weights(run_dir: pathlib.Path) -> dict[str, float]:
+    """The normalized MIXTURE_WEIGHTS macro of the run's operative config.gin ({} when absent)."""
+    path = run_dir / "config.gin"
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    match = re.search(r"^MIXTURE_WEIGHTS\s*=\s*", text, re.MULTILINE)
+    if not match:
+        return {}
+    start, depth = text.find("{", match.end()), 0
+    if start < 0 or text[match.end():start].strip() not in ("", "\\"):
+        raise ValueError(f"{path}: MIXTURE_WEIGHTS is not a dict literal")
+    for end in range(start, len(text)):  # the dict literal may span lines: read to its closing brace
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            break
+    try:
+        weights = ast.literal_eval(text[start:end + 1])
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read MIXTURE_WEIGHTS: {e}") from e
+    total = sum(weights.values())
+    return {k: v / total for k, v in weights.items()} if total else {}
+
+
+def _checkpoints(run_dir: pathlib.Path, last_step: int | None) -> list[tuple[str, int | None, pathlib.Path]]:
+    """(label, step, results folder) for every checkpoint with saved results: eval/<step>/ and the hf export."""
+    found = []
+    eval_dir = run_dir / loading.RESULTS
+    if eval_dir.is_dir():
+        found += [(d.name, int(d.name), d) for d in eval_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    found.sort(key=lambda x: x[1])
+    if (run_dir / HF).is_dir():
+        found.append((HF, last_step, run_dir / HF))
+    return found
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
+def checkpoint_row(results: pathlib.Path) -> dict[str, Any]:
+    """Flat columns of one checkpoint's saved results."""
+    row: dict[str, Any] = {}
+    for path in sorted(results.glob(f"{PROBE_PREFIX}*.json")):
+        name = path.stem[len(PROBE_PREFIX):]
+        overall = _read_json(path)["overall"]
+        row[f"probe/{name}/accuracy"] = overall["accuracy"]
+        row[f"probe/{name}/margin"] = overall["margin"]
+        row[f"probe/{name}/margin_lo"], row[f"probe/{name}/margin_hi"] = overall["ci95"]["margin"]
+        row[f"probe/{name}/accuracy_lo"], row[f"probe/{name}/accuracy_hi"] = overall["ci95"]["accuracy"]
+        row[f"probe/{name}/n"] = overall["n"]
+    if (results / "heldout.json").is_file():
+        for comp, r in _read_json(results / "heldout.json")["components"].items():
+            row[f"heldout/{comp}/loss"] = r["loss"]
+            row[f"heldout/{comp}/tokens"] = r["target_tokens"]
+    if (results / "anima.json").is_file():
+        anima = _read_json(results / "anima.json")
+        for key in ("overall_mean", "dimension_normalized_avg"):
+            if isinstance(anima.get(key), (int, float)):
+                row[f"anima/{key}"] = anima[key]
+    return row
+
+
+def _train_metrics(metrics: list[dict[str, Any]], step: int | None) -> dict[str, Any]:
+    """Numeric scalars of the last training record at or before `step`, prefixed `train/`."""
+    before = [m for m in metrics if step is None or m["step"] <= step]
+    if not before:
+        return {}
+    return {f"train/{k}": v for k, v in before[-1].items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def collect(run_dirs: Sequence[str | pathlib.Path], share_component: str) -> list[dict[str, Any]]:
+    """One row per run x checkpoint with results: run, checkpoint, step, share, train/*, probe/*, heldout/*, anima/*."""
+    rows = []
+    for run in run_dirs:
+        run_dir = pathlib.Path(run).resolve()
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        metrics = read_metrics(run_dir)
+        weights = mixture_weights(run_dir)
+        last_step = metrics[-1]["step"] if metrics else None
+        checkpoints = _checkpoints(run_dir, last_step)
+        if not checkpoints and not metrics:
+            raise ValueError(f"{run_dir}: neither metrics.jsonl nor saved eval results (see docs/eval.md)")
+        for label, step, results in checkpoints:
+            rows.append({"run": run_dir.name, "run_dir": str(run_dir), "checkpoint": label, "step": step,
+                         "share": weights.get(share_component, 0.0) if weights else None,
+                         **_train_metrics(metrics, step), **checkpoint_row(results)})
+    return rows
+
+
+def write_table(rows: list[dict[str, Any]], out_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    csv_path, json_path = out_dir / "report.csv", out_dir / "report.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="run directories (MODEL_DIR of each run)")
+    p.add_argument("--out", default="report", help="output folder for report.csv/json, plots.json and PNGs")
+    p.add_argument("--share_component", default="synthetic", help="mixture component whose share is the x axis")
+    p.add_argument("--loss_key", default="loss", help="metrics.jsonl key of the training loss curve")
+    args = p.parse_args(argv)
+    from eval import plots
+
+    rows = collect(args.run_dirs, args.share_component)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = write_table(rows, out)
+    curves = {pathlib.Path(r).resolve().name: [(m["step"], m[args.loss_key]) for m in read_metrics(pathlib.Path(r))
+                                                if isinstance(m.get(args.loss_key), (int, float))
+                                                and math.isfinite(m[args.loss_key])]
+              for r in args.run_dirs}
+    plotted = {
+        "vs_step.png": plots.against_step(rows, out / "vs_step.png"),
+        "vs_share.png": plots.against_share(rows, args.share_component, out / "vs_share.png"),
+        "training_loss.png": plots.training_curves(curves, out / "training_loss.png"),
+    }
+    (out / "plots.json").write_text(json.dumps(plotted, indent=2) + "\n")
+    print(f"{len(rows)} rows -> {csv_path}, {json_path}; plots: {', '.join(str(out / k) for k in plotted)}")
+    return {"rows": rows, "plots": plotted}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

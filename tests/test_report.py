@@ -1,0 +1,106 @@
+"""eval.report on two small runs: the CSV/JSON table's rows and values, and PNGs that decode and hold the data."""
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import probes, report
+from eval.probes import Pair
+
+PAIRS = [Pair("p", "c", "r", "x"), Pair("q", "c", "r", "y"), Pair("s", "c", "r", "y")]
+
+
+def _make_run(root: pathlib.Path, name: str, share: float, margins: dict[int, list[float]], held: dict[int, float],
+              anima: float | None) -> pathlib.Path:
+    run = root / name
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 5.0 - s / 100 - share, "lr": 1e-3, "tag": "x"}) + "\n"
+        for s in range(0, 101, 10)))
+    # Operative config: the dict may be written over several lines.
+    (run / "config.gin").write_text(f"SEED = 0\nMIXTURE_WEIGHTS = \\\n    {{'replay': {1 - share},\n"
+                                    f"     'synthetic': {share}}}\nTRAIN_STEPS = 100\n")
+    for step, m in margins.items():
+        d = run / "eval" / str(step)
+        d.mkdir(parents=True)
+        (d / "probes-welfare.json").write_text(json.dumps(probes.report(PAIRS, np.array(m), n_boot=200)))
+        (d / "heldout.json").write_text(json.dumps(
+            {"components": {"general": {"loss": held[step], "target_tokens": 1000}}}))
+    if anima is not None:
+        (run / "hf").mkdir()
+        (run / "hf" / "anima.json").write_text(json.dumps({"overall_mean": anima, "dimension_normalized_avg": 0.4}))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    a = _make_run(tmp_path, "share0", 0.0, {50: [0.1, -0.2, 0.3], 100: [0.2, 0.1, 0.3]}, {50: 4.0, 100: 3.5}, 0.3)
+    b = _make_run(tmp_path, "share25", 0.25, {100: [0.5, 0.4, 0.6]}, {100: 3.7}, None)
+    return [a, b]
+
+
+def test_table_rows_and_values(runs, tmp_path):
+    out = tmp_path / "out"
+    result = report.main([str(r) for r in runs] + ["--out", str(out)])
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["checkpoint"], r["step"]) for r in rows] == [
+        ("share0", "50", "50"), ("share0", "100", "100"), ("share0", "hf", "100"), ("share25", "100", "100")]
+    assert json.loads((out / "report.json").read_text()) == result["rows"]
+    r50, r100, hf, b100 = rows
+    assert float(r50["share"]) == 0.0 and float(b100["share"]) == 0.25
+    assert float(r50["probe/welfare/margin"]) == pytest.approx(0.2 / 3)
+    assert float(r50["probe/welfare/accuracy"]) == pytest.approx(2 / 3)
+    assert float(b100["probe/welfare/margin"]) == pytest.approx(0.5)
+    lo, mid, hi = (float(r50[f"probe/welfare/{k}"]) for k in ("margin_lo", "margin", "margin_hi"))
+    assert lo <= mid <= hi
+    assert float(r50["heldout/general/loss"]) == 4.0 and float(b100["heldout/general/loss"]) == 3.7
+    # Training metrics: the last logged record at or before the checkpoint's step; non-numeric fields dropped.
+    assert float(r50["train/loss"]) == pytest.approx(4.5) and float(b100["train/loss"]) == pytest.approx(3.75)
+    assert "train/tag" not in r50
+    assert float(hf["anima/overall_mean"]) == 0.3 and hf["probe/welfare/margin"] == ""
+
+
+def _colored_pixels(path: pathlib.Path) -> int:
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    spread = img.max(-1) - img.min(-1)  # gray/black/white text and axes have spread ~0; plotted lines are colored
+    return int((spread > 60).sum())
+
+
+def test_plots_hold_the_data(runs, tmp_path):
+    out = tmp_path / "out"
+    result = report.main([str(r) for r in runs] + ["--out", str(out)])
+    plotted = json.loads((out / "plots.json").read_text())
+    assert plotted == result["plots"]
+    step = plotted["vs_step.png"]
+    welfare = step["probe margin: welfare (nats/token)"]
+    np.testing.assert_allclose([p[:2] for p in welfare["share0"]], [[50, 0.2 / 3], [100, 0.2]])
+    np.testing.assert_allclose([p[:2] for p in welfare["share25"]], [[100, 0.5]])
+    assert all(lo <= y <= hi for _, y, lo, hi in welfare["share0"])
+    assert step["held-out loss: general"]["share0"] == [[50, 4.0, 4.0, 4.0], [100, 3.5, 3.5, 3.5]]
+    share = plotted["vs_share.png"]
+    # Final checkpoints against share: share0's eval/100 and hf export (also step 100) are merged.
+    points = sorted(p[:2] for p in share["probe margin: welfare (nats/token)"]["final checkpoint"])
+    np.testing.assert_allclose(points, [[0.0, 0.2], [0.25, 0.5]])
+    assert sorted(p[:2] for p in share["held-out loss: general"]["final checkpoint"]) == [[0.0, 3.5], [0.25, 3.7]]
+    assert share["ANIMA overall_mean"]["final checkpoint"] == [[0.0, 0.3, 0.3, 0.3]]
+    curves = plotted["training_loss.png"]["training loss"]
+    assert len(curves["share0"]) == 11
+    np.testing.assert_allclose(curves["share25"][-1][:2], [100, 3.75])
+    for name in ("vs_step.png", "vs_share.png", "training_loss.png"):
+        path = out / name
+        assert path.stat().st_size > 5000
+        with Image.open(path) as img:
+            img.verify()
+        assert _colored_pixels(path) > 200, name
+
+
+def test_bad_metrics_line_is_named(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{"loss": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: record lacks \['step'\]"):
+        report.main([str(run), "--out", str(tmp_path / "o")])
