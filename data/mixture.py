@@ -62,10 +62,14 @@ class Schedule:
         for start, weights in stages:
             counts = largest_remainder(weights, block_size)
             for i, (w, n) in enumerate(zip(weights, counts)):
+                name = names[i] if names else i
                 if w > 0 and n == 0:
-                    name = names[i] if names else i
                     raise ValueError(f"component {name!r} has weight {w:.3g} but gets 0 of the {block_size} rows in "
                                      f"a mixture block; increase MixtureConfig.block_size to >= {int(np.ceil(1 / w))}")
+                if w > 0 and abs(n / block_size - w) > 0.01 * w:
+                    log.warning("component %r: weight %.4g realizes as %d/%d rows per block = %.4g of the rows; pick "
+                                "a block_size that makes weight * block_size a whole number (e.g. 1000 for "
+                                "percentages)", name, w, n, block_size, n / block_size)
             segments.append((int(start), tuple(int(n) for n in counts)))
         return cls(tuple(segments), block_size, seed, shard)
 

@@ -207,7 +207,7 @@ def make_reader(component: Component):
     if kind == "seqio":
         from data.seqio_source import seqio_records
 
-        return ListReader(seqio_records(component), f"seqio:{component.dataset}[{component.split}]")
+        return ListReader(seqio_records(component), f"seqio:{component.dataset}[{component.split}]", _decode_bytes)
     raise ValueError(f"component {component.name!r}: no record reader for kind {kind!r}")
 
 
