@@ -1,0 +1,45 @@
+"""AdamW with a learning-rate schedule, global-norm clipping and a weight-decay mask chosen by parameter path."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from trainer.run_config import OptimizerConfig
+
+
+def schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the step (0-based): linear warmup from 0, then the configured shape."""
+    peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
+    warmup = min(config.warmup_steps, total_steps)
+    warm = optax.linear_schedule(0.0, peak, warmup) if warmup else None
+    if config.schedule == "constant":
+        rest = optax.constant_schedule(peak)
+    elif config.schedule == "warmup_cosine":
+        rest = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=config.min_lr_ratio)
+    else:  # warmup_stable_decay: hold the peak, then decay linearly over the last decay_fraction of the run
+        decay = max(int(round(config.decay_fraction * total_steps)), 1)
+        stable = max(total_steps - warmup - decay, 0)
+        rest = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay)],
+                                    [stable])
+    return optax.join_schedules([warm, rest], [warmup]) if warm is not None else rest
+
+
+def decay_mask(params: Any, exclude: tuple[str, ...]) -> Any:
+    """A pytree of bools like `params`: True where weight decay applies (path contains none of `exclude`)."""
+    def keep(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path).lower()
+        return not any(word.lower() in name for word in exclude)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm (if set) then AdamW on `schedule(config, total_steps)` with the path-based decay mask."""
+    adamw = optax.adamw(schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay,
+                        mask=lambda params: decay_mask(params, config.weight_decay_exclude))
+    if config.clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
