@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import pathlib
 import sys
 from typing import Callable, Sequence
@@ -126,6 +128,55 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Redact(logging.Filter):
+    """Scrubs a secret from every log record (defence in depth: nothing we log should contain it anyway)."""
+
+    def __init__(self, secret: str | None):
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secret:
+            record.msg = record.getMessage().replace(self.secret, "***")
+            record.args = ()
+        return True
+
+
+def _setup_logging(log_file: str | None, secret: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.addFilter(_Redact(secret))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO lines repeat every request URL
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from data.synth.generate import GenerateConfig, generate
+    from data.synth.llm import ClientConfig
+    key_env = args.api_key_env or None
+    _setup_logging(args.log, os.environ.get(key_env) if key_env else None)
+    spec, count = _load(args)
+    config = GenerateConfig(out=pathlib.Path(args.out), count=count, seed=spec.seed if args.seed is None else args.seed,
+                            mode=args.mode, revise=args.revise, max_tokens=args.max_tokens,
+                            temperature=args.temperature, concurrency=args.concurrency,
+                            token_budget=args.token_budget, ideas_per_call=args.ideas_per_call,
+                            created=args.timestamp)
+    client = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=key_env, timeout_s=args.timeout,
+                          max_retries=args.max_retries, backoff_base_s=args.backoff, backoff_max_s=args.backoff_max)
+    summary = asyncio.run(generate(spec, config, client))
+    print(f"generate {spec.name}: {summary.written} written, {summary.already_done} already done, "
+          f"{summary.failed} failed, {summary.not_started} not started (budget), {summary.truncated} hit max_tokens; "
+          f"{summary.tokens_used} tokens in {summary.elapsed_s}s -> {args.out}")
+    if not summary.complete:
+        print("incomplete: rerun the same command to continue (finished items are skipped)")
+    return 0 if summary.complete else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data.synth", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +198,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ai-identity", default=None, action=argparse.BooleanOptionalAction,
                    help="override the spec's AI-identity framing switch")
     p.set_defaults(func=cmd_qa)
+
+    p = sub.add_parser("generate", help="write documents with an LLM through an OpenAI-compatible API",
+                       description="Generate a spec's documents through any OpenAI-compatible chat-completions endpoint "
+                                   "(hosted API or a local vLLM server). Resumable: rerun the same command after an "
+                                   "interruption and only missing items are generated. Exit status 2 if items remain.")
+    _add_spec_args(p)
+    p.add_argument("--model", required=True, help="model name the endpoint serves")
+    p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                   help="API base URL ending in /v1 (default: $OPENAI_BASE_URL or https://api.openai.com/v1)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="NAME of the environment variable holding the API key (default OPENAI_API_KEY; '' for none). "
+                        "The key itself is never accepted on the command line")
+    p.add_argument("--mode", choices=("direct", "sdf"), default="direct",
+                   help="direct: write each document from the spec; sdf: brainstorm premises per document type, "
+                        "then write each from its premise (default direct)")
+    p.add_argument("--revise", action="store_true", help="sdf mode: add a critique-and-revise pass per document")
+    p.add_argument("--ideas-per-call", type=int, default=10, help="sdf mode: premises per brainstorm request")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="stop starting requests once this many prompt+completion tokens could be exceeded")
+    p.add_argument("--max-tokens", type=int, default=None, help="max_tokens per document (default 1.5x target)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before retrying (default 120)")
+    p.add_argument("--max-retries", type=int, default=6, help="retries per request (default 6)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first backoff in seconds, doubled per retry")
+    p.add_argument("--backoff-max", type=float, default=60.0, help="longest backoff in seconds (default 60)")
+    p.add_argument("--log", default=None, help="also append the log to this file")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("filter", help="length, refusal/meta-commentary and near-duplicate filters",
                        description="Filter a JSONL corpus (documents or QA records). Writes the kept records to --out, "
