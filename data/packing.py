@@ -33,6 +33,11 @@ class PackedRowsIterDataset(grain.IterDataset):
         self._component = component
         self._seq_len = seq_len
 
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Grain worker processes (`mp_prefetch`) each pack a disjoint slice of the document stream."""
+        del sequential_slice  # the document stream is infinite or epoch-ordered; strided slices keep it disjoint
+        self._docs = self._docs[sl]
+
     def __iter__(self) -> grain.DatasetIterator:
         cls = _FirstFitIterator if self._component.packing == "first_fit" else _ConcatSplitIterator
         return cls(self._docs, self._component, self._seq_len)

@@ -252,6 +252,10 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
                                                  max_epochs=[c.max_epochs for c in components]))
     dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard)
     if config.worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; programs without absl.app
+            flags.FLAGS.mark_as_parsed()  # (train.py, tests) would otherwise fail with UnparsedFlagAccessError
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     dataset = _StatsIterDataset(dataset, names)
     return Pipeline(config=config, component_names=tuple(names), iterator=iter(dataset), dataset=dataset,

@@ -97,15 +97,19 @@ class TextEncoder:
         bos/eos: add the BOS (never a target) / EOS (a target with `weight`) tokens of the policy.
         """
         text = "".join(t for t, _ in pieces)
-        trainable = np.zeros(len(text) + 1, dtype=bool)
-        pos = 0
-        for t, train in pieces:
-            trainable[pos:pos + len(t)] = train
-            pos += len(t)
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         ids = np.asarray(enc.ids, dtype=np.int32)
-        starts = np.asarray(enc.offsets, dtype=np.int64).reshape(len(ids), 2)[:, 0]
-        weights = np.where(trainable[starts], np.float32(weight), np.float32(0))
+        flags = {train for t, train in pieces if t}
+        if len(flags) == 1:  # one kind of text: no offsets needed
+            weights = np.full(len(ids), np.float32(weight) if flags.pop() else np.float32(0))
+        else:
+            trainable = np.zeros(len(text) + 1, dtype=bool)
+            pos = 0
+            for t, train in pieces:
+                trainable[pos:pos + len(t)] = train
+                pos += len(t)
+            starts = np.asarray(enc.offsets, dtype=np.int64).reshape(len(ids), 2)[:, 0]
+            weights = np.where(trainable[starts], np.float32(weight), np.float32(0))
         if bos and self.add_bos and not (len(ids) and ids[0] == self.bos_id):
             ids = np.concatenate([[self.bos_id], ids]).astype(np.int32)
             weights = np.concatenate([[0.0], weights]).astype(np.float32)

@@ -229,3 +229,21 @@ def test_epoch_cap_stop_and_error(corpus):
 def test_schedule_rejects_weight_below_one_row_per_block():
     with pytest.raises(ValueError, match="'b'.*0 of the 100 rows.*block_size"):
         Schedule.from_weights([(0, [0.996, 0.004])], block_size=100, seed=0, shard=0, names=["a", "b"])
+
+
+@pytest.mark.slow  # ~15-25 s: starts 2 x 2 worker processes
+def test_grain_worker_processes_resume_exactly(corpus):
+    """worker_count=2: each Grain worker packs and mixes a disjoint slice of every component's document stream."""
+    cfg = mixture(corpus, {"short": 0.5, "long": 0.5}, seq_len=32, batch_size=4, block_size=4, worker_count=2)
+    p = build(cfg)
+    take(p, 3)
+    state = p.iterator.get_state()
+    expected = take(p, 3)
+    q = build(cfg)
+    q.iterator.set_state(state)
+    assert_batches_equal(take(q, 3), expected)
+    for b in expected:  # every batch comes whole from one worker, so block shares hold per batch
+        np.testing.assert_array_equal(np.bincount(b["component"], minlength=2), [2, 2])
+    assert p.stats()["rows"] == 24
+    p.iterator.close()
+    q.iterator.close()
