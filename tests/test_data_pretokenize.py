@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import pytest
 from data.config import Component, MixtureConfig
 from data.pipeline import build
 from data.pretokenize import pretokenize
-from tests.test_data_util import word_tokenizer, words_doc, write_jsonl
+from tests.test_data_util import word_tokenizer, words_doc, write_gin, write_jsonl
 
 
 def test_pretokenized_shards_equal_raw_pipeline(tmp_path):
@@ -33,3 +36,17 @@ def test_pretokenized_shards_equal_raw_pipeline(tmp_path):
     other = word_tokenizer(tmp_path / "tok2", n_words=10)
     with pytest.raises(ValueError, match="pretokenized with another tokenizer"):
         build(MixtureConfig(components=(pre,), weights={"c": 1.0}, tokenizer=str(other), seq_len=16, batch_size=4))
+
+
+def test_pretokenize_cli(tmp_path):
+    tok = word_tokenizer(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "c.jsonl", [words_doc(4, i) for i in range(10)])
+    gin_file = write_gin(tmp_path / "run.gin", tokenizer=tok, components={"c": path}, weights={"c": 1.0},
+                         model_dir=tmp_path / "run")
+    res = subprocess.run([sys.executable, "-m", "data.pretokenize", f"--gin_file={gin_file}", "--component", "c",
+                          "--output_dir", str(tmp_path / "out"), "--num_files", "2", "--processes", "1"],
+                         cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (meta["documents"], meta["tokens"], len(meta["files"])) == (10, 60, 2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.array_record")) == meta["files"]

@@ -10,7 +10,7 @@ import pytest
 
 from data.config import Component, MixtureConfig
 from data.preview import format_table, preview
-from tests.test_data_util import word_tokenizer, words_doc, write_jsonl
+from tests.test_data_util import word_tokenizer, words_doc, write_gin, write_jsonl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,22 +39,8 @@ def test_preview_counts_and_samples(files):
 
 
 def test_preview_cli_json(files, tmp_path):
-    gin_file = tmp_path / "small.gin"
-    gin_file.write_text(f"""
-include 'base.gin'
-include 'models/tiny.gin'
-MODEL_DIR = '{tmp_path / "run"}'
-SEQ_LEN = 16
-BATCH_SIZE = 4
-MIXTURE_WEIGHTS = {{'a': 0.25, 'b': 0.75}}
-MixtureConfig.components = (@a/Component(), @b/Component())
-MixtureConfig.tokenizer = '{files["tok"]}'
-MixtureConfig.block_size = 8
-a/Component.name = 'a'
-a/Component.paths = ('{files["a"]}',)
-b/Component.name = 'b'
-b/Component.paths = ('{files["b"]}',)
-""")
+    gin_file = write_gin(tmp_path / "small.gin", tokenizer=files["tok"], components={"a": files["a"], "b": files["b"]},
+                         weights={"a": 0.25, "b": 0.75}, model_dir=tmp_path / "run")
     cmd = [sys.executable, "-m", "data.preview", f"--gin_file={gin_file}", "--num_batches", "4", "--json",
            "--gin.MIXTURE_WEIGHTS={'a': 0.5, 'b': 0.5}"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)

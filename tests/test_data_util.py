@@ -36,3 +36,17 @@ def write_jsonl(path: pathlib.Path, records, *, raw_lines: dict[int, bytes] | No
 def words_doc(n: int, tag: int) -> dict:
     """A document of exactly n words (n tokens with the word tokenizer), distinct per tag."""
     return {"text": " ".join(f"w{(tag * 7 + j) % 5000}" for j in range(n))}
+
+
+def write_gin(path: pathlib.Path, *, tokenizer: pathlib.Path, components: dict[str, pathlib.Path],
+              weights: dict[str, float], model_dir: pathlib.Path, seq_len: int = 16, batch_size: int = 4,
+              block_size: int = 8) -> pathlib.Path:
+    """A small run config (base + tiny model) whose mixture has one JSONL component per entry of `components`."""
+    names = ", ".join(f"@{n}/Component()" for n in components)
+    lines = ["include 'base.gin'", "include 'models/tiny.gin'", f"MODEL_DIR = '{model_dir}'", f"SEQ_LEN = {seq_len}",
+             f"BATCH_SIZE = {batch_size}", f"MIXTURE_WEIGHTS = {weights!r}", f"MixtureConfig.components = ({names},)",
+             f"MixtureConfig.tokenizer = '{tokenizer}'", f"MixtureConfig.block_size = {block_size}"]
+    for name, file in components.items():
+        lines += [f"{name}/Component.name = '{name}'", f"{name}/Component.paths = ('{file}',)"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
