@@ -95,7 +95,8 @@ class _ConcatSplitIterator(grain.DatasetIterator):
                 self._current = self._docs[self._index]
             n = _length(self._current, self._seq_len, self._truncate)
             stop = min(n, self._offset + self._seq_len - row.fill)
-            row.add(self._current, self._offset, stop)
+            if stop > self._offset:  # a document that tokenized to nothing adds no segment
+                row.add(self._current, self._offset, stop)
             self._offset = stop
             if stop == n:
                 self._index, self._offset, self._current = self._index + 1, 0, None
@@ -130,6 +131,9 @@ class _FirstFitIterator(grain.DatasetIterator):
             start = chunk * self._seq_len
             stop = min(n, start + self._seq_len)
             size = stop - start
+            if size == 0:
+                index, chunk = index + 1, 0
+                continue
             target = next((b for b in builders if b.fill + size <= self._seq_len), None)
             if target is None:
                 if len(builders) == self._bins:

@@ -269,3 +269,21 @@ def test_orbax_checkpoint_round_trip_and_stages(corpus, tmp_path):
     comp = np.concatenate([b["component"] for b in first + expected])
     np.testing.assert_array_equal(np.bincount(comp[:8], minlength=2), [4, 4])  # block 0 under stage 0
     np.testing.assert_array_equal(np.bincount(comp[12:20], minlength=2), [2, 6])  # stage 1 from row 12 = step 3
+
+
+@pytest.mark.parametrize("packing", ["concat_then_split", "first_fit"])
+def test_packers_skip_documents_that_tokenize_to_nothing(packing):
+    import grain
+
+    from data.packing import PackedRowsIterDataset
+
+    def doc(tokens):
+        t = np.asarray(tokens, np.int32)
+        return {"tokens": t, "weights": np.ones(len(t), np.float32), "doc_pos": np.arange(len(t), dtype=np.int32)}
+
+    docs = grain.MapDataset.source([doc([5, 6]), doc([]), doc([7, 8, 9])])
+    rows = list(PackedRowsIterDataset(docs, Component("c", paths=("x",), packing=packing), 8))
+    assert len(rows) == 1
+    np.testing.assert_array_equal(rows[0]["tokens"], [5, 6, 7, 8, 9, 0, 0, 0])
+    np.testing.assert_array_equal(rows[0]["segment_ids"], [1, 1, 2, 2, 2, 0, 0, 0])
+    assert rows[0]["_documents"] == 2
