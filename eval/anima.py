@@ -27,6 +27,7 @@ from inspect_ai.solver import generate
 from inspect_evals.anima import anima as hub_anima_task
 from inspect_evals.anima.dataset import DATASET_DEFAULT_REVISION, DATASET_REPO_ID
 from inspect_evals.anima.metrics import avg_by_dimension, dimension_normalized_avg, overall_mean
+from inspect_evals.anima import scorer as anima_scorer_module
 from inspect_evals.anima.scorer import anima_scorer
 
 from eval import anima_data
@@ -37,6 +38,23 @@ RESULT_FILE = "anima.json"
 NON_DIMENSION_METRICS = ("overall_mean", "dimension_normalized_avg", "avg_by_dimension")
 # The server reads no key; the OpenAI client needs one. A real key for a remote server comes from this variable.
 API_KEY_ENV = "DOCMIX_API_KEY"
+
+
+_upstream_explanation = anima_scorer_module._generate_explanation
+
+
+def _explanation_of_graded_dimensions(overall_score: float, target_dimensions: list[str], dimensions: Any,
+                                      dim_vsets: Any, results_by_dim_var_set: Any, avg_by_dim: dict[str, float],
+                                      grader_models: Any = None) -> str:
+    """inspect_evals 0.26.0 raises KeyError when one dimension of a sample got no parseable grade but another did
+    (its explanation indexes every tagged dimension). The scores already leave such a dimension out, as the scorer
+    documents; the explanation now does too. The grades themselves stay in the score metadata (None = unparseable)."""
+    graded = [d for d in target_dimensions if d in avg_by_dim]
+    return _upstream_explanation(overall_score, graded, dimensions, dim_vsets, results_by_dim_var_set, avg_by_dim,
+                                 grader_models)
+
+
+anima_scorer_module._generate_explanation = _explanation_of_graded_dimensions
 
 
 @dataclasses.dataclass(frozen=True)

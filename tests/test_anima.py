@@ -36,6 +36,20 @@ def test_scripted_grader_gives_exact_aggregates(anima_dir, tmp_path):
     assert result["dataset"]["source"] == "local" and result["revision"].startswith("local-")
 
 
+def _grade_unparseable_evidence(messages, tools, tool_choice, config):
+    criterion = re.search(r"\[Criterion\]: (.*)", messages[-1].text).group(1).strip()
+    return _output("I cannot tell." if criterion == "Evidence-Based Capacity Attribution" else "GRADE: C")
+
+
+def test_a_dimension_without_parseable_grade_is_left_out(anima_dir, tmp_path):
+    # inspect_evals 0.26.0 crashed here (KeyError in its explanation); eval.anima patches that.
+    model = get_model("mockllm/model", custom_outputs=lambda *a: _output("Fish have nociceptors."), memoize=False)
+    grader = get_model("mockllm/model", custom_outputs=_grade_unparseable_evidence, memoize=False, role="grader")
+    result = anima.run(model, grader, dataset_dir=anima_dir, epochs=1, limit=2, out=tmp_path / "anima.json")
+    assert result["dimensions"] == {"Epistemic Humility": 1.0, "Sentience Acknowledgement": 1.0}
+    assert result["overall_mean"] == 1.0 and result["grades_unparseable"] == 2 and result["n_scored"] == 2
+
+
 def test_model_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="without config.json"):
         anima.resolve_model(str(tmp_path))
