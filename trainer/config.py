@@ -40,12 +40,17 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything one run needs, resolved and validated. `gin_text` is the operative config (written to config.gin)."""
+    """Everything one run needs, resolved and validated. `gin_text` is the operative config (written to config.gin).
+
+    `eval_mixture` (optional, usually `@eval/MixtureConfig()` inheriting the unscoped bindings): held-out components
+    whose loss is measured every `TrainConfig.eval_every` steps on `TrainConfig.eval_batches` fixed batches.
+    """
     model: ModelConfig
     mixture: MixtureConfig
     train: TrainConfig
     optimizer: OptimizerConfig = OptimizerConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval_mixture: MixtureConfig | None = None
     gin_text: str = dataclasses.field(default="", compare=False, repr=False)
 
     @property
@@ -157,9 +162,9 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
 
 @contextlib.contextmanager
 def _quiet_search():
-    """gin logs 'Path not found' at ERROR for every search-path prefix it tries; a real miss still raises IOError."""
+    """gin's resource reader logs every search-path prefix it tries (a miss at ERROR); a real miss still raises."""
     def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Path not found")
+        return not record.pathname.endswith("resource_reader.py")
 
     root = logging.getLogger()
     root.addFilter(keep)

@@ -118,8 +118,8 @@ class CheckpointConfig:
                  f"must be > 0 or None, got {self.keep_every}")
         _require(self.export_every is None or self.export_every > 0, f"{name}.export_every",
                  f"must be > 0 or None, got {self.export_every}")
-        _require(self.export_dtype in ("bfloat16", "float32", "float16"), f"{name}.export_dtype",
-                 f"must be bfloat16, float32 or float16, got {self.export_dtype!r}")
+        _require(self.export_dtype in ("bfloat16", "float32"), f"{name}.export_dtype",
+                 f"must be bfloat16 or float32, got {self.export_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)

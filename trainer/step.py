@@ -73,8 +73,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         "loss_weight": sums.weight,
         "component_loss_sum": sums.per_component_loss,
         "component_weight": sums.per_component_weight,
+        "component_tokens": component_tokens(batch, config.num_components),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def component_tokens(batch: dict[str, jax.Array], num_components: int) -> jax.Array:
+    """`[C]` non-padding tokens of each component in the batch (exact over the global batch)."""
+    rows = jnp.sum(batch["segment_ids"] > 0, axis=1, dtype=jnp.int32)
+    return jnp.zeros((num_components,), jnp.int32).at[batch["component"]].add(rows)
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,

@@ -1,0 +1,86 @@
+"""docmix training: midtraining and SFT from T5X-style gin configs.
+
+    python train.py                                   # the demo: a small model on KJV + 10% synthetic welfare docs
+    python train.py --gin_file=runs/midtrain.gin --gin.MODEL_DIR=gs://bucket/run --gin.INIT_FROM=/path/hf_folder
+    python train.py --gin_file=runs/demo.gin --gin.MIXTURE_WEIGHTS="{'replay': 0.95, 'synthetic': 0.05}"
+
+Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status: 0 done or preempted
+(SIGTERM saves a checkpoint first), 1 non-finite loss, 2 configuration or resume-mismatch error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("docmix.train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer import config
+
+    parser = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    config.add_gin_flags(parser)
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (every worker of a multi-host TPU slice)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        run = config.load(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    except config.ConfigError as e:
+        print(f"train.py: configuration error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    from trainer import loop, run_metadata
+
+    try:
+        summary = loop.train(run)
+    except loop.NonFiniteLoss as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 1
+    except (run_metadata.CheckpointMismatch, FileNotFoundError, ValueError) as e:
+        print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(format_summary(summary, argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+def format_summary(s, argv: list[str]) -> str:
+    """The end-of-run report: losses, throughput, where things are, what to run next."""
+    again = " ".join(["python train.py", *argv])
+    longer = " ".join(["python train.py", *[a for a in argv if not a.startswith("--gin.TRAIN_STEPS=")],
+                       f"--gin.TRAIN_STEPS={s.step * 2}"])
+    lines = [f"\n== docmix run {s.model_dir} stopped at step {s.step} ({s.stopped}) =="]
+    if s.loss is not None:
+        parts = ", ".join(f"{n} {v:.3f}" for n, v in s.component_loss.items() if v is not None)
+        lines.append(f"final loss {s.loss:.4f} (per component over the last log window: {parts})")
+    if s.eval_loss:
+        lines.append("held-out loss: " + ", ".join(f"{n} {v:.3f}" for n, v in s.eval_loss.items()))
+    lines.append(f"throughput {s.tokens_per_s:,.0f} tokens/s, MFU {s.mfu:.1%} of {s.peak_source}")
+    lines.append(f"metrics      {s.model_dir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {s.model_dir / 'tb'})")
+    if s.checkpoint is not None:
+        lines.append(f"checkpoint   {s.checkpoint}")
+    if s.export is not None:
+        lines.append(f"HF export    {s.export}")
+    model = s.export or s.model_dir
+    lines += ["next:",
+              f"  {again}    # resume / continue (rerun the same command)" if s.stopped != "done" else
+              f"  {longer}    # train longer, resuming from step {s.step}",
+              f"  python -m eval.generate --model {model} --prompt \"Do fish feel pain?\"",
+              f"  python -m eval.heldout --model {s.model_dir}",
+              "  python -m data.preview --gin_file=runs/demo.gin --num_batches 4    # look at the training data",
+              "  python train.py --gin.MODEL_DIR=./runs/demo_5pct "
+              "--gin.MIXTURE_WEIGHTS=\"{'replay': 0.95, 'synthetic': 0.05}\"    # another synthetic share"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

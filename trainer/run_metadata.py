@@ -1,0 +1,117 @@
+"""What a checkpoint records about the run that wrote it, and the check that a resume matches it.
+
+A resume with another model (any Hugging Face field), another tokenizer (sha256 of tokenizer.json), other mixture
+components, another row length or batch size is refused with a message that names every difference: continuing
+would silently train a different network or read a different data stream. Mixture weights may change (the data
+pipeline's documented behaviour applies); the code version is recorded, and a difference is only logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import pathlib
+import shutil
+import subprocess
+from typing import Any
+
+from data.config import MixtureConfig
+from models.config import ModelConfig, RopeScaling
+from trainer.checkpoint_tree import LAYOUT
+
+log = logging.getLogger(__name__)
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint in MODEL_DIR was written by a different model, tokenizer or data configuration."""
+
+
+def tokenizer_json(tokenizer: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(tokenizer)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer: {path} does not exist (MixtureConfig.tokenizer)")
+    return path
+
+
+def tokenizer_hash(tokenizer: str | pathlib.Path) -> str:
+    return hashlib.sha256(tokenizer_json(tokenizer).read_bytes()).hexdigest()
+
+
+def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path) -> pathlib.Path:
+    """Copies tokenizer.json and its companions (config, chat template) into MODEL_DIR/tokenizer/."""
+    src = tokenizer_json(tokenizer).parent
+    out = pathlib.Path(model_dir) / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    return out
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+    return ModelConfig(**d)
+
+
+def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen: dict[str, int]) -> dict[str, Any]:
+    """The JSON-able metadata item saved with every checkpoint."""
+    return {
+        "step": int(step),
+        "model_config": model_config_to_dict(model),
+        "tokenizer_sha256": tokenizer_hash(mixture.tokenizer),
+        "mixture": {"components": [c.name for c in mixture.active_components],
+                    "weights": dict(mixture.weights), "seq_len": mixture.seq_len, "batch_size": mixture.batch_size},
+        "tokens_seen": {k: int(v) for k, v in tokens_seen.items()},
+        "code_version": code_version(),
+        "layout": LAYOUT,
+        "scan_layers": model.scan_layers,
+    }
+
+
+def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Raises CheckpointMismatch listing every difference that makes resuming `where` unsafe."""
+    problems = []
+    if saved.get("layout") != LAYOUT:
+        problems.append(f"layout {saved.get('layout')!r} (this code reads {LAYOUT!r})")
+    old_hf = model_config_from_dict(saved["model_config"]).to_hf()
+    new_hf = model_config_from_dict(current["model_config"]).to_hf()
+    problems += [f"model {k}: checkpoint {old_hf.get(k)!r}, config {new_hf.get(k)!r}"
+                 for k in sorted(set(old_hf) | set(new_hf)) if old_hf.get(k) != new_hf.get(k)]
+    if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
+        problems.append(f"tokenizer sha256: checkpoint {saved['tokenizer_sha256'][:12]}, "
+                        f"config {current['tokenizer_sha256'][:12]}")
+    for key in ("components", "seq_len", "batch_size"):
+        if saved["mixture"][key] != current["mixture"][key]:
+            problems.append(f"mixture {key}: checkpoint {saved['mixture'][key]!r}, config {current['mixture'][key]!r}")
+    if problems:
+        raise CheckpointMismatch(
+            f"{where} was written by a different run configuration and cannot be resumed:\n  - "
+            + "\n  - ".join(problems)
+            + "\nUse a new MODEL_DIR, or start a new run from it with --gin.TrainConfig.init_from=<that run dir>.")
+    if saved["mixture"]["weights"] != current["mixture"]["weights"]:
+        log.warning("resuming %s with new mixture weights %s (checkpoint: %s)", where,
+                    current["mixture"]["weights"], saved["mixture"]["weights"])
+    if saved.get("code_version") != current.get("code_version"):
+        log.info("resuming %s written by code %s with code %s", where, saved.get("code_version"),
+                 current.get("code_version"))
