@@ -1,6 +1,7 @@
 """data.demo.prepare: offline, deterministic, cached demo assets."""
 import json
 
+import pytest
 import transformers
 from tokenizers import Tokenizer
 
@@ -11,14 +12,20 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_prepare_builds_deterministic_cached_assets(tmp_path):
-    a = demo.prepare(tmp_path / "one")
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return root, demo.prepare(root / "one")
+
+
+def test_prepare_builds_deterministic_cached_assets(built, tmp_path):
+    root, a = built
     b = demo.prepare(tmp_path / "two")
     for field in ("replay_jsonl", "welfare_jsonl", "control_jsonl"):
         assert getattr(a, field).read_bytes() == getattr(b, field).read_bytes(), field
     assert (a.tokenizer_dir / "tokenizer.json").read_bytes() == (b.tokenizer_dir / "tokenizer.json").read_bytes()
     stamp = (a.replay_jsonl.stat().st_mtime_ns, a.tokenizer_dir.stat().st_mtime_ns)
-    assert demo.prepare(tmp_path / "one") == a  # cached: nothing rebuilt
+    assert demo.prepare(root / "one") == a  # cached: nothing rebuilt
     assert (a.replay_jsonl.stat().st_mtime_ns, a.tokenizer_dir.stat().st_mtime_ns) == stamp
 
     replay, welfare, control = (_lines(p) for p in (a.replay_jsonl, a.welfare_jsonl, a.control_jsonl))
@@ -36,8 +43,8 @@ def test_kjv_chapters_split_per_chapter():
     assert chapters[-1].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
 
 
-def test_tokenizer_folder_loads_in_tokenizers_and_transformers(tmp_path):
-    assets = demo.prepare(tmp_path)
+def test_tokenizer_folder_loads_in_tokenizers_and_transformers(built):
+    assets = built[1]
     tok = Tokenizer.from_file(str(assets.tokenizer_dir / "tokenizer.json"))
     assert 4000 <= tok.get_vocab_size() <= 8000
     text = "Welfare considerations improved outcomes. And God said, Let there be light — déjà vu ✓"

@@ -28,14 +28,19 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def _progress(items, total: int, desc: str):
-    return tqdm(items, total=total, desc=desc, unit="doc", disable=total < 200 or not sys.stderr.isatty())
+    """A progress bar on a terminal for long runs (total 0: unknown length)."""
+    return tqdm(items, total=total or None, desc=desc, unit="doc",
+                disable=not sys.stderr.isatty() or 0 < total < 200)
 
 
 def _load(args: argparse.Namespace):
     spec = load_spec(args.spec)
     if getattr(args, "ai_identity", None) is not None:
         spec = spec.with_overrides(ai_identity=args.ai_identity)
-    return spec, spec.count if args.count is None else args.count
+    count = spec.count if args.count is None else args.count
+    if count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    return spec, count
 
 
 def _write_counted(path: str, records, count: int, desc: str) -> tuple[int, int]:
@@ -272,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        return func(args)
+    except (ValueError, OSError) as err:  # SpecError, StoreError, bad JSONL lines, missing files: no traceback
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2

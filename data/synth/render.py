@@ -151,12 +151,12 @@ def render_document(spec: Spec, seed: int, index: int, target_tokens: int | None
 
 
 def render_records(spec: Spec, *, count: int | None = None, seed: int | None = None, target_tokens: int | None = None,
-                   created: str, start: int = 0) -> Iterator[dict[str, Any]]:
-    """Yields `count` document records (indices start..start+count-1) with provenance."""
+                   created: str) -> Iterator[dict[str, Any]]:
+    """Yields `count` document records (indices 0..count-1) with provenance."""
     check_renderable(spec)
     seed = spec.seed if seed is None else seed
     count = spec.count if count is None else count
-    for index in range(start, start + count):
+    for index in range(count):
         text, axes = render_document(spec, seed, index, target_tokens)
         yield make_record(spec, seed, index, axes, generator=GENERATOR, created=created, text=text,
                           target_tokens=target_tokens or spec.target_tokens)
