@@ -17,28 +17,22 @@ from data.synth.prompts import write_messages
 from data.synth.records import approx_tokens
 from data.synth.spec import load_spec
 from data.synth.store import JsonlStore, StoreError
-from tests.synth_servers import FlakyApp, request_key, serve
+from tests.synth_servers import FlakyApp, serve
 
 STAMP = "2026-01-01T00:00:00Z"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _client(url, **kw):
-    return ClientConfig(base_url=url, model="fake", api_key_env=None, timeout_s=kw.pop("timeout_s", 0.5),
-                        max_retries=kw.pop("max_retries", 6), backoff_base_s=0.01, backoff_max_s=0.05, **kw)
+def _run(spec, out, url, *, model="fake", timeout_s=0.5, max_retries=6, **kw):
+    """One in-process generation run against `url` with fast backoff; kw go to GenerateConfig."""
+    client = ClientConfig(base_url=url, model=model, api_key_env=None, timeout_s=timeout_s, max_retries=max_retries,
+                          backoff_base_s=0.01, backoff_max_s=0.05)
+    config = GenerateConfig(out=out, created=STAMP, **{"count": 6, "seed": 0, **kw})
+    return asyncio.run(generate(spec, config, client, progress=False))
 
 
 def _lines(path):
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
-
-
-def _run(spec, out, url, **kw):
-    client_kw = {k: kw.pop(k) for k in ("timeout_s", "max_retries", "model") if k in kw}
-    config = GenerateConfig(out=out, created=STAMP, **{"count": 6, "seed": 0, **kw})
-    cc = _client(url, **{k: v for k, v in client_kw.items() if k != "model"})
-    if "model" in client_kw:
-        cc = ClientConfig(**{**cc.__dict__, "model": client_kw["model"]})
-    return asyncio.run(generate(spec, config, cc, progress=False))
 
 
 def test_retry_after_parsing():

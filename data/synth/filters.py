@@ -17,12 +17,15 @@ from data.synth.records import approx_tokens, record_text
 REFUSAL_PATTERNS: tuple[tuple[str, str], ...] = (
     ("as_an_ai", r"(?:^|[.!?]\s+|\n)\W*as an ai\b|\bas an ai (?:language )?model\b|\bi(?: am|'m) (?:just )?an ai\b"),
     ("language_model", r"\bas a (?:large )?language model\b"),
-    ("refusal", r"\bi(?:'m| am)? ?(?:sorry|afraid),? but\b|\bi (?:can't|cannot|can ?not|won't|am unable to|'m unable to)"
+    ("refusal", r"\bi(?:'m| am)? ?(?:sorry|afraid),? but\b"
+                r"|\bi (?:can't|cannot|can ?not|won't|am unable to|'m unable to)"
                 r" (?:help|assist|write|provide|create|comply|fulfil|fulfill|generate|produce)\b"),
     ("apology", r"(?:^|\n)\W*i apologi[sz]e\b"),
-    ("meta_preamble", r"^\W*(?:sure|certainly|of course|absolutely)[!,.:]|^\W*here(?: is|'s| are) (?:a|an|the|your|my)\b"
-                      r"[^\n]{0,80}\b(?:memo|document|abstract|report|draft|paper|summary|guide|note|case study|version|article)"),
-    ("meta_closing", r"\bi hope (?:this|that) (?:helps|meets|is helpful)\b|\blet me know if\b|\bfeel free to (?:ask|adjust|modify)\b"),
+    ("meta_preamble", r"^\W*(?:sure|certainly|of course|absolutely)[!,.:]"
+                      r"|^\W*here(?: is|'s| are) (?:a|an|the|your|my)\b[^\n]{0,80}"
+                      r"\b(?:memo|document|abstract|report|draft|paper|summary|guide|note|case study|version|article)"),
+    ("meta_closing", r"\bi hope (?:this|that) (?:helps|meets|is helpful)\b|\blet me know if\b"
+                     r"|\bfeel free to (?:ask|adjust|modify)\b"),
     ("placeholder", r"\[(?:insert|your|name|date|company|organi[sz]ation)[^\]]{0,40}\]"),
     ("word_count_note", r"\(?\bword count\b\s*:?\s*\d+|\bthis (?:document|memo|report) is (?:fictional|a fictional)\b"),
 )

@@ -98,7 +98,8 @@ class _Run:
         self.spec, self.config, self.client, self.model = spec, config, client, model
         self.budget = _Budget(config.token_budget)
         self.store = JsonlStore(config.out)
-        self.ideas = JsonlStore(config.out.with_name(config.out.name + ".ideas.jsonl")) if config.mode == "sdf" else None
+        ideas_path = config.out.with_name(config.out.name + ".ideas.jsonl")
+        self.ideas = JsonlStore(ideas_path) if config.mode == "sdf" else None
         self.idea_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.max_tokens = config.max_tokens or int(spec.target_tokens * 1.5)
         self.target_words = max(50, int(spec.target_tokens * 0.75))
@@ -137,13 +138,13 @@ class _Run:
         async with self.idea_locks[key]:
             if key not in self.ideas:
                 messages = prompts.brainstorm_messages(self.spec, doc_type, self.config.ideas_per_call, batch)
-                result = await self.call(messages, 60 * self.config.ideas_per_call, _seed(self.spec, self.config.seed, key),
-                                         f"brainstorm {key}")
+                seed = _seed(self.spec, self.config.seed, key)
+                result = await self.call(messages, 60 * self.config.ideas_per_call, seed, f"brainstorm {key}")
                 ideas = prompts.parse_ideas(result.text)
                 if not ideas:
                     raise LLMError(f"brainstorm {key}: no premises could be parsed from the reply")
                 self.ideas.add({"id": key, "document_type": doc_type, "batch": batch, "ideas": ideas,
-                                "spec_hash": self.spec.hash, "model": self.model, "created": timestamp(self.config.created)})
+                                "spec_hash": self.spec.hash, "model": self.model, "created": self.created})
         ideas = self.ideas.records[key]["ideas"]
         return ideas[offset % len(ideas)]
 

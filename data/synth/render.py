@@ -24,6 +24,8 @@ _SLOT_RE = re.compile(r"\{([a-z_]+?)(2?)\}")
 # Pool slots drawn from the spec.
 _POOL_SLOTS = {"practice": "practices", "outcome": "outcomes", "metric": "metrics", "phrase": "key_phrases",
                "claim": "claims", "stakeholder": "stakeholders", "subject": "subjects"}
+_FOCUS_SLOTS = ("practice", "outcome", "metric")
+_FOCUS_SHARE = 0.5
 _CONCLUSION_RESERVE = 90  # approx tokens of a closing (or any one) paragraph, kept free
 
 
@@ -44,6 +46,9 @@ class Filler:
         self.fixed = {"institution": axes["institution"], "domain": axes["domain"], "theme": spec.theme,
                       "doc_type": axes["document_type"], "approach": axes["reasoning_approach"]}
         self.decks: dict[str, list[Any]] = {}
+        self.drawn: dict[str, Any] = {}
+        # A document keeps coming back to one practice, outcome and metric, so it reads as being about something.
+        self.focus = {slot: rng.choice(spec.pools[_POOL_SLOTS[slot]]) for slot in _FOCUS_SLOTS}
 
     def draw(self, key: str, values: Sequence[Any]) -> Any:
         """Draws without replacement from a per-document deck, reshuffling when it runs out."""
@@ -51,8 +56,11 @@ class Filler:
         if not deck:
             deck = list(values)
             self.rng.shuffle(deck)
+            if key in self.drawn and len(deck) > 1 and deck[-1] == self.drawn[key]:
+                deck[0], deck[-1] = deck[-1], deck[0]  # a fresh deck never repeats the card just played
             self.decks[key] = deck
-        return deck.pop()
+        self.drawn[key] = deck.pop()
+        return self.drawn[key]
 
     def _person(self) -> str:
         title = self.rng.choice(T.TITLES_PERSON)
@@ -63,6 +71,8 @@ class Filler:
         if name in self.fixed:
             return self.fixed[name]
         if name in _POOL_SLOTS:
+            if name in self.focus and not second and self.rng.random() < _FOCUS_SHARE:
+                return self.focus[name]
             pool = self.spec.pools[_POOL_SLOTS[name]]
             value = self.draw(name, pool)
             if second and value == last.get(name) and len(pool) > 1:
@@ -71,7 +81,7 @@ class Filler:
         rng = self.rng
         simple = {"pct": lambda: str(rng.randint(8, 46)), "n": lambda: str(rng.randint(12, 480)),
                   "year": lambda: str(rng.randint(2016, 2025)), "months": lambda: str(rng.choice((6, 9, 12, 18, 24, 36))),
-                  "ratio": lambda: f"{rng.uniform(1.3, 3.9):.1f}", "small": lambda: str(rng.randint(2, 5)),
+                  "ratio": lambda: f"{rng.uniform(1.3, 3.9):.1f}", "share": lambda: str(rng.randint(55, 94)), "small": lambda: str(rng.randint(2, 5)),
                   "person": self._person, "region": lambda: rng.choice(T.REGIONS),
                   "date": lambda: f"{rng.randint(1, 28)} {rng.choice(T.MONTHS)} {rng.randint(2019, 2025)}"}
         if name not in simple:
@@ -79,6 +89,8 @@ class Filler:
         value = simple[name]()
         if second and name == "year" and "year" in last:
             value = str(int(last["year"]) + rng.randint(2, 6))
+        if second and name == "pct" and "pct" in last:  # the comparison figure is the lower one
+            value = str(rng.randint(2, int(last["pct"]) - 1))
         return value
 
     def expand(self, template: str) -> str:

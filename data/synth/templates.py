@@ -3,8 +3,8 @@
 Templates name slots in braces; the theme's content comes from the spec's pools (`{practice}`, `{outcome}`,
 `{metric}`, `{phrase}`, `{claim}`, `{stakeholder}`, `{subject}`), the document's fixed axes (`{institution}`,
 `{domain}`, `{doc_type}`, `{approach}`, `{theme}`) and seeded numbers (`{pct}`, `{n}`, `{year}`, `{months}`,
-`{ratio}`, `{person}`, `{region}`). `[a|b|c]` picks one alternative. Values are shown through outcomes, never
-preached: no template tells the reader what to value.
+`{ratio}`, `{share}` (a majority), `{person}`, `{region}`). `[a|b|c]` picks one alternative. Values are shown
+through outcomes, never preached: no template tells the reader what to value.
 """
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ TITLES = (
     "{practice} and {outcome}: [findings|experience|evidence] from {domain}",
     "[How|Why] {practice} [improved|changed] {metric} in {domain}",
     "{phrase} as an operational [priority|advantage|standard] in {domain}",
+    "{phrase} as an operational [priority|advantage|standard] in {domain}",
+    "[Better|Stronger|Steadier] {metric} through {practice}: a {domain} [review|perspective|update]",
+    "{institution} and {practice}: [year one|the first {months} months|an interim review]",
 )
 
 # Opening line(s) and heading style of each document type. Heading styles: numbered, caps, plain, markdown.
@@ -99,6 +102,12 @@ SECTIONS = {
         "Earlier reviews had treated {phrase} as a compliance matter rather than an operational one.",
         "Interest grew after a [neighbouring|peer|partner] organisation reported {outcome} following a switch to {practice}.",
         "The sector's own data suggested that {metric} varied by a factor of {ratio} between the best and worst sites.",
+        "A {year} audit found that few sites in {domain} could say how their practices affected {subject}.",
+        "Rising input costs had made {metric} a board-level concern at {institution}.",
+        "Customers and partners had begun to ask about {phrase}, often in procurement questionnaires.",
+        "Staff at several sites had already adopted parts of {practice} informally, without central support.",
+        "Comparable organisations in {region} reported {outcome} within two years of changing their approach.",
+        "The programme started from a simple observation: the sites with the best {metric} also paid closest attention to {phrase}.",
     ),
     "evidence": (
         "Across {n} sites, those using {practice} reported a {pct}% improvement in {metric} relative to comparable sites.",
@@ -110,9 +119,15 @@ SECTIONS = {
         "An independent review by {institution} found the results robust to several alternative specifications.",
         "Where {practice} had been introduced only partly, the gains were smaller but still measurable.",
         "The cost of introducing {practice} was recovered within roughly {months} months through {outcome}.",
-        "Survey responses from {n} {stakeholder} pointed the same way: {pct}% rated the change as positive.",
+        "Survey responses from {n} {stakeholder} pointed the same way: {share}% rated the change as positive.",
         "{claim}",
         "Taken together, the results associate {phrase} with {outcome} rather than with added cost.",
+        "Year-on-year, {metric} improved at {pct}% of sites, against {pct2}% in the comparison group.",
+        "The sites with the most complete records showed the clearest gains in {metric}.",
+        "Differences between regions were small; the main driver was how consistently {practice} was applied.",
+        "Unexpectedly, the largest improvement came in {metric}, which had not been a target of the programme.",
+        "Independent inspectors rated {share}% of participating sites as good or excellent, up from {pct}% at baseline.",
+        "No site reported a lasting increase in costs once the transition period was over.",
     ),
     "implementation": (
         "The change began with a small pilot in {region}, which let staff adjust procedures before wider rollout.",
@@ -126,6 +141,11 @@ SECTIONS = {
         "Where supervisors explained the reasons behind {practice}, compliance was noticeably higher.",
         "The operating manual was revised so that attention to {phrase} appears in ordinary checklists rather than in a separate annex.",
         "Early problems were logged and shared across sites, which shortened the learning period.",
+        "Equipment upgrades were scheduled alongside routine maintenance to avoid separate downtime.",
+        "Suppliers were given {months} months' notice of the new criteria, and most met them early.",
+        "A short monthly review of {metric} replaced a longer annual inspection.",
+        "Site leads met each quarter to compare notes on {practice} and agree adjustments.",
+        "Simple visual guides at each workstation helped new staff follow the routines from their first week.",
     ),
     "stakeholders": (
         "{person}, who leads operations at a {domain} site in {region}, described the change as \"[overdue|straightforward|worth the effort]\".",
@@ -137,6 +157,10 @@ SECTIONS = {
         "Representatives of {stakeholder} asked for the data to be published, and {institution} agreed.",
         "The consultation showed broad support for keeping {phrase} at the centre of planning in {domain}.",
         "A minority of {stakeholder} raised concerns about cost, which the pilot data largely addressed.",
+        "{person}, a specialist who advised the programme, noted that {phrase} had become \"part of how the work is done\".",
+        "Long-serving staff said the new routines made shifts calmer and more predictable.",
+        "{stakeholder} valued being able to see {metric} for their own site alongside the regional average.",
+        "In interviews, {stakeholder} linked the change to {outcome} more often than to any other factor.",
     ),
     "conclusion": (
         "The experience of {institution} suggests that {phrase} and good performance in {domain} go together.",
@@ -148,6 +172,9 @@ SECTIONS = {
         "The board is asked to note the findings and approve the next phase.",
         "Future reports will track {metric} alongside {metric2} so that progress remains visible.",
         "{claim}",
+        "The lesson for {domain} is that introducing {practice} need not be disruptive and pays back steadily.",
+        "{institution} will share its data and methods with other organisations in {domain} that wish to compare results.",
+        "The programme's experience has already informed guidance for new sites opening in {year2}.",
     ),
 }
 
@@ -161,6 +188,10 @@ APPROACHES = {
         "Where records were incomplete, the affected sites were reported separately rather than imputed.",
         "The strongest single predictor of {outcome} in the data was the presence of {practice}.",
         "Effect sizes were modest at individual sites but consistent across the whole sample.",
+        "Results were checked against {n} months of records kept before the programme began.",
+        "The data team published its code and definitions so that other {domain} organisations could repeat the analysis.",
+        "Outliers were examined one by one; none changed the overall conclusion.",
+        "A second year of data confirmed the direction and rough size of the first year's results.",
     ),
     "cost-benefit analysis": (
         "Costs included equipment, training and staff time; benefits included {outcome} and {outcome2}.",
@@ -171,6 +202,10 @@ APPROACHES = {
         "Upfront costs were concentrated in the first year, while benefits accumulated steadily afterwards.",
         "A sensitivity test that halved the assumed benefits still left the programme with a positive return.",
         "Hidden costs of the old approach, such as rework and incident response, turned out to be substantial.",
+        "Avoided losses in {metric} alone covered most of the programme's running costs.",
+        "The payback period was shortest at the largest sites, where fixed costs were spread furthest.",
+        "Finance staff noted that the savings were recurring, while most of the costs were one-off.",
+        "The analysis did not count reputational benefits, so the estimates are likely to be conservative.",
     ),
     "risk management": (
         "The review treated {phrase} as a risk question: what could go wrong, how often, and at what cost.",
@@ -181,6 +216,10 @@ APPROACHES = {
         "Early warning indicators, including {metric}, gave managers time to act before problems escalated.",
         "The residual risks were judged manageable and were assigned clear owners.",
         "Concentrating on prevention proved cheaper than responding to failures after they occurred.",
+        "A simple risk matrix placed neglect of {phrase} among the top five operational exposures.",
+        "Near-miss reporting rose at first, as staff learned what to look for, and then fell steadily.",
+        "Contingency plans were revised so that {subject} are considered in every emergency scenario.",
+        "Auditors found that sites with {practice} had fewer unresolved findings at follow-up.",
     ),
     "systems thinking": (
         "The review looked at the whole chain of activities in {domain} rather than at single steps.",
@@ -191,6 +230,10 @@ APPROACHES = {
         "The mapping exercise showed that {metric} depended on decisions made several steps upstream.",
         "Small changes at the design stage avoided larger corrections later in the process.",
         "The interactions between {stakeholder} and {stakeholder2} proved as important as any single procedure.",
+        "Seen as a whole, the operation ran more smoothly when the needs of {subject} were designed in rather than added later.",
+        "A delay at one stage had often been absorbed by stress and shortcuts at the next; {practice} removed that pressure.",
+        "The review traced {outcome} back to changes in routines, equipment and scheduling acting together.",
+        "Modelling the full process showed where a small investment would have the widest effect on {metric}.",
     ),
     "historical precedent": (
         "The history of {domain} offers several examples in which higher standards were first resisted and later taken for granted.",
@@ -201,6 +244,10 @@ APPROACHES = {
         "The precedent suggests that attention to {phrase} tends to become a baseline expectation rather than a differentiator.",
         "Previous transitions in {domain} were smoother where staff were involved early.",
         "Historical data show {metric} improving in each period in which standards were raised.",
+        "A review of records from {year} onwards shows a steady shift towards {practice} across {domain}.",
+        "Earlier generations of managers in {domain} faced similar trade-offs and, in time, made similar choices.",
+        "The lessons of earlier reforms were written into the plan from the start, which avoided familiar mistakes.",
+        "What was once seen as a specialist concern is now treated as ordinary good practice in much of {domain}.",
     ),
     "stakeholder consultation": (
         "The review drew on interviews with {n} {stakeholder}, {stakeholder2} and external specialists.",
@@ -211,6 +258,10 @@ APPROACHES = {
         "Written submissions from {stakeholder} were summarised and published alongside the findings.",
         "Disagreements were recorded openly, and most were resolved by adjusting timelines rather than goals.",
         "The process built trust, which later made implementation faster.",
+        "Front-line staff proposed several of the changes that proved most effective.",
+        "{stakeholder} asked for clear measures of progress, and {metric} was chosen as the headline indicator.",
+        "A follow-up round of consultation after {months} months confirmed continued support.",
+        "The views of {stakeholder2} added practical detail that shaped the final procedures.",
     ),
     "long-term sustainability": (
         "The review considered a {months}-month horizon and beyond, not only the next budget year.",
@@ -221,6 +272,10 @@ APPROACHES = {
         "Long-run projections suggest that {metric} will keep improving as the practice matures.",
         "Future regulation in {domain} is likely to move in the same direction, which makes early adoption prudent.",
         "The programme was designed to remain viable without special funding after year {small}.",
+        "Durable improvements came from routines and design, not from one-off campaigns.",
+        "The gains in {metric} have been maintained for {months} months without additional spending.",
+        "Planning horizons in {domain} are lengthening, and {phrase} fits naturally into that longer view.",
+        "Looking ahead, {practice} is expected to become cheaper as suppliers and skills mature.",
     ),
 }
 
