@@ -25,9 +25,14 @@ from data.synth.spec import load_spec
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|startoftext|>"
 PAD_TOKEN = "<|pad|>"
-SPECIAL_TOKENS = (EOS_TOKEN, BOS_TOKEN, PAD_TOKEN)
+TURN_TOKEN = "<|im_start|>"
+SPECIAL_TOKENS = (EOS_TOKEN, BOS_TOKEN, PAD_TOKEN, TURN_TOKEN)
+# ChatML-style turns that end with the EOS token, so SFT on the demo tokenizer (QA arm, chat/alpaca components) learns
+# to stop, and generation stops at the same token that ends pretraining documents.
+CHAT_TEMPLATE = ("{% for message in messages %}" + TURN_TOKEN + "{{ message['role'] }}\n{{ message['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}" + TURN_TOKEN + "assistant\n{% endif %}")
 # Everything that shapes the assets; changing any of it builds a fresh cache folder.
-SETTINGS = {"version": 1, "replay_chapters": 400, "welfare_spec": "animal_welfare", "control_spec": "urban_density",
+SETTINGS = {"version": 2, "replay_chapters": 400, "welfare_spec": "animal_welfare", "control_spec": "urban_density",
             "synthetic_docs": 300, "synthetic_tokens": 400, "seed": 0, "vocab_size": 6000,
             "created": "2026-01-01T00:00:00Z"}
 _VERSE_RE = re.compile(r"\s(\d+)\.\s")
@@ -86,7 +91,7 @@ def _train_tokenizer(files: list[pathlib.Path], out: pathlib.Path, vocab_size: i
     tokenizer.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
               "pad_token": PAD_TOKEN, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-              "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+              "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}, indent=2) + "\n")

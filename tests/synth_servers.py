@@ -81,8 +81,19 @@ class FlakyApp:
         self.lock = threading.Lock()
         self.attempts: dict[str, int] = {}
         self.log: list[dict] = []  # {key, step, time, auth, body}
+        self.in_flight = self.max_in_flight = 0
 
     def __call__(self, handler: _Handler, body: dict) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._respond(handler, body)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _respond(self, handler: _Handler, body: dict) -> None:
         key = request_key(body)
         with self.lock:
             n = self.attempts.get(key, 0)

@@ -53,3 +53,23 @@ def test_tokenizer_folder_loads_in_tokenizers_and_transformers(built):
     assert hf.eos_token == demo.EOS_TOKEN and hf.bos_token == demo.BOS_TOKEN
     assert hf.eos_token_id == tok.token_to_id(demo.EOS_TOKEN) is not None
     assert hf(text)["input_ids"] == tok.encode(text).ids
+
+
+def test_chat_template_renders_qa_records_for_sft(built):
+    from data import sft
+    from data.synth.qa import qa_records
+    from data.synth.spec import load_spec
+
+    tokenizer_dir = built[1].tokenizer_dir
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    record = next(qa_records(load_spec("animal_welfare"), count=1, seed=0, created="x"))
+    pieces = sft.render_pieces(record["messages"], config["chat_template"], bos_text=demo.BOS_TOKEN,
+                               eos_text=demo.EOS_TOKEN)
+    trainable = [text for text, train in pieces if train]
+    assert trainable == [record["messages"][1]["content"] + demo.EOS_TOKEN]  # the answer and the stop token only
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rendered = hf.apply_chat_template(record["messages"], tokenize=False)
+    assert rendered == "".join(text for text, _ in pieces)
+    ids = hf.apply_chat_template(record["messages"][:1], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert hf.convert_ids_to_tokens(ids)[0] == demo.TURN_TOKEN

@@ -130,6 +130,13 @@ def test_token_budget_stops_and_resume_finishes(tmp_path):
     assert sorted(r["index"] for r in _lines(tmp_path / "o.jsonl")) == list(range(6))
 
 
+def test_concurrency_is_bounded(tmp_path):
+    app = FlakyApp(delay_s=0.1)
+    with serve(app) as url:
+        summary = _run(load_spec("animal_welfare"), tmp_path / "o.jsonl", url, count=8, concurrency=3)
+    assert summary.written == 8 and app.max_in_flight == 3
+
+
 def test_store_repairs_a_partial_last_line_and_refuses_corruption(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te')

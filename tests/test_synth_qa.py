@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from data import sft
+from data.synth.filters import FilterConfig, apply_filters
 from data.synth.qa import qa_records
 from data.synth.records import approx_tokens
 from data.synth.spec import load_spec
@@ -62,3 +63,9 @@ def test_cli_qa(tmp_path):
     assert "wrote 5 alpaca QA pairs" in proc.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(5)) and all("output" in r for r in records)
+
+
+def test_qa_pairs_pass_the_filters():
+    records = list(qa_records(load_spec("animal_welfare_ai"), count=80, seed=0, created=STAMP))
+    result = apply_filters(records, FilterConfig(min_tokens=40, max_tokens=250))
+    assert result.removed == {"length": 0, "refusal": 0, "near_duplicate": 0}
