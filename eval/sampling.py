@@ -1,7 +1,8 @@
 """Token selection from next-token logits: greedy, temperature and nucleus (top-p) sampling, plus stop strings.
 
-Pure functions; the decode loop in `eval.generate` calls `select_tokens` inside its jitted step and `find_stop` on
-the host after detokenizing.
+Pure functions; the decode loop in `eval.generate` calls `select_tokens` inside its jitted step (temperature, top-p
+and PRNG key are per-row arrays, so one compiled step serves any mix of requests) and `find_stop` on the host after
+detokenizing.
 """
 from __future__ import annotations
 
@@ -34,42 +35,38 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
-
-def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
+def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     """Masks to -inf every token outside the nucleus of each row.
 
-    logits: float `[batch, vocab]`. The nucleus is the smallest set of most likely tokens whose total probability is
-    >= top_p; the most likely token is always kept. Ties at the boundary are kept together (the cut is by value).
-    Returns float `[batch, vocab]`.
+    logits: float `[batch, vocab]`; top_p: float `[batch]`. The nucleus is the smallest set of most likely tokens whose
+    total probability is >= top_p; the most likely token is always kept, and top_p >= 1 keeps every token. Ties at the
+    boundary are kept together (the cut is by value). Returns float `[batch, vocab]`.
     """
-    if top_p >= 1.0:
-        return logits
+    top_p = jnp.asarray(top_p, jnp.float32)[:, None]
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Probability mass strictly before each sorted position: a token is in the nucleus if that mass is < top_p.
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    in_nucleus = mass_before < top_p
+    in_nucleus = (mass_before < top_p) | (top_p >= 1.0)  # rounding must not cut the tail when top_p is 1
     # The smallest logit still inside the nucleus is the per-row threshold.
     threshold = jnp.min(jnp.where(in_nucleus, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def select_tokens(logits: jax.Array, key: jax.Array | None, params: SamplingParams) -> jax.Array:
-    """Picks one token per row. logits: float `[batch, vocab]` -> int32 `[batch]`.
+def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Picks one token per row: argmax where temperature is 0, else a sample from softmax(logits / temperature)
+    restricted to the top-p nucleus.
 
-    `params` must be static under jit (it is hashable). `key` is unused (may be None) when greedy.
+    logits: float `[batch, vocab]`; keys: PRNG keys `[batch]` (one stream per row, so a row's samples do not depend on
+    the other rows in the batch); temperature, top_p: float `[batch]`. Returns int32 `[batch]`.
     """
     logits = logits.astype(jnp.float32)
-    if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if key is None:
-        raise ValueError("sampling with temperature > 0 needs a PRNG key")
-    scaled = top_p_filter(logits / params.temperature, params.top_p)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sampled = jax.vmap(jax.random.categorical)(keys, top_p_filter(scaled, top_p))
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
 def find_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -25,39 +25,55 @@ def _nucleus_reference(logits: np.ndarray, top_p: float) -> np.ndarray:
 def test_top_p_filter_keeps_the_nucleus(top_p):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 50)).astype(np.float32) * 2.0
-    out = np.asarray(sampling.top_p_filter(jnp.asarray(logits), top_p))
+    out = np.asarray(sampling.top_p_filter(jnp.asarray(logits), jnp.full((4,), top_p)))
     for row in range(4):
         expected = _nucleus_reference(logits[row], top_p)
         np.testing.assert_array_equal(np.isfinite(out[row]), expected)
         np.testing.assert_array_equal(out[row][expected], logits[row][expected])
 
 
-def test_top_p_one_is_identity_and_tiny_top_p_is_argmax():
-    logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 20)), jnp.float32)
-    assert sampling.top_p_filter(logits, 1.0) is logits
-    tiny = np.asarray(sampling.top_p_filter(logits, 1e-6))
-    assert (np.isfinite(tiny).sum(axis=-1) == 1).all()
-    np.testing.assert_array_equal(np.argmax(tiny, -1), np.argmax(np.asarray(logits), -1))
+def test_top_p_per_row_one_keeps_all_and_tiny_is_argmax():
+    # A peaked row, where float rounding of the cumulative sum reaches 1 before the last tokens.
+    logits = np.random.default_rng(1).normal(size=(3, 200)).astype(np.float32)
+    logits[0, 0] = 40.0
+    out = np.asarray(sampling.top_p_filter(jnp.asarray(logits), jnp.array([1.0, 1.0, 1e-6])))
+    np.testing.assert_array_equal(out[:2], logits[:2])
+    assert np.isfinite(out[2]).sum() == 1 and np.argmax(out[2]) == np.argmax(logits[2])
 
 
-def test_greedy_is_argmax_and_needs_no_key():
-    logits = jnp.asarray(np.random.default_rng(2).normal(size=(5, 30)), jnp.float32)
-    got = sampling.select_tokens(logits, None, sampling.SamplingParams(temperature=0.0))
-    np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(logits), -1))
-    assert got.dtype == jnp.int32
+def _select(logits, seeds, temperature, top_p):
+    n = len(seeds)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    return np.asarray(jax.jit(sampling.select_tokens)(
+        jnp.asarray(logits, jnp.float32), keys, jnp.full((n,), temperature), jnp.full((n,), top_p)))
 
 
-def _frequencies(logits: np.ndarray, params: sampling.SamplingParams, n: int) -> np.ndarray:
-    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, logits.shape[-1]))
-    tokens = jax.jit(sampling.select_tokens, static_argnums=2)(batch, jax.random.key(params.seed), params)
-    return np.bincount(np.asarray(tokens), minlength=logits.shape[-1]) / n
+def test_greedy_rows_are_argmax():
+    logits = np.random.default_rng(2).normal(size=(5, 30))
+    got = _select(logits, range(5), 0.0, 0.5)
+    np.testing.assert_array_equal(got, np.argmax(logits, -1))
+    assert got.dtype == np.int32
+
+
+def test_rows_mix_greedy_and_sampling():
+    logits = np.zeros((2, 1000), np.float32)
+    logits[:, 7] = 1.0
+    keys = jax.vmap(jax.random.key)(jnp.arange(2))
+    got = np.asarray(sampling.select_tokens(jnp.asarray(logits), keys, jnp.array([0.0, 1.0]), jnp.ones(2)))
+    assert got[0] == 7 and got[1] != 7  # the sampled row almost surely picks one of the 999 other tokens
+
+
+def _frequencies(logits: np.ndarray, temperature: float, top_p: float, n: int, seed: int = 0) -> np.ndarray:
+    batch = np.broadcast_to(logits, (n, logits.shape[-1]))
+    tokens = _select(batch, np.arange(n) + seed * n, temperature, top_p)
+    return np.bincount(tokens, minlength=logits.shape[-1]) / n
 
 
 def test_temperature_sampling_matches_scaled_softmax():
     logits = np.array([2.0, 1.0, 0.0, -1.0, 0.5], np.float32)
     n = 40_000
     for temperature in (0.5, 1.0, 2.0):
-        freq = _frequencies(logits, sampling.SamplingParams(temperature=temperature, seed=3), n)
+        freq = _frequencies(logits, temperature, 1.0, n)
         expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
         # 5 binomial standard errors at most.
         np.testing.assert_allclose(freq, expected, atol=5 * np.sqrt(0.25 / n))
@@ -66,20 +82,19 @@ def test_temperature_sampling_matches_scaled_softmax():
 def test_top_p_sampling_renormalizes_inside_the_nucleus():
     logits = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03], np.float32))
     n = 40_000
-    freq = _frequencies(logits, sampling.SamplingParams(temperature=1.0, top_p=0.8, seed=4), n)
+    freq = _frequencies(logits, 1.0, 0.8, n)
     # 0.5 + 0.25 = 0.75 < 0.8, so the nucleus is the first three tokens.
     expected = np.array([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9
     assert freq[3:].sum() == 0.0
     np.testing.assert_allclose(freq, expected, atol=5 * np.sqrt(0.25 / n))
 
 
-def test_same_seed_same_tokens_and_different_seed_differs():
-    logits = np.zeros(1000, np.float32)
-    a = _frequencies(logits, sampling.SamplingParams(temperature=1.0, seed=5), 64)
-    b = _frequencies(logits, sampling.SamplingParams(temperature=1.0, seed=5), 64)
-    c = _frequencies(logits, sampling.SamplingParams(temperature=1.0, seed=6), 64)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+def test_a_rows_sample_depends_only_on_its_own_key():
+    logits = np.random.default_rng(3).normal(size=(4, 1000)).astype(np.float32)
+    alone = _select(logits[2:3], [42], 1.0, 0.9)
+    batched = _select(logits, [1, 2, 42, 3], 1.0, 0.9)
+    assert alone[0] == batched[2]
+    assert not np.array_equal(_select(logits, [5, 6, 7, 8], 1.0, 1.0), _select(logits, [9, 10, 11, 12], 1.0, 1.0))
 
 
 def test_find_stop_returns_the_earliest_stop():
