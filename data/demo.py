@@ -35,7 +35,8 @@ CHAT_TEMPLATE = ("{% for message in messages %}" + TURN_TOKEN + "{{ message['rol
 SETTINGS = {"version": 2, "replay_chapters": 400, "welfare_spec": "animal_welfare", "control_spec": "urban_density",
             "synthetic_docs": 300, "synthetic_tokens": 400, "seed": 0, "vocab_size": 6000,
             "created": "2026-01-01T00:00:00Z"}
-_VERSE_RE = re.compile(r"\s(\d+)\.\s")
+# "12. text"; "27.( text)" for a parenthetical verse; "days.1. Blessed" where the source lost a space (Psalm 1).
+_VERSE_RE = re.compile(r"(?:\s|(?<=[.;:!?]))(\d+)\.(?:\s|(?=\())")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +112,12 @@ def _build(folder: pathlib.Path) -> None:
 
 
 def _cache_key() -> str:
-    """Changes with the settings, the specs' content and the renderer's code, so stale caches are never reused."""
+    """Changes with the settings, the specs' content and the code (renderer, this module): no stale cache reuse."""
     digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode())
     for name in (SETTINGS["welfare_spec"], SETTINGS["control_spec"]):
         digest.update(load_spec(name).hash.encode())
-    for module in (synth_templates, synth_render):
-        digest.update(pathlib.Path(module.__file__).read_bytes())
+    for source in (synth_templates.__file__, synth_render.__file__, __file__):
+        digest.update(pathlib.Path(source).read_bytes())
     return digest.hexdigest()[:10]
 
 
