@@ -175,3 +175,14 @@ def test_stats_counts_axes_and_tokens():
     assert stats["documents"] == 16 and stats["tokens"]["total"] == sum(len(d["text"].split()) for d in docs)
     assert len(stats["axes"]["document_type"]) == 8 and set(stats["axes"]["document_type"].values()) == {2}
     assert stats["specs"] == {"urban_density": 16} and stats["ai_identity"] == {"False": 16}
+
+
+def test_bundled_corpora_share_no_13_grams_with_anima(anima_dir):
+    """The specs and templates were written for docmix; their output must not overlap the benchmark."""
+    from data.synth.qa import qa_records
+
+    index = Index(load_eval_items([anima_dir / "questions.jsonl"]), n=13)
+    corpus = [r for name in ("animal_welfare", "animal_welfare_ai", "urban_density")
+              for r in _docs(name, 40, 800, seed=7)]
+    corpus += list(qa_records(load_spec("animal_welfare_ai"), count=100, seed=7, created=STAMP))
+    assert check_corpus(corpus, index).hits == ()
