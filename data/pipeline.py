@@ -67,18 +67,23 @@ class EpochMapDataset(grain.MapDataset):
 class _ShardBatchIterDataset(grain.IterDataset):
     """Stacks `rows` rows from each shard's row stream, shard after shard: batch arrays [len(shards) * rows, ...]."""
 
-    def __init__(self, shards: Sequence[grain.IterDataset], rows: int):
+    def __init__(self, shards: Sequence[grain.IterDataset], rows: int, layout: dict[str, Any]):
         super().__init__(list(shards))
         self._rows = rows
+        self._layout = layout
 
     def __iter__(self) -> "_ShardBatchIterator":
-        return _ShardBatchIterator([iter(p) for p in self._parents], self._rows)
+        return _ShardBatchIterator([iter(p) for p in self._parents], self._rows, self._layout)
 
 
 class _ShardBatchIterator(grain.DatasetIterator):
-    def __init__(self, parents: list[grain.DatasetIterator], rows: int):
+    """layout: {"num_shards": S, "shards": [this process's shard ids]}, checked on restore (a state only fits the
+    shards it was saved from)."""
+
+    def __init__(self, parents: list[grain.DatasetIterator], rows: int, layout: dict[str, Any]):
         super().__init__(parents)
         self._rows = rows
+        self._layout = layout
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [next(p) for p in self._parents for _ in range(self._rows)]
@@ -88,12 +93,13 @@ class _ShardBatchIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"shards": [p.get_state() for p in self._parents]}
+        return {"layout": self._layout, "shards": [p.get_state() for p in self._parents]}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if len(state["shards"]) != len(self._parents):
-            raise ValueError(f"data iterator state has {len(state['shards'])} shards but this process builds "
-                             f"{len(self._parents)}; keep MixtureConfig.num_shards / the process count as saved")
+        if state["layout"] != self._layout:
+            raise ValueError(f"data iterator state was saved for data shards {state['layout']} but this process "
+                             f"builds {self._layout}; restore with the MixtureConfig.num_shards and process index it "
+                             "was saved with")
         for p, s in zip(self._parents, state["shards"]):
             p.set_state(s)
 
@@ -250,7 +256,7 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
         shard_streams.append(BlockMixIterDataset(row_streams, names=names, schedule=schedule,
                                                  on_exhausted=[c.on_exhausted for c in components],
                                                  max_epochs=[c.max_epochs for c in components]))
-    dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard)
+    dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard, {"num_shards": shards, "shards": list(local)})
     if config.worker_count:
         from absl import flags
 

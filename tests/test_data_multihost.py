@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from data.config import Component, MixtureConfig
@@ -33,6 +34,8 @@ def test_two_processes_are_disjoint_and_stack_to_one_process_stream(tmp_path):
     assert not seen[0] & seen[1]  # the two processes read disjoint documents
     assert procs[0].stats()["rows"] == procs[1].stats()["rows"] == 20
     assert one.stats()["components"]["a"]["rows"] == sum(p.stats()["components"]["a"]["rows"] for p in procs)
+    with pytest.raises(ValueError, match="saved for data shards"):
+        procs[0].iterator.set_state(procs[1].iterator.get_state())
 
 
 def test_global_batch_sharding():
