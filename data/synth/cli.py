@@ -183,7 +183,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data.synth", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m data.synth", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Synthetic document corpora for docmix: specs -> documents (offline templates or an LLM) -> "
+                    "hygiene -> JSONL the data pipeline reads. See docs/synth.md.",
+        epilog="typical workflow:\n"
+               "  python -m data.synth render --spec animal_welfare --count 2500 --out welfare.jsonl\n"
+               "  python -m data.synth generate --spec animal_welfare --model MODEL --base-url URL --out llm.jsonl\n"
+               "  python -m data.synth filter welfare.jsonl --out welfare.clean.jsonl\n"
+               "  python -m data.synth contamination welfare.clean.jsonl --eval questions.jsonl\n"
+               "  python -m data.synth stats welfare.clean.jsonl")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("render", help="render documents offline from templates (no model)",
                        description="Render documents from a spec with the offline template renderer. Deterministic: "
