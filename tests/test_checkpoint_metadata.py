@@ -1,0 +1,52 @@
+"""trainer.run_metadata: what a resume must match, and the error that lists every difference."""
+import dataclasses
+import logging
+
+import pytest
+
+from trainer import config, run_metadata
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return config.load([])
+
+
+def meta(run):
+    return run_metadata.build(run.model, run.mixture, step=10, tokens_seen={"replay": 5, "synthetic": 1})
+
+
+def test_same_run_passes_and_round_trips_model_config(demo):
+    saved = meta(demo)
+    run_metadata.check(saved, meta(demo), "ckpt")
+    assert run_metadata.model_config_from_dict(saved["model_config"]) == demo.model
+    assert saved["layout"] == "stacked" and len(saved["tokenizer_sha256"]) == 64
+
+
+def test_every_difference_is_named(demo):
+    other = dataclasses.replace(demo.model, hidden_size=256, num_layers=2)
+    current = meta(dataclasses.replace(demo, model=other))
+    current["tokenizer_sha256"] = "0" * 64
+    current["mixture"]["components"] = ["replay"]
+    with pytest.raises(run_metadata.CheckpointMismatch) as err:
+        run_metadata.check(meta(demo), current, "runs/x/checkpoints/10")
+    text = str(err.value)
+    for word in ("runs/x/checkpoints/10", "hidden_size", "num_hidden_layers", "tokenizer", "components", "init_from"):
+        assert word in text, text
+
+
+def test_new_weights_and_runtime_layout_are_allowed(demo, caplog):
+    run = config.load([], ["MIXTURE_WEIGHTS = {'replay': 0.5, 'synthetic': 0.5}", "ModelConfig.scan_layers = False"])
+    with caplog.at_level(logging.WARNING):
+        run_metadata.check(meta(demo), meta(run), "ckpt")
+    assert "new mixture weights" in caplog.text
+
+
+def test_run_files_load():
+    common = ["MODEL_DIR = '/tmp/x'", "INIT_FROM = '/hf'"]
+    mid = config.load(["runs/midtrain.gin"], common + ["REPLAY_FILES = ('a.jsonl',)", "SYNTHETIC_FILES = ('b.jsonl',)"])
+    assert mid.model.num_layers == 32 and mid.train.init_from == "/hf" and mid.mixture.tokenizer == "/hf"
+    sft = config.load(["runs/sft.gin", "mixtures/sft_with_synthetic.gin"],
+                      common + ["SFT_FILES = ('qa.jsonl',)", "SYNTHETIC_FILES = ('b.jsonl',)"])
+    assert [c.format for c in sft.mixture.components] == ["chat", "text"]
+    assert sft.mixture.weights == {"sft": 0.9, "synthetic": 0.1}
