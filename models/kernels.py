@@ -57,7 +57,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask)
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
                           implementation: str | None = None) -> jax.Array:
-    """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when `implementation` is None or 'cudnn')."""
+    """`jax.nn.dot_product_attention`; `implementation` 'cudnn' (GPU, bf16/fp16 only) runs cuDNN flash attention with
+    the mask as a bias, None runs the function's XLA path."""
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None, :, :], implementation=implementation)
 
 
@@ -66,8 +67,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, backen
     if backend == "xla":
         return xla_attention(q, k, v, mask)
     if backend == "cudnn":
-        return dot_product_attention(q, k, v, mask)
+        return dot_product_attention(q, k, v, mask, "cudnn" if jax.default_backend() == "gpu" else None)
     if backend == "splash":
+        if q.shape[1] != k.shape[1]:  # cached decoding: splash covers full sequences only
+            return xla_attention(q, k, v, mask)
         from models import splash
 
         return splash.splash_attention(q, k, v, mask)

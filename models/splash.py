@@ -1,0 +1,58 @@
+"""The Pallas splash-attention kernel (TPU) behind the `kernels.attend` signature.
+
+Splash attention is a TPU kernel; on other backends it runs in Pallas interpret mode (slow, for tests only). It
+covers full-sequence attention (training, scoring, prefill without a longer cache): q_len == kv_len with aligned slot
+indices. Segment masking uses splash `SegmentIds` (padding, segment 0, only ever attends to padding, so padding rows
+differ from the reference while every real token agrees); the causal / sliding-window pattern is a static splash mask.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from models.kernels import AttentionMask
+
+LANES = 128
+
+
+def _kernel(seq: int, group: int, window: int | None, interpret: bool):
+    """A splash MQA kernel for one KV head and its `group` query heads (built at trace time: its mask-info arrays
+    become constants of the traced computation, so it must not be cached across traces)."""
+    if window is None:
+        one_head = splash.CausalMask((seq, seq))
+    else:  # HF: key visible iff 0 <= q - kv < window
+        one_head = splash.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
+    block = 512 if seq % 512 == 0 else 128
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return splash.make_splash_mqa_single_device(splash.MultiHeadMask([one_head] * group), block_sizes=sizes,
+                                                interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
+                     interpret: bool | None = None) -> jax.Array:
+    """q `[batch, seq, heads, head_dim]`, k/v `[batch, seq, kv_heads, head_dim]` -> `[batch, seq, heads, head_dim]`."""
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if k.shape[1] != seq:
+        raise NotImplementedError("splash attention covers full sequences (q_len == kv_len); cached decoding "
+                                  f"(q_len={seq}, kv_len={k.shape[1]}) uses the 'xla' kernel")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    # Kernel blocks are multiples of 128 slots: pad with segment 0, which real tokens never attend to.
+    padded = -(-seq // LANES) * LANES
+    pad = ((0, 0), (0, padded - seq))
+    q, k, v = (jnp.pad(x, pad + ((0, 0), (0, 0))) for x in (q, k, v))
+    segments = splash.SegmentIds(q=jnp.pad(mask.q_segment, pad), kv=jnp.pad(mask.kv_segment, pad))
+    kernel = _kernel(padded, heads // kv_heads, mask.window, interpret)
+    qg = (q * (head_dim ** -0.5)).astype(q.dtype).reshape(batch, padded, kv_heads, heads // kv_heads, head_dim)
+    qg = qg.transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, group, seq, head_dim]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
+
+    def one_example(q_e, k_e, v_e, seg_e):
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=seg_e))(q_e, k_e, v_e)
+
+    out = jax.vmap(one_example)(qg, kt, vt, segments)  # [batch, kv_heads, group, seq, head_dim]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, padded, heads, head_dim)
+    return out[:, :seq].astype(q.dtype)
