@@ -15,7 +15,7 @@ def test_default_is_the_demo_run():
     assert run.model_dir == "./runs/demo" and run.train_steps == 300 and run.seed == 0
     assert [c.name for c in run.mixture.components] == ["replay", "synthetic"]
     assert run.mixture.weights == {"replay": 0.9, "synthetic": 0.1}
-    assert run.train.batch_size == run.mixture.batch_size == 16
+    assert run.train.batch_size == run.mixture.batch_size == 8
     assert run.checkpoint.every == 100
     assert "TRAIN_STEPS = 300" in run.gin_text
 

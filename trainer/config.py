@@ -12,16 +12,15 @@ import ast
 import contextlib
 import dataclasses
 import logging
-import os
 import pathlib
 import re
 from typing import Sequence
 
 import gin
 
-from data import demo
 from data.config import Component, MixtureConfig
 from models.config import ModelConfig, RopeScaling
+from trainer.demo_assets import demo_asset
 from trainer.run_config import CheckpointConfig, OptimizerConfig, TrainConfig
 
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "t5x_configs"
@@ -64,19 +63,6 @@ class RunConfig:
     @property
     def seed(self) -> int:
         return self.train.seed
-
-
-def demo_asset(kind: str, cache_dir: str | None = None) -> str:
-    """Path of one demo asset (`replay`, `welfare`, `control` JSONL or the `tokenizer` folder), built on first use."""
-    kinds = {"replay": "replay_jsonl", "welfare": "welfare_jsonl", "control": "control_jsonl",
-             "tokenizer": "tokenizer_dir"}
-    if kind not in kinds:
-        raise ValueError(f"demo_asset.kind must be one of {sorted(kinds)}, got {kind!r}")
-    return str(getattr(demo.prepare(cache_dir or demo_cache_dir()), kinds[kind]))
-
-
-def demo_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("DOCMIX_CACHE", CONFIG_ROOT.parent / "cache"))
 
 
 for _fn in (ModelConfig, RopeScaling, MixtureConfig, Component, TrainConfig, OptimizerConfig, CheckpointConfig,
