@@ -44,7 +44,7 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params(config) + attention
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` timed fp32 [n, n] @ [n, n] matmuls on the first device."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
