@@ -89,6 +89,24 @@ class Checkpointer:
         self.manager.close()
 
 
+def save_params(model_dir: str | pathlib.Path, model: Transformer, metadata: dict[str, Any], step: int = 0
+                ) -> pathlib.Path:
+    """Writes a params-only checkpoint (items `params`, `metadata`) at MODEL_DIR/checkpoints/<step>, synchronously.
+
+    restore_model and TrainConfig.init_from read it; it cannot be resumed (no optimizer or data state).
+    """
+    directory = pathlib.Path(model_dir) / CHECKPOINTS
+    manager = _manager(directory, CheckpointConfig(async_save=False))
+    try:
+        pure = layout.to_stacked(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config)
+        manager.save(step, force=True, args=ocp.args.Composite(params=ocp.args.StandardSave(pure),
+                                                               metadata=ocp.args.JsonSave(metadata)))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return directory / str(step)
+
+
 def _locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, int]:
     """(run dir, checkpoints dir, step) for a run directory (latest step) or one step directory."""
     path = pathlib.Path(path)

@@ -1,0 +1,73 @@
+"""Convert between Hugging Face folders and docmix's Orbax checkpoint layout (the one train.py writes).
+
+    python -m models.convert hf-to-orbax --hf_dir /path/llama-3.1-8b --out runs/llama8b_init
+    python -m models.convert orbax-to-hf --ckpt runs/demo [--step 300] --out runs/demo_hf [--dtype float32]
+
+hf-to-orbax writes a run-style directory: OUT/checkpoints/0/{params,metadata} (parameters in the stacked layout) and
+OUT/tokenizer/. Use it with `--gin.TrainConfig.init_from=OUT` or any tool that reads docmix runs (restore_model).
+orbax-to-hf reads a run directory (latest checkpoint, or --step) or a step directory and writes config.json,
+safetensors and the run's tokenizer files.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+def hf_to_orbax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, param_dtype: str = "float32") -> pathlib.Path:
+    """Returns the step directory written."""
+    from models import hf_io
+    from trainer import checkpoint, run_metadata
+
+    hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
+    if (out / checkpoint.CHECKPOINTS).exists():
+        raise FileExistsError(f"{out}/{checkpoint.CHECKPOINTS} already exists; choose a new --out")
+    model, config = hf_io.load_pretrained(hf_dir, param_dtype=param_dtype, scan_layers=True)
+    has_tokenizer = (hf_dir / "tokenizer.json").is_file()
+    step_dir = checkpoint.save_params(out, model, run_metadata.for_params_only(
+        config, hf_dir if has_tokenizer else None, source=str(hf_dir.absolute())))
+    if has_tokenizer:
+        run_metadata.copy_tokenizer(hf_dir, out)
+    return step_dir
+
+
+def orbax_to_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
+                dtype: str = "bfloat16") -> pathlib.Path:
+    from trainer import checkpoint, export
+
+    path = pathlib.Path(ckpt)
+    if step is not None:
+        path = path / checkpoint.CHECKPOINTS / str(step)
+    model, _, tokenizer_dir = checkpoint.restore_model(path)
+    return export.export(model, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-orbax", help="Hugging Face folder -> docmix Orbax run directory")
+    a.add_argument("--hf_dir", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16"))
+    b = sub.add_parser("orbax-to-hf", help="docmix run/step directory -> Hugging Face folder")
+    b.add_argument("--ckpt", required=True, help="run directory (latest checkpoint) or a checkpoints/<step> directory")
+    b.add_argument("--step", type=int, default=None)
+    b.add_argument("--out", required=True)
+    b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hf-to-orbax":
+            done = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype)
+        else:
+            done = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"models.convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {done}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
