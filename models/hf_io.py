@@ -15,11 +15,11 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from safetensors import safe_open
 
 from models import sharding
 from models.config import ModelConfig
 from models.hf_names import TensorMap, hf_shape, tensor_maps
+from models.safetensors_read import TensorReader, read_header
 from models.transformer import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -48,34 +48,11 @@ def weight_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
             weight_map = json.load(f)["weight_map"]
         return {name: hf_dir / file for name, file in weight_map.items()}
     if (hf_dir / SINGLE_FILE).exists():
-        with safe_open(hf_dir / SINGLE_FILE, "numpy") as f:
-            return {name: hf_dir / SINGLE_FILE for name in f.keys()}
+        return {name: hf_dir / SINGLE_FILE for name in read_header(hf_dir / SINGLE_FILE)[0]}
     raise FileNotFoundError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights are loaded)")
 
 
-class _Reader:
-    """Opens each safetensors file once and reads headers or single tensors on demand."""
-
-    def __init__(self, files: dict[str, pathlib.Path]):
-        self.files = files
-        self._handles: dict[pathlib.Path, Any] = {}
-
-    def _handle(self, name: str):
-        path = self.files[name]
-        if path not in self._handles:
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: listed in {INDEX_FILE} for tensor {name!r} but missing")
-            self._handles[path] = safe_open(path, "numpy")
-        return self._handles[path]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def tensor(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
-
-
-def _validate(reader: _Reader, maps: list[TensorMap], shapes: dict[tuple, tuple[int, ...]], config: ModelConfig):
+def _validate(reader: TensorReader, maps: list[TensorMap], shapes: dict[tuple, tuple[int, ...]], config: ModelConfig):
     """Missing / unexpected / mis-shaped tensors -> CheckpointMismatchError naming each (before any data is read)."""
     expected: dict[str, tuple[int, ...]] = {}
     for tmap in maps:
@@ -126,7 +103,7 @@ def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, par
     every parameter is placed with the sharding its logical axes resolve to; otherwise on the default device.
     """
     config = read_config(hf_dir, param_dtype=param_dtype, **runtime)
-    reader = _Reader(weight_files(hf_dir))
+    reader = TensorReader(weight_files(hf_dir))
     abstract_model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     abstract = nnx.to_pure_dict(abstract_state)
@@ -143,7 +120,7 @@ def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, par
         return jax.device_put(host, target if isinstance(target, NamedSharding) else None)
 
     def read(tmap: TensorMap, name: str) -> np.ndarray:
-        return tmap.to_ours(reader.tensor(name), shapes[tmap.path]).astype(dtype)
+        return tmap.to_ours(reader.tensor(name), shapes[tmap.path]).astype(dtype, copy=False)
 
     loaded = jax.tree.map(lambda _: None, abstract)
     for tmap in maps:
@@ -166,7 +143,7 @@ def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, par
     return nnx.merge(graphdef, abstract_state), config
 
 
-def _check_tied(reader: _Reader, embedding: jax.Array) -> None:
+def _check_tied(reader: TensorReader, embedding: jax.Array) -> None:
     """A tied checkpoint that still stores lm_head.weight must store the embedding there; anything else is a
     different network."""
     head = reader.tensor("lm_head.weight")
