@@ -2,8 +2,8 @@
 the neutral-control shift, against a 0% twin (same seed, same steps), over several seeds per arm?
 
     .venv/bin/python bench/demo_experiment.py prepare [--seeds 0 1 2] [--steps 300] [--share 0.25] [--matched_control]
-    .venv/bin/python bench/demo_device.py runs/demo_prep runs/demo_device_out     # any JAX device (CPU works, slowly)
-    .venv/bin/python bench/demo_experiment.py analyze runs/demo_device_out/results.json
+    .venv/bin/python bench/demo_device.py .demo/prep .demo/out     # any JAX device (CPU works, slowly)
+    .venv/bin/python bench/demo_experiment.py analyze .demo/out/results.json --prep .demo/prep
 
 prepare: for every (arm, seed) the run config is loaded exactly as train.py loads it (`trainer.config.load` of
   runs/demo.gin plus --gin bindings) and its first STEPS global batches are drawn from `data.pipeline.build`:
@@ -146,9 +146,11 @@ def compare(results: dict, runs: list[dict], treat: str, base: str, pair_sets: d
 
 
 def analyze(args: argparse.Namespace) -> None:
-    results = json.loads(args.results.read_text())
-    manifest = json.loads((args.prep / "manifest.json").read_text())
-    runs = [r for r in manifest["runs"] if r["name"] in results]
+    """Several device result files and prep folders (e.g. more seeds prepared later) are merged by run name."""
+    results = {k: v for path in args.results for k, v in json.loads(path.read_text()).items()}
+    manifests = [json.loads((prep / "manifest.json").read_text()) for prep in args.prep]
+    manifest = manifests[0]
+    runs = [r for m in manifests for r in m["runs"] if r["name"] in results]
     pair_sets = {s: probes.read_pairs(SETS / f"{s}.jsonl") for s in manifest["probe_sets"]}
     args.out.mkdir(parents=True, exist_ok=True)
     run_dirs = [write_run_dir(args.runs, r, results[r["name"]], pair_sets) for r in runs]
@@ -197,11 +199,11 @@ def main() -> None:
     pp.add_argument("--share", type=float, default=0.25)
     pp.add_argument("--matched_control", action="store_true", help="also the matched control-document arm")
     pp.add_argument("--tag", default="", help="prefix of the run names (to keep variants apart)")
-    pp.add_argument("--prep", type=pathlib.Path, default=REPO / "runs" / "demo_prep")
+    pp.add_argument("--prep", type=pathlib.Path, default=REPO / ".demo" / "prep")
     pa = sub.add_parser("analyze")
-    pa.add_argument("results", type=pathlib.Path)
-    pa.add_argument("--prep", type=pathlib.Path, default=REPO / "runs" / "demo_prep")
-    pa.add_argument("--runs", type=pathlib.Path, default=REPO / "runs" / "demo_experiment")
+    pa.add_argument("results", type=pathlib.Path, nargs="+")
+    pa.add_argument("--prep", type=pathlib.Path, nargs="+", default=[REPO / ".demo" / "prep"])
+    pa.add_argument("--runs", type=pathlib.Path, default=REPO / ".demo" / "runs")
     pa.add_argument("--out", type=pathlib.Path, default=REPO / "bench" / "results" / "demo_experiment")
     args = p.parse_args()
     prepare(args) if args.cmd == "prepare" else analyze(args)

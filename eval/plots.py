@@ -6,6 +6,7 @@ eval.report saves as plots.json, so the figures can be checked and re-drawn with
 from __future__ import annotations
 
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,8 +87,14 @@ def against_step(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> dict[str
     return panels
 
 
+def arm_name(run: str) -> str:
+    """Runs that differ only by a seed suffix (`_s3`, `-seed3`) are one arm: one series (and colour) per arm."""
+    return re.sub(r"[_-](s|seed)\d+$", "", run)
+
+
 def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pathlib.Path) -> dict[str, Series]:
-    """Each run's final checkpoint against its mixture share of `share_component` (seeds are separate points)."""
+    """Each run's final checkpoint against its mixture share of `share_component`: one series per arm (runs named
+    alike up to a seed suffix), seeds as separate points."""
     final_step: dict[str, int] = {}
     for r in rows:
         if r.get("share") is not None and r["step"] is not None:
@@ -98,7 +105,7 @@ def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pa
         if r["run"] in final_step and r["step"] == final_step[r["run"]]:
             final.setdefault(r["run"], {}).update(r)
     last = list(final.values())
-    panels = _panels(_metrics(last), last, lambda r: r["share"], lambda r: "final checkpoint")
+    panels = _panels(_metrics(last), last, lambda r: r["share"], lambda r: arm_name(r["run"]))
     _draw(panels, f"mixture share of '{share_component}'", path, lines=False)
     return panels
 

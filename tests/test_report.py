@@ -83,10 +83,12 @@ def test_plots_hold_the_data(runs, tmp_path):
     assert step["held-out loss: general"]["share0"] == [[50, 4.0, 4.0, 4.0], [100, 3.5, 3.5, 3.5]]
     share = plotted["vs_share.png"]
     # Final checkpoints against share: share0's eval/100 and hf export (also step 100) are merged.
-    points = sorted(p[:2] for p in share["probe margin: welfare (nats/token)"]["final checkpoint"])
-    np.testing.assert_allclose(points, [[0.0, 0.2], [0.25, 0.5]])
-    assert sorted(p[:2] for p in share["held-out loss: general"]["final checkpoint"]) == [[0.0, 3.5], [0.25, 3.7]]
-    assert share["ANIMA overall_mean"]["final checkpoint"] == [[0.0, 0.3, 0.3, 0.3]]
+    margin = share["probe margin: welfare (nats/token)"]
+    np.testing.assert_allclose([p[:2] for p in margin["share0"]] + [p[:2] for p in margin["share25"]],
+                               [[0.0, 0.2], [0.25, 0.5]])
+    held = share["held-out loss: general"]
+    assert held["share0"][0][:2] == [0.0, 3.5] and held["share25"][0][:2] == [0.25, 3.7]
+    assert share["ANIMA overall_mean"] == {"share0": [[0.0, 0.3, 0.3, 0.3]]}
     curves = plotted["training_loss.png"]["training loss"]
     assert len(curves["share0"]) == 11
     np.testing.assert_allclose(curves["share25"][-1][:2], [100, 3.75])
@@ -104,3 +106,9 @@ def test_bad_metrics_line_is_named(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{"loss": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: record lacks \['step'\]"):
         report.main([str(run), "--out", str(tmp_path / "o")])
+
+
+def test_arm_name_strips_seed_suffix():
+    from eval.plots import arm_name
+
+    assert arm_name("welfare_s12") == "welfare" and arm_name("base-seed3") == "base" and arm_name("share25") == "share25"
