@@ -27,16 +27,17 @@ def test_every_difference_is_named(demo):
     other = dataclasses.replace(demo.model, hidden_size=256, num_layers=2)
     current = meta(dataclasses.replace(demo, model=other))
     current["tokenizer_sha256"] = "0" * 64
-    current["mixture"]["components"] = ["replay"]
+    current["mixture"]["seq_len"] = 64
     with pytest.raises(run_metadata.CheckpointMismatch) as err:
         run_metadata.check(meta(demo), current, "runs/x/checkpoints/10")
     text = str(err.value)
-    for word in ("runs/x/checkpoints/10", "hidden_size", "num_hidden_layers", "tokenizer", "components", "init_from"):
+    for word in ("runs/x/checkpoints/10", "hidden_size", "num_hidden_layers", "tokenizer", "seq_len", "init_from"):
         assert word in text, text
 
 
 def test_new_weights_and_runtime_layout_are_allowed(demo, caplog):
-    run = config.load([], ["MIXTURE_WEIGHTS = {'replay': 0.5, 'synthetic': 0.5}", "ModelConfig.scan_layers = False"])
+    run = config.load([], ["MIXTURE_WEIGHTS = {'replay': 1.0, 'synthetic': 0.0}", "ModelConfig.scan_layers = False"])
+    assert [c.name for c in run.mixture.active_components] == ["replay"]
     with caplog.at_level(logging.WARNING):
         run_metadata.check(meta(demo), meta(run), "ckpt")
     assert "new mixture weights" in caplog.text

@@ -76,7 +76,7 @@ def _check_vocab(run: RunConfig) -> None:
                          f"{run.model.vocab_size}: token ids would index past the embedding")
 
 
-def _batch_spec(mesh, batch_size: int) -> P:
+def batch_spec(mesh, batch_size: int) -> P:
     spec = sharding.logical_to_spec(("act_batch",), (batch_size,), dict(mesh.shape))
     return P(spec[0])
 
@@ -138,10 +138,10 @@ def train(run: RunConfig) -> Summary:
         state_sh, mesh, t.batch_size, graphdef=graphdef, tx=tx, lr_schedule=optimizer.schedule(run.optimizer,
                                                                                                 t.train_steps),
         config=step_lib.StepConfig(num_components=len(names), microbatches=t.microbatches, z_loss=t.z_loss))
-    spec = _batch_spec(mesh, t.batch_size)
+    spec = batch_spec(mesh, t.batch_size)
     compile_start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = step_fn.lower(state, _example_batch(t, mesh)).compile()
+        compiled = step_fn.lower(state, example_batch(t, mesh)).compile()
     log.info("compiled the train step in %.1fs", time.perf_counter() - compile_start)
     eval_fn = step_lib.jit_eval_step(state_sh.params, mesh, t.batch_size, graphdef=graphdef,
                                      num_components=len(eval_names)) if eval_batches else None
@@ -224,7 +224,7 @@ def train(run: RunConfig) -> Summary:
                    export=export_dir)
 
 
-def _example_batch(t, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def example_batch(t, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract global batch (design.md's batch keys) for compiling the step ahead of the loop."""
     shardings = step_lib.batch_shardings(mesh, t.batch_size)
     kinds = {"tokens": (np.int32, 2), "segment_ids": (np.int32, 2), "positions": (np.int32, 2),

@@ -1,9 +1,9 @@
 """What a checkpoint records about the run that wrote it, and the check that a resume matches it.
 
-A resume with another model (any Hugging Face field), another tokenizer (sha256 of tokenizer.json), other mixture
-components, another row length or batch size is refused with a message that names every difference: continuing
-would silently train a different network or read a different data stream. Mixture weights may change (the data
-pipeline's documented behaviour applies); the code version is recorded, and a difference is only logged.
+A resume with another model (any Hugging Face field), another tokenizer (sha256 of tokenizer.json), another row length
+or batch size is refused with a message that names every difference: continuing would silently train a different
+network or tokenize differently. Mixture weights and components may change (data.pipeline continues each component by
+name and re-anchors its block grid; docs/data.md); the code version is recorded, and a difference is only logged.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     if saved["tokenizer_sha256"] != current["tokenizer_sha256"]:
         problems.append(f"tokenizer sha256: checkpoint {saved['tokenizer_sha256'][:12]}, "
                         f"config {current['tokenizer_sha256'][:12]}")
-    for key in ("components", "seq_len", "batch_size"):
+    for key in ("seq_len", "batch_size"):
         if saved["mixture"][key] != current["mixture"][key]:
             problems.append(f"mixture {key}: checkpoint {saved['mixture'][key]!r}, config {current['mixture'][key]!r}")
     if problems:
@@ -120,8 +120,8 @@ def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
             f"{where} was written by a different run configuration and cannot be resumed:\n  - "
             + "\n  - ".join(problems)
             + "\nUse a new MODEL_DIR, or start a new run from it with --gin.TrainConfig.init_from=<that run dir>.")
-    if saved["mixture"]["weights"] != current["mixture"]["weights"]:
-        log.warning("resuming %s with new mixture weights %s (checkpoint: %s)", where,
+    if saved["mixture"]["weights"] != current["mixture"]["weights"]:  # data.pipeline re-anchors its block grid
+        log.warning("resuming %s with new mixture weights %s (checkpoint: %s); see docs/data.md", where,
                     current["mixture"]["weights"], saved["mixture"]["weights"])
     if saved.get("code_version") != current.get("code_version"):
         log.info("resuming %s written by code %s with code %s", where, saved.get("code_version"),
