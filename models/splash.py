@@ -7,10 +7,14 @@ differ from the reference while every real token agrees); the causal / sliding-w
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
+from models import sharding
 from models.kernels import AttentionMask
 
 LANES = 128
@@ -32,20 +36,40 @@ def _kernel(seq: int, group: int, window: int | None, interpret: bool):
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
                      interpret: bool | None = None) -> jax.Array:
-    """q `[batch, seq, heads, head_dim]`, k/v `[batch, seq, kv_heads, head_dim]` -> `[batch, seq, heads, head_dim]`."""
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    """q `[batch, seq, heads, head_dim]`, k/v `[batch, seq, kv_heads, head_dim]` -> `[batch, seq, heads, head_dim]`.
+
+    Under a `jax.set_mesh` mesh the kernel runs per device inside `jax.shard_map`: batch split like activations
+    (`act_batch`), heads split over `tensor` when the KV heads divide evenly (a Pallas call cannot be partitioned
+    automatically, so without this every device would gather and compute the whole attention).
+    """
+    seq = q.shape[1]
     if k.shape[1] != seq:
         raise NotImplementedError("splash attention covers full sequences (q_len == kv_len); cached decoding "
                                   f"(q_len={seq}, kv_len={k.shape[1]}) uses the 'xla' kernel")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
+    local = functools.partial(_local_attention, window=mask.window, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, mask.q_segment, mask.kv_segment)
+    mesh_shape = dict(mesh.shape)
+    batch_axes = sharding.logical_to_spec(("act_batch",), q.shape[:1], mesh_shape)[0]
+    tensor = mesh_shape.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and k.shape[2] % tensor == 0 else None
+    heads_spec, rows_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads_spec,) * 3 + (rows_spec,) * 2, out_specs=heads_spec,
+                         check_vma=False)(q, k, v, mask.q_segment, mask.kv_segment)
+
+
+def _local_attention(q, k, v, q_segment, kv_segment, *, window: int | None, interpret: bool) -> jax.Array:
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
     # Kernel blocks are multiples of 128 slots: pad with segment 0, which real tokens never attend to.
     padded = -(-seq // LANES) * LANES
     pad = ((0, 0), (0, padded - seq))
     q, k, v = (jnp.pad(x, pad + ((0, 0), (0, 0))) for x in (q, k, v))
-    segments = splash.SegmentIds(q=jnp.pad(mask.q_segment, pad), kv=jnp.pad(mask.kv_segment, pad))
-    kernel = _kernel(padded, heads // kv_heads, mask.window, interpret)
+    segments = splash.SegmentIds(q=jnp.pad(q_segment, pad), kv=jnp.pad(kv_segment, pad))
+    kernel = _kernel(padded, heads // kv_heads, window, interpret)
     qg = (q * (head_dim ** -0.5)).astype(q.dtype).reshape(batch, padded, kv_heads, heads // kv_heads, head_dim)
     qg = qg.transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, group, seq, head_dim]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]

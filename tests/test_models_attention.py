@@ -70,3 +70,23 @@ def test_splash_model_decodes_with_xla_steps(mistral_dir):
     splash_model, _ = hf_io.load_pretrained(mistral_dir, attention="splash")
     assert decode.generate(splash_model, [prompt], 3) == decode.generate(hf_io.load_pretrained(mistral_dir)[0],
                                                                           [prompt], 3)
+
+
+def test_splash_on_a_mesh_matches_single_device(mistral_dir):
+    """Under a mesh the kernel runs per shard (batch over data/fsdp, heads over tensor) inside shard_map."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from models import sharding
+
+    tokens = random_tokens(4, 12)
+    segment_ids = np.array([[1] * 5 + [2] * 7] * 4, np.int32)
+    reference = jax_logits(hf_io.load_pretrained(mistral_dir)[0], tokens, segment_ids)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    model, _ = hf_io.load_pretrained(mistral_dir, mesh=mesh, attention="splash")
+    with jax.set_mesh(mesh):
+        rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+        fn = nnx.jit(lambda m, t, s: m(t, s))
+        got = np.asarray(fn(model, jax.device_put(tokens, rows), jax.device_put(segment_ids, rows)))
+        assert "shard_map" in str(jax.make_jaxpr(lambda t, s: model(t, s))(tokens, segment_ids))
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5)
