@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +24,7 @@ from flax import nnx
 
 from eval import chat, loading, sampling
 from eval.sampling import SamplingParams
-from models.cache import KVCache
+from models import decode
 
 # Prompt and cache lengths are rounded up to these multiples so that a server compiles a handful of shapes, not one
 # per request. Extra left padding is invisible to attention.
@@ -50,32 +49,35 @@ def _row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill(graphdef, state, cache, tokens, segment_ids, positions, seeds, temperature, top_p):
-    """tokens/segment_ids/positions `[batch, prompt]` (left-padded) -> first new tokens `[batch]`, cache."""
-    logits, cache = nnx.merge(graphdef, state).forward(tokens, segment_ids, positions, cache)
-    return sampling.select_tokens(logits[:, -1], _row_keys(seeds, 0), temperature, top_p), cache
+def _prefill(graphdef, state, cache, tokens, segment_ids, seeds, temperature, top_p):
+    """Left-padded tokens/segment_ids `[batch, prompt]` -> (first new tokens `[batch]`, their positions, cache)."""
+    logits, positions, cache = decode.prefill(nnx.merge(graphdef, state), tokens, segment_ids, cache)
+    return sampling.select_tokens(logits, _row_keys(seeds, 0), temperature, top_p), positions, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _step(graphdef, state, cache, tokens, positions, step, seeds, temperature, top_p):
-    """tokens `[batch]` (the previous step's), positions `[batch]` (where they go) -> next tokens `[batch]`, cache."""
-    ones = jnp.ones_like(tokens)[:, None]
-    logits, cache = nnx.merge(graphdef, state).forward(tokens[:, None], ones, positions[:, None], cache)
-    return sampling.select_tokens(logits[:, 0], _row_keys(seeds, step), temperature, top_p), cache
+    """The previous tokens `[batch]` at `positions` `[batch]` -> (next tokens `[batch]`, cache)."""
+    logits, cache = decode.decode_step(nnx.merge(graphdef, state), tokens, positions, cache)
+    return sampling.select_tokens(logits, _row_keys(seeds, step), temperature, top_p), cache
 
 
-def _finish(ids: list[int], params: SamplingParams, eos_ids: frozenset[int], decode: Callable[[Sequence[int]], str],
+# Plain jax.jit, not models.xla_cpu.jit: on a CPU its accurate float32 dots make a decode step of 2-4 rows ~5x slower
+# (0.8 s vs 0.17 s for SmolLM2), and greedy text still matches transformers without them (tests/test_generate.py).
+_prefill_jit = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
+_step_jit = jax.jit(_step, static_argnums=0, donate_argnums=2)
+
+
+def _finish(ids: list[int], params: SamplingParams, eos_ids: frozenset[int], detokenize: Callable[[Sequence[int]], str],
             prompt_tokens: int, final: bool) -> Completion | None:
     """The completion of one row if its generated `ids` end it (EOS, stop string, length), else None."""
     ids = ids[:params.max_new_tokens]  # the batch may run longer than this row asked for
     eos_at = next((i for i, t in enumerate(ids) if t in eos_ids), None)
     body = ids if eos_at is None else ids[:eos_at]
-    text = decode(body)
+    text = detokenize(body)
     cut = sampling.find_stop(text, params.stop)
     if cut is not None:
         # Keep the tokens up to the one that completed the stop string.
-        n = next(k for k in range(1, len(body) + 1) if sampling.find_stop(decode(body[:k]), params.stop) is not None)
+        n = next(k for k in range(1, len(body) + 1) if sampling.find_stop(detokenize(body[:k]), params.stop) is not None)
         return Completion(text[:cut], tuple(body[:n]), "stop", prompt_tokens)
     if eos_at is not None:
         return Completion(text, tuple(body), "stop", prompt_tokens)
@@ -85,11 +87,11 @@ def _finish(ids: list[int], params: SamplingParams, eos_ids: frozenset[int], dec
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-             *, eos_ids: Sequence[int], decode: Callable[[Sequence[int]], str], pad_id: int = 0,
+             *, eos_ids: Sequence[int], detokenize: Callable[[Sequence[int]], str], pad_id: int = 0,
              check_every: int = 8) -> list[Completion]:
     """Generates a completion for each prompt (token ids) in one batch.
 
-    `params` is one SamplingParams for all rows or one per row. `decode` turns ids into text (for stop strings);
+    `params` is one SamplingParams for all rows or one per row. `detokenize` turns ids into text (for stop strings);
     `eos_ids` end a row. The cache holds max(prompt) + max(max_new_tokens) slots, rounded up to buckets.
     """
     batch = len(prompts)
@@ -107,25 +109,21 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: Sampli
         raise ValueError(f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                          f"max_position_embeddings ({limit})")
 
-    tokens = np.full((batch, prompt_len), pad_id, np.int32)
-    segment_ids = np.zeros((batch, prompt_len), np.int32)
-    positions = np.zeros((batch, prompt_len), np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, prompt_len - len(prompt):] = prompt
-        segment_ids[row, prompt_len - len(prompt):] = 1
-        positions[row, prompt_len - len(prompt):] = np.arange(len(prompt))
+    tokens, segment_ids = decode.left_pad(prompts, pad_id)
+    extra = ((0, 0), (prompt_len - tokens.shape[1], 0))  # more left padding, up to the bucket
+    tokens, segment_ids = np.pad(tokens, extra, constant_values=pad_id), np.pad(segment_ids, extra)
     temperature = jnp.asarray([p.temperature for p in row_params], jnp.float32)
     top_p = jnp.asarray([p.top_p for p in row_params], jnp.float32)
     seeds = jnp.asarray([p.seed for p in row_params], jnp.uint32)
 
     graphdef, state = nnx.split(model)
-    cache = KVCache.zeros(model.config, batch, cache_len)
-    next_tokens, cache = _prefill(graphdef, state, cache, tokens, segment_ids, positions, seeds, temperature, top_p)
+    cache = decode.init_cache(model, batch, cache_len)
+    next_tokens, next_positions, cache = _prefill_jit(graphdef, state, cache, tokens, segment_ids, seeds,
+                                                      temperature, top_p)
     eos = frozenset(int(e) for e in eos_ids)
     generated: list[list[int]] = [[] for _ in range(batch)]
     done: dict[int, Completion] = {}
     pending = [next_tokens]
-    next_positions = jnp.asarray(lengths, jnp.int32)  # where the first generated token goes
     for step in range(1, max_new + 1):
         final = step == max_new
         if final or step % check_every == 0:
@@ -135,13 +133,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], params: Sampli
                 if row in done:
                     continue
                 generated[row].extend(int(t) for t in new[row])
-                completion = _finish(generated[row], row_params[row], eos, decode, lengths[row], final)
+                completion = _finish(generated[row], row_params[row], eos, detokenize, lengths[row], final)
                 if completion is not None:
                     done[row] = completion
             if len(done) == batch:
                 break
-        next_tokens, cache = _step(graphdef, state, cache, next_tokens, next_positions, np.int32(step), seeds,
-                                   temperature, top_p)
+        next_tokens, cache = _step_jit(graphdef, state, cache, next_tokens, next_positions, np.int32(step), seeds,
+                                       temperature, top_p)
         next_positions = next_positions + 1
         pending.append(next_tokens)
     return [done[row] for row in range(batch)]
@@ -161,10 +159,13 @@ class Generator:
             return self.tokenizer.encode(prompt)
         return self.tokenizer.encode_chat(prompt)
 
+    def generate_ids(self, prompts: Sequence[Sequence[int]],
+                     params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        return generate(self.model, prompts, params, eos_ids=self.tokenizer.eos_ids, detokenize=self.tokenizer.decode)
+
     def __call__(self, prompts: Sequence[str | Sequence[Mapping[str, Any]]],
                  params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
-        return generate(self.model, [self.encode(p) for p in prompts], params, eos_ids=self.tokenizer.eos_ids,
-                        decode=self.tokenizer.decode)
+        return self.generate_ids([self.encode(p) for p in prompts], params)
 
 
 def load(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None) -> Generator:

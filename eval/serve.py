@@ -105,9 +105,7 @@ class Server(http.server.ThreadingHTTPServer):
                  default_max_tokens: int = 512, api_key: str | None = None):
         super().__init__(address, Handler)
         self.generator = generator
-        self.batcher = Batcher(lambda prompts, params: generate.generate(
-            generator.model, prompts, params, eos_ids=generator.tokenizer.eos_ids, decode=generator.tokenizer.decode),
-            max_batch=max_batch)
+        self.batcher = Batcher(generator.generate_ids, max_batch=max_batch)
         self.default_max_tokens = default_max_tokens
         self.api_key = api_key
         self.created = int(time.time())

@@ -26,6 +26,7 @@ def greedy_batch(generator):
     return generator(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
 
 
+@pytest.mark.slow  # ~30 s on an idle 2-core machine: first compile of the batch plus transformers' own generate
 def test_greedy_matches_transformers_generate(smollm2_dir, generator, greedy_batch):
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
