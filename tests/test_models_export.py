@@ -73,3 +73,20 @@ def test_no_safetensors_is_an_error(tmp_path, llama_dir):
     (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="only safetensors"):
         hf_io.load_pretrained(tmp_path)
+
+
+def test_config_errors_come_before_weights(llama_dir, tmp_path):
+    from models.config import UnsupportedConfigError
+
+    config = json.loads((llama_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedConfigError, match="GPT2LMHeadModel"):
+        hf_io.load_pretrained(tmp_path)  # no weights in this folder: the config is rejected first
+
+
+def test_tied_config_with_a_different_lm_head_is_an_error(llama_dir, tmp_path):
+    (tmp_path / "model.safetensors").symlink_to(llama_dir / "model.safetensors")
+    config = json.loads((llama_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(hf_io.CheckpointMismatchError, match="lm_head.weight differs"):
+        hf_io.load_pretrained(tmp_path)
