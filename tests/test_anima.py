@@ -3,6 +3,7 @@ import json
 import re
 
 import pytest
+import torch
 from inspect_ai.log import read_eval_log
 from inspect_ai.model import ModelOutput, ModelUsage, get_model
 
@@ -59,6 +60,16 @@ def test_model_argument_errors(tmp_path):
         anima.run("mockllm/model", "mockllm/model", dataset_dir=tmp_path)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Inspect's hf provider runs torch in this process. Under `pytest -n 2` on 2 cores, torch's default OpenMP threads
+    oversubscribe the CPU: SmolLM2 generated 16 tokens for 2 prompts in 31 s with 2 threads, 3.7 s with 1."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def check_real_run(result: dict, out_file, n_questions: int) -> None:
     """Generation, grading, parsing and aggregation in the log agree with the saved result."""
     assert json.loads(out_file.read_text()) == result
@@ -87,7 +98,7 @@ def check_real_run(result: dict, out_file, n_questions: int) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_hf_folder_end_to_end(smollm2_dir, anima_dir, tmp_path, capsys):
+def test_smollm2_hf_folder_end_to_end(smollm2_dir, anima_dir, tmp_path, capsys, one_torch_thread):
     # A folder of links, so the result lands "beside the checkpoint" without writing into the shared fixture.
     hf = tmp_path / "hf"
     hf.mkdir()

@@ -7,6 +7,7 @@ import transformers
 
 from eval import generate
 from eval.sampling import SamplingParams
+from tests.test_anima import one_torch_thread  # noqa: F401 (a fixture)
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -27,7 +28,7 @@ def greedy_batch(generator):
 
 
 @pytest.mark.slow  # ~30 s on an idle 2-core machine: first compile of the batch plus transformers' own generate
-def test_greedy_matches_transformers_generate(smollm2_dir, generator, greedy_batch):
+def test_greedy_matches_transformers_generate(smollm2_dir, generator, greedy_batch, one_torch_thread):
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     for prompt, ours in zip(PROMPTS, greedy_batch):

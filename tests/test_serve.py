@@ -12,18 +12,18 @@ import openai
 import pytest
 
 from eval import anima
-from tests.test_anima import check_real_run
+from tests.test_anima import check_real_run, one_torch_thread  # noqa: F401 (a fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+KEY = "test-key-not-secret"  # the server then requires it as the Bearer token
 
 
 @pytest.fixture(scope="module")
 def server_url(smollm2_dir):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    env.pop(anima.API_KEY_ENV, None)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", anima.API_KEY_ENV: KEY}
     proc = subprocess.Popen([sys.executable, "-m", "eval.serve", "--model", str(smollm2_dir), "--port", "0",
-                             "--max_batch", "4"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+                             "--max_batch", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         line = proc.stdout.readline()
@@ -38,7 +38,7 @@ def server_url(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def client(server_url):
-    return openai.OpenAI(base_url=server_url, api_key="unused", max_retries=0, timeout=600)
+    return openai.OpenAI(base_url=server_url, api_key=KEY, max_retries=0, timeout=600)
 
 
 def _ask(client, messages, **kwargs):
@@ -58,6 +58,12 @@ def test_models_and_a_real_chat_request(client):
     two = _ask(client, QUESTION, max_tokens=3, temperature=0, n=2)
     assert [c.finish_reason for c in two.choices] == ["length", "length"]
     assert two.choices[0].message.content == two.choices[1].message.content == "The capital of"
+
+
+def test_a_wrong_api_key_is_refused(server_url):
+    wrong = openai.OpenAI(base_url=server_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
 
 
 def _health(server_url):
@@ -91,7 +97,8 @@ def test_bad_requests_get_400(client, kwargs, match):
 
 
 @pytest.mark.slow
-def test_anima_through_the_server(server_url, smollm2_dir, anima_dir, tmp_path):
+def test_anima_through_the_server(server_url, smollm2_dir, anima_dir, tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setenv(anima.API_KEY_ENV, KEY)
     out = tmp_path / "anima.json"
     result = anima.run(server_url, f"hf/{smollm2_dir}", dataset_dir=anima_dir, epochs=1, limit=1, max_tokens=16,
                        grader_max_tokens=16, out=out)
