@@ -80,6 +80,7 @@ def prepare(args: argparse.Namespace) -> None:
             files, weights = gin_args(arm, args.share)
             bindings = [f"MIXTURE_WEIGHTS = {weights!r}", f"SEED = {seed}", f"TRAIN_STEPS = {args.steps}",
                         f"MODEL_DIR = 'runs/demo_experiment/{args.tag}{arm}_s{seed}'"]
+            bindings += [f"BATCH_SIZE = {args.batch_size}"] if args.batch_size else []
             cfg = trainer_config.load(files, bindings)
             mixture = mixture or cfg.mixture
             name = f"{args.tag}{arm}_s{seed}"
@@ -94,7 +95,8 @@ def prepare(args: argparse.Namespace) -> None:
                          "components": [c.name for c in cfg.mixture.active_components]})
             print("prepared", name, flush=True)
     held = heldout_sources(prep)
-    full = trainer_config.load(["runs/demo.gin"], ["MODEL_DIR = 'unused'"]).mixture  # both components active
+    full = trainer_config.load(["runs/demo.gin"], ["MODEL_DIR = 'unused'"]
+                               + ([f"BATCH_SIZE = {args.batch_size}"] if args.batch_size else [])).mixture
     comps = {c.name: c for c in heldout.heldout_components(full, {k: [str(v)] for k, v in held.items()}, [])}
     (prep / "heldout").mkdir(exist_ok=True)
     for name, comp in comps.items():
@@ -197,6 +199,7 @@ def main() -> None:
     pp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     pp.add_argument("--steps", type=int, default=300)
     pp.add_argument("--share", type=float, default=0.25)
+    pp.add_argument("--batch_size", type=int, help="override the demo's BATCH_SIZE (global rows per step)")
     pp.add_argument("--matched_control", action="store_true", help="also the matched control-document arm")
     pp.add_argument("--tag", default="", help="prefix of the run names (to keep variants apart)")
     pp.add_argument("--prep", type=pathlib.Path, default=REPO / ".demo" / "prep")
