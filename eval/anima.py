@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import logging
 import math
 import os
 import pathlib
@@ -32,7 +31,6 @@ from inspect_evals.anima.scorer import anima_scorer
 
 from eval import anima_data
 
-logger = logging.getLogger(__name__)
 
 RESULT_FILE = "anima.json"
 NON_DIMENSION_METRICS = ("overall_mean", "dimension_normalized_avg", "avg_by_dimension")
