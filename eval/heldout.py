@@ -93,14 +93,16 @@ def evaluate(model_path: str | pathlib.Path, mixture: MixtureConfig, *, override
 
 
 def _mixture(args: argparse.Namespace) -> MixtureConfig:
+    """The config's held-out mixture (`RunConfig.eval_mixture`) when it has one, else its training mixture."""
     files = list(args.gin_file)
     if not files:
         path = pathlib.Path(args.model).resolve()
-        run_dir = path.parent.parent if path.parent.name == loading.CHECKPOINTS else path
+        run_dir = path.parent.parent if path.name.isdigit() else path
         if not (run_dir / "config.gin").is_file():
             raise ValueError(f"{args.model}: no --gin_file given and no run config.gin at {run_dir / 'config.gin'}")
         files = [str(run_dir / "config.gin")]
-    return trainer_config.load(files, args.gin_bindings, args.gin_search_paths).mixture
+    run = trainer_config.load(files, args.gin_bindings, args.gin_search_paths)
+    return run.mixture if args.training_mixture or run.eval_mixture is None else run.eval_mixture
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, list[str]]:
@@ -118,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", required=True, help="HF folder, run directory (latest checkpoint) or step directory")
     p.add_argument("--component", action="append", default=[], help="NAME=PATH[,PATH]: held-out files for a component")
     p.add_argument("--general", action="append", default=[], help="general-text JSONL ({'text': ...} per line)")
+    p.add_argument("--training_mixture", action="store_true",
+                   help="read the training mixture's components even when the config defines RunConfig.eval_mixture")
     p.add_argument("--batches", type=int, default=8, help="at most this many batches per component")
     p.add_argument("--batch_size", type=int, help="rows per batch (default: the mixture's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

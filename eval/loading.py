@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 
-CHECKPOINTS = "checkpoints"
 RESULTS = "eval"
 
 
@@ -38,30 +37,20 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
     return checkpoint.restore_model(path, mesh=mesh)
 
 
-def _committed_steps(checkpoints: pathlib.Path) -> list[int]:
-    return sorted(int(d.name) for d in checkpoints.iterdir()
-                  if d.is_dir() and d.name.isdigit() and (d / "_CHECKPOINT_METADATA").exists())
-
-
 def results_dir(path: str | pathlib.Path) -> pathlib.Path:
     """Where eval results (probes-*.json, heldout.json, anima.json) of the checkpoint at `path` are written.
 
     An HF folder keeps its results inside itself (MODEL_DIR/hf/anima.json); a step directory MODEL_DIR/checkpoints/N
-    (or a run directory, meaning its latest step) keeps them in MODEL_DIR/eval/N/, outside the Orbax tree, so that
-    checkpoint garbage collection never deletes them and Orbax never sees foreign files.
+    (or a run directory, meaning its latest committed step) keeps them in MODEL_DIR/eval/N/, outside the Orbax tree,
+    so that checkpoint garbage collection never deletes them and Orbax never sees foreign files.
     """
     path = pathlib.Path(path).expanduser().resolve()
     if is_hf_folder(path):
         return path
-    if path.parent.name == CHECKPOINTS and path.name.isdigit():
-        return path.parent.parent / RESULTS / path.name
-    if (path / CHECKPOINTS).is_dir():
-        steps = _committed_steps(path / CHECKPOINTS)
-        if not steps:
-            raise FileNotFoundError(f"{path / CHECKPOINTS} holds no committed checkpoint")
-        return path / RESULTS / str(steps[-1])
-    raise ValueError(f"{path} is neither an HF folder (config.json), a run directory ({CHECKPOINTS}/) nor a step "
-                     f"directory ({CHECKPOINTS}/<step>)")
+    from trainer import checkpoint
+
+    run_dir, _, step, _ = checkpoint.read_metadata(path)
+    return run_dir / RESULTS / str(step)
 
 
 @contextlib.contextmanager

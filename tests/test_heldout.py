@@ -11,13 +11,14 @@ from data import demo
 from data import pipeline as data_pipeline
 from eval import heldout
 from trainer import config as trainer_config
+from trainer import demo_assets
 
 SEQ_LEN, BATCH = 64, 4
 
 
 @pytest.fixture(scope="module")
 def assets():
-    return demo.prepare(trainer_config.demo_cache_dir())
+    return demo.prepare(demo_assets.cache_dir())
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +76,17 @@ def test_heldout_matches_reference_per_component(tiny_hf, assets, tmp_path, caps
     assert json.loads(capsys.readouterr().out) == result
     assert json.loads((tiny_hf / "heldout.json").read_text()) == result
     comps = result["components"]
-    assert set(comps) == {"replay", "synthetic", "general"}
+    # The demo config's held-out mixture (RunConfig.eval_mixture) supplies replay/synthetic/control held-out sets.
+    assert set(comps) == {"replay", "synthetic", "control", "general"}
+    assert "heldout" in comps["control"]["paths"][0]
     assert comps["synthetic"]["paths"] == [str(welfare)] and comps["general"]["paths"] == [str(general)]
     assert all(c["batches"] == 2 for c in comps.values())
     # A random-init model over a 6000-token vocabulary sits near log(6000) nats.
     assert all(abs(c["loss"] - np.log(6000)) < 0.5 for c in comps.values())
     mixture = trainer_config.load(["runs/demo.gin"], [f"SEQ_LEN = {SEQ_LEN}", f"BATCH_SIZE = {BATCH}",
-                                                      "MODEL_DIR = '/tmp/unused'"]).mixture
+                                                      "MODEL_DIR = '/tmp/unused'"]).eval_mixture
     for comp in heldout.heldout_components(mixture, {"synthetic": [str(welfare)]}, [str(general)]):
-        if comp.name == "replay":
+        if comp.name in ("replay", "control"):
             continue  # same code path as the others; skipping it keeps the torch reference short
         single = heldout.single_component_mixture(mixture, comp, BATCH)
         it = data_pipeline.build(single).iterator

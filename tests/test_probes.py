@@ -135,3 +135,18 @@ def test_control_needs_baseline(tiny_models, tmp_path):
     pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
     with pytest.raises(SystemExit):
         probes.main(["--model", str(tiny_models[0]), "--pairs", str(pairs_file), "--control_pairs", str(pairs_file)])
+
+
+def test_run_directory_scores_like_its_hf_folder_and_saves_under_eval(tiny_models, tmp_path, capsys):
+    """A docmix Orbax run directory (latest checkpoint via trainer.checkpoint.restore_model) gives the HF folder's
+    margins, and its results land in MODEL_DIR/eval/<step>/."""
+    from models import convert
+
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    convert.hf_to_orbax(tiny_models[1], tmp_path / "run")
+    from_run = probes.main(["--model", str(tmp_path / "run"), "--pairs", str(pairs_file), "--json"])
+    capsys.readouterr()
+    saved = list((tmp_path / "run" / "eval").glob("*/probes-set.json"))
+    assert len(saved) == 1 and saved[0].parent.name.isdigit()
+    from_hf = probes.score_model(tiny_models[1], [PAIRS])[0]
+    assert from_run["overall"]["margin"] == pytest.approx(from_hf.mean(), abs=1e-5)
