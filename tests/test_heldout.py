@@ -65,6 +65,7 @@ def _torch_loss(hf_dir: pathlib.Path, batches: list[dict]) -> float:
     return total / weight
 
 
+@pytest.mark.slow  # ~35 s under load (tiny model, 3 components through the pipeline, torch reference)
 def test_heldout_matches_reference_per_component(tiny_hf, assets, tmp_path, capsys):
     welfare = _subset(pathlib.Path(assets.welfare_jsonl), tmp_path / "welfare_heldout.jsonl", 6)
     general = tmp_path / "general.jsonl"
