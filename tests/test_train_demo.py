@@ -16,7 +16,7 @@ def test_demo_end_to_end(tmp_path):
     model_dir = tmp_path / "demo"
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), f"--gin.MODEL_DIR={model_dir}",
                            "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_EVERY=2", "--gin.TrainConfig.eval_every=2",
-                           "--gin.TrainConfig.log_every=2"],
+                           "--gin.TrainConfig.log_every=2", "--gin.CheckpointConfig.export_every=2"],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -32,3 +32,6 @@ def test_demo_end_to_end(tmp_path):
     assert {"eval/loss/replay", "eval/loss/synthetic", "eval/loss/control"} <= set(records[-1])
     assert sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert (model_dir / "hf" / "model.safetensors").is_file() and (model_dir / "config.gin").is_file()
+    assert sorted(p.name for p in (model_dir / "exports").iterdir()) == ["2", "4"]
+    assert (model_dir / "exports" / "4" / "model.safetensors").read_bytes() == \
+        (model_dir / "hf" / "model.safetensors").read_bytes()
