@@ -19,7 +19,10 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import inspect_ai
+try:
+    import inspect_ai
+except ImportError as err:  # an optional extra: say how to get it instead of a bare traceback
+    raise SystemExit("eval.anima needs the eval extra: pip install -r requirements-eval.txt") from err
 from inspect_ai.log import EvalLog
 from inspect_ai.model import GenerateConfig, Model, get_model
 from inspect_ai.solver import generate

@@ -129,7 +129,7 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
             gin.add_config_file_search_path(path)
     files = list(gin_files) or [DEFAULT_RUN]
     try:
-        with _quiet_search():
+        with _quiet_search(), _plain_files_only():
             gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
     except (ValueError, IOError, SyntaxError) as e:  # gin reports unknown configurables/params with file and line
         raise ConfigError(f"gin: {e}") from e
@@ -144,6 +144,22 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
                           f"macros every run understands: {', '.join(KNOWN_MACROS)}")
     _check_consistent(run)
     return dataclasses.replace(run, gin_text=gin.operative_config_str())
+
+
+@contextlib.contextmanager
+def _plain_files_only():
+    """Reads gin files from the file system only.
+
+    gin's second reader treats `a/b.gin` as file b.gin of Python package `a`; when the working directory holds a plain
+    folder of that name (the demo's own `./runs/` output, say) it finds a namespace package and crashes with a
+    TypeError instead of moving on. docmix never ships configs inside Python packages, so that reader is left out.
+    """
+    readers = list(gin.config._FILE_READERS)  # gin has no public way to choose readers
+    gin.config._FILE_READERS[:] = [(reader, exists) for reader, exists in readers if reader is open]
+    try:
+        yield
+    finally:
+        gin.config._FILE_READERS[:] = readers
 
 
 @contextlib.contextmanager
