@@ -8,25 +8,12 @@ follows it (whitespace after end-of-turn, and role headers, are not targets).
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-import jinja2.sandbox
-
+from data.chat_template import compile_template
 from data.sources import BadRecord
 
 ROLES = ("system", "user", "assistant", "tool")
-
-
-@functools.lru_cache(maxsize=8)
-def _compile(template: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
 
 
 def messages_of(record: dict, fmt: str) -> list[dict]:
@@ -56,7 +43,7 @@ def has_assistant_text(messages: Sequence[dict]) -> bool:
 def render_pieces(messages: Sequence[dict], template: str, *, bos_text: str | None, eos_text: str | None
                   ) -> list[tuple[str, bool]]:
     """[(text, trainable), ...] whose concatenation is the template rendering of the whole conversation."""
-    tmpl = _compile(template)
+    tmpl = compile_template(template)
     special = {"bos_token": bos_text or "", "eos_token": eos_text or ""}
 
     def render(msgs, gen_prompt):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import tokenizers
 
+from data.chat_template import template_source
 from data.config import MixtureConfig
 
 
@@ -36,12 +37,7 @@ def tokenizer_files(path: str | pathlib.Path) -> tuple[pathlib.Path, dict, str |
         raise FileNotFoundError(f"MixtureConfig.tokenizer: no tokenizer.json at {tok_file}")
     cfg_file = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text()
-    return tok_file, cfg, template
+    return tok_file, cfg, template_source(folder, cfg)
 
 
 def _token_text(value) -> str | None:

@@ -7,50 +7,14 @@ chat templates are code that ships with a checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
 
-
-class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for SFT masks; rendering keeps the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> Any:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    # jinja2's own tojson escapes HTML characters, which changes the prompt text.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(source)
+from data.chat_template import compile_template, template_source
 
 
 def _token_text(value: Any) -> str | None:
@@ -67,17 +31,6 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-
-
-def _chat_template_source(tokenizer_dir: pathlib.Path, config: Mapping[str, Any]) -> str | None:
-    jinja_file = tokenizer_dir / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text()
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t["name"]: t["template"] for t in template}
-        template = named.get("default")
-    return template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +94,7 @@ def load(tokenizer_dir: str | pathlib.Path, *, extra_eos_ids: Sequence[int] = ()
         eos.append(eos_id)
     return ChatTokenizer(
         tokenizer=tokenizer,
-        chat_template=_chat_template_source(tokenizer_dir, config),
+        chat_template=template_source(tokenizer_dir, config),
         special_tokens=special,
         eos_ids=tuple(sorted(set(int(i) for i in eos))),
         source=tokenizer_dir,
