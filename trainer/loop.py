@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import multihost, pipeline as data_pipeline
+from data.tokenize import check_vocab
 from models import sharding
 from trainer import checkpoint, export, initialize, metrics, optimizer, run_metadata, state as state_lib, step as step_lib
 from trainer.config import RunConfig, write_operative_config
@@ -67,15 +68,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_vocab(run: RunConfig) -> None:
-    from tokenizers import Tokenizer
-
-    size = Tokenizer.from_file(str(run_metadata.tokenizer_json(run.mixture.tokenizer))).get_vocab_size()
-    if size > run.model.vocab_size:
-        raise ValueError(f"MixtureConfig.tokenizer has {size} tokens but ModelConfig.vocab_size is "
-                         f"{run.model.vocab_size}: token ids would index past the embedding")
-
-
 def batch_spec(mesh, batch_size: int) -> P:
     spec = sharding.logical_to_spec(("act_batch",), (batch_size,), dict(mesh.shape))
     return P(spec[0])
@@ -118,7 +110,7 @@ def train(run: RunConfig) -> Summary:
     if t.batch_size % rows or (t.batch_size // t.microbatches) % rows:
         raise ValueError(f"BATCH_SIZE={t.batch_size} (microbatches={t.microbatches}) must split evenly over the "
                          f"{rows} data-parallel devices of mesh {dict(mesh.shape)}")
-    _check_vocab(run)
+    check_vocab(run.mixture.tokenizer, run.model.vocab_size)  # before any expensive work
     pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(), process_count=jax.process_count())
     names = pipe.component_names
     eval_names, eval_batches = _eval_batches(run)
