@@ -74,7 +74,7 @@ def format_summary(s, argv: list[str]) -> str:
     lines += ["next:",
               f"  {again}    # resume / continue (rerun the same command)" if s.stopped != "done" else
               f"  {longer}    # train longer, resuming from step {s.step}",
-              f"  python -m eval.generate --model {model} --prompt \"Do fish feel pain?\"",
+              f"  python -m eval.generate --model {model} --prompt \"The committee reviewed the farm report and\"",
               f"  python -m eval.heldout --model {s.model_dir}",
               "  python -m data.preview --gin_file=runs/demo.gin --num_batches 4    # look at the training data",
               "  python train.py --gin.MODEL_DIR=./runs/demo_5pct "

@@ -1,6 +1,6 @@
 """Batched KV-cached text generation for any docmix checkpoint (HF folder, run directory or step directory).
 
-    python -m eval.generate --model PATH --prompt "Do fish feel pain?" [--prompt ...] [--chat] [--max_new_tokens 64]
+    python -m eval.generate --model PATH --prompt "The committee reviewed the farm report and" [--prompt ...] [--chat] [--max_new_tokens 64]
         [--temperature 0.7 --top_p 0.9 --seed 0] [--stop "\\n\\n"] [--json]
 
 Prompts of different lengths are left-padded into one batch (padding is segment 0, which attention never sees), so
