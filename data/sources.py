@@ -190,7 +190,11 @@ def make_reader(component: Component):
         rows = [r for f in files for r in pq.read_table(str(f)).to_pylist()]
         return ListReader(rows, ",".join(map(str, files)))
     if kind == "hf_disk":
-        import datasets
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError(f"component {component.name!r}: kind 'hf_disk' needs the `datasets` package "
+                              "(pip install datasets)") from err
 
         folder = expand_paths(component)[0]
         ds = datasets.load_from_disk(str(folder))
