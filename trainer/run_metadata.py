@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from typing import Any
 
+from data import tokenize
 from data.config import MixtureConfig
 from models.config import ModelConfig, RopeScaling
 from trainer.checkpoint_tree import LAYOUT
@@ -30,11 +31,8 @@ class CheckpointMismatch(RuntimeError):
 
 
 def tokenizer_json(tokenizer: str | pathlib.Path) -> pathlib.Path:
-    path = pathlib.Path(tokenizer)
-    path = path / "tokenizer.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer: {path} does not exist (MixtureConfig.tokenizer)")
-    return path
+    """The tokenizer file of MixtureConfig.tokenizer (a tokenizer.json-style file or an HF folder)."""
+    return tokenize.tokenizer_files(tokenizer)[0]
 
 
 def tokenizer_hash(tokenizer: str | pathlib.Path) -> str:
@@ -43,12 +41,14 @@ def tokenizer_hash(tokenizer: str | pathlib.Path) -> str:
 
 def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path) -> pathlib.Path:
     """Copies tokenizer.json and its companions (config, chat template) into MODEL_DIR/tokenizer/."""
-    src = tokenizer_json(tokenizer).parent
+    tok_file = tokenizer_json(tokenizer)
     out = pathlib.Path(model_dir) / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+    # The configured file may have any name; it is always the run's tokenizer.json, never a neighbour of that name.
+    shutil.copyfile(tok_file, out / "tokenizer.json")
+    for name in TOKENIZER_FILES[1:]:
+        if (tok_file.parent / name).is_file():
+            shutil.copyfile(tok_file.parent / name, out / name)
     return out
 
 
