@@ -35,7 +35,14 @@ class DocumentEncoder:
             if not isinstance(record[field], str):
                 raise BadRecord(f"text field {field!r} is {type(record[field]).__name__}, not a string")
             return bool(record[field].strip())
-        return sft.has_assistant_text(sft.messages_of(record, fmt))
+        messages = sft.messages_of(record, fmt)
+        if not sft.has_assistant_text(messages):
+            return False
+        # Render now, so a record the template cannot split into trainable pieces is skipped and counted at start-up
+        # rather than raised from inside the training loop.
+        pieces = sft.render_pieces(messages, self.encoder.chat_template, bos_text=self.encoder.bos_text,
+                                   eos_text=self.encoder.eos_text)
+        return any(trainable and text.strip() for text, trainable in pieces)
 
     def __call__(self, record: dict) -> dict[str, Any]:
         c, enc = self.component, self.encoder

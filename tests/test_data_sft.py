@@ -77,3 +77,20 @@ def test_sft_bad_records(smollm2_dir, tmp_path):
     assert p.reports["sft"].bad == [f"{path}:2: messages[0] must be {{'role': one of "
                                     "('system', 'user', 'assistant', 'tool'), 'content': str}"]
     assert p.reports["sft"].empty == 1  # no assistant turn: nothing to train on
+
+
+def test_records_the_template_cannot_split_are_reported_at_start_up(smollm2_dir, tmp_path):
+    # A template that trims content: an assistant turn with outer whitespace cannot be located in the rendering.
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    (tok / "tokenizer_config.json").write_text(
+        '{"eos_token": "<|im_end|>", "chat_template": ' + __import__("json").dumps(template) + "}")
+    rewritten = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Hello  "}]}
+    path = write_jsonl(tmp_path / "sft.jsonl", [CHATS[0], rewritten])
+    comp = Component("sft", paths=(str(path),), format="chat")
+    p = build(MixtureConfig(components=(comp,), weights={"sft": 1.0}, tokenizer=str(tok), seq_len=64,
+                            batch_size=1, block_size=8))
+    assert p.reports["sft"].bad == [f"{path}:2: chat template rewrote the assistant content of messages[1]"]
+    next(p.iterator)  # the good record still trains
