@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.distributed:
         jax.distributed.initialize()
+    from data.mixture import ComponentExhausted
     from trainer import loop, run_metadata
 
     try:
         summary = loop.train(run)
-    except loop.NonFiniteLoss as e:
+    except (loop.NonFiniteLoss, ComponentExhausted) as e:  # the last committed checkpoint is left as it was
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     except (run_metadata.CheckpointMismatch, FileNotFoundError, ValueError) as e:

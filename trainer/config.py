@@ -189,6 +189,12 @@ def _check_consistent(run: RunConfig) -> None:
         raise ConfigError(f"TrainConfig (batch_size={t.batch_size}, seq_len={t.seq_len}, seed={t.seed}) and "
                           f"MixtureConfig (batch_size={m.batch_size}, seq_len={m.seq_len}, seed={m.seed}) disagree; "
                           "bind BATCH_SIZE, SEQ_LEN and SEED instead of the fields")
+    e = run.eval_mixture
+    if e is not None and ((e.batch_size, e.seq_len) != (t.batch_size, t.seq_len) or e.tokenizer != m.tokenizer):
+        # The eval step is compiled for the training batch shape and scores with the training tokenizer.
+        raise ConfigError(f"RunConfig.eval_mixture (batch_size={e.batch_size}, seq_len={e.seq_len}, "
+                          f"tokenizer={e.tokenizer!r}) must match the training mixture (batch_size={m.batch_size}, "
+                          f"seq_len={m.seq_len}, tokenizer={m.tokenizer!r})")
     if t.seq_len > run.model.max_position_embeddings:
         raise ConfigError(f"SEQ_LEN={t.seq_len} exceeds ModelConfig.max_position_embeddings="
                           f"{run.model.max_position_embeddings}")
