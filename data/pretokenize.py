@@ -110,13 +110,18 @@ def open_pretokenized(component: Component, tokenizer: str):
 
     files = expand_paths(component)
     report = ScanReport()
+    tok_hash = tokenizer_sha256(tokenizer)
     for folder in sorted({f.parent for f in files}):
         meta_file = folder / METADATA
         if not meta_file.exists():
             raise FileNotFoundError(f"component {component.name!r}: {meta_file} missing; write shards with "
                                     "python -m data.pretokenize")
         meta = json.loads(meta_file.read_text())
-        if meta["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
+        stale = sorted(f.name for f in files if f.parent == folder and f.name not in meta["files"])
+        if stale:  # e.g. shards of an earlier run with another --num_files: reading them would repeat documents
+            raise ValueError(f"component {component.name!r}: {folder} holds shards not written by its last "
+                             f"pretokenize run ({', '.join(stale[:3])}); remove them or point paths at the listed files")
+        if meta["tokenizer_sha256"] != tok_hash:
             raise ValueError(f"component {component.name!r}: {folder} was pretokenized with another tokenizer "
                              f"(sha256 {meta['tokenizer_sha256'][:12]}…) than MixtureConfig.tokenizer={tokenizer}")
         report.empty += meta["empty_filtered"]

@@ -50,7 +50,7 @@ def expand_paths(component: Component) -> list[epath.Path]:
         if not matches:
             raise FileNotFoundError(f"component {component.name!r}: path {pattern!r} does not exist")
         files.extend(matches)
-    return files
+    return list(dict.fromkeys(files))  # overlapping patterns must not read a file twice
 
 
 class JsonlReader:

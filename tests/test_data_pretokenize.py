@@ -12,6 +12,7 @@ import pytest
 from data.config import Component, MixtureConfig
 from data.pipeline import build
 from data.pretokenize import pretokenize
+from data.sources import expand_paths
 from tests.test_data_util import word_tokenizer, words_doc, write_gin, write_jsonl
 
 
@@ -50,3 +51,18 @@ def test_pretokenize_cli(tmp_path):
     meta = json.loads(res.stdout.strip().splitlines()[-1])
     assert (meta["documents"], meta["tokens"], len(meta["files"])) == (10, 60, 2)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.array_record")) == meta["files"]
+
+
+def test_stale_shards_and_overlapping_globs_are_not_read_twice(tmp_path):
+    tok = word_tokenizer(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "c.jsonl", [words_doc(5, i) for i in range(20)])
+    cfg = MixtureConfig(components=(Component("c", paths=(str(path),)),), weights={"c": 1.0}, tokenizer=str(tok),
+                        seq_len=16, batch_size=4, block_size=8)
+    out = tmp_path / "out"
+    pretokenize(cfg, "c", str(out), num_files=3, processes=1)
+    pretokenize(cfg, "c", str(out), num_files=2, processes=1)  # the 3 older shards stay behind
+    pre = Component("c", kind="pretokenized", paths=(str(out / "*.array_record"),))
+    with pytest.raises(ValueError, match="not written by its last pretokenize run"):
+        build(MixtureConfig(components=(pre,), weights={"c": 1.0}, tokenizer=str(tok), seq_len=16, batch_size=4))
+    twice = Component("c", paths=(str(path), str(tmp_path / "c.json*")))  # both name c.jsonl
+    assert [str(f) for f in expand_paths(twice)] == [str(path)]
