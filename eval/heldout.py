@@ -18,7 +18,7 @@ import json
 import math
 import pathlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -60,11 +60,14 @@ def single_component_mixture(mixture: MixtureConfig, component: Component, batch
 
 
 def component_loss(model: nnx.Module, mixture: MixtureConfig, component: Component, *, max_batches: int,
-                   batch_size: int) -> dict[str, Any]:
-    """Mean next-token loss over up to `max_batches` batches of one component's single, unshuffled pass."""
+                   batch_size: int, step: Callable | None = None) -> dict[str, Any]:
+    """Mean next-token loss over up to `max_batches` batches of one component's single, unshuffled pass.
+
+    `step(state, batch) -> LossSums` is the jitted eval step; pass one to reuse its compilation across components.
+    """
     pipe = data_pipeline.build(single_component_mixture(mixture, component, batch_size))
     graphdef, state = nnx.split(model)
-    step = jax.jit(lambda s, b: eval_step(s, b, graphdef=graphdef, num_components=1))
+    step = step or jitted_eval_step(graphdef)
     total, batches = zero_sums(1), 0
     for batch in pipe.iterator:
         total = jax.tree.map(jnp.add, total, step(state, {k: jnp.asarray(v) for k, v in batch.items()}))
@@ -78,6 +81,10 @@ def component_loss(model: nnx.Module, mixture: MixtureConfig, component: Compone
             "batches": batches, "paths": list(component.paths)}
 
 
+def jitted_eval_step(graphdef) -> Callable:
+    return jax.jit(lambda s, b: eval_step(s, b, graphdef=graphdef, num_components=1))
+
+
 def evaluate(model_path: str | pathlib.Path, mixture: MixtureConfig, *, overrides: Mapping[str, Sequence[str]] = {},
              general: Sequence[str] = (), max_batches: int = 8, batch_size: int | None = None) -> dict[str, Any]:
     """Held-out loss of the checkpoint at `model_path` on every component (and `general`)."""
@@ -87,8 +94,10 @@ def evaluate(model_path: str | pathlib.Path, mixture: MixtureConfig, *, override
         raise ValueError(f"mixture seq_len {mixture.seq_len} exceeds the model's {config.max_position_embeddings} "
                          "positions")
     size = batch_size or mixture.batch_size
+    step = jitted_eval_step(nnx.graphdef(model))  # one compilation: every component has the same batch shape
     return {"model": str(model_path), "seq_len": mixture.seq_len, "batch_size": size, "max_batches": max_batches,
-            "components": {c.name: component_loss(model, mixture, c, max_batches=max_batches, batch_size=size)
+            "components": {c.name: component_loss(model, mixture, c, max_batches=max_batches, batch_size=size,
+                                                  step=step)
                            for c in comps}}
 
 
