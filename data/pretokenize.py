@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
 import json
 import multiprocessing
 import sys
@@ -25,14 +24,9 @@ from etils import epath
 from data.config import Component, MixtureConfig
 from data.documents import DocumentEncoder
 from data.sources import DocumentSource, ScanReport, expand_paths, open_source
-from data.tokenize import TextEncoder, tokenizer_files
+from data.tokenize import TextEncoder, tokenizer_sha256
 
 METADATA = "pretokenized.json"
-
-
-def tokenizer_sha256(tokenizer: str) -> str:
-    tok_file, _, _ = tokenizer_files(tokenizer)
-    return hashlib.sha256(tok_file.read_bytes()).hexdigest()
 
 
 def encode_record(tokens: np.ndarray, weights: np.ndarray) -> bytes:

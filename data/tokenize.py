@@ -9,6 +9,7 @@ BOS/EOS policy (MixtureConfig.add_bos / add_eos = None means "the tokenizer's"):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 from collections.abc import Sequence
@@ -38,6 +39,11 @@ def tokenizer_files(path: str | pathlib.Path) -> tuple[pathlib.Path, dict, str |
     cfg_file = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     return tok_file, cfg, template_source(folder, cfg)
+
+
+def tokenizer_sha256(tokenizer: str | pathlib.Path) -> str:
+    """sha256 of the tokenizer file: the identity that checkpoints and pre-tokenized shards are checked against."""
+    return hashlib.sha256(tokenizer_files(tokenizer)[0].read_bytes()).hexdigest()
 
 
 def _token_text(value) -> str | None:

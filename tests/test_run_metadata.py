@@ -1,4 +1,5 @@
 """The run's tokenizer copy is the configured file, whatever its name."""
+from data import tokenize
 from trainer import run_metadata
 
 
@@ -11,4 +12,4 @@ def test_copy_tokenizer_uses_the_configured_file_not_a_neighbour(tmp_path):
     out = run_metadata.copy_tokenizer(src / "my_tokenizer.json", tmp_path / "run")
     assert (out / "tokenizer.json").read_text() == '{"configured": true}'
     assert (out / "tokenizer_config.json").read_text() == '{"eos_token": "</s>"}'
-    assert run_metadata.tokenizer_hash(out) == run_metadata.tokenizer_hash(src / "my_tokenizer.json")
+    assert tokenize.tokenizer_sha256(out) == tokenize.tokenizer_sha256(src / "my_tokenizer.json")

@@ -8,7 +8,6 @@ name and re-anchors its block grid; docs/data.md); the code version is recorded,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import pathlib
 import shutil
@@ -30,18 +29,9 @@ class CheckpointMismatch(RuntimeError):
     """The checkpoint in MODEL_DIR was written by a different model, tokenizer or data configuration."""
 
 
-def tokenizer_json(tokenizer: str | pathlib.Path) -> pathlib.Path:
-    """The tokenizer file of MixtureConfig.tokenizer (a tokenizer.json-style file or an HF folder)."""
-    return tokenize.tokenizer_files(tokenizer)[0]
-
-
-def tokenizer_hash(tokenizer: str | pathlib.Path) -> str:
-    return hashlib.sha256(tokenizer_json(tokenizer).read_bytes()).hexdigest()
-
-
 def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path) -> pathlib.Path:
     """Copies tokenizer.json and its companions (config, chat template) into MODEL_DIR/tokenizer/."""
-    tok_file = tokenizer_json(tokenizer)
+    tok_file = tokenize.tokenizer_files(tokenizer)[0]
     out = pathlib.Path(model_dir) / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     # The configured file may have any name; it is always the run's tokenizer.json, never a neighbour of that name.
@@ -79,7 +69,7 @@ def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen:
     return {
         "step": int(step),
         "model_config": model_config_to_dict(model),
-        "tokenizer_sha256": tokenizer_hash(mixture.tokenizer),
+        "tokenizer_sha256": tokenize.tokenizer_sha256(mixture.tokenizer),
         "mixture": {"components": [c.name for c in mixture.active_components],
                     "weights": dict(mixture.weights), "seq_len": mixture.seq_len, "batch_size": mixture.batch_size},
         "tokens_seen": {k: int(v) for k, v in tokens_seen.items()},
@@ -92,7 +82,7 @@ def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen:
 def for_params_only(model: ModelConfig, tokenizer_dir: str | pathlib.Path | None, source: str) -> dict[str, Any]:
     """Metadata of a params-only checkpoint (models.convert): no mixture, no data or optimizer state."""
     return {"step": 0, "model_config": model_config_to_dict(model),
-            "tokenizer_sha256": tokenizer_hash(tokenizer_dir) if tokenizer_dir else None, "mixture": None,
+            "tokenizer_sha256": tokenize.tokenizer_sha256(tokenizer_dir) if tokenizer_dir else None, "mixture": None,
             "tokens_seen": {}, "code_version": code_version(), "layout": LAYOUT, "scan_layers": model.scan_layers,
             "source": source}
 
