@@ -18,7 +18,7 @@ import filelock
 
 from data.synth import render as synth_render
 from data.synth import templates as synth_templates
-from data.synth.records import write_jsonl
+from data.synth.records import read_jsonl, write_jsonl
 from data.synth.render import render_records
 from data.synth.spec import load_spec
 
@@ -83,9 +83,7 @@ def _train_tokenizer(files: list[pathlib.Path], out: pathlib.Path, vocab_size: i
 
     def texts():
         for file in files:
-            with file.open(encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)["text"]
+            yield from (record["text"] for record in read_jsonl(file))
 
     tokenizer.train_from_iterator(texts(), trainer=trainer)
     out.mkdir(parents=True, exist_ok=True)
