@@ -229,13 +229,13 @@ class DocumentSource:
         return self._reader.read(int(self._valid[j]))
 
 
-def open_source(component: Component, check: Callable[[dict], bool], *, max_bad_records: int,
-                reader=None) -> tuple[DocumentSource, ScanReport]:
+def open_source(component: Component, check: Callable[[dict], bool], *, max_bad_records: int
+                ) -> tuple[DocumentSource, ScanReport]:
     """Scans every record once. check(record) -> False for an empty document; raises BadRecord when unusable.
 
     Raises BadInputError past `max_bad_records` bad records or when no document is left.
     """
-    reader = make_reader(component) if reader is None else reader
+    reader = make_reader(component)
     report, valid = ScanReport(), []
     for i in range(len(reader)):
         try:

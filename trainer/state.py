@@ -71,7 +71,3 @@ def init_sharded(config: ModelConfig, tx: optax.GradientTransformation, seed: in
 def from_params(config: ModelConfig, tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> TrainState:
     """A step-0 state around existing (already placed) params, e.g. loaded from a Hugging Face folder."""
     return _compile_once(lambda p: create(config, tx, 0, p), mesh, shardings(abstract(config, tx), mesh), params)
-
-
-def num_params(state: TrainState) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(state.params))
