@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from data import multihost  # noqa: E402
 from models.sharding import make_mesh  # noqa: E402
-from trainer import checkpoint, config, loop, metrics, optimizer, state as state_lib, step as step_lib  # noqa: E402
+from trainer import checkpoint, config, metrics, optimizer, program, state as state_lib  # noqa: E402
 
 SHAPES = {"demo": (8, 128), "smollm2_135m": (4, 256)}
 
@@ -45,18 +45,15 @@ def fake_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.
 
 def bench_jax(run, batch: int, seq: int, steps: int) -> dict:
     mesh = make_mesh(devices=jax.devices()[:1])
-    tx = optimizer.make(run.optimizer, 1000)
-    state = state_lib.init_sharded(run.model, tx, 0, mesh)
-    sh = state_lib.shardings(state, mesh)
-    fn = step_lib.jit_train_step(sh, mesh, batch, graphdef=state_lib.model_graphdef(run.model), tx=tx,
-                                 lr_schedule=optimizer.schedule(run.optimizer, 1000),
-                                 config=step_lib.StepConfig(num_components=1))
-    train = dataclasses.replace(run.train, batch_size=batch, seq_len=seq)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=batch, seq_len=seq,
+                                                             train_steps=1000, microbatches=1))
+    prog = program.build(run, mesh, num_components=1)
+    state = state_lib.init_sharded(run.model, prog.tx, 0, mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = fn.lower(state, loop.example_batch(train, mesh)).compile()
+        compiled = prog.train_step.lower(state, prog.example_batch(batch, seq)).compile()
         compile_s = time.perf_counter() - start
-        b = multihost.global_batch(fake_batch(batch, seq, run.model.vocab_size), mesh, loop.batch_spec(mesh, batch))
+        b = multihost.global_batch(fake_batch(batch, seq, run.model.vocab_size), mesh, prog.batch_spec)
         state, m = compiled(state, b)
         jax.block_until_ready(m)
         times = []

@@ -18,12 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from data import multihost, pipeline as data_pipeline
 from data.tokenize import check_vocab
 from models import sharding
-from trainer import checkpoint, export, initialize, metrics, optimizer, run_metadata, state as state_lib, step as step_lib
+from trainer import (checkpoint, export, initialize, metrics, optimizer, program as program_lib, run_metadata,
+                     state as state_lib, step as step_lib)
 from trainer.config import RunConfig, write_operative_config
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def batch_spec(mesh, batch_size: int) -> P:
-    spec = sharding.logical_to_spec(("act_batch",), (batch_size,), dict(mesh.shape))
-    return P(spec[0])
-
-
 def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.ndarray]]]:
     """(component names, the fixed held-out batches) of the eval mixture; none without one."""
     if run.eval_mixture is None or not run.train.eval_every:
@@ -106,17 +101,15 @@ def train(run: RunConfig) -> Summary:
     t = run.train
     model_dir = pathlib.Path(t.model_dir)
     mesh = sharding.make_mesh(**t.mesh)
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if t.batch_size % rows or (t.batch_size // t.microbatches) % rows:
-        raise ValueError(f"BATCH_SIZE={t.batch_size} (microbatches={t.microbatches}) must split evenly over the "
-                         f"{rows} data-parallel devices of mesh {dict(mesh.shape)}")
+    program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
     check_vocab(run.mixture.tokenizer, run.model.vocab_size)  # before any expensive work
     pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(), process_count=jax.process_count())
     names = pipe.component_names
     eval_names, eval_batches = _eval_batches(run)
-    tx = optimizer.make(run.optimizer, t.train_steps)
     ckpt = checkpoint.Checkpointer(model_dir, run.checkpoint, run.model)
-    state, run, tokens_seen = _initial_state(run, tx, mesh, ckpt, pipe.iterator, names)
+    state, run, tokens_seen = _initial_state(run, optimizer.make(run.optimizer, t.train_steps), mesh, ckpt,
+                                             pipe.iterator, names)
+    program = program_lib.build(run, mesh, len(names))  # after init_from, which may replace run.model
     start = int(state.step)
     if jax.process_index() == 0:
         write_operative_config(run, model_dir)
@@ -124,18 +117,12 @@ def train(run: RunConfig) -> Summary:
     else:
         tokenizer_dir = model_dir / "tokenizer"
 
-    state_sh = state_lib.shardings(state, mesh)
-    graphdef = state_lib.model_graphdef(run.model)
-    step_fn = step_lib.jit_train_step(
-        state_sh, mesh, t.batch_size, graphdef=graphdef, tx=tx, lr_schedule=optimizer.schedule(run.optimizer,
-                                                                                                t.train_steps),
-        config=step_lib.StepConfig(num_components=len(names), microbatches=t.microbatches, z_loss=t.z_loss))
-    spec = batch_spec(mesh, t.batch_size)
+    graphdef, spec = program.graphdef, program.batch_spec
     compile_start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = step_fn.lower(state, example_batch(t, mesh)).compile()
+        compiled = program.train_step.lower(state, program.example_batch(t.batch_size, t.seq_len)).compile()
     log.info("compiled the train step in %.1fs", time.perf_counter() - compile_start)
-    eval_fn = step_lib.jit_eval_step(state_sh.params, mesh, t.batch_size, graphdef=graphdef,
+    eval_fn = step_lib.jit_eval_step(program.state_shardings.params, mesh, t.batch_size, graphdef=graphdef,
                                      num_components=len(eval_names)) if eval_batches else None
 
     peak, peak_source = metrics.peak_flops_per_device(t.hardware, t.peak_flops)
@@ -214,15 +201,6 @@ def train(run: RunConfig) -> Summary:
                    peak_source=peak_source,
                    checkpoint=ckpt.directory / str(last_saved) if last_saved is not None else None,
                    export=export_dir)
-
-
-def example_batch(t, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract global batch (design.md's batch keys) for compiling the step ahead of the loop."""
-    shardings = step_lib.batch_shardings(mesh, t.batch_size)
-    kinds = {"tokens": (np.int32, 2), "segment_ids": (np.int32, 2), "positions": (np.int32, 2),
-             "loss_mask": (np.float32, 2), "component": (np.int32, 1)}
-    return {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len)[:nd], dt, sharding=shardings[k])
-            for k, (dt, nd) in kinds.items()}
 
 
 def _evaluate(eval_fn, params, names, batches, mesh, spec) -> dict[str, float]:
