@@ -57,7 +57,7 @@ def train(run: dict, prep: pathlib.Path, mesh: jax.sharding.Mesh) -> tuple[nnx.M
     key = json.dumps([run["model"], run["runtime"], run["optimizer"], steps, names, run["z_loss"]], sort_keys=True)
     if key not in _COMPILED:
         _COMPILED[key] = step_lib.jit_train_step(
-            state_lib.shardings(state, mesh), mesh, batches["tokens"].shape[1], graphdef=graphdef, tx=tx,
+            sharding.state_shardings(state, mesh), mesh, batches["tokens"].shape[1], graphdef=graphdef, tx=tx,
             lr_schedule=schedule, config=step_lib.StepConfig(num_components=len(names), z_loss=run["z_loss"]))
     fn = _COMPILED[key]
     metrics, start = [], time.time()

@@ -45,6 +45,11 @@ class EpochMapDataset(grain.MapDataset):
         self._seed, self._epochs, self._shuffle = seed, epochs, shuffle
         self._perm: tuple[int, np.ndarray | None] = (-1, None)
 
+    @property
+    def documents_per_epoch(self) -> int:
+        """Documents of this shard (one epoch)."""
+        return len(self._ids)
+
     def __len__(self) -> int:
         return len(self._ids) * self._epochs if self._epochs else sys.maxsize
 
@@ -247,10 +252,10 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
             seed = component_seed(config.seed, c.name)
             docs = EpochMapDataset(source, fn, shard=j, shards=shards, seed=seed, epochs=c.max_epochs,
                                    shuffle=c.shuffle)
-            if len(docs._ids) == 0:
+            if docs.documents_per_epoch == 0:
                 raise ValueError(f"component {c.name!r} has {len(source)} documents, fewer than the {shards} data "
                                  "shards; every shard needs at least one")
-            per_epoch[c.name] += len(docs._ids)
+            per_epoch[c.name] += docs.documents_per_epoch
             row_streams.append(PackedRowsIterDataset(docs, c, config.seq_len))
         schedule = Schedule.from_weights(stages, block_size=config.block_size, seed=config.seed, shard=j, names=names)
         shard_streams.append(BlockMixIterDataset(row_streams, names=names, schedule=schedule,

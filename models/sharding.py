@@ -107,12 +107,17 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, dcn_data: int = 1,
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """NamedSharding for every Variable in an (abstract) nnx.State, from its logical `out_sharding` names."""
+    """The sharding tree of an (abstract) state: for every nnx.Variable a NamedSharding from its logical
+    `out_sharding` names; any other leaf (a step counter, an optimizer count) replicated. Works on a model's
+    nnx.State and on any pytree holding Variables (a train state with optimizer moments). The one place that maps
+    a state to its shardings."""
     mesh_shape = dict(mesh.shape)
 
-    def one(var: nnx.Variable) -> NamedSharding:
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh_shape))
+    def one(x: Any) -> NamedSharding:
+        if isinstance(x, nnx.Variable):
+            names = x.get_metadata().get("out_sharding") or (None,) * len(x.shape)
+            return NamedSharding(mesh, logical_to_spec(names, x.shape, mesh_shape))
+        return NamedSharding(mesh, P())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from models.config import ModelConfig
+from models import sharding
 from models.sharding import make_mesh
 from trainer import loss as loss_lib
 from trainer import optimizer, state as state_lib, step as step_lib
@@ -109,7 +110,7 @@ def run_steps(devices, mesh_axes, microbatches, batches, oc, steps):
     tx = optimizer.make(oc, steps)
     state = state_lib.init_sharded(TINY, tx, 0, mesh)
     B = batches[0]["tokens"].shape[0]
-    fn = step_lib.jit_train_step(state_lib.shardings(state, mesh), mesh, B, graphdef=state_lib.model_graphdef(TINY),
+    fn = step_lib.jit_train_step(sharding.state_shardings(state, mesh), mesh, B, graphdef=state_lib.model_graphdef(TINY),
                                  tx=tx, lr_schedule=optimizer.schedule(oc, steps),
                                  config=step_lib.StepConfig(num_components=2, microbatches=microbatches, z_loss=1e-4))
     losses = []

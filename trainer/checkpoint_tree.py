@@ -14,7 +14,7 @@ from flax import nnx
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from models import layout
+from models import layout, sharding
 from models.config import ModelConfig
 from trainer import state as state_lib
 from trainer.state import TrainState
@@ -69,7 +69,7 @@ def with_shardings(abstract: Any, mesh: Mesh) -> Any:
     """An abstract tree (TrainState or params State) with each ShapeDtypeStruct carrying its sharding on `mesh`."""
     return jax.tree.map(lambda sh, x: jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh), x),
-        state_lib.shardings(abstract, mesh), abstract)
+        sharding.state_shardings(abstract, mesh), abstract)
 
 
 def abstract_tree(abstract_state: TrainState, config: ModelConfig, mesh: Mesh) -> dict[str, Any]:

@@ -43,18 +43,26 @@ def reconcile(wanted: ModelConfig, found: ModelConfig, source: str) -> ModelConf
     return effective
 
 
-def load_params(path: str | pathlib.Path, wanted: ModelConfig, mesh: Mesh) -> tuple[nnx.State, ModelConfig]:
-    """(params State placed on `mesh`, effective ModelConfig) from a Hugging Face folder or a docmix run/step dir."""
+def resolve_config(path: str | pathlib.Path, wanted: ModelConfig) -> ModelConfig:
+    """The effective ModelConfig of a run initialised from `path` (reads only its config): the folder's network with
+    the gin runtime fields. Raises when a shape-defining field differs from `wanted`."""
     path = pathlib.Path(path)
     if (path / "config.json").is_file():
         found = hf_io.read_config(path, **runtime_of(wanted))
-        config = reconcile(wanted, found, str(path))
-        model, config = hf_io.load_pretrained(path, mesh=mesh, **runtime_of(config))
     elif path.exists():
-        _, ckpt_dir, step, meta = checkpoint.read_metadata(path)
-        found = run_metadata.model_config_from_dict(meta["model_config"])
-        config = reconcile(wanted, found, str(path))
-        model = checkpoint.restore_params(ckpt_dir, step, config, mesh)
+        found = run_metadata.model_config_from_dict(checkpoint.read_metadata(path)[3]["model_config"])
     else:
         raise FileNotFoundError(f"TrainConfig.init_from={path}: no such directory")
+    return reconcile(wanted, found, str(path))
+
+
+def load_params(path: str | pathlib.Path, wanted: ModelConfig, mesh: Mesh) -> tuple[nnx.State, ModelConfig]:
+    """(params State placed on `mesh`, effective ModelConfig) from a Hugging Face folder or a docmix run/step dir."""
+    path = pathlib.Path(path)
+    config = resolve_config(path, wanted)
+    if (path / "config.json").is_file():
+        model, config = hf_io.load_pretrained(path, mesh=mesh, **runtime_of(config))
+    else:
+        _, ckpt_dir, step, _ = checkpoint.read_metadata(path)
+        model = checkpoint.restore_params(ckpt_dir, step, config, mesh)
     return nnx.state(model, nnx.Param), config

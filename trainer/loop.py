@@ -1,4 +1,5 @@
-"""The training loop: build mesh, data and state (resume / init_from / scratch), compile, step, log, checkpoint, export.
+"""The training loop, in phases: set up (mesh, data, checkpointer) -> initial state (resume / init_from / scratch)
+-> compile -> step loop (step, log, evaluate, checkpoint, export) -> finish (final save and export, summary).
 
 `train(run)` is what train.py runs. It stops cleanly on SIGTERM (saves, returns `stopped="preempted"`), refuses to
 continue on a non-finite loss (raises NonFiniteLoss before anything is saved from that step), and resumes from the
@@ -13,17 +14,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from data import multihost, pipeline as data_pipeline
 from data.tokenize import check_vocab
 from models import sharding
-from trainer import (checkpoint, export, initialize, metrics, optimizer, program as program_lib, run_metadata,
-                     state as state_lib, step as step_lib)
+from trainer import (checkpoint, export, initialize, metrics, program as program_lib, run_metadata,
+                     state as state_lib)
 from trainer.config import RunConfig, write_operative_config
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,266 @@ class Summary:
     export: pathlib.Path | None
 
 
+def train(run: RunConfig) -> Summary:
+    """Runs (or resumes) `run` to TrainConfig.train_steps, SIGTERM, or the end of the data."""
+    setup = Setup.create(run)
+    try:
+        run = effective_run(setup)
+        program = program_lib.build(run, setup.mesh, len(setup.pipe.component_names))
+        state, tokens_seen = initial_state(setup, run, program)
+        tokenizer_dir = write_run_files(run, setup.model_dir)
+        steps = compile_steps(program, state, run, len(setup.eval_names))
+        loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir)
+        with _Preemption() as preemption, jax.set_mesh(setup.mesh):
+            stopped = loop.run(preemption)
+            return finish(loop, stopped)
+    finally:
+        setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
+
+
+# --- phase 1: set up ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every phase reads: the mesh, this process's data pipeline, the fixed held-out batches, the checkpointer."""
+    run: RunConfig
+    model_dir: pathlib.Path
+    mesh: Mesh
+    pipe: data_pipeline.Pipeline
+    eval_names: tuple[str, ...]
+    eval_batches: list[dict[str, np.ndarray]]
+    ckpt: checkpoint.Checkpointer
+
+    @classmethod
+    def create(cls, run: RunConfig) -> "Setup":
+        """Checks that the batch fits the mesh and the tokenizer the model before reading any corpus."""
+        t = run.train
+        mesh = sharding.make_mesh(**t.mesh)
+        program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
+        check_vocab(run.mixture.tokenizer, run.model.vocab_size)
+        pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+        eval_names, eval_batches = _eval_batches(run)
+        model_dir = pathlib.Path(t.model_dir)
+        return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
+                   eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model))
+
+
+def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.ndarray]]]:
+    """(component names, the fixed held-out batches) of the eval mixture; none without one."""
+    if run.eval_mixture is None or not run.train.eval_every:
+        return (), []
+    pipe = data_pipeline.build(run.eval_mixture, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    return pipe.component_names, [next(pipe.iterator) for _ in range(run.train.eval_batches)]
+
+
+def write_run_files(run: RunConfig, model_dir: pathlib.Path) -> pathlib.Path:
+    """Writes config.gin and the tokenizer copy into MODEL_DIR (process 0); returns the tokenizer folder."""
+    if jax.process_index() != 0:
+        return model_dir / "tokenizer"
+    write_operative_config(run, model_dir)
+    return run_metadata.copy_tokenizer(run.mixture.tokenizer, model_dir)
+
+
+# --- phase 2: initial state ---------------------------------------------------------------------------------------
+
+def effective_run(setup: Setup) -> RunConfig:
+    """The run as it will train: a run that starts from TrainConfig.init_from (no checkpoint in MODEL_DIR yet) takes
+    that folder's network fields in place of the gin model's (shape fields must agree; initialize.reconcile)."""
+    run = setup.run
+    if setup.ckpt.latest_step() is not None or not run.train.init_from:
+        return run
+    model = initialize.resolve_config(run.train.init_from, run.model)
+    setup.ckpt.model_config = model  # checkpoints record the effective model
+    return dataclasses.replace(run, model=model)
+
+
+def initial_state(setup: Setup, run: RunConfig, program: program_lib.Program
+                  ) -> tuple[state_lib.TrainState, dict[str, int]]:
+    """(state, tokens seen per component): resumed from MODEL_DIR's latest checkpoint (and the data iterator set to
+    its position), else loaded from TrainConfig.init_from, else initialised from scratch."""
+    ckpt, mesh, names = setup.ckpt, setup.mesh, setup.pipe.component_names
+    tokens_seen = {n: 0 for n in names}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        saved = ckpt.metadata(latest)
+        run_metadata.check(saved, run_metadata.build(run.model, run.mixture, step=0, tokens_seen=tokens_seen),
+                           f"{ckpt.directory}/{latest}")
+        log.info("resuming from %s/%d", ckpt.directory, latest)
+        state = ckpt.restore(latest, program.abstract_state, mesh, setup.pipe.iterator)
+        return state, {n: int(saved["tokens_seen"].get(n, 0)) for n in names}
+    if run.train.init_from:
+        params, _ = initialize.load_params(run.train.init_from, run.model, mesh)
+        log.info("initialised from %s", run.train.init_from)
+        return state_lib.from_params(run.model, program.tx, params, mesh), tokens_seen
+    return state_lib.init_sharded(run.model, program.tx, run.train.seed, mesh), tokens_seen
+
+
+# --- phase 3: compile ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    program: program_lib.Program
+    train: Callable                  # compiled (state, global batch) -> (state, metrics); donates the state
+    eval: Callable | None            # jitted (params, global batch) -> LossSums; None without an eval mixture
+
+
+def compile_steps(program: program_lib.Program, state: state_lib.TrainState, run: RunConfig,
+                  num_eval_components: int) -> CompiledSteps:
+    """Compiles the train step ahead of the loop (so its time is reported apart from step time)."""
+    t = run.train
+    start = time.perf_counter()
+    with jax.set_mesh(program.mesh):
+        compiled = program.train_step.lower(state, program.example_batch(t.batch_size, t.seq_len)).compile()
+    log.info("compiled the train step in %.1fs", time.perf_counter() - start)
+    eval_fn = program.eval_step(t.batch_size, num_eval_components) if num_eval_components else None
+    return CompiledSteps(program=program, train=compiled, eval=eval_fn)
+
+
+# --- phase 4: the step loop ---------------------------------------------------------------------------------------
+
+class StepLoop:
+    """Steps the state and does what each step is due: log, evaluate, checkpoint, export.
+
+    `config` is the effective run (init_from's network fields). Explicit state: `state` (the TrainState after `step` steps), `tokens_seen` (per component, exact over the global
+    batch), `last_saved` (the step of the newest checkpoint this run wrote or resumed from), `last_rec` (the last
+    metrics record) and `eval_loss` (the last held-out losses).
+    """
+
+    def __init__(self, run: RunConfig, setup: Setup, steps: CompiledSteps, state: state_lib.TrainState,
+                 tokens_seen: dict[str, int], tokenizer_dir: pathlib.Path):
+        t = run.train
+        self.config, self.setup, self.steps, self.tokenizer_dir = run, setup, steps, tokenizer_dir
+        self.names = setup.pipe.component_names
+        self.state, self.tokens_seen = state, tokens_seen
+        self.step = self.start = int(state.step)
+        self.last_saved = self.start if setup.ckpt.latest_step() == self.start else None
+        self.last_rec: dict[str, Any] = {}
+        self.eval_loss: dict[str, float] = {}
+        peak, self.peak_source = metrics.peak_flops_per_device(t.hardware, t.peak_flops)
+        self.peak_total = peak * setup.mesh.size
+        self.flops_per_token = metrics.train_flops_per_token(run.model, t.seq_len)
+        self.window = metrics.Window(self.names)
+        self.sinks = metrics.Sinks(setup.model_dir, resume_step=self.start, run_name=setup.model_dir.name,
+                                   wandb_project=t.wandb_project)
+        self.bar = _progress(t, self.start)
+
+    def run(self, preemption: "_Preemption") -> str:
+        """Steps until train_steps, SIGTERM or the end of the data; returns why it stopped."""
+        try:
+            while self.step < self.config.train.train_steps:
+                if preemption.requested:
+                    return "preempted"
+                local = self._next_local_batch()
+                if local is None:
+                    return "data_exhausted"
+                self._step(local)
+            return "done"
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.sinks.close()
+
+    def _next_local_batch(self) -> dict[str, np.ndarray] | None:
+        try:
+            return next(self.setup.pipe.iterator)
+        except StopIteration:
+            return None
+
+    def _step(self, local: dict[str, np.ndarray]) -> None:
+        """One train step, then the host work due after it."""
+        batch = multihost.global_batch(local, self.setup.mesh, self.steps.program.batch_spec)
+        tick = time.perf_counter()
+        self.state, m = self.steps.train(self.state, batch)
+        m = jax.device_get(m)
+        seconds = time.perf_counter() - tick
+        self.step += 1
+        self._check_finite(self.step, m)
+        for name, n in zip(self.names, np.asarray(m["component_tokens"])):
+            self.tokens_seen[name] += int(n)
+        self.window.add(m, seconds)
+        self._after_step(self.step, m)
+
+    def _check_finite(self, step: int, m: dict[str, Any]) -> None:
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+            raise NonFiniteLoss(
+                f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without saving. The last good "
+                f"checkpoint is {self.setup.ckpt.directory}/{self.setup.ckpt.latest_step()} (untouched). Lower the "
+                "learning rate or check the data, then rerun the same command to resume from it.")
+
+    def _after_step(self, step: int, m: dict[str, Any]) -> None:
+        """Evaluate, log, checkpoint and export as due at `step` (the state is the state after `step`)."""
+        t, c = self.config.train, self.config.checkpoint
+        last = step == t.train_steps
+        evaluate = self.steps.eval is not None and (step % t.eval_every == 0 or last)
+        if evaluate:
+            self.eval_loss = self._evaluate()
+        if step % t.log_every == 0 or last or evaluate or step == self.start + 1:
+            self._log(step, m, self.eval_loss if evaluate else {})
+        if step % c.every == 0:
+            self.save()
+        if c.export_every and step % c.export_every == 0:
+            self.export(self.setup.model_dir / "exports" / str(step))
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _evaluate(self) -> dict[str, float]:
+        """Mean held-out loss per eval component over the fixed eval batches."""
+        names = self.setup.eval_names
+        loss, weight = np.zeros(len(names)), np.zeros(len(names))
+        for b in self.setup.eval_batches:
+            batch = multihost.global_batch(b, self.setup.mesh, self.steps.program.batch_spec)
+            sums = jax.device_get(self.steps.eval(self.state.params, batch))
+            loss += np.asarray(sums.per_component_loss)
+            weight += np.asarray(sums.per_component_weight)
+        return {n: float(loss[i] / weight[i]) for i, n in enumerate(names) if weight[i] > 0}
+
+    def _log(self, step: int, m: dict[str, Any], eval_loss: dict[str, float]) -> None:
+        t = self.config.train
+        rec = self.window.record(step, m, self.tokens_seen, t.batch_size * t.seq_len, self.flops_per_token,
+                                 self.peak_total)
+        rec.update({f"eval/loss/{k}": v for k, v in eval_loss.items()})
+        self.sinks.write(rec)
+        self.window.reset()
+        self.last_rec = rec
+        _show(self.bar, rec)
+
+    def save(self) -> None:
+        """Checkpoints the current state with the data position and tokens seen (once per step)."""
+        if self.last_saved == self.step:
+            return
+        self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
+                             run_metadata.build(self.config.model, self.config.mixture, step=self.step,
+                                                tokens_seen=self.tokens_seen))
+        self.last_saved = self.step
+
+    def export(self, out_dir: pathlib.Path) -> pathlib.Path:
+        """Hugging Face export of the current parameters in CheckpointConfig.export_dtype."""
+        model = nnx.merge(self.steps.program.graphdef, self.state.params)
+        return export.export(model, out_dir, dtype=self.config.checkpoint.export_dtype,
+                             tokenizer_dir=self.tokenizer_dir)
+
+
+# --- phase 5: finish ----------------------------------------------------------------------------------------------
+
+def finish(loop: StepLoop, stopped: str) -> Summary:
+    """Saves the final state (any stop), exports it when the run is done, and summarises."""
+    loop.save()
+    export_dir = None
+    if stopped == "done" and loop.config.checkpoint.export_at_end:
+        export_dir = loop.export(loop.setup.model_dir / "hf")
+    rec = loop.last_rec
+    ckpt_dir = loop.setup.ckpt.directory
+    return Summary(model_dir=loop.setup.model_dir, step=loop.step, stopped=stopped, loss=rec.get("loss"),
+                   component_loss={n: rec.get(f"loss/{n}") for n in loop.names}, eval_loss=loop.eval_loss,
+                   tokens_per_s=rec.get("tokens_per_s", 0.0), mfu=rec.get("mfu", 0.0), peak_source=loop.peak_source,
+                   checkpoint=ckpt_dir / str(loop.last_saved) if loop.last_saved is not None else None,
+                   export=export_dir)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
 class _Preemption:
     """Turns SIGTERM into a flag checked between steps (installed only in the main thread)."""
 
@@ -66,150 +328,6 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.ndarray]]]:
-    """(component names, the fixed held-out batches) of the eval mixture; none without one."""
-    if run.eval_mixture is None or not run.train.eval_every:
-        return (), []
-    pipe = data_pipeline.build(run.eval_mixture, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-    return pipe.component_names, [next(pipe.iterator) for _ in range(run.train.eval_batches)]
-
-
-def _initial_state(run: RunConfig, tx, mesh, ckpt: checkpoint.Checkpointer, iterator, names):
-    """(state, run, tokens_seen): resumed from MODEL_DIR, loaded from init_from, or initialised from scratch."""
-    tokens_seen = {n: 0 for n in names}
-    latest = ckpt.latest_step()
-    if latest is not None:
-        saved = ckpt.metadata(latest)
-        run_metadata.check(saved, run_metadata.build(run.model, run.mixture, step=0, tokens_seen=tokens_seen),
-                           f"{ckpt.directory}/{latest}")
-        log.info("resuming from %s/%d", ckpt.directory, latest)
-        state = ckpt.restore(latest, state_lib.abstract(run.model, tx), mesh, iterator)
-        return state, run, {n: int(saved["tokens_seen"].get(n, 0)) for n in names}
-    if run.train.init_from:
-        params, model_config = initialize.load_params(run.train.init_from, run.model, mesh)
-        run = dataclasses.replace(run, model=model_config)
-        ckpt.model_config = model_config
-        log.info("initialised from %s", run.train.init_from)
-        return state_lib.from_params(model_config, tx, params, mesh), run, tokens_seen
-    return state_lib.init_sharded(run.model, tx, run.train.seed, mesh), run, tokens_seen
-
-
-def train(run: RunConfig) -> Summary:
-    t = run.train
-    model_dir = pathlib.Path(t.model_dir)
-    mesh = sharding.make_mesh(**t.mesh)
-    program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
-    check_vocab(run.mixture.tokenizer, run.model.vocab_size)  # before any expensive work
-    pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(), process_count=jax.process_count())
-    names = pipe.component_names
-    eval_names, eval_batches = _eval_batches(run)
-    ckpt = checkpoint.Checkpointer(model_dir, run.checkpoint, run.model)
-    state, run, tokens_seen = _initial_state(run, optimizer.make(run.optimizer, t.train_steps), mesh, ckpt,
-                                             pipe.iterator, names)
-    program = program_lib.build(run, mesh, len(names))  # after init_from, which may replace run.model
-    start = int(state.step)
-    if jax.process_index() == 0:
-        write_operative_config(run, model_dir)
-        tokenizer_dir = run_metadata.copy_tokenizer(run.mixture.tokenizer, model_dir)
-    else:
-        tokenizer_dir = model_dir / "tokenizer"
-
-    graphdef, spec = program.graphdef, program.batch_spec
-    compile_start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = program.train_step.lower(state, program.example_batch(t.batch_size, t.seq_len)).compile()
-    log.info("compiled the train step in %.1fs", time.perf_counter() - compile_start)
-    eval_fn = step_lib.jit_eval_step(program.state_shardings.params, mesh, t.batch_size, graphdef=graphdef,
-                                     num_components=len(eval_names)) if eval_batches else None
-
-    peak, peak_source = metrics.peak_flops_per_device(t.hardware, t.peak_flops)
-    flops_per_token = metrics.train_flops_per_token(run.model, t.seq_len)
-    tokens_per_step = t.batch_size * t.seq_len
-    window = metrics.Window(names)
-    sinks = metrics.Sinks(model_dir, resume_step=start, run_name=model_dir.name, wandb_project=t.wandb_project)
-    bar = _progress(t, start)
-    last_rec: dict[str, Any] = {}
-    eval_loss: dict[str, float] = {}
-    stopped, last_saved = "done", (start if ckpt.latest_step() == start else None)
-    step = start
-
-    def save(s: int) -> None:
-        nonlocal last_saved
-        if last_saved != s:
-            ckpt.save(state, pipe.iterator, run_metadata.build(run.model, run.mixture, step=s,
-                                                               tokens_seen=tokens_seen))
-            last_saved = s
-
-    try:
-        with _Preemption() as preemption, jax.set_mesh(mesh):
-            while step < t.train_steps:
-                if preemption.requested:
-                    stopped = "preempted"
-                    break
-                try:
-                    local = next(pipe.iterator)
-                except StopIteration:
-                    stopped = "data_exhausted"
-                    break
-                batch = multihost.global_batch(local, mesh, spec)
-                tick = time.perf_counter()
-                state, m = compiled(state, batch)
-                m = jax.device_get(m)
-                seconds = time.perf_counter() - tick
-                step += 1
-                if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-                    raise NonFiniteLoss(
-                        f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without saving. The last "
-                        f"good checkpoint is {ckpt.directory}/{ckpt.latest_step()} (untouched). Lower the "
-                        "learning rate or check the data, then rerun the same command to resume from it.")
-                for name, n in zip(names, np.asarray(m["component_tokens"])):
-                    tokens_seen[name] += int(n)
-                window.add(m, seconds)
-                evaluate = eval_fn is not None and (step % t.eval_every == 0 or step == t.train_steps)
-                if evaluate:
-                    eval_loss = _evaluate(eval_fn, state.params, eval_names, eval_batches, mesh, spec)
-                if step % t.log_every == 0 or step == t.train_steps or evaluate or step == start + 1:
-                    last_rec = window.record(step, m, tokens_seen, tokens_per_step, flops_per_token,
-                                             peak * mesh.size)
-                    last_rec.update({f"eval/loss/{k}": v for k, v in eval_loss.items()} if evaluate else {})
-                    sinks.write(last_rec)
-                    window.reset()
-                    _show(bar, last_rec)
-                if step % run.checkpoint.every == 0:
-                    save(step)
-                if run.checkpoint.export_every and step % run.checkpoint.export_every == 0:
-                    export.export(nnx.merge(graphdef, state.params), model_dir / "exports" / str(step),
-                                  dtype=run.checkpoint.export_dtype, tokenizer_dir=tokenizer_dir)
-                if bar is not None:
-                    bar.update(1)
-            save(step)
-            export_dir = None
-            if stopped == "done" and run.checkpoint.export_at_end:
-                export_dir = export.export(nnx.merge(graphdef, state.params), model_dir / "hf",
-                                           dtype=run.checkpoint.export_dtype, tokenizer_dir=tokenizer_dir)
-    finally:
-        if bar is not None:
-            bar.close()
-        sinks.close()
-        ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
-    return Summary(model_dir=model_dir, step=step, stopped=stopped, loss=last_rec.get("loss"),
-                   component_loss={n: last_rec.get(f"loss/{n}") for n in names}, eval_loss=eval_loss,
-                   tokens_per_s=last_rec.get("tokens_per_s", 0.0), mfu=last_rec.get("mfu", 0.0),
-                   peak_source=peak_source,
-                   checkpoint=ckpt.directory / str(last_saved) if last_saved is not None else None,
-                   export=export_dir)
-
-
-def _evaluate(eval_fn, params, names, batches, mesh, spec) -> dict[str, float]:
-    loss, weight = np.zeros(len(names)), np.zeros(len(names))
-    for b in batches:
-        sums = jax.device_get(eval_fn(params, multihost.global_batch(b, mesh, spec)))
-        loss += np.asarray(sums.per_component_loss)
-        weight += np.asarray(sums.per_component_weight)
-    return {n: float(loss[i] / weight[i]) for i, n in enumerate(names) if weight[i] > 0}
 
 
 def _progress(t, start: int):

@@ -38,6 +38,11 @@ class Program:
         return {k: jax.ShapeDtypeStruct((batch_size, seq_len)[:nd], dt, sharding=shardings[k])
                 for k, (dt, nd) in kinds.items()}
 
+    def eval_step(self, batch_size: int, num_components: int) -> Callable:
+        """The jitted held-out loss step (params, global batch) -> LossSums over `num_components` components."""
+        return step_lib.jit_eval_step(self.state_shardings.params, self.mesh, batch_size, graphdef=self.graphdef,
+                                      num_components=num_components)
+
 
 def check_batch_fits_mesh(batch_size: int, microbatches: int, mesh: Mesh) -> None:
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -57,7 +62,7 @@ def build(run: RunConfig, mesh: Mesh, num_components: int) -> Program:
     check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
     tx = optimizer.make(run.optimizer, t.train_steps)
     abstract = state_lib.abstract(run.model, tx)
-    state_sh = state_lib.shardings(abstract, mesh)
+    state_sh = sharding.state_shardings(abstract, mesh)
     graphdef = state_lib.model_graphdef(run.model)
     step_fn = step_lib.jit_train_step(
         state_sh, mesh, t.batch_size, graphdef=graphdef, tx=tx,

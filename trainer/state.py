@@ -1,4 +1,5 @@
-"""The train state (step, params, optimizer state), its shardings and its `jax.eval_shape`-able initialisation."""
+"""The train state (step, params, optimizer state) and its `jax.eval_shape`-able initialisation (shardings:
+`models.sharding.state_shardings`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from models import sharding
 from models.config import ModelConfig
@@ -42,19 +43,6 @@ def abstract(config: ModelConfig, tx: optax.GradientTransformation) -> TrainStat
     return jax.eval_shape(lambda: create(config, tx, 0))
 
 
-def shardings(state: Any, mesh: Mesh) -> Any:
-    """A sharding tree for `state` (a prefix tree: one NamedSharding per Variable, replicated elsewhere)."""
-    mesh_shape = dict(mesh.shape)
-
-    def one(x: Any) -> NamedSharding:
-        if isinstance(x, nnx.Variable):
-            names = x.get_metadata().get("out_sharding") or (None,) * len(x.shape)
-            return NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh_shape))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def _compile_once(fn, mesh: Mesh, out_shardings: Any, *args: Any) -> Any:
     """Runs a one-off jitted function. On CPU it is compiled at XLA optimisation level 0: these programs run once,
     and the default level spends ~5x longer compiling threefry random init than it could ever save."""
@@ -65,9 +53,9 @@ def _compile_once(fn, mesh: Mesh, out_shardings: Any, *args: Any) -> Any:
 
 def init_sharded(config: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
     """Random init compiled straight into its shardings (no host copy of the full model)."""
-    return _compile_once(lambda: create(config, tx, seed), mesh, shardings(abstract(config, tx), mesh))
+    return _compile_once(lambda: create(config, tx, seed), mesh, sharding.state_shardings(abstract(config, tx), mesh))
 
 
 def from_params(config: ModelConfig, tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> TrainState:
     """A step-0 state around existing (already placed) params, e.g. loaded from a Hugging Face folder."""
-    return _compile_once(lambda p: create(config, tx, 0, p), mesh, shardings(abstract(config, tx), mesh), params)
+    return _compile_once(lambda p: create(config, tx, 0, p), mesh, sharding.state_shardings(abstract(config, tx), mesh), params)
