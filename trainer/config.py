@@ -195,6 +195,14 @@ def _check_consistent(run: RunConfig) -> None:
         raise ConfigError(f"RunConfig.eval_mixture (batch_size={e.batch_size}, seq_len={e.seq_len}, "
                           f"tokenizer={e.tokenizer!r}) must match the training mixture (batch_size={m.batch_size}, "
                           f"seq_len={m.seq_len}, tokenizer={m.tokenizer!r})")
+    if run.model.param_dtype != "float32":
+        # fp32 master weights: an AdamW update (~learning rate per step) is below half a bf16 ulp for any |w| above
+        # lr * 2^8 (0.005 at lr 2e-5), so bf16 parameters would leave most of a pretrained matrix unchanged.
+        raise ConfigError(f"ModelConfig.param_dtype={run.model.param_dtype!r}: training keeps float32 master weights "
+                          "and optimizer moments (with bfloat16 parameters, updates at midtraining learning rates are "
+                          "rounded away for most weights). Set ModelConfig.param_dtype='float32'; "
+                          "ModelConfig.compute_dtype='bfloat16' keeps the matmuls in bf16, and "
+                          "OptimizerConfig.mu_dtype='bfloat16' halves the first moment's memory.")
     if t.seq_len > run.model.max_position_embeddings:
         raise ConfigError(f"SEQ_LEN={t.seq_len} exceeds ModelConfig.max_position_embeddings="
                           f"{run.model.max_position_embeddings}")

@@ -36,9 +36,11 @@ def decay_mask(params: Any, exclude: tuple[str, ...]) -> Any:
 
 
 def make(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm (if set) then AdamW on `schedule(config, total_steps)` with the path-based decay mask."""
+    """clip_by_global_norm (if set) then AdamW on `schedule(config, total_steps)` with the path-based decay mask.
+
+    Moments are kept in the parameters' dtype (float32 masters), the first moment in `config.mu_dtype` if set."""
     adamw = optax.adamw(schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay,
+                        weight_decay=config.weight_decay, mu_dtype=config.mu_dtype,
                         mask=lambda params: decay_mask(params, config.weight_decay_exclude))
     if config.clip_norm is None:
         return adamw

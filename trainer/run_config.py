@@ -63,6 +63,12 @@ class OptimizerConfig:
     """AdamW with a learning-rate schedule and global-norm clipping.
 
     `weight_decay_exclude`: substrings of a parameter's path (e.g. `layers/attn_norm/scale`) whose params get no decay.
+    `mu_dtype`: storage dtype of Adam's first moment; None keeps the parameters' dtype (float32 masters). 'bfloat16'
+    saves 2 bytes per parameter (16 GB for an 8B model) at little cost: mu is a running mean of gradients, each step
+    adds (1 - b1) = 10% of a new gradient (well above bf16's 2^-8 relative rounding), and the rounding errors decay
+    with b1, so they stay below 2^-8 / (1 - b1) ~ 4% of mu: a small change of step size, never a lost update. The
+    second moment and the parameters stay float32: nu (b2 close to 1) moves by small relative increments that bf16
+    would round away and sets the step size through its square root, and bf16 parameters lose whole updates.
     Schedules: `constant` (after warmup), `warmup_cosine` (cosine to `min_lr_ratio * learning_rate` at the last step),
     `warmup_stable_decay` (constant, then linear to `min_lr_ratio * learning_rate` over the last `decay_fraction`).
     """
@@ -77,10 +83,13 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     weight_decay_exclude: tuple[str, ...] = ("norm", "bias", "embed")
     clip_norm: float | None = 1.0
+    mu_dtype: str | None = None
 
     def __post_init__(self):
         check_types(self)
         name = "OptimizerConfig"
+        _require(self.mu_dtype in (None, "float32", "bfloat16"), f"{name}.mu_dtype",
+                 f"must be None, 'float32' or 'bfloat16', got {self.mu_dtype!r}")
         _require(self.schedule in SCHEDULES, f"{name}.schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
         _require(self.learning_rate > 0 and math.isfinite(self.learning_rate), f"{name}.learning_rate",
                  f"must be a positive finite number, got {self.learning_rate}")
