@@ -1,7 +1,8 @@
 """Convert between Hugging Face folders and docmix's Orbax checkpoint layout (the one train.py writes).
 
     python -m models.convert hf-to-orbax --hf_dir /path/llama-3.1-8b --out runs/llama8b_init
-    python -m models.convert orbax-to-hf --ckpt runs/demo [--step 300] --out runs/demo_hf [--dtype float32] [--overwrite]
+    python -m models.convert orbax-to-hf --ckpt runs/demo [--step 300] --out runs/demo_hf [--dtype float32]
+                                         [--overwrite]
 
 hf-to-orbax writes a run-style directory: OUT/checkpoints/0/{params,metadata} (parameters in the stacked layout) and
 OUT/tokenizer/. Use it with `--gin.TrainConfig.init_from=OUT` or any tool that reads docmix runs (restore_model).

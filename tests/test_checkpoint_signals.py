@@ -48,14 +48,15 @@ def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     good = model_dir / "checkpoints" / steps[0]
     digest = tree_digest(good)
 
-    # Resume with an absurd learning rate (a new schedule phase from `saved`, no warmup), a checkpoint every step and the
-    # latest one kept: step saved+1's loss is computed from the good parameters (finite), its update overflows and is
+    # Resume with an absurd learning rate (a new schedule phase from `saved`, no warmup), a checkpoint every step and
+    # only the latest one kept: step saved+1's loss is computed from the good parameters (finite), its update overflows and is
     # saved as checkpoint saved+1, and step saved+2's loss is non-finite. Checkpoint saved+1 is poisoned; `saved` is
     # the last good one, and retention must not have deleted it.
     bad = saved + 1
     proc = subprocess.run(train_cmd(model_dir, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_EVERY=1",
                                     "--gin.CheckpointConfig.keep_latest=1", "--gin.OptimizerConfig.learning_rate=1e30",
-                                    f"--gin.OptimizerConfig.schedule_start={saved}", "--gin.OptimizerConfig.warmup_steps=0"),
+                                    f"--gin.OptimizerConfig.schedule_start={saved}",
+                                    "--gin.OptimizerConfig.warmup_steps=0"),
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "stopped without saving" in proc.stderr
