@@ -112,6 +112,7 @@ def test_nonfinite_checkpoints_are_skipped_and_kept(tmp_path):
     assert ckpt.mark_nonfinite(2) == [2, 3]
     assert ckpt.newest_good() == 1 and ckpt.resume_candidate() == 1
     ckpt.close()
+    assert checkpoint.read_metadata(tmp_path)[2] == 1       # restore_model / convert of the run dir skip them too
     assert resume(tmp_path, mesh) == (1, 1)
     assert sorted(p.name for p in (tmp_path / checkpoint_health.SET_ASIDE).iterdir()) == ["2", "3"]
     assert "non-finite" in (tmp_path / checkpoint_health.SET_ASIDE / "3" / "reason.txt").read_text()

@@ -68,13 +68,14 @@ def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     assert (verdict(saved), verdict(bad)) == ("good", "nonfinite")
 
     # The rerun (a sane learning rate) resumes from the good checkpoint, not the newer poisoned one, and keeps that.
-    before = len(metrics.read_text().splitlines())
+    first_try = json.loads(metrics.read_text().splitlines()[-1])
+    assert first_try["step"] == saved + 1
     proc = subprocess.run(train_cmd(model_dir, f"--gin.TRAIN_STEPS={saved + 2}", "--gin.CHECKPOINT_EVERY=100000",
                                     f"--gin.OptimizerConfig.schedule_start={saved}"),
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["step"] for r in records[before:]] == [saved + 1, saved + 2]
-    assert records[before]["loss"] == records[before - 1]["loss"]  # step saved+1 again, from the same parameters
+    assert [r["step"] for r in records] == list(range(1, saved + 3))   # records after the resumed step are replaced
+    assert records[saved]["loss"] == first_try["loss"]   # step saved+1 again, from the same parameters and data
     set_aside = model_dir / "checkpoints_set_aside" / str(bad)
     assert "non-finite" in (set_aside / "reason.txt").read_text() and (set_aside / "params").is_dir()

@@ -177,7 +177,7 @@ class Checkpointer:
             where = self.directory / str(step)
             if jax.process_index() == 0:
                 where = health.set_aside(self.directory, step, f"step {step} was not resumed: {why}")
-            log.warning("checkpoint %s/%d %s; not resuming from it. It is kept, moved to %s", self.directory, step,
+            log.warning("not resuming from checkpoint %s/%d (%s); it is kept, moved to %s", self.directory, step,
                         why, where)
             self.verdicts.pop(step, None)
         if skipped:
@@ -211,16 +211,22 @@ def save_params(model_dir: str | pathlib.Path, model: Transformer, metadata: dic
 
 
 def _locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, int]:
-    """(run dir, checkpoints dir, step) for a run directory (latest step) or one step directory."""
+    """(run dir, checkpoints dir, step) for a run directory (latest step not marked non-finite) or one step directory."""
     path = pathlib.Path(path)
     if (path / CHECKPOINTS).is_dir():
         run_dir, ckpt_dir = path, path / CHECKPOINTS
         manager = _manager(ckpt_dir, None, read_only=True)
-        step = manager.latest_step()
+        steps = manager.all_steps()
         manager.close()
-        if step is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint")
-        return run_dir, ckpt_dir, step
+        verdicts = health.read_verdicts(ckpt_dir)
+        usable = [s for s in steps if verdicts.get(s) != health.NONFINITE]
+        if not usable:
+            raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint"
+                                    + (" that did not give a non-finite loss" if steps else ""))
+        if max(usable) != max(steps):
+            log.warning("%s: skipping checkpoints %s (a non-finite loss was computed from them); reading step %d",
+                        ckpt_dir, sorted(set(steps) - set(usable)), max(usable))
+        return run_dir, ckpt_dir, max(usable)
     if path.name.isdigit() and (path / "params").is_dir() and path.parent.name == CHECKPOINTS:
         return path.parent.parent, path.parent, int(path.name)
     raise FileNotFoundError(f"{path}: neither a run directory (with {CHECKPOINTS}/) nor a checkpoint step directory "
