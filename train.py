@@ -60,8 +60,8 @@ def format_summary(s, argv: list[str]) -> str:
     """The end-of-run report: losses, throughput, where things are, what to run next."""
     again = " ".join(["python train.py", *argv])
     # A longer run changes the learning-rate schedule: continue as a new schedule phase (docs/training.md).
-    longer = " ".join(["python train.py", *[a for a in argv if not a.startswith(("--gin.TRAIN_STEPS=",
-                                                                                  "--gin.OptimizerConfig.schedule_start="))],
+    replaced = ("--gin.TRAIN_STEPS=", "--gin.OptimizerConfig.schedule_start=")
+    longer = " ".join(["python train.py", *[a for a in argv if not a.startswith(replaced)],
                        f"--gin.TRAIN_STEPS={s.step * 2}", f"--gin.OptimizerConfig.schedule_start={s.step}"])
     lines = [f"\n== docmix run {s.model_dir} stopped at step {s.step} ({s.stopped}) =="]
     if s.loss is not None:
