@@ -3,13 +3,15 @@
     python bench/bench_overlap.py [--steps 20] [--repeats 3] [--json out.json]
 
 Runs the real step loop (trainer.loop.StepLoop) of the demo run, compiled once. Each variant is timed `--repeats`
-times over `--steps` steps (after 2 warm-up steps) by the wall time of the whole loop, so preparing batches,
-dispatching steps and fetching metrics all count; the median is reported. Variants:
+times, the variants alternating, each run over `--steps` steps (after 2 warm-up steps) on a freshly built pipeline,
+by the wall time of the whole loop, so preparing batches, dispatching steps and fetching metrics all count; the
+median is reported. Variants:
   off: MixtureConfig.prefetch=0 and TrainConfig.async_metrics=False (the loop before the overlap: the next batch is
        prepared only after the step's metrics arrived)
   on:  the defaults (a background thread prepares the next batches; metrics are fetched one step late)
 each with the demo input pipeline as it is and made artificially slow: a sleep per batch of about one step's time
-(the median step time of the first variant). With overlap, the slow pipeline should cost almost nothing.
+(measured by a first calibration run with overlap off, not in the table). With overlap, the slow input should cost
+almost nothing.
 """
 from __future__ import annotations
 
@@ -69,36 +71,34 @@ def main() -> None:
     steps = loop.compile_steps(program, state, run, 0)
     not_stopping = types.SimpleNamespace(requested=False)
 
-    def timed(prefetch: int, async_metrics: bool, delay_s: float) -> list[float]:
+    def steps_per_s(prefetch: int, async_metrics: bool, delay_s: float) -> float:
+        """One timed run of --steps steps (after WARMUP untimed ones) on a freshly built pipeline."""
         nonlocal state
-        pipe = data_pipeline.build(dataclasses.replace(run.mixture, prefetch=prefetch))
-        variant = dataclasses.replace(setup, pipe=pipe)
-        rates = []
         with slow_input(delay_s), jax.set_mesh(setup.mesh):
-            for i in range(args.repeats + 1):
-                n = WARMUP if i == 0 else args.steps
+            pipe = data_pipeline.build(dataclasses.replace(run.mixture, prefetch=prefetch))
+            for n in (WARMUP, args.steps):
                 train = dataclasses.replace(run.train, async_metrics=async_metrics, train_steps=int(state.step) + n)
-                step_loop = loop.StepLoop(dataclasses.replace(run, train=train), variant, steps, state, tokens_seen,
-                                          pathlib.Path(tmp))
+                step_loop = loop.StepLoop(dataclasses.replace(run, train=train), dataclasses.replace(setup, pipe=pipe),
+                                          steps, state, tokens_seen, pathlib.Path(tmp))
                 start = time.perf_counter()
                 step_loop.run(not_stopping)
-                if i:
-                    rates.append(n / (time.perf_counter() - start))
+                rate = n / (time.perf_counter() - start)
                 state = step_loop.state
-        pipe.iterator.close()
-        return rates
+            pipe.iterator.close()
+        return rate
 
+    delay = 1.0 / steps_per_s(0, False, 0.0)  # about one step's time (overlap off); also warms everything up
+    variants = [(name, prefetch, async_metrics, d) for d in (0.0, delay)
+                for name, prefetch, async_metrics in (("off", 0, False), ("on", 2, True))]
+    rates: dict[tuple, list[float]] = {v: [] for v in variants}
+    for _ in range(args.repeats):  # variants alternate, so a change of load from other jobs hits all of them alike
+        for v in variants:
+            rates[v].append(steps_per_s(*v[1:]))
     rows = []
-    delay = 0.0
-    for slow in (False, True):
-        for name, prefetch, async_metrics in (("off", 0, False), ("on", 2, True)):
-            rates = timed(prefetch, async_metrics, delay)
-            rows.append({"overlap": name, "input_delay_s": delay, "steps_per_s": statistics.median(rates),
-                         "runs": rates})
-            print(f"overlap {name:3s}  input delay {delay * 1e3:5.0f} ms/batch: {statistics.median(rates):6.2f} "
-                  f"steps/s (runs: {', '.join(f'{r:.2f}' for r in rates)})", flush=True)
-        if not slow:
-            delay = 1.0 / rows[0]["steps_per_s"]  # about one step's time
+    for (name, _, _, d), r in rates.items():
+        rows.append({"overlap": name, "input_delay_s": d, "steps_per_s": statistics.median(r), "runs": r})
+        print(f"overlap {name:3s}  input delay {d * 1e3:5.0f} ms/batch: {statistics.median(r):6.2f} steps/s "
+              f"(runs: {', '.join(f'{x:.2f}' for x in r)})", flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"device": jax.devices()[0].device_kind, "rows": rows},
                                                       indent=2) + "\n")
