@@ -42,5 +42,5 @@ class Attention(nnx.Module):
             kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start),
                   jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start))
             k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
-        out = kernels.attend(q, k, v, mask, self.config.attention)
+        out = kernels.attend(q, k, v, mask, self.config.attention, self.config.splash_interpret)
         return self.o_proj(out), kv

@@ -68,6 +68,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention: str = "xla"
+    # splash only: None runs the real kernel when compiling for TPU devices and Pallas interpret mode otherwise;
+    # True/False force it (e.g. False to check, on a CPU host, that a splash config lowers to Mosaic).
+    splash_interpret: bool | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

@@ -62,8 +62,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None, :, :], implementation=implementation)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, backend: str) -> jax.Array:
-    """Dispatches to the backend named by `ModelConfig.attention`."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, backend: str,
+           splash_interpret: bool | None = None) -> jax.Array:
+    """Dispatches to the backend named by `ModelConfig.attention` (`splash_interpret`: see ModelConfig)."""
     if backend == "xla":
         return xla_attention(q, k, v, mask)
     if backend == "cudnn":
@@ -73,5 +74,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, backen
             return xla_attention(q, k, v, mask)
         from models import splash
 
-        return splash.splash_attention(q, k, v, mask)
+        return splash.splash_attention(q, k, v, mask, interpret=splash_interpret)
     raise ValueError(f"unknown attention backend {backend!r}")

@@ -78,8 +78,3 @@ class Embedding(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """`[batch, seq]` int -> `[batch, seq, embed]`."""
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output head: `[batch, seq, embed] -> [batch, seq, vocab]` float32."""
-        return jnp.einsum("bse,ve->bsv", x, self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)

@@ -1,6 +1,8 @@
 """The Pallas splash-attention kernel (TPU) behind the `kernels.attend` signature.
 
-Splash attention is a TPU kernel; on other backends it runs in Pallas interpret mode (slow, for tests only). It
+Splash attention is a TPU kernel; for other devices it runs in Pallas interpret mode (slow, for tests only). The
+choice follows the devices the computation is compiled for (the `jax.set_mesh` mesh), not the host's default backend,
+so an ahead-of-time compile for a TPU topology on a CPU machine (`launch.aot`) compiles the real kernel. It
 covers full-sequence attention (training, scoring, prefill without a longer cache): q_len == kv_len with aligned slot
 indices. Segment masking uses splash `SegmentIds` (padding, segment 0, only ever attends to padding, so padding rows
 differ from the reference while every real token agrees); the causal / sliding-window pattern is a static splash mask.
@@ -46,10 +48,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
     if k.shape[1] != seq:
         raise NotImplementedError("splash attention covers full sequences (q_len == kv_len); cached decoding "
                                   f"(q_len={seq}, kv_len={k.shape[1]}) uses the 'xla' kernel")
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    local = functools.partial(_local_attention, window=mask.window, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
+    if interpret is None:
+        interpret = target_platform(mesh) != "tpu"
+    local = functools.partial(_local_attention, window=mask.window, interpret=interpret)
     if mesh.empty:
         return local(q, k, v, mask.q_segment, mask.kv_segment)
     mesh_shape = dict(mesh.shape)
@@ -59,6 +61,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
     heads_spec, rows_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(heads_spec,) * 3 + (rows_spec,) * 2, out_specs=heads_spec,
                          check_vma=False)(q, k, v, mask.q_segment, mask.kv_segment)
+
+
+def target_platform(mesh: jax.sharding.AbstractMesh) -> str:
+    """The platform of the devices being compiled for: the mesh's, else the default backend's."""
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _local_attention(q, k, v, q_segment, kv_segment, *, window: int | None, interpret: bool) -> jax.Array:

@@ -85,6 +85,16 @@ class Transformer(nnx.Module):
 
         Returns (logits `[batch, seq, vocab]` float32, the updated cache or None).
         """
+        x, cache = self.hidden(tokens, segment_ids, positions, cache)
+        return self.logits(x), cache
+
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The final-normed hidden states `[batch, seq, embed]` (compute dtype) that `logits` projects, and the cache.
+
+        A caller that never needs all logits at once (the chunked training loss) projects slices of these itself with
+        `output_kernel()`.
+        """
         tokens = jnp.asarray(tokens, jnp.int32)
         batch, seq = tokens.shape
         segment_ids = jnp.ones_like(tokens) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
@@ -98,16 +108,20 @@ class Transformer(nnx.Module):
             mask = AttentionMask(segment_ids, kv_segment, q_index + cache.index, kv_index, self.config.sliding_window)
         x = sharding.constrain(self.embed(tokens), ACTIVATION)
         x, kv = self._run_layers(x, positions, mask, cache)
-        x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            logits = self.embed.attend(x)
-        else:
-            logits = jnp.einsum("bse,ev->bsv", x, self.lm_head.kernel[...].astype(x.dtype),
-                                preferred_element_type=jnp.float32)
-        logits = sharding.constrain(logits, ("act_batch", "act_seq", "act_vocab"))
         if cache is not None:
             cache = KVCache(k=kv[0], v=kv[1], segment_ids=mask.kv_segment, index=cache.index + seq)
-        return logits, cache
+        return self.final_norm(x), cache
+
+    def output_kernel(self) -> jax.Array:
+        """The output projection `[embed, vocab]` in the compute dtype (the transposed embedding when tied)."""
+        if self.config.tie_embeddings:
+            return self.embed.embedding[...].astype(self.config.compute_dtype).T
+        return self.lm_head.kernel[...].astype(self.config.compute_dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Hidden states `[batch, seq, embed]` -> logits `[batch, seq, vocab]` float32."""
+        logits = jnp.einsum("bse,ev->bsv", x, self.output_kernel(), preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
     def _run_layers(self, x, positions, mask, cache):
         config = self.config

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from models import sharding
+
 
 class LossSums(NamedTuple):
     """Weighted sums over a batch; `per_component_*` are `[num_components]`."""
@@ -37,26 +39,63 @@ def target_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
 
 def token_losses(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`[B, S, V]` logits and `[B, S]` tokens -> (`[B, S-1]` cross-entropy of tokens[t+1], `[B, S-1]` logsumexp)."""
-    logits = logits[:, :-1].astype(jnp.float32)
+    return _cross_entropy(logits[:, :-1], tokens[:, 1:])
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`[..., V]` logits and `[...]` target ids -> (cross-entropy, logsumexp), both float32 `[...]`."""
+    logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    target = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return lse - target, lse
+
+
+def _sums(row_loss: jax.Array, row_weight: jax.Array, z_loss: jax.Array, component: jax.Array,
+          num_components: int) -> LossSums:
+    onehot = jax.nn.one_hot(component, num_components, dtype=jnp.float32)  # [B, C]
+    return LossSums(loss=jnp.sum(row_loss), z_loss=z_loss, weight=jnp.sum(row_weight),
+                    per_component_loss=row_loss @ onehot, per_component_weight=row_weight @ onehot)
 
 
 def loss_sums(logits: jax.Array, batch: dict[str, jax.Array], num_components: int) -> LossSums:
     """Weighted next-token loss sums of one batch (keys tokens, segment_ids, loss_mask, component; see design.md)."""
     weights = target_weights(batch["segment_ids"], batch["loss_mask"])
     ce, lse = token_losses(logits, batch["tokens"])
-    row_loss = jnp.sum(weights * ce, axis=1)                               # [B]
-    row_weight = jnp.sum(weights, axis=1)                                  # [B]
-    onehot = jax.nn.one_hot(batch["component"], num_components, dtype=jnp.float32)  # [B, C]
-    return LossSums(
-        loss=jnp.sum(row_loss),
-        z_loss=jnp.sum(weights * lse * lse),
-        weight=jnp.sum(row_weight),
-        per_component_loss=row_loss @ onehot,
-        per_component_weight=row_weight @ onehot,
-    )
+    return _sums(jnp.sum(weights * ce, axis=1), jnp.sum(weights, axis=1), jnp.sum(weights * lse * lse),
+                 batch["component"], num_components)
+
+
+def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[str, jax.Array],
+                      num_components: int, chunk: int) -> LossSums:
+    """`loss_sums` of the logits `hidden @ output_kernel`, computed `chunk` sequence positions at a time.
+
+    hidden `[B, S, E]`, output_kernel `[E, V]`; `chunk` divides S. Only one `[B, chunk, V]` float32 block of logits
+    exists at a time, forward and backward: the chunk body is rematerialised (`jax.checkpoint`) inside a
+    `jax.lax.scan`, so its gradient is also computed one block at a time and the kernel's gradient is accumulated
+    across blocks. The sums equal `loss_sums(einsum(hidden, output_kernel))` up to float summation order.
+    """
+    batch_size, seq, _ = hidden.shape
+    if seq % chunk:
+        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {seq}")
+    # Position t predicts tokens[t+1]; the last position predicts nothing (weight 0, any valid target id).
+    weights = jnp.pad(target_weights(batch["segment_ids"], batch["loss_mask"]), ((0, 0), (0, 1)))
+    targets = jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
+
+    def blocks(x: jax.Array) -> jax.Array:  # [B, S, ...] -> [S / chunk, B, chunk, ...]
+        x = x.reshape(batch_size, seq // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+    @jax.checkpoint
+    def block(carry, xs):
+        row_loss, z_loss = carry
+        h, target, weight = xs
+        logits = jnp.einsum("bse,ev->bsv", h, output_kernel, preferred_element_type=jnp.float32)
+        ce, lse = _cross_entropy(sharding.constrain(logits, ("act_batch", "act_seq", "act_vocab")), target)
+        return (row_loss + jnp.sum(weight * ce, axis=1), z_loss + jnp.sum(weight * lse * lse)), None
+
+    zeros = (jnp.zeros((batch_size,), jnp.float32), jnp.zeros((), jnp.float32))
+    (row_loss, z_loss), _ = jax.lax.scan(block, zeros, (blocks(hidden), blocks(targets), blocks(weights)))
+    return _sums(row_loss, jnp.sum(weights, axis=1), z_loss, batch["component"], num_components)
 
 
 def objective(sums: LossSums, z_loss_coeff: float, total_weight: jax.Array) -> jax.Array:

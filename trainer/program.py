@@ -29,6 +29,7 @@ class Program:
     state_shardings: Any                      # NamedSharding tree matching abstract_state
     train_step: Callable                      # jitted (state, global batch) -> (state, metrics), state donated
     batch_spec: P                             # rows over the data-parallel axes
+    loss_chunk: int | None = None             # TrainConfig.loss_chunk, for the eval step too
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Abstract global batch (design.md's batch keys) for compiling the step ahead of the loop."""
@@ -41,7 +42,7 @@ class Program:
     def eval_step(self, batch_size: int, num_components: int) -> Callable:
         """The jitted held-out loss step (params, global batch) -> LossSums over `num_components` components."""
         return step_lib.jit_eval_step(self.state_shardings.params, self.mesh, batch_size, graphdef=self.graphdef,
-                                      num_components=num_components)
+                                      num_components=num_components, loss_chunk=self.loss_chunk)
 
 
 def check_batch_fits_mesh(batch_size: int, microbatches: int, mesh: Mesh) -> None:
@@ -67,6 +68,7 @@ def build(run: RunConfig, mesh: Mesh, num_components: int) -> Program:
     step_fn = step_lib.jit_train_step(
         state_sh, mesh, t.batch_size, graphdef=graphdef, tx=tx,
         lr_schedule=optimizer.schedule(run.optimizer, t.train_steps),
-        config=step_lib.StepConfig(num_components=num_components, microbatches=t.microbatches, z_loss=t.z_loss))
+        config=step_lib.StepConfig(num_components=num_components, microbatches=t.microbatches, z_loss=t.z_loss,
+                                  loss_chunk=t.loss_chunk))
     return Program(mesh=mesh, tx=tx, graphdef=graphdef, abstract_state=abstract, state_shardings=state_sh,
-                   train_step=step_fn, batch_spec=batch_spec(mesh, t.batch_size))
+                   train_step=step_fn, batch_spec=batch_spec(mesh, t.batch_size), loss_chunk=t.loss_chunk)

@@ -27,12 +27,17 @@ class StepConfig:
     num_components: int
     microbatches: int = 1
     z_loss: float = 0.0
+    loss_chunk: int | None = None   # sequence positions per block of logits (None: all logits at once)
 
 
-def _forward_sums(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], num_components: int):
+def _forward_sums(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], num_components: int,
+                  loss_chunk: int | None = None):
     model = nnx.merge(graphdef, params)
-    logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-    return loss_lib.loss_sums(logits, batch, num_components)
+    if loss_chunk is None:
+        logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+        return loss_lib.loss_sums(logits, batch, num_components)
+    hidden, _ = model.hidden(batch["tokens"], batch["segment_ids"], batch["positions"])
+    return loss_lib.chunked_loss_sums(hidden, model.output_kernel(), batch, num_components, loss_chunk)
 
 
 def _split_microbatches(batch: dict[str, jax.Array], m: int) -> dict[str, jax.Array]:
@@ -50,7 +55,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     total_weight = jnp.sum(loss_lib.target_weights(batch["segment_ids"], batch["loss_mask"]))
 
     def objective(params, mb):
-        sums = _forward_sums(graphdef, params, mb, config.num_components)
+        sums = _forward_sums(graphdef, params, mb, config.num_components, config.loss_chunk)
         return loss_lib.objective(sums, config.z_loss, total_weight), sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -85,9 +90,9 @@ def component_tokens(batch: dict[str, jax.Array], num_components: int) -> jax.Ar
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-              num_components: int) -> loss_lib.LossSums:
+              num_components: int, loss_chunk: int | None = None) -> loss_lib.LossSums:
     """Loss sums of a held-out batch (no gradients)."""
-    return _forward_sums(graphdef, params, batch, num_components)
+    return _forward_sums(graphdef, params, batch, num_components, loss_chunk)
 
 
 def batch_shardings(mesh: Mesh, batch_size: int) -> dict[str, NamedSharding]:
