@@ -76,3 +76,15 @@ def test_splash_compiles_the_tpu_kernel_for_a_tpu_mesh_and_the_interpreter_for_c
     assert jax.default_backend() == "cpu"
     assert "tpu_custom_call" in lowered_text(topology_devices("v5e:2x2"))
     assert "tpu_custom_call" not in lowered_text(np.asarray(jax.devices()[:4]).tolist())
+
+
+def test_run_config_mesh_spans_two_slices_with_the_data_axis_over_dcn():
+    """TrainConfig.mesh's dcn_data lays the data axis across slices (slice outermost), fsdp inside each slice."""
+    from launch.aot import load_run, topology_devices
+    from models import sharding
+
+    run = load_run(["runs/demo.gin"], ["TrainConfig.mesh={'data': 1, 'fsdp': -1, 'tensor': 1, 'dcn_data': 2}"])
+    mesh = sharding.make_mesh(**run.train.mesh, devices=topology_devices("v5p:2x2x1", num_slices=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slices = [[d.slice_index for d in mesh.devices[i].flat] for i in range(2)]
+    assert slices == [[0] * 4, [1] * 4]

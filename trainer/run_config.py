@@ -144,6 +144,8 @@ class TrainConfig:
     `seq_len`), so `[rows, seq_len, vocab]` float32 logits and their gradient never exist at once; None computes all
     logits in one go. Same loss up to float summation order; for large vocabularies it is what makes a step fit.
     `mesh` maps axis name -> size over `data`, `fsdp`, `tensor`; one size may be -1 (filled with the remaining devices).
+    Multi-slice: `dcn_data` (the number of slices) multiplies the data axis across slices over DCN, so only
+    data-parallel gradient reductions cross slices (models.sharding.make_mesh).
     `init_from`: a Hugging Face folder (has config.json) or a docmix run/step directory; ignored when `model_dir`
     already holds a checkpoint (the run resumes instead). `peak_flops`: per-device peak FLOP/s for MFU; None looks
     `hardware` up in trainer.metrics.PEAK_FLOPS (or measures this CPU's matmul peak). `async_metrics`: fetch a
@@ -182,10 +184,12 @@ class TrainConfig:
                  f"{name}.loss_chunk", f"must be None or a positive divisor of SEQ_LEN={self.seq_len}, "
                  f"got {self.loss_chunk}")
         _require(self.z_loss >= 0, f"{name}.z_loss", f"must be >= 0, got {self.z_loss}")
-        _require(set(self.mesh) <= {"data", "fsdp", "tensor"}, f"{name}.mesh",
-                 f"axes must be among data, fsdp, tensor, got {sorted(self.mesh)}")
+        _require(set(self.mesh) <= {"data", "fsdp", "tensor", "dcn_data"}, f"{name}.mesh",
+                 f"axes must be among data, fsdp, tensor, dcn_data, got {sorted(self.mesh)}")
         _require(all(v == -1 or v > 0 for v in self.mesh.values()) and list(self.mesh.values()).count(-1) <= 1,
                  f"{name}.mesh", f"sizes must be > 0 with at most one -1, got {self.mesh}")
+        _require(self.mesh.get("dcn_data", 1) > 0, f"{name}.mesh",
+                 f"dcn_data (the number of slices) must be >= 1, got {self.mesh.get('dcn_data')}")
         _require(self.log_every > 0, f"{name}.log_every", f"must be > 0, got {self.log_every}")
         _require(self.eval_every is None or self.eval_every > 0, f"{name}.eval_every",
                  f"must be > 0 or None, got {self.eval_every}")
