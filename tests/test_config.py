@@ -45,7 +45,7 @@ def test_flags_rewrite_and_override():
     ("OptimizerConfig.schedule = 'cosine'", ["OptimizerConfig.schedule", "cosine"]),
     ("TrainConfig.mesh = {'data': 2, 'model': 4}", ["TrainConfig.mesh", "model"]),
     ("TrainConfig.mesh = {'fsdp': 4, 'dcn_data': -1}", ["TrainConfig.mesh", "dcn_data"]),
-    ("TrainConfig.loss_chunk = 100", ["TrainConfig.loss_chunk", "SEQ_LEN"]),
+    ("TrainConfig.loss_chunk = 0", ["TrainConfig.loss_chunk"]),
     ("ModelConfig.remat = 'sometimes'", ["ModelConfig.remat"]),
     ("SEQ_LEN = 4096", ["SEQ_LEN", "max_position_embeddings"]),
     ("TrainConfig.batch_size = 32", ["TrainConfig", "MixtureConfig", "BATCH_SIZE"]),

@@ -79,6 +79,7 @@ def test_chunked_loss_never_builds_full_logits_or_their_gradient():
     grad = lambda chunk: jax.grad(lambda p: objective(graphdef, chunk)(p, b)[0])  # noqa: E731
     assert _largest_logit_like_array(grad(None), params) >= B * S * V        # the reference does
     assert _largest_logit_like_array(grad(CHUNK), params) == B * CHUNK * V   # one block at a time
+    assert _largest_logit_like_array(grad(6), params) == B * 4 * V           # largest divisor of 16 up to 6
 
 
 @pytest.mark.slow  # ~15 s: compiles a sharded step and a one-device step

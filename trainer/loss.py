@@ -69,14 +69,14 @@ def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[s
                       num_components: int, chunk: int) -> LossSums:
     """`loss_sums` of the logits `hidden @ output_kernel`, computed `chunk` sequence positions at a time.
 
-    hidden `[B, S, E]`, output_kernel `[E, V]`; `chunk` divides S. Only one `[B, chunk, V]` float32 block of logits
+    hidden `[B, S, E]`, output_kernel `[E, V]`; blocks are the largest divisor of S that is at most `chunk` positions
+    (S itself when `chunk >= S`). Only one `[B, block, V]` float32 block of logits
     exists at a time, forward and backward: the chunk body is rematerialised (`jax.checkpoint`) inside a
     `jax.lax.scan`, so its gradient is also computed one block at a time and the kernel's gradient is accumulated
     across blocks. The sums equal `loss_sums(einsum(hidden, output_kernel))` up to float summation order.
     """
     batch_size, seq, _ = hidden.shape
-    if seq % chunk:
-        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {seq}")
+    chunk = max(d for d in range(1, min(chunk, seq) + 1) if seq % d == 0)
     # Position t predicts tokens[t+1]; the last position predicts nothing (weight 0, any valid target id).
     weights = jnp.pad(target_weights(batch["segment_ids"], batch["loss_mask"]), ((0, 0), (0, 1)))
     targets = jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
