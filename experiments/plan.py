@@ -22,7 +22,7 @@ from experiments.settings import SettingsError, Table, read
 
 BUDGETS = ("fixed_total_tokens", "fixed_synthetic_exposure")
 TOP_KEYS = ("out_dir", "gin_file", "gin", "seeds", "shares", "doc_counts", "budget", "train_steps",
-            "synthetic_epochs", "share_component", "replay_component", "corpora", "models", "eval")
+            "synthetic_epochs", "share_component", "replay_component", "corpus_macro", "corpora", "models", "eval")
 EVAL_KEYS = ("pairs", "control_pairs", "heldout", "heldout_batches", "bootstrap", "batch_size", "anima_grader",
              "anima_epochs", "chat")
 
@@ -71,6 +71,13 @@ def _share_label(share: float) -> str:
     return f"{share:g}"
 
 
+def corpus_binding(component: str, macro: str | None, path: str | pathlib.Path) -> str:
+    """The gin binding that points the synthetic component at one corpus file: the config's own macro when it has
+    one (runs/midtrain.gin: SYNTHETIC_FILES), else the component's paths. A share-0 run binds it too (the component
+    is inactive at weight 0 and never read, but it must be valid)."""
+    return f"{macro or f'{component}/Component.paths'} = ({str(path)!r},)"
+
+
 def load(path: str | pathlib.Path) -> Sweep:
     """Reads and expands a sweep file; every problem is an error naming the file and key, before any training."""
     from trainer import config as trainer_config
@@ -95,12 +102,16 @@ def load(path: str | pathlib.Path) -> Sweep:
     if budget == "fixed_synthetic_exposure" and (epochs is None or epochs <= 0):
         raise SettingsError(f"{path}: budget fixed_synthetic_exposure needs a positive `synthetic_epochs`")
     synth, replay = top.get("share_component", str, "synthetic"), top.get("replay_component", str, "replay")
+    macro = top.get("corpus_macro", str, None)
     base_files, base_bindings = top.get_list("gin_file", str, nonempty=True), top.get_list("gin", str, [])
     corpus_table = top.table("corpora")
     if any(s > 0 for s in shares) and not corpus_table.data:
         raise SettingsError(f"{path}: shares above 0 need at least one entry in [corpora]")
     models = top.table("models").data or {"model": {}}
     corpus_dir = out_dir / "corpora"
+    sources = {name: corpora.resolve(spec, corpus_dir, f"{corpus_table.where} `{name}`")
+               for name, spec in corpus_table.data.items()}
+    placeholder = corpus_binding(synth, macro, next(iter(sources.values()), "unused"))
     runs: list[Run] = []
     for model_name, model_spec in models.items():
         model = Table(model_spec, f"{path} [models.{model_name}]", ("gin_file", "gin"))
@@ -108,7 +119,7 @@ def load(path: str | pathlib.Path) -> Sweep:
         bindings = tuple(base_bindings + model.get_list("gin", str, []))
         try:
             # MODEL_DIR is set per run; a placeholder lets files that leave it unset load here.
-            run_config = trainer_config.load(files, bindings + ("MODEL_DIR = 'unused'",))
+            run_config = trainer_config.load(files, bindings + ("MODEL_DIR = 'unused'", placeholder))
         except trainer_config.ConfigError as e:
             raise SettingsError(f"{path} [models.{model_name}]: {e}") from e
         mixture = run_config.mixture
@@ -118,18 +129,18 @@ def load(path: str | pathlib.Path) -> Sweep:
                                 f"components of the mixture, which has {names}")
         component = next(c for c in mixture.components if c.name == synth)
         tokens_per_step = run_config.train.batch_size * run_config.train.seq_len
-        runs += _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, corpus_table,
-                            doc_counts, shares, seeds, budget, steps, epochs, synth, replay, corpus_dir)
+        runs += _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, sources,
+                            doc_counts, shares, seeds, budget, steps, epochs, synth, replay, corpus_dir, macro,
+                            placeholder)
     return Sweep(path=path, out_dir=out_dir, budget=budget, seeds=tuple(seeds), shares=tuple(shares),
                  share_component=synth, runs=tuple(_link_baselines(runs)),
                  eval=top.table("eval", EVAL_KEYS))
 
 
-def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, corpus_table, doc_counts, shares,
-                seeds, budget, steps, epochs, synth, replay, corpus_dir) -> list[Run]:
+def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, sources, doc_counts, shares,
+                seeds, budget, steps, epochs, synth, replay, corpus_dir, macro, placeholder) -> list[Run]:
     runs, baselines = [], set()
-    for corpus_name, corpus_spec in corpus_table.data.items():
-        source = corpora.resolve(corpus_spec, corpus_dir, f"{corpus_table.where} `{corpus_name}`")
+    for corpus_name, source in sources.items():
         for docs in doc_counts:
             path = corpora.first_documents(source, docs, corpus_dir, corpus_name)
             n_docs, corpus_tokens = corpora.count_tokens(path, dataclasses.replace(component, paths=(str(path),)),
@@ -141,8 +152,7 @@ def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component
                 synthetic = round(share * total)
                 arm = f"{model_name}-{corpus_name}-n{n_docs}-w{_share_label(share)}-t{run_steps}"
                 weights = {replay: 1 - share, synth: share}
-                run_bindings = bindings + (f"MIXTURE_WEIGHTS = {weights!r}",
-                                           f"{synth}/Component.paths = ({str(path)!r},)")
+                run_bindings = bindings + (f"MIXTURE_WEIGHTS = {weights!r}", corpus_binding(synth, macro, path))
                 for seed in seeds:
                     runs.append(Run(f"{arm}-s{seed}", model_name, corpus_name, n_docs, share, seed, run_steps,
                                     tokens_per_step, total, synthetic, corpus_tokens, share * total / corpus_tokens,
@@ -155,7 +165,7 @@ def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component
         for seed in seeds:
             runs.append(Run(f"{model_name}-base-t{run_steps}-s{seed}", model_name, None, None, 0.0, seed, run_steps,
                             tokens_per_step, run_steps * tokens_per_step, 0, None, None, files,
-                            bindings + (f"MIXTURE_WEIGHTS = {({replay: 1.0, synth: 0.0})!r}",), None))
+                            bindings + (f"MIXTURE_WEIGHTS = {({replay: 1.0, synth: 0.0})!r}", placeholder), None))
     return runs
 
 

@@ -69,8 +69,11 @@ def run_all(jobs: Sequence[Job], out_dir: pathlib.Path, *, launcher: str | None 
     """Runs every job that is not finished, in order; one failure does not stop the others.
 
     Returns and saves (out_dir/status.json) {name: {"status": "done" | "failed", "returncode", "log"}}; each job's
-    output goes to out_dir/logs/<name>.log.
+    output goes to out_dir/logs/<name>.log. Runs share a persistent JAX compilation cache (out_dir/jax_cache, unless
+    JAX_COMPILATION_CACHE_DIR is set), so runs of one shape compile once.
     """
+    env = dict(os.environ if env is None else env)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / "jax_cache"))
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     status_path = out_dir / STATUS_FILE
@@ -85,7 +88,7 @@ def run_all(jobs: Sequence[Job], out_dir: pathlib.Path, *, launcher: str | None 
               flush=True)
         log = logs / f"{job.name}.log"
         with open(log, "a") as f:
-            proc = subprocess.run(command(job, launcher), cwd=REPO, env=dict(env if env is not None else os.environ),
+            proc = subprocess.run(command(job, launcher), cwd=REPO, env=env,
                                   stdout=f, stderr=subprocess.STDOUT)
         done = proc.returncode == 0 and is_done(job)
         status[job.name] = {"status": "done" if done else "failed", "returncode": proc.returncode, "log": str(log)}
