@@ -49,7 +49,8 @@ def _panels(metrics: list[tuple[str, str, str | None, str | None]], rows: Sequen
     return panels
 
 
-def _draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: bool) -> None:
+def draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: bool) -> None:
+    """One PNG: a panel per title, a series per label, points [x, y, lo, hi] with (lo, hi) as error bars."""
     n = max(len(panels), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels.items()):
@@ -83,7 +84,7 @@ def against_step(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> dict[str
     # The hf export repeats the final step; use it only for runs without numbered checkpoints.
     use = [r for r in rows if r["checkpoint"] != "hf" or r["run"] not in numbered]
     panels = _panels(_metrics(use), use, lambda r: r["step"], lambda r: r["run"])
-    _draw(panels, "step", path, lines=True)
+    draw(panels, "step", path, lines=True)
     return panels
 
 
@@ -106,7 +107,7 @@ def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pa
             final.setdefault(r["run"], {}).update(r)
     last = list(final.values())
     panels = _panels(_metrics(last), last, lambda r: r["share"], lambda r: arm_name(r["run"]))
-    _draw(panels, f"mixture share of '{share_component}'", path, lines=False)
+    draw(panels, f"mixture share of '{share_component}'", path, lines=False)
     return panels
 
 
@@ -114,5 +115,5 @@ def training_curves(curves: dict[str, list[tuple[int, float]]], path: pathlib.Pa
     """Training loss from metrics.jsonl against step, one line per run."""
     panels = {"training loss": {run: [[float(s), float(v), float(v), float(v)] for s, v in pts]
                                 for run, pts in curves.items() if pts}}
-    _draw(panels if panels["training loss"] else {}, "step", path, lines=True)
+    draw(panels if panels["training loss"] else {}, "step", path, lines=True)
     return panels

@@ -1,6 +1,6 @@
 """Paired log-probability probes: does the model prefer `chosen` over `rejected` after `prompt`?
 
-    python -m eval.probes --model PATH --pairs FILE [--json] [--batch_size N]
+    python -m eval.probes --model PATH --pairs FILE [--json] [--batch_size N] [--chat]
     python -m eval.probes --model A_seed1 --model A_seed2 --baseline B_seed1 --baseline B_seed2 \
         --pairs eval/probe_sets/animal_welfare.jsonl --control_pairs eval/probe_sets/neutral_control.jsonl --json
 
@@ -9,6 +9,10 @@ continuation's tokens (length-normalized), in nats/token. Scoring runs in JAX on
 Statistics (eval.stats): accuracy and margin with bootstrap CIs, per category; with `--baseline`, the paired
 difference; with `--control_pairs`, the value set's shift minus the neutral set's shift. Several `--model` /
 `--baseline` paths are runs (seeds) of one arm, so run-to-run variance enters every CI.
+
+`--chat` (instruct models): the chat-style pairs (prompt `User: ...\nAssistant:`) are scored as a conversation in the
+tokenizer's chat template, the continuation being the assistant turn's content; document-style pairs have no chat
+form and are left out of a chat-mode result (its `config.chat` says how many were scored and left out).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from eval import chat, loading, stats
 from trainer.loss import target_weights, token_losses
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "category")
+CHAT_USER, CHAT_ASSISTANT = "User: ", "\nAssistant:"  # how the probe sets write a chat turn in plain text
 LENGTH_BUCKET = 32  # pad sequence lengths up to a multiple of this, so few shapes are compiled
 
 
@@ -77,6 +82,32 @@ def encode_pair_texts(tokenizer: chat.ChatTokenizer, prompt: str, continuation: 
     return context + target, len(context)
 
 
+def chat_user_text(prompt: str) -> str | None:
+    """The user message of a chat-style prompt (`User: TEXT\nAssistant:`), None for a document-style prompt."""
+    if prompt.startswith(CHAT_USER) and prompt.endswith(CHAT_ASSISTANT):
+        return prompt[len(CHAT_USER): -len(CHAT_ASSISTANT)]
+    return None
+
+
+def chat_pairs(pairs: Sequence[Pair]) -> list[Pair]:
+    """The chat-style pairs of a set (those `--chat` scores)."""
+    return [p for p in pairs if chat_user_text(p.prompt) is not None]
+
+
+def encode_chat_texts(tokenizer: chat.ChatTokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """Like `encode_pair_texts`, in the chat template: context = the template's rendering of the user turn with the
+    assistant's generation prompt (it writes its own special tokens), target = the assistant's content (stripped),
+    encoded separately so chosen and rejected share the context exactly."""
+    user = chat_user_text(prompt)
+    if user is None:
+        raise ValueError(f"chat mode needs a chat-style prompt ({CHAT_USER!r}...{CHAT_ASSISTANT!r}), got {prompt!r}")
+    context = tokenizer.encode_chat([{"role": "user", "content": user}])
+    target = tokenizer.encode(continuation.strip(), add_special_tokens=False)
+    if not target:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+    return context + target, len(context)
+
+
 def pack_batch(sequences: Sequence[tuple[list[int], int]], batch_size: int, max_len: int) -> dict[str, np.ndarray]:
     """Pads sequences into a fixed `[batch_size, L]` batch (L a multiple of LENGTH_BUCKET).
 
@@ -115,9 +146,10 @@ def token_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np.
 
 
 def continuation_scores(model: nnx.Module, max_len: int, tokenizer: chat.ChatTokenizer,
-                        items: Sequence[tuple[str, str]], batch_size: int) -> np.ndarray:
+                        items: Sequence[tuple[str, str]], batch_size: int, *, chat_mode: bool = False) -> np.ndarray:
     """Mean log-prob per continuation token of each (prompt, continuation) -> `[len(items)]` float64."""
-    encoded = [encode_pair_texts(tokenizer, p, c) for p, c in items]
+    encode = encode_chat_texts if chat_mode else encode_pair_texts
+    encoded = [encode(tokenizer, p, c) for p, c in items]
     # Sorting by length keeps padding low; the result is put back in input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     scores = np.zeros(len(encoded), np.float64)
@@ -130,15 +162,17 @@ def continuation_scores(model: nnx.Module, max_len: int, tokenizer: chat.ChatTok
 
 
 def score_model(path: str | pathlib.Path, pair_sets: Sequence[Sequence[Pair]], *, batch_size: int = 16,
-                mesh: jax.sharding.Mesh | None = None) -> list[np.ndarray]:
-    """Loads one model and returns, per pair set, the `[pairs]` margins (chosen - rejected, nats/token)."""
+                mesh: jax.sharding.Mesh | None = None, chat_mode: bool = False) -> list[np.ndarray]:
+    """Loads one model and returns, per pair set, the `[pairs]` margins (chosen - rejected, nats/token).
+    chat_mode: score in the chat template (every pair must be chat-style; see `chat_pairs`)."""
     model, config, tokenizer_dir = loading.load_model(path, mesh=mesh)
     tokenizer = chat.load(tokenizer_dir)
     out = []
     with loading.mesh_context(mesh):
         for pairs in pair_sets:
             items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-            scores = continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size)
+            scores = continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size,
+                                         chat_mode=chat_mode)
             out.append(scores[: len(pairs)] - scores[len(pairs):])
     return out
 
@@ -152,9 +186,10 @@ def _by_category(pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
 
 def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray | None = None,
            control: tuple[np.ndarray, np.ndarray] | None = None, paired_runs: bool = False,
-           n_boot: int = stats.DEFAULT_RESAMPLES) -> dict:
+           n_boot: int = stats.DEFAULT_RESAMPLES, adjusted_level: float | None = None) -> dict:
     """The probe result object. margins/baseline `[runs, pairs]`; control = (treatment, baseline) margins on the
-    neutral set `[runs, control_pairs]` (needs `baseline`); paired_runs: run i of both arms shares a seed."""
+    neutral set `[runs, control_pairs]` (needs `baseline`); paired_runs: run i of both arms shares a seed;
+    adjusted_level: also give the overall comparison's intervals at this level (multiple-comparison correction)."""
     margins = np.atleast_2d(margins)
     cats = _by_category(pairs)
     result: dict[str, Any] = {
@@ -163,7 +198,7 @@ def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray |
     }
     if baseline is not None:
         baseline = np.atleast_2d(baseline)
-        vs = stats.paired(margins, baseline, paired_runs=paired_runs, n_boot=n_boot)
+        vs = stats.paired(margins, baseline, paired_runs=paired_runs, n_boot=n_boot, adjusted_level=adjusted_level)
         vs["baseline"] = stats.summarize(baseline, n_boot=n_boot)
         vs["categories"] = {
             name: stats.paired(margins[:, idx], baseline[:, idx], paired_runs=paired_runs, n_boot=n_boot)
@@ -172,16 +207,17 @@ def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray |
             ctl_t, ctl_b = (np.atleast_2d(c) for c in control)
             vs["control"] = {"paired": stats.paired(ctl_t, ctl_b, paired_runs=paired_runs, n_boot=n_boot),
                              **stats.shift_minus_control(margins, baseline, ctl_t, ctl_b, paired_runs=paired_runs,
-                                                         n_boot=n_boot)}
+                                                         n_boot=n_boot, adjusted_level=adjusted_level)}
         result["vs_baseline"] = vs
     elif control is not None:
         raise ValueError("--control_pairs compares shifts, so it needs --baseline")
     return result
 
 
-def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path) -> pathlib.Path:
-    """Where one model's probe result is saved: beside the checkpoint (see docs/eval.md)."""
-    return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}.json"
+def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
+                ) -> pathlib.Path:
+    """Where one model's probe result is saved: beside the checkpoint (see docs/eval.md); `-chat` for chat mode."""
+    return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -196,18 +232,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="the i-th --model and i-th --baseline were trained with the same seed: resample them together")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES, help="bootstrap resamples")
+    p.add_argument("--chat", action="store_true",
+                   help="score chat-style pairs in the tokenizer's chat template (instruct models); "
+                        "document-style pairs are left out")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON here (default for one --model and no --baseline: beside the "
                                  "checkpoint, see docs/eval.md)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size must be positive")
-    pairs = read_pairs(args.pairs)
-    pair_sets = [pairs] + ([read_pairs(args.control_pairs)] if args.control_pairs else [])
+    pair_sets = [read_pairs(args.pairs)] + ([read_pairs(args.control_pairs)] if args.control_pairs else [])
+    chat_info = None
+    if args.chat:
+        chat_info = {"scored": [], "left_out_document_style": []}
+        for i, full in enumerate(list(pair_sets)):
+            pair_sets[i] = chat_pairs(full)
+            chat_info["scored"].append(len(pair_sets[i]))
+            chat_info["left_out_document_style"].append(len(full) - len(pair_sets[i]))
+            if not pair_sets[i]:
+                p.error(f"--chat: {[args.pairs, args.control_pairs][i]} has no chat-style pairs")
+    pairs = pair_sets[0]
     if args.control_pairs and not args.baseline:
         p.error("--control_pairs needs --baseline")
-    treat = [score_model(m, pair_sets, batch_size=args.batch_size) for m in args.model]
-    base = [score_model(m, pair_sets, batch_size=args.batch_size) for m in args.baseline]
+    treat = [score_model(m, pair_sets, batch_size=args.batch_size, chat_mode=args.chat) for m in args.model]
+    base = [score_model(m, pair_sets, batch_size=args.batch_size, chat_mode=args.chat) for m in args.baseline]
     result = report(
         pairs, np.stack([t[0] for t in treat]),
         baseline=np.stack([b[0] for b in base]) if base else None,
@@ -215,10 +263,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         paired_runs=args.paired_seeds, n_boot=args.bootstrap)
     result["config"] = {"pairs": str(args.pairs), "models": args.model, "baseline": args.baseline,
                         "control_pairs": args.control_pairs, "paired_seeds": args.paired_seeds,
-                        "bootstrap": args.bootstrap,
+                        "bootstrap": args.bootstrap, "chat": chat_info,
                         "unit": "mean log-prob per continuation token (nats)"}
     out = pathlib.Path(args.out) if args.out else (
-        result_path(args.model[0], args.pairs) if len(args.model) == 1 and not args.baseline else None)
+        result_path(args.model[0], args.pairs, chat_mode=args.chat) if len(args.model) == 1 and not args.baseline else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

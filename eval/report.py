@@ -135,11 +135,13 @@ def collect(run_dirs: Sequence[str | pathlib.Path], share_component: str) -> lis
     return rows
 
 
-def write_table(rows: list[dict[str, Any]], out_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+def write_table(rows: list[dict[str, Any]], out_dir: pathlib.Path, name: str = "report"
+                ) -> tuple[pathlib.Path, pathlib.Path]:
+    """out_dir/<name>.csv (columns in first-seen order, blank where a row has no value) and out_dir/<name>.json."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    csv_path, json_path = out_dir / "report.csv", out_dir / "report.json"
+    csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()

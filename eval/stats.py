@@ -22,9 +22,18 @@ def _as_runs(margins: np.ndarray) -> np.ndarray:
     return m
 
 
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.percentile(samples, [2.5, 97.5])
+def _interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(samples, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def bonferroni_level(comparisons: int, family_level: float = 0.95) -> float:
+    """Per-comparison confidence level whose intervals cover all `comparisons` true values at `family_level`
+    (Bonferroni: each at 1 - (1 - family_level) / comparisons)."""
+    if comparisons < 1:
+        raise ValueError(f"comparisons must be >= 1, got {comparisons}")
+    return 1 - (1 - family_level) / comparisons
 
 
 def _run_weights(rng: np.random.Generator, n_boot: int, runs: int) -> np.ndarray:
@@ -72,14 +81,15 @@ def _arm_weights(rng: np.random.Generator, n_boot: int, runs_t: int, runs_b: int
 
 
 def paired(treat: np.ndarray, base: np.ndarray, *, paired_runs: bool = False, n_boot: int = DEFAULT_RESAMPLES,
-           seed: int = 0) -> dict:
+           seed: int = 0, adjusted_level: float | None = None) -> dict:
     """Treatment arm vs baseline arm on the same pairs. treat `[runs_t, pairs]`, base `[runs_b, pairs]`.
 
     Runs are resampled independently per arm, or jointly with `paired_runs` (run i of both arms shares a seed, so
     the seed's own effect cancels in the difference).
 
     margin_diff: mean over pairs of (treatment mean margin - baseline mean margin); accuracy_diff likewise for the
-    0/1 wins; frac_toward_chosen: fraction of pairs whose run-averaged margin rose. Each with a 95% CI.
+    0/1 wins; frac_toward_chosen: fraction of pairs whose run-averaged margin rose. Each with a 95% CI; with
+    `adjusted_level`, margin_diff also gets `margin_diff_ci_adjusted` at that level (same resamples).
     """
     t, b = _as_runs(treat), _as_runs(base)
     if t.shape[1] != b.shape[1]:
@@ -94,6 +104,8 @@ def paired(treat: np.ndarray, base: np.ndarray, *, paired_runs: bool = False, n_
            - _per_pair((b > 0).astype(np.float64), b_w, pair_idx)).mean(1)
     toward = (shift > 0).mean(1)
     point_shift = t.mean(0) - b.mean(0)
+    adjusted = ({"margin_diff_ci_adjusted": list(_interval(margin, adjusted_level)), "adjusted_level": adjusted_level}
+                if adjusted_level is not None else {})
     return {
         "margin_diff": float(point_shift.mean()),
         "margin_diff_ci95": list(_interval(margin)),
@@ -103,12 +115,16 @@ def paired(treat: np.ndarray, base: np.ndarray, *, paired_runs: bool = False, n_
         "frac_toward_chosen_ci95": list(_interval(toward)),
         "n": int(t.shape[1]),
         "runs": [int(t.shape[0]), int(b.shape[0])],
+        **adjusted,
     }
 
 
 def shift_minus_control(treat: np.ndarray, base: np.ndarray, treat_ctl: np.ndarray, base_ctl: np.ndarray, *,
-                        paired_runs: bool = False, n_boot: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
-    """(value set's paired margin shift) - (neutral control set's paired margin shift), with a 95% CI.
+                        paired_runs: bool = False, n_boot: int = DEFAULT_RESAMPLES, seed: int = 0,
+                        adjusted_level: float | None = None) -> dict:
+    """(value set's paired margin shift) - (neutral control set's paired margin shift), with a 95% CI, and with
+    `adjusted_level` also an interval at that level from the same resamples (`difference_ci_adjusted`, e.g. a
+    Bonferroni level from `bonferroni_level` when several comparisons are reported together).
 
     treat/base `[runs, pairs]` on the value set, treat_ctl/base_ctl `[runs, control_pairs]` on the control set, row r
     being the same trained model in both. Each replicate resamples runs once per arm (shared by both sets, since a
@@ -124,9 +140,13 @@ def shift_minus_control(treat: np.ndarray, base: np.ndarray, treat_ctl: np.ndarr
     set_shift = (_per_pair(t, t_w, pairs) - _per_pair(b, b_w, pairs)).mean(1)
     ctl_shift = (_per_pair(tc, t_w, pairs_ctl) - _per_pair(bc, b_w, pairs_ctl)).mean(1)
     point_set, point_ctl = float(t.mean() - b.mean()), float(tc.mean() - bc.mean())
-    return {
+    out = {
         "set_shift": point_set,
         "control_shift": point_ctl,
         "difference": point_set - point_ctl,
         "difference_ci95": list(_interval(set_shift - ctl_shift)),
     }
+    if adjusted_level is not None:
+        out["difference_ci_adjusted"] = list(_interval(set_shift - ctl_shift, adjusted_level))
+        out["adjusted_level"] = adjusted_level
+    return out

@@ -6,7 +6,7 @@ import re
 import pytest
 
 SETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "eval" / "probe_sets"
-MIN_PAIRS = {"animal_welfare": 150, "human_compassion": 60, "neutral_control": 100}
+MIN_PAIRS = {"animal_welfare": 150, "human_compassion": 60, "neutral_control": 100, "animal_welfare_lexical": 52}
 # One theme per ANIMA dimension (domain.md §3.2), written as our own category names.
 WELFARE_THEMES = {
     "moral_consideration", "harm_minimization", "sentience_acknowledgement", "prejudice_avoidance", "scope_sensitivity",
@@ -64,6 +64,36 @@ def test_welfare_covers_every_anima_theme_evenly():
         counts[row["category"]] = counts.get(row["category"], 0) + 1
     assert set(counts) == WELFARE_THEMES
     assert min(counts.values()) >= 10
+
+
+# Words a lexically matched pair may use on one side only: they carry the stance (negation, comparison, order)
+# without bringing topic vocabulary.
+STANCE_WORDS = {
+    "not", "no", "nothing", "never", "none", "more", "less", "only", "just", "but", "and", "so", "than", "rather",
+    "instead", "yes", "both", "all", "since", "from", "there", "even", "a", "an", "the", "of", "to", "is", "it", "its",
+    "are", "be", "do", "does", "did", "can", "cannot", "could", "should", "may", "might", "will", "would", "need",
+    "needed", "needs", "that", "this", "these", "as", "for", "with", "at", "in", "on", "by", "or", "if", "any",
+    "every", "some", "first", "second", "then", "what", "which", "we", "they", "them", "their", "our", "you", "your",
+    "he", "his"}
+
+
+def _content_words(text: str) -> list[str]:
+    """Content words with a plural/third-person -s stripped (matters ~ matter), sorted."""
+    words = [w for w in re.findall(r"[a-z0-9'\-]+", text.lower()) if w not in STANCE_WORDS]
+    return sorted(w[:-1] if w.endswith("s") and len(w) > 3 and not w.endswith("ss") else w for w in words)
+
+
+def test_lexical_set_matches_content_words_and_covers_every_theme():
+    """chosen and rejected use the same content words (they differ in stance: order, negation, comparison), so a
+    shift on this set cannot come from the documents' vocabulary alone."""
+    counts: dict[str, int] = {}
+    for lineno, row in _read("animal_welfare_lexical"):
+        assert _content_words(row["chosen"]) == _content_words(row["rejected"]), f"animal_welfare_lexical.jsonl:{lineno}"
+        counts[row["category"]] = counts.get(row["category"], 0) + 1
+    assert set(counts) == WELFARE_THEMES and min(counts.values()) >= 4
+    # The check is not vacuous: an ordinary welfare pair differs in content words.
+    _, first = _read("animal_welfare")[0]
+    assert _content_words(first["chosen"]) != _content_words(first["rejected"])
 
 
 def test_no_13gram_overlap_with_anima(anima_dir):

@@ -69,7 +69,7 @@ def _tiny_hf_model(out: pathlib.Path, tokenizer_src: pathlib.Path, seed: int) ->
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       tie_word_embeddings=True)
     transformers.LlamaForCausalLM(config).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tokenizer_src / name, out / name)
     return out
 
@@ -150,3 +150,46 @@ def test_run_directory_scores_like_its_hf_folder_and_saves_under_eval(tiny_model
     assert len(saved) == 1 and saved[0].parent.name.isdigit()
     from_hf = probes.score_model(tiny_models[1], [PAIRS])[0]
     assert from_run["overall"]["margin"] == pytest.approx(from_hf.mean(), abs=1e-5)
+
+
+@pytest.mark.slow  # ~20 s on an idle 2-core machine: one 135M model in JAX and in torch
+def test_chat_mode_scores_the_assistant_turn_like_transformers(smollm2_dir):
+    """--chat: the context is transformers' apply_chat_template(user turn, add_generation_prompt=True) and the scored
+    tokens are the assistant content's; the mean log-prob matches a transformers computation."""
+    import transformers
+
+    from eval import loading
+
+    model, config, tok_dir = loading.load_model(smollm2_dir)
+    tokenizer = chat.load(tok_dir)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    chat_set = probes.chat_pairs(PAIRS)
+    assert [p.category for p in chat_set] == ["a", "b"]  # the memo-style pair has no chat form
+    items = [(p.prompt, t) for p in chat_set for t in (p.chosen, p.rejected)]
+    scores = probes.continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size=4,
+                                        chat_mode=True)
+    for (prompt, text), score in zip(items, scores):
+        user = prompt[len("User: "):-len("\nAssistant:")]
+        context = list(hf_tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+        target = hf_tok(text.strip(), add_special_tokens=False)["input_ids"]
+        ids, n_context = probes.encode_chat_texts(tokenizer, prompt, text)
+        assert ids == context + target and n_context == len(context)
+        assert "<|im_start|>assistant\n" in hf_tok.decode(context)
+        ref = _torch_token_logprobs(smollm2_dir, ids)[n_context - 1:].mean()
+        assert abs(score - ref) < 1e-4
+    # Chat and plain scoring differ: the template changes the context.
+    plain = probes.continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size=4)
+    assert np.abs(plain - scores).max() > 1e-3
+    with pytest.raises(ValueError, match="chat-style prompt"):
+        probes.encode_chat_texts(tokenizer, PAIRS[1].prompt, PAIRS[1].chosen)
+
+
+def test_cli_chat_mode_reports_what_it_left_out(tiny_models, tmp_path, capsys):
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    result = probes.main(["--model", str(tiny_models[0]), "--pairs", str(pairs_file), "--chat", "--json"])
+    capsys.readouterr()
+    assert result["overall"]["n"] == 2 and result["config"]["chat"] == {"scored": [2], "left_out_document_style": [1]}
+    assert (tiny_models[0] / "probes-set-chat.json").is_file()
+    margins = probes.score_model(tiny_models[0], [probes.chat_pairs(PAIRS)], chat_mode=True)[0]
+    assert result["overall"]["margin"] == pytest.approx(margins.mean(), abs=1e-6)

@@ -94,3 +94,24 @@ def test_paired_runs_cancel_the_seed_effect():
     assert independent["margin_diff_ci95"][0] < -0.1 and independent["margin_diff_ci95"][1] > 0.3
     with pytest.raises(ValueError, match="as many"):
         stats.paired(treat, base[:2], paired_runs=True)
+
+
+def test_bonferroni_adjusted_intervals():
+    """m comparisons: each at 1 - 0.05/m; the adjusted interval comes from the same resamples, so it contains the 95%
+    one and equals the 1-0.05/m percentile interval of those replicates."""
+    assert stats.bonferroni_level(1) == pytest.approx(0.95)
+    assert stats.bonferroni_level(10) == pytest.approx(0.995)
+    with pytest.raises(ValueError):
+        stats.bonferroni_level(0)
+    rng = np.random.default_rng(6)
+    base, ctl = rng.normal(0, 1, (2, 80)), rng.normal(0, 1, (2, 60))
+    treat, treat_ctl = base + rng.normal(0.1, 0.3, (2, 80)), ctl + rng.normal(0, 0.3, (2, 60))
+    level = stats.bonferroni_level(8)
+    r = stats.shift_minus_control(treat, base, treat_ctl, ctl, paired_runs=True, adjusted_level=level)
+    plain = stats.shift_minus_control(treat, base, treat_ctl, ctl, paired_runs=True)
+    assert r["difference_ci95"] == plain["difference_ci95"] and "difference_ci_adjusted" not in plain
+    lo, hi = r["difference_ci_adjusted"]
+    assert lo < r["difference_ci95"][0] and hi > r["difference_ci95"][1] and r["adjusted_level"] == level
+    p = stats.paired(base + rng.normal(0.1, 0.3, (2, 80)), base, adjusted_level=level)
+    assert p["margin_diff_ci_adjusted"][0] < p["margin_diff_ci95"][0] < p["margin_diff_ci95"][1] \
+        < p["margin_diff_ci_adjusted"][1]

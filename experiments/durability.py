@@ -1,0 +1,254 @@
+"""The durability pipeline: midtrain -> general instruction tuning for N samples, evaluated every k samples, for
+several arms side by side, and one report with the decay curves. One config, one command:
+
+    python -m experiments.durability sweeps/durability_demo.toml
+
+Arms (each with every seed of the file):
+- base: the untouched base model (`[midtrain] base_model`), or, for models trained from scratch (the demo), the
+  share-0 midtraining run (replay only, same steps);
+- document: midtrained with the document corpus at `[midtrain] share`;
+- control: midtrained with the matched control corpus at the same share;
+- instruction: the base arm, instruction-tuned on QA pairs of the same spec (`[instruction]`, `data.synth qa`);
+- preservation (when `[sft] preservation_share` > 0): the document arm, whose later SFT keeps that share of
+  synthetic documents in its mixture (t5x_configs/mixtures/sft_with_synthetic.gin).
+Then every arm is fine-tuned on the general instruction data (`[sft]`). Checkpoints every `eval_every` samples
+(converted to steps by replaying the SFT data pipeline, which counts the conversations each step starts; the curve's
+x values are those measured counts) are scored with the probes (eval.probes); the report plots each arm's margin and
+its shift against the base arm at the same point (paired by seed, minus the neutral set's shift) against SFT samples,
+with CIs. Finished stages are skipped and interrupted ones resume, as in sweep.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import sys
+from typing import Any
+
+from experiments import corpora, runner
+from experiments.evaluate import EvalSettings, evaluate, settings
+from experiments.plan import corpus_binding
+from experiments.settings import SettingsError, Table, read
+
+TOP_KEYS = ("out_dir", "seeds", "midtrain", "instruction", "sft", "eval")
+MIDTRAIN_KEYS = ("gin_file", "gin", "train_steps", "share", "share_component", "replay_component", "corpus_macro",
+                 "document_corpus", "control_corpus", "base_model")
+STAGE_KEYS = ("gin_file", "gin", "train_steps", "data", "format", "samples", "eval_every", "preservation_share")
+ARMS = ("base", "document", "control", "instruction", "preservation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One train.py run of an arm: its name, gin files and bindings, and the stage it starts from (None: as configured)."""
+    name: str
+    gin_files: tuple[str, ...]
+    bindings: tuple[str, ...]
+    train_steps: int
+    init_from: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: pathlib.Path
+    out_dir: pathlib.Path
+    seeds: tuple[int, ...]
+    midtrain: Table
+    instruction: Table
+    sft: Table
+    eval: EvalSettings
+    document: pathlib.Path
+    control: pathlib.Path
+    qa: pathlib.Path
+    sft_data: pathlib.Path
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return ARMS if self.sft.get("preservation_share", (int, float), 0) > 0 else ARMS[:-1]
+
+    def run_dir(self, name: str) -> pathlib.Path:
+        return self.out_dir / "runs" / name
+
+
+def load(path: str | pathlib.Path) -> Config:
+    path = pathlib.Path(path)
+    top = Table(read(path), str(path), TOP_KEYS)
+    out_dir = pathlib.Path(top.get("out_dir", str)).resolve()
+    mid, ins, sft = top.table("midtrain", MIDTRAIN_KEYS), top.table("instruction", STAGE_KEYS), \
+        top.table("sft", STAGE_KEYS)
+    share = mid.get("share", (int, float))
+    preserve = sft.get("preservation_share", (int, float), 0)
+    if not 0 < share < 1 or not 0 <= preserve < 1:
+        raise SettingsError(f"{path}: [midtrain] share must be in (0, 1) and [sft] preservation_share in [0, 1)")
+    samples, every = sft.get("samples", int), sft.get("eval_every", int)
+    if not 0 < every <= samples:
+        raise SettingsError(f"{path} [sft]: need 0 < eval_every <= samples, got {every} and {samples}")
+    folder = out_dir / "corpora"
+    resolve = lambda t, key: corpora.resolve(t.get(key, (str, dict)), folder, f"{t.where} `{key}`")  # noqa: E731
+    seeds = top.get_list("seeds", int, nonempty=True)
+    return Config(path, out_dir, tuple(seeds), mid, ins, sft, settings(top.table("eval")),
+                  resolve(mid, "document_corpus"), resolve(mid, "control_corpus"), resolve(ins, "data"),
+                  resolve(sft, "data"))
+
+
+def _midtrain_stage(c: Config, arm: str, seed: int) -> Stage:
+    m = c.midtrain
+    synth, replay = m.get("share_component", str, "synthetic"), m.get("replay_component", str, "replay")
+    share = 0.0 if arm == "base" else m.get("share", (int, float))
+    corpus = c.control if arm == "control" else c.document  # the base arm's is inactive (weight 0), never read
+    bindings = [f"MIXTURE_WEIGHTS = {({replay: 1 - share, synth: share})!r}", f"SEED = {seed}",
+                corpus_binding(synth, m.get("corpus_macro", str, None), corpus)]
+    base = m.get("base_model", str, "")
+    if base:
+        bindings.append(f"INIT_FROM = {base!r}")
+    return Stage(f"{arm}-midtrain-s{seed}", tuple(m.get_list("gin_file", str, nonempty=True)),
+                 tuple(m.get_list("gin", str, []) + bindings), m.get("train_steps", int))
+
+
+def _sft_stage(c: Config, table: Table, name: str, init: str, data: pathlib.Path, steps: int,
+               extra: tuple[str, ...] = (), extra_files: tuple[str, ...] = ()) -> Stage:
+    bindings = (f"INIT_FROM = {init!r}", f"SFT_FILES = ({str(data)!r},)",
+                f"SFT_FORMAT = {table.get('format', str, 'chat')!r}")
+    return Stage(name, tuple(table.get_list("gin_file", str, nonempty=True)) + extra_files,
+                 tuple(table.get_list("gin", str, [])) + bindings + extra, steps, init)
+
+
+def _job(c: Config, s: Stage, checkpoint_every: int | None = None) -> runner.Job:
+    args = [f"--gin_file={f}" for f in s.gin_files] + [f"--gin_bindings={b}" for b in s.bindings]
+    args += [f"--gin_bindings=MODEL_DIR = {str(c.run_dir(s.name))!r}", f"--gin_bindings=TRAIN_STEPS = {s.train_steps}"]
+    if checkpoint_every:  # keep every evaluation point's checkpoint
+        args += [f"--gin_bindings=CHECKPOINT_EVERY = {checkpoint_every}",
+                 f"--gin_bindings=CheckpointConfig.keep_every = {checkpoint_every}"]
+    return runner.Job(s.name, c.run_dir(s.name), s.train_steps, tuple(args))
+
+
+def _hf(c: Config, name: str) -> str:
+    return str(c.run_dir(name) / "hf")
+
+
+def sample_schedule(c: Config, stage: Stage, component: str = "sft") -> tuple[int, list[int], list[int]]:
+    """(steps between evaluations, evaluation steps, conversations of `component` started by each) for an SFT stage,
+    from the same data pipeline train.py builds for it (same config, tokenizer, seed). Checkpoints are evenly spaced
+    (train.py checkpoints every CHECKPOINT_EVERY steps): every = the first step by which `eval_every` conversations
+    have started; the run ends at the first step by which `samples` have, which is also the last point."""
+    from data.pipeline import build
+    from trainer import config as trainer_config
+
+    samples, every = c.sft.get("samples", int), c.sft.get("eval_every", int)
+    pipe = build(trainer_config.load(stage.gin_files, stage.bindings + ("MODEL_DIR = 'unused'",)).mixture)
+    counts: list[int] = []
+    while not counts or counts[-1] < samples:
+        next(pipe.iterator)  # the SFT component repeats, so the stream does not end
+        counts.append(pipe.stats()["components"][component]["documents"])
+    per_eval = next(i + 1 for i, n in enumerate(counts) if n >= every)
+    steps = [s for s in range(per_eval, len(counts), per_eval)] + [len(counts)]
+    return per_eval, steps, [counts[s - 1] for s in steps]
+
+
+def pre_sft_stages(c: Config, seed: int) -> dict[str, Stage | None]:
+    """The stages that make each arm before the general SFT (None: the untouched base model)."""
+    base_model = c.midtrain.get("base_model", str, "")
+    stages: dict[str, Stage | None] = {"base": None if base_model else _midtrain_stage(c, "base", seed),
+                                       "document": _midtrain_stage(c, "document", seed),
+                                       "control": _midtrain_stage(c, "control", seed)}
+    base_init = base_model or _hf(c, stages["base"].name)
+    stages["instruction"] = _sft_stage(c, c.instruction, f"instruction-qa-s{seed}", base_init, c.qa,
+                                       c.instruction.get("train_steps", int), (f"SEED = {seed}",))
+    if "preservation" in c.arms:
+        stages["preservation"] = stages["document"]
+    return stages
+
+
+def start_model(c: Config, stage: Stage | None) -> tuple[pathlib.Path, str]:
+    """(checkpoint to score before SFT, HF folder the SFT starts from) of an arm."""
+    if stage is None:
+        base = c.midtrain.get("base_model", str)
+        return pathlib.Path(base), base
+    return c.run_dir(stage.name), _hf(c, stage.name)
+
+
+def sft_stage(c: Config, arm: str, seed: int, init: str, steps: int) -> Stage:
+    extra: tuple[str, ...] = (f"SEED = {seed}",)
+    files: tuple[str, ...] = ()
+    if arm == "preservation":
+        p = c.sft.get("preservation_share", (int, float))
+        files = ("mixtures/sft_with_synthetic.gin",)
+        extra += (f"MIXTURE_WEIGHTS = {({'sft': 1 - p, 'synthetic': p})!r}",
+                  f"SYNTHETIC_FILES = ({str(c.document)!r},)")
+    return _sft_stage(c, c.sft, f"{arm}-sft-s{seed}", init, c.sft_data, steps, extra, files)
+
+
+def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
+    """Trains every stage that is not finished, evaluates every point, returns {"status", "points"}:
+    points[arm][seed] = [(samples, checkpoint path), ...] with samples 0 for the arm before SFT."""
+    pre = {seed: pre_sft_stages(c, seed) for seed in c.seeds}
+    status: dict[str, dict] = {}
+    midtrain = {s.name: s for seed in c.seeds for arm, s in pre[seed].items() if s and arm != "instruction"}
+    status |= runner.run_all([_job(c, s) for s in midtrain.values()], c.out_dir, launcher=launcher)
+    status |= runner.run_all([_job(c, pre[seed]["instruction"]) for seed in c.seeds], c.out_dir, launcher=launcher)
+    schedules: dict[str, Any] = {}
+    sft_jobs, points = [], {arm: {} for arm in c.arms}
+    for seed in c.seeds:
+        for arm in c.arms:
+            stage = pre[seed][arm]
+            before, init = start_model(c, stage)
+            if stage is not None and status.get(stage.name, {}).get("status") != "done":
+                status[f"{arm}-sft-s{seed}"] = {"status": f"not run ({stage.name} did not finish)"}
+                continue
+            probe = sft_stage(c, arm, seed, init, 1)
+            per_eval, steps, samples = sample_schedule(c, probe)
+            schedules[probe.name] = {"steps_per_eval": per_eval, "steps": steps, "samples": samples}
+            stage_sft = dataclasses.replace(probe, train_steps=steps[-1])
+            sft_jobs.append(_job(c, stage_sft, checkpoint_every=per_eval))
+            ckpts = c.run_dir(stage_sft.name) / "checkpoints"
+            points[arm][seed] = [(0, before)] + [(n, ckpts / str(step)) for step, n in zip(steps, samples)]
+    (c.out_dir / "schedules.json").write_text(json.dumps(schedules, indent=2) + "\n")
+    status |= runner.run_all(sft_jobs, c.out_dir, launcher=launcher)
+    return {"status": status, "points": points, "schedules": schedules}
+
+
+def evaluate_points(c: Config, points: dict[str, dict[int, list]], s: EvalSettings
+                    ) -> dict[str, dict[int, list[tuple[int, dict]]]]:
+    """Probe margins of every point whose checkpoint exists: {arm: {seed: [(samples, margins by set), ...]}}."""
+    out: dict[str, dict[int, list]] = {}
+    for arm, seeds in points.items():
+        for seed, pts in seeds.items():
+            for samples, ckpt in pts:
+                if not ckpt.exists():
+                    continue
+                key = f"{ckpt.parent.parent.name}-{ckpt.name}" if ckpt.parent.name == "checkpoints" else \
+                    f"{arm}-before-s{seed}"
+                print(f"evaluating {arm} seed {seed} at {samples} SFT samples", flush=True)
+                result = evaluate(ckpt, s, c.out_dir / "eval" / f"{key}.json")
+                out.setdefault(arm, {}).setdefault(seed, []).append((samples, result["margins"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.durability", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("config", help="durability config (TOML)")
+    parser.add_argument("--launcher", help="command template for each stage, as in sweep.py")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        c = load(args.config)
+    except SettingsError as e:
+        print(f"experiments.durability: {e}", file=sys.stderr)
+        return 2
+    from experiments import durability_report
+
+    done = run(c, args.launcher)
+    s = dataclasses.replace(c.eval, heldout=False)  # SFT checkpoints' held-out loss: run eval.heldout on them
+    results = evaluate_points(c, done["points"], s)
+    report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report")
+    print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
+    missing = [n for n, st in done["status"].items() if st["status"] != "done"]
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""A sweep file -> the list of runs: grid expansion, token budgets, deterministic names, train.py arguments.
+
+Budget modes (per run, with tokens_per_step = BATCH_SIZE x SEQ_LEN token slots):
+- fixed_total_tokens: every run trains `train_steps` steps; synthetic tokens = share x total, so the epochs per
+  synthetic document grow with the share and shrink with the document count.
+- fixed_synthetic_exposure: every document is seen `synthetic_epochs` times; a run trains the fewest steps whose
+  synthetic tokens (share x total) reach synthetic_epochs x corpus tokens, so total tokens vary.
+Token numbers are the mixture's nominal shares of the token slots (the pipeline realises them to within one row per
+mixture block; `python -m data.preview` measures them). Corpus tokens are counted with the run's own tokenizer and
+document format. A share-0 run has no synthetic component, so it does not depend on the corpus or document count:
+one share-0 run per (model, seed, steps) is the baseline of every run with those.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any
+
+from experiments import corpora
+from experiments.settings import SettingsError, Table, read
+
+BUDGETS = ("fixed_total_tokens", "fixed_synthetic_exposure")
+TOP_KEYS = ("out_dir", "gin_file", "gin", "seeds", "shares", "doc_counts", "budget", "train_steps",
+            "synthetic_epochs", "share_component", "replay_component", "corpus_macro", "corpora", "models", "eval")
+EVAL_KEYS = ("pairs", "control_pairs", "heldout", "heldout_batches", "bootstrap", "batch_size", "anima_grader",
+             "anima_epochs", "chat")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the sweep and its token budget."""
+    name: str
+    model: str
+    corpus: str | None          # None at share 0
+    docs: int | None            # documents of the corpus used (None at share 0)
+    share: float
+    seed: int
+    train_steps: int
+    tokens_per_step: int
+    total_tokens: int
+    synthetic_tokens: int
+    corpus_tokens: int | None
+    epochs_per_doc: float | None
+    gin_files: tuple[str, ...]
+    bindings: tuple[str, ...]
+    baseline: str | None        # the share-0 run of the same model, seed and steps, if the sweep has it
+
+    @property
+    def arm(self) -> str:
+        """The run's name without its seed: runs of one arm differ only by seed."""
+        return self.name.rsplit("-s", 1)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    path: pathlib.Path
+    out_dir: pathlib.Path
+    budget: str
+    seeds: tuple[int, ...]
+    shares: tuple[float, ...]
+    share_component: str
+    runs: tuple[Run, ...]
+    eval: Table
+
+    def run_dir(self, run: Run) -> pathlib.Path:
+        return self.out_dir / "runs" / run.name
+
+
+def _share_label(share: float) -> str:
+    return f"{share:g}"
+
+
+def corpus_binding(component: str, macro: str | None, path: str | pathlib.Path) -> str:
+    """The gin binding that points the synthetic component at one corpus file: the config's own macro when it has
+    one (runs/midtrain.gin: SYNTHETIC_FILES), else the component's paths. A share-0 run binds it too (the component
+    is inactive at weight 0 and never read, but it must be valid)."""
+    return f"{macro or f'{component}/Component.paths'} = ({str(path)!r},)"
+
+
+def load(path: str | pathlib.Path) -> Sweep:
+    """Reads and expands a sweep file; every problem is an error naming the file and key, before any training."""
+    from trainer import config as trainer_config
+
+    path = pathlib.Path(path)
+    top = Table(read(path), str(path), TOP_KEYS)
+    out_dir = pathlib.Path(top.get("out_dir", str)).resolve()
+    seeds = top.get_list("seeds", int, nonempty=True)
+    shares = top.get_list("shares", (int, float), nonempty=True)
+    if any(not 0 <= s < 1 for s in shares) or len(set(shares)) != len(shares) or len(set(seeds)) != len(seeds):
+        raise SettingsError(f"{path}: `shares` must be distinct numbers in [0, 1) and `seeds` distinct")
+    doc_counts = top.get_list("doc_counts", int, []) or [None]
+    if any(n is not None and n < 1 for n in doc_counts):
+        raise SettingsError(f"{path}: `doc_counts` must be positive")
+    budget = top.get("budget", str, "fixed_total_tokens")
+    if budget not in BUDGETS:
+        raise SettingsError(f"{path}: `budget` must be one of {list(BUDGETS)}, got {budget!r}")
+    steps = top.get("train_steps", int, None)
+    epochs = top.get("synthetic_epochs", (int, float), None)
+    if budget == "fixed_total_tokens" and (steps is None or steps < 1):
+        raise SettingsError(f"{path}: budget fixed_total_tokens needs a positive `train_steps`")
+    if budget == "fixed_synthetic_exposure" and (epochs is None or epochs <= 0):
+        raise SettingsError(f"{path}: budget fixed_synthetic_exposure needs a positive `synthetic_epochs`")
+    synth, replay = top.get("share_component", str, "synthetic"), top.get("replay_component", str, "replay")
+    macro = top.get("corpus_macro", str, None)
+    base_files, base_bindings = top.get_list("gin_file", str, nonempty=True), top.get_list("gin", str, [])
+    corpus_table = top.table("corpora")
+    if any(s > 0 for s in shares) and not corpus_table.data:
+        raise SettingsError(f"{path}: shares above 0 need at least one entry in [corpora]")
+    models = top.table("models").data or {"model": {}}
+    corpus_dir = out_dir / "corpora"
+    sources = {name: corpora.resolve(spec, corpus_dir, f"{corpus_table.where} `{name}`")
+               for name, spec in corpus_table.data.items()}
+    placeholder = corpus_binding(synth, macro, next(iter(sources.values()), "unused"))
+    runs: list[Run] = []
+    for model_name, model_spec in models.items():
+        model = Table(model_spec, f"{path} [models.{model_name}]", ("gin_file", "gin"))
+        files = tuple(base_files + model.get_list("gin_file", str, []))
+        bindings = tuple(base_bindings + model.get_list("gin", str, []))
+        try:
+            # MODEL_DIR is set per run; a placeholder lets files that leave it unset load here.
+            run_config = trainer_config.load(files, bindings + ("MODEL_DIR = 'unused'", placeholder))
+        except trainer_config.ConfigError as e:
+            raise SettingsError(f"{path} [models.{model_name}]: {e}") from e
+        mixture = run_config.mixture
+        names = [c.name for c in mixture.components]
+        if synth not in names or replay not in names:
+            raise SettingsError(f"{path}: share_component {synth!r} and replay_component {replay!r} must be "
+                                f"components of the mixture, which has {names}")
+        component = next(c for c in mixture.components if c.name == synth)
+        tokens_per_step = run_config.train.batch_size * run_config.train.seq_len
+        runs += _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, sources,
+                            doc_counts, shares, seeds, budget, steps, epochs, synth, replay, corpus_dir, macro,
+                            placeholder)
+    return Sweep(path=path, out_dir=out_dir, budget=budget, seeds=tuple(seeds), shares=tuple(shares),
+                 share_component=synth, runs=tuple(_link_baselines(runs)),
+                 eval=top.table("eval", EVAL_KEYS))
+
+
+def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, sources, doc_counts, shares,
+                seeds, budget, steps, epochs, synth, replay, corpus_dir, macro, placeholder) -> list[Run]:
+    runs, baselines = [], set()
+    for corpus_name, source in sources.items():
+        for docs in doc_counts:
+            path = corpora.first_documents(source, docs, corpus_dir, corpus_name)
+            n_docs, corpus_tokens = corpora.count_tokens(path, dataclasses.replace(component, paths=(str(path),)),
+                                                         mixture)
+            for share in (s for s in shares if s > 0):
+                run_steps = steps if budget == "fixed_total_tokens" else \
+                    math.ceil(epochs * corpus_tokens / (share * tokens_per_step))
+                total = run_steps * tokens_per_step
+                synthetic = round(share * total)
+                arm = f"{model_name}-{corpus_name}-n{n_docs}-w{_share_label(share)}-t{run_steps}"
+                weights = {replay: 1 - share, synth: share}
+                run_bindings = bindings + (f"MIXTURE_WEIGHTS = {weights!r}", corpus_binding(synth, macro, path))
+                for seed in seeds:
+                    runs.append(Run(f"{arm}-s{seed}", model_name, corpus_name, n_docs, share, seed, run_steps,
+                                    tokens_per_step, total, synthetic, corpus_tokens, share * total / corpus_tokens,
+                                    files, run_bindings, None))
+                if 0 in shares:
+                    baselines.add(run_steps)
+    if 0 in shares and budget == "fixed_total_tokens":
+        baselines.add(steps)
+    for run_steps in sorted(baselines):
+        for seed in seeds:
+            runs.append(Run(f"{model_name}-base-t{run_steps}-s{seed}", model_name, None, None, 0.0, seed, run_steps,
+                            tokens_per_step, run_steps * tokens_per_step, 0, None, None, files,
+                            bindings + (f"MIXTURE_WEIGHTS = {({replay: 1.0, synth: 0.0})!r}", placeholder), None))
+    return runs
+
+
+def _link_baselines(runs: list[Run]) -> list[Run]:
+    names = {r.name for r in runs}
+    out = []
+    for r in runs:
+        base = f"{r.model}-base-t{r.train_steps}-s{r.seed}"
+        out.append(dataclasses.replace(r, baseline=base if r.share > 0 and base in names else None))
+    return out
+
+
+def train_args(sweep: Sweep, run: Run) -> list[str]:
+    """train.py's arguments for a run (gin files, the sweep's bindings, then the run's own macros, which win)."""
+    return ([f"--gin_file={f}" for f in run.gin_files]
+            + [f"--gin_bindings={b}" for b in run.bindings]
+            + [f"--gin_bindings=MODEL_DIR = {str(sweep.run_dir(run))!r}",
+               f"--gin_bindings=TRAIN_STEPS = {run.train_steps}", f"--gin_bindings=SEED = {run.seed}"])
+
+
+def format_plan(sweep: Sweep) -> str:
+    """The dry-run table: every run with its token budget, synthetic tokens and epochs per document."""
+    header = (f"{'run':<44} {'share':>6} {'docs':>6} {'seed':>5} {'steps':>7} {'total_tokens':>13} "
+              f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15}  baseline")
+    lines = [f"sweep {sweep.path} ({sweep.budget}): {len(sweep.runs)} runs -> {sweep.out_dir}", header]
+    for r in sweep.runs:
+        lines.append(f"{r.name:<44} {r.share:>6g} {r.docs if r.docs is not None else '-':>6} {r.seed:>5} "
+                     f"{r.train_steps:>7} {r.total_tokens:>13} {r.synthetic_tokens:>17} "
+                     f"{r.corpus_tokens if r.corpus_tokens is not None else '-':>14} "
+                     f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15}  "
+                     f"{r.baseline or '-'}")
+    return "\n".join(lines)
+
+
+def as_dict(run: Run) -> dict[str, Any]:
+    return dataclasses.asdict(run)

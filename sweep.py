@@ -1,0 +1,69 @@
+"""docmix sweeps: a grid of midtraining runs from one sweep file, trained, evaluated and reported in one command.
+
+    python sweep.py sweeps/demo.toml --dry_run        # every run with its token budget, synthetic tokens, epochs/doc
+    python sweep.py sweeps/demo.toml                  # train what is not finished, evaluate, write OUT_DIR/report/
+    python sweep.py sweeps/demo.toml --launcher 'python -m launch.tpu run --name {name} -- {cmd}'
+
+The sweep file (TOML, see sweeps/demo.toml and docs/eval.md) fixes the grid before anything runs: mixture shares x
+seeds x corpora x document counts x model configs, the budget mode (fixed_total_tokens or fixed_synthetic_exposure)
+and the evaluation. Run names are deterministic; finished runs are skipped and interrupted ones resume (train.py
+resumes from MODEL_DIR). Runs execute here one after another, or each through the launcher template: `{cmd}` (a
+separate word) becomes train.py's argument list, `{name}` and `{model_dir}` are substituted; nothing goes through a
+shell. Then every finished run is evaluated (probes against the share-0 arm of the same seed, held-out loss, ANIMA
+when a grader is set) and OUT_DIR/report/ gets the table, plots and report.md listing every configured run.
+Exit status: 0 all runs finished, 1 some run failed or is missing (the report still lists it), 2 bad sweep file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python sweep.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("sweep_file", help="sweep file (TOML)")
+    parser.add_argument("--dry_run", action="store_true", help="print every run and its token budget; train nothing")
+    parser.add_argument("--json", action="store_true", help="with --dry_run: print the runs as JSON")
+    parser.add_argument("--launcher", help="command template to run each run through, e.g. "
+                                           "'python -m launch.tpu run --name {name} -- {cmd}'")
+    parser.add_argument("--no_train", action="store_true", help="only evaluate finished runs and write the report")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices for every evaluated checkpoint
+    from experiments import plan
+    from experiments.evaluate import settings
+    from experiments.settings import SettingsError
+
+    try:
+        sweep = plan.load(args.sweep_file)
+        eval_settings = settings(sweep.eval)
+    except SettingsError as e:
+        print(f"sweep.py: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps([plan.as_dict(r) for r in sweep.runs]) if args.json else plan.format_plan(sweep))
+        return 0
+    from experiments import runner, sweep_report
+    from experiments.evaluate import evaluate
+
+    jobs = [runner.Job(r.name, sweep.run_dir(r), r.train_steps, tuple(plan.train_args(sweep, r))) for r in sweep.runs]
+    if args.no_train:
+        status = {j.name: {"status": "done" if runner.is_done(j) else "not run"} for j in jobs}
+    else:
+        status = runner.run_all(jobs, sweep.out_dir, launcher=args.launcher)
+    results = {}
+    for job in jobs:
+        if status.get(job.name, {}).get("status") == "done":
+            print(f"evaluating {job.name}", flush=True)
+            results[job.name] = evaluate(job.model_dir, eval_settings, sweep.out_dir / "eval" / f"{job.name}.json")
+    report = sweep_report.write(sweep, status, results, eval_settings, sweep.out_dir / "report")
+    print(f"\n{report['note']}\nreport: {sweep.out_dir / 'report' / 'report.md'} "
+          f"({len(report['runs'])} runs, {len(results)} evaluated)")
+    return 0 if len(results) == len(jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
