@@ -4,13 +4,15 @@
     python train.py --gin_file=runs/midtrain.gin --gin.MODEL_DIR=gs://bucket/run --gin.INIT_FROM=/path/hf_folder
     python train.py --gin_file=runs/demo.gin --gin.MIXTURE_WEIGHTS="{'replay': 0.95, 'synthetic': 0.05}"
 
-Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status: 0 done or preempted
-(SIGTERM saves a checkpoint first), 1 non-finite loss, 2 configuration or resume-mismatch error.
+Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status (the table in exit_codes.py
+and the README): 0 done or preempted (SIGTERM saves a checkpoint first), 1 stopped on a non-finite loss or exhausted
+data, 2 configuration, input or resume-mismatch error, 4 internal error.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 
 log = logging.getLogger("docmix.train")
@@ -46,19 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     except (loop.NonFiniteLoss, ComponentExhausted) as e:  # the last committed checkpoint is left as it was
         print(f"train.py: {e}", file=sys.stderr)
         return 1
-    except (run_metadata.CheckpointMismatch, FileNotFoundError, ValueError) as e:
+    except run_metadata.CheckpointMismatch as e:
         print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
         print(format_summary(summary, argv if argv is not None else sys.argv[1:]))
+        if summary.step > run.train_steps:
+            log.warning("nothing was trained: %s is at step %d, beyond TRAIN_STEPS=%d; to continue, raise "
+                        "--gin.TRAIN_STEPS", summary.model_dir, summary.step, run.train_steps)
     return 0
 
 
 def format_summary(s, argv: list[str]) -> str:
     """The end-of-run report: losses, throughput, where things are, what to run next."""
-    again = " ".join(["python train.py", *argv])
-    longer = " ".join(["python train.py", *[a for a in argv if not a.startswith("--gin.TRAIN_STEPS=")],
-                       f"--gin.TRAIN_STEPS={s.step * 2}"])
+    again = shlex.join(["python", "train.py", *argv])  # quoted: pasting it into bash runs it as given
+    longer = shlex.join(["python", "train.py", *[a for a in argv if not a.startswith("--gin.TRAIN_STEPS=")],
+                         f"--gin.TRAIN_STEPS={s.step * 2}"])
     lines = [f"\n== docmix run {s.model_dir} stopped at step {s.step} ({s.stopped}) =="]
     if s.loss is not None:
         parts = ", ".join(f"{n} {v:.3f}" for n, v in s.component_loss.items() if v is not None)
@@ -75,13 +80,17 @@ def format_summary(s, argv: list[str]) -> str:
     lines += ["next:",
               f"  {again}    # resume / continue (rerun the same command)" if s.stopped != "done" else
               f"  {longer}    # train longer, resuming from step {s.step}",
-              f"  python -m eval.generate --model {model} --prompt \"The committee reviewed the farm report and\"",
-              f"  python -m eval.heldout --model {s.model_dir}",
+              "  " + shlex.join(["python", "-m", "eval.generate", "--model", str(model),
+                                 "--prompt", "The committee reviewed the farm report and"]),
+              "  " + shlex.join(["python", "-m", "eval.heldout", "--model", str(s.model_dir)]),
               "  python -m data.preview --gin_file=runs/demo.gin --num_batches 4    # look at the training data",
-              "  python train.py --gin.MODEL_DIR=./runs/demo_5pct "
-              "--gin.MIXTURE_WEIGHTS=\"{'replay': 0.95, 'synthetic': 0.05}\"    # another synthetic share"]
+              "  " + shlex.join(["python", "train.py", "--gin.MODEL_DIR=./runs/demo_5pct",
+                                 "--gin.MIXTURE_WEIGHTS={'replay': 0.95, 'synthetic': 0.05}"])
+              + "    # another synthetic share"]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "train.py"))
