@@ -33,7 +33,7 @@ def code_for(error: BaseException) -> int:
     explicit = getattr(error, "exit_code", None)
     if isinstance(explicit, int):
         return explicit
-    if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ == "URLError":
+    if isinstance(error, (ConnectionError, TimeoutError, ImportError)) or type(error).__name__ == "URLError":
         return UNAVAILABLE
     if isinstance(error, (ValueError, OSError, LookupError)):
         return USAGE

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pathlib
 import shlex
 import sys
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"train.py: configuration error: {e}", file=sys.stderr)
         return 2
+    check_model_dir(run.model_dir)
     import jax
 
     if args.distributed:
@@ -59,10 +62,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_model_dir(model_dir: str) -> None:
+    """A local MODEL_DIR must be a directory (or not exist yet) that this user can write; raised before any work."""
+    if "://" in model_dir:  # remote storage: its filesystem layer reports access errors
+        return
+    path = pathlib.Path(model_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"MODEL_DIR={model_dir} is a file, not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"MODEL_DIR={model_dir}: {existing} is not a writable directory")
+
+
+def shell_word(arg: str) -> str:
+    """`arg` quoted for bash, readably: --gin.X="{'a': 1}" rather than shlex's '--gin.X={'"'"'a'"'"': 1}'."""
+    key, sep, value = arg.partition("=")
+    if shlex.quote(arg) != arg and sep and shlex.quote(key) == key and not set(value) & set('"\\$`!'):
+        return f'{key}="{value}"'
+    return shlex.quote(arg)
+
+
+def shell_line(args: list[str]) -> str:
+    return " ".join(map(shell_word, args))
+
+
 def format_summary(s, argv: list[str]) -> str:
     """The end-of-run report: losses, throughput, where things are, what to run next."""
-    again = shlex.join(["python", "train.py", *argv])  # quoted: pasting it into bash runs it as given
-    longer = shlex.join(["python", "train.py", *[a for a in argv if not a.startswith("--gin.TRAIN_STEPS=")],
+    again = shell_line(["python", "train.py", *argv])  # quoted: pasting it into bash runs it as given
+    longer = shell_line(["python", "train.py", *[a for a in argv if not a.startswith("--gin.TRAIN_STEPS=")],
                          f"--gin.TRAIN_STEPS={s.step * 2}"])
     lines = [f"\n== docmix run {s.model_dir} stopped at step {s.step} ({s.stopped}) =="]
     if s.loss is not None:
@@ -80,11 +107,11 @@ def format_summary(s, argv: list[str]) -> str:
     lines += ["next:",
               f"  {again}    # resume / continue (rerun the same command)" if s.stopped != "done" else
               f"  {longer}    # train longer, resuming from step {s.step}",
-              "  " + shlex.join(["python", "-m", "eval.generate", "--model", str(model),
+              "  " + shell_line(["python", "-m", "eval.generate", "--model", str(model),
                                  "--prompt", "The committee reviewed the farm report and"]),
-              "  " + shlex.join(["python", "-m", "eval.heldout", "--model", str(s.model_dir)]),
+              "  " + shell_line(["python", "-m", "eval.heldout", "--model", str(s.model_dir)]),
               "  python -m data.preview --gin_file=runs/demo.gin --num_batches 4    # look at the training data",
-              "  " + shlex.join(["python", "train.py", "--gin.MODEL_DIR=./runs/demo_5pct",
+              "  " + shell_line(["python", "train.py", "--gin.MODEL_DIR=./runs/demo_5pct",
                                  "--gin.MIXTURE_WEIGHTS={'replay': 0.95, 'synthetic': 0.05}"])
               + "    # another synthetic share"]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,4 +206,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.anima"))

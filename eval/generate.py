@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -203,4 +204,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.generate"))

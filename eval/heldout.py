@@ -153,4 +153,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.heldout"))

@@ -14,6 +14,7 @@ import hmac
 import http.server
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -224,4 +225,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.serve"))

@@ -179,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"{summary.tokens_used} tokens in {summary.elapsed_s}s -> {args.out}")
     if not summary.complete:
         print("incomplete: rerun the same command to continue (finished items are skipped)")
-    return 0 if summary.complete else 2
+    return 0 if summary.complete else 1  # some items failed for good: a data error (exit_codes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,8 +289,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except (ValueError, OSError) as err:  # SpecError, StoreError, bad JSONL lines, missing files: no traceback
-        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return func(args)  # errors become one line and an exit code in exit_codes.run (data/synth/__main__.py)
