@@ -3,7 +3,8 @@
 | code | meaning |
 |---|---|
 | 0 | done; for `train.py` also: preempted (SIGTERM, after saving) or the data ran out with `on_exhausted='stop'` |
-| 1 | a run stopped on its numbers or data: a non-finite loss, a component exhausted with `on_exhausted='error'` |
+| 1 | stopped on the numbers or the data: a non-finite loss, a component exhausted with `on_exhausted='error'`, |
+|   | `data.synth generate` items that failed for good, `contamination --fail-on-hit` hits |
 | 2 | usage, configuration or input error, found before any expensive work (a flag, gin binding, file, model folder) |
 | 3 | an external service or client is missing or unreachable (LLM server, grader, `gs://` filesystem client) |
 | 4 | internal error (a bug): the traceback is printed; please report it |

@@ -2,6 +2,7 @@
 
     python -m eval.anima --model runs/x/hf --grader openai/gpt-4o-mini [--dataset_dir DIR] [--epochs N] [--limit N]
     python -m eval.anima --model http://127.0.0.1:8000/v1 --grader hf/ABS/PATH --out results/anima.json
+    python -m eval.anima --model runs/x/hf --grader hf/ABS/PATH --dataset_dir ../shared/data/anima --limit 3 --epochs 1
 
 Runs `inspect_evals`' ANIMA scorer and metrics unchanged. The dataset comes from the Hugging Face Hub at the task's
 pinned revision, or from a local copy (`--dataset_dir`, see eval.anima_data). Results go to `anima.json` beside the
@@ -79,7 +80,10 @@ def served_model_id(base_url: str) -> str:
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(API_KEY_ENV, "none"))
-    ids = [m.id for m in client.models.list().data]
+    try:
+        ids = [m.id for m in client.models.list().data]
+    except (openai.APIConnectionError, openai.APITimeoutError) as e:
+        raise ConnectionError(f"cannot reach {base_url}/models ({e}): is the server running?") from None
     if not ids:
         raise ValueError(f"{base_url}/models lists no model")
     return ids[0]
@@ -184,7 +188,9 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eval.anima", description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder, OpenAI-compatible base URL (…/v1) or Inspect model name")
     p.add_argument("--grader", required=True, help="Inspect model name, HF folder or OpenAI-compatible base URL")
     p.add_argument("--dataset_dir", help="local copy with questions.jsonl + dimensions.jsonl (default: the Hub)")

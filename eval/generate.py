@@ -185,7 +185,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF folder, run directory or checkpoint step directory")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")

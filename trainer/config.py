@@ -167,7 +167,7 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
         with _quiet_search(), _plain_files_only():
             gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
     except (ValueError, IOError, SyntaxError) as e:  # gin reports unknown configurables/params with file and line
-        raise ConfigError(f"gin: {e}") from e
+        raise ConfigError("gin: " + re.sub(r"\s*\n\s*", "; ", str(e).strip())) from e  # one line
     _check_macros()
     try:
         run = gin.get_configurable(RunConfig)()
