@@ -16,6 +16,7 @@ Errors of kinds 1-3 print one line `PROG: error: MESSAGE` naming the file, bindi
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -61,6 +62,7 @@ def run(main: Callable[[Sequence[str] | None], Any], prog: str, argv: Sequence[s
 def message(error: BaseException) -> str:
     """The exception's own text; its type only where the text alone would be unclear (KeyError('x') -> 'x')."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    text = re.sub(r"\s*\[tensorstore_spec.*$", "", text, flags=re.S)  # Orbax/TensorStore append kilobytes of spec
     if not text or isinstance(error, KeyError):
         return f"{type(error).__name__}: {text}"
     return text

@@ -96,7 +96,9 @@ def format_summary(s, argv: list[str]) -> str:
         parts = ", ".join(f"{n} {v:.3f}" for n, v in s.component_loss.items() if v is not None)
         lines.append(f"final loss {s.loss:.4f} (per component over the last log window: {parts})")
     if s.eval_loss:
-        lines.append("held-out loss: " + ", ".join(f"{n} {v:.3f}" for n, v in s.eval_loss.items()))
+        lines.append("held-out loss: " + ", ".join(f"{n} {v:.3f} ({s.eval_tokens[n]:,} tokens)"
+                                                  for n, v in s.eval_loss.items())
+                     + f"; python -m eval.heldout --model {s.model_dir} gives the same numbers")
     lines.append(f"throughput {s.tokens_per_s:,.0f} tokens/s, MFU {s.mfu:.1%} of {s.peak_source}")
     lines.append(f"metrics      {s.model_dir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {s.model_dir / 'tb'})")
     if s.checkpoint is not None:

@@ -126,3 +126,12 @@ def test_resume_with_another_model_is_refused(reference, tmp_path):
     assert proc.returncode == 2
     assert "intermediate_size" in proc.stderr and "cannot be resumed" in proc.stderr
     assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["4", "6", "8"]
+
+
+def test_train_steps_below_the_checkpoint_warns(reference, tmp_path):
+    """TRAIN_STEPS below the checkpoint's step trains nothing: the run says so instead of a bare "done"."""
+    model_dir = tmp_path / "copy"
+    shutil.copytree(reference, model_dir)
+    proc = run_train(model_dir, "--gin.TRAIN_STEPS=4")
+    assert f"nothing was trained: {model_dir} is at step {STEPS}, beyond TRAIN_STEPS=4" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["4", "6", "8"]

@@ -42,7 +42,9 @@ class RunConfig:
     """Everything one run needs, resolved and validated. `gin_text` is the operative config (written to config.gin).
 
     `eval_mixture` (optional, usually `@eval/MixtureConfig()` inheriting the unscoped bindings): held-out components
-    whose loss is measured every `TrainConfig.eval_every` steps on `TrainConfig.eval_batches` fixed batches.
+    whose loss is measured every `TrainConfig.eval_every` steps, each component on its own single unshuffled pass
+    (`data.config.single_component_mixture`, as eval.heldout reads it), the first `TrainConfig.eval_batches` batches
+    of it (None: the whole pass).
     """
     model: ModelConfig
     mixture: MixtureConfig
