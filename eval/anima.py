@@ -142,6 +142,21 @@ def summarize(log: EvalLog) -> dict[str, Any]:
     }
 
 
+def check_reachable(model: Model, flag: str, timeout_s: int = 60) -> None:
+    """One one-token request to a hosted or served model before the eval, so an unreachable service or a missing key
+    is one clear error (exit 3, exit_codes) instead of an eval that retries for hours."""
+    import asyncio
+
+    try:
+        asyncio.run(model.generate("Say OK.", config=GenerateConfig(max_tokens=1, max_retries=1, timeout=timeout_s)))
+    except Exception as e:  # noqa: BLE001 -- every provider has its own error types; the message is what helps
+        last = getattr(e, "last_attempt", None)  # tenacity's RetryError wraps the provider's error
+        cause = last.exception() if last is not None and last.exception() is not None else e
+        where = getattr(getattr(model, "api", None), "base_url", None)
+        raise ConnectionError(f"{flag} {model}{f' at {where}' if where else ''}: cannot get a completion "
+                              f"({type(cause).__name__}: {cause})") from None
+
+
 def _as_model(model: str | Model, config: GenerateConfig, role: str | None = None) -> tuple[Model, pathlib.Path | None]:
     if isinstance(model, Model):
         return model, None
@@ -162,6 +177,9 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
         raise ValueError(f"--out is required when --model is not an HF folder (got {model!r})")
     grader_model, _ = _as_model(grader, GenerateConfig(max_tokens=grader_max_tokens, temperature=grader_temperature),
                                  role="grader")
+    for name, m in (("--model", model), ("--grader", grader)):
+        if isinstance(m, str) and not str(resolve_model(m).name).startswith("hf/"):
+            check_reachable(grader_model if name == "--grader" else target, name)
     if dataset_dir:
         data = anima_data.load(dataset_dir, languages)
         revision = f"local-{data.files_sha256['questions.jsonl'][:12]}"
