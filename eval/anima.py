@@ -68,11 +68,12 @@ class ModelSpec:
     base_url: str | None = None
     hf_dir: pathlib.Path | None = None
 
-    def model(self, config: GenerateConfig = GenerateConfig(), role: str | None = None) -> Model:
+    def model(self, config: GenerateConfig = GenerateConfig(), role: str | None = None, memoize: bool = True
+              ) -> Model:
         if self.base_url is None:
-            return get_model(self.name, config=config, role=role)
+            return get_model(self.name, config=config, role=role, memoize=memoize)
         return get_model(self.name, base_url=self.base_url, api_key=os.environ.get(API_KEY_ENV, "none"),
-                         config=config, role=role)
+                         config=config, role=role, memoize=memoize)
 
 
 def served_model_id(base_url: str) -> str:
@@ -142,11 +143,13 @@ def summarize(log: EvalLog) -> dict[str, Any]:
     }
 
 
-def check_reachable(model: Model, flag: str, timeout_s: int = 60) -> None:
+def check_reachable(spec: ModelSpec, flag: str, timeout_s: int = 60) -> None:
     """One one-token request to a hosted or served model before the eval, so an unreachable service or a missing key
-    is one clear error (exit 3, exit_codes) instead of an eval that retries for hours."""
+    is one clear error (exit 3, exit_codes) instead of an eval that retries for hours. Uses its own Model instance
+    (its HTTP client belongs to this check's event loop, not the eval's)."""
     import asyncio
 
+    model = spec.model(memoize=False)
     try:
         asyncio.run(model.generate("Say OK.", config=GenerateConfig(max_tokens=1, max_retries=1, timeout=timeout_s)))
     except Exception as e:  # noqa: BLE001 -- every provider has its own error types; the message is what helps
@@ -177,9 +180,9 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
         raise ValueError(f"--out is required when --model is not an HF folder (got {model!r})")
     grader_model, _ = _as_model(grader, GenerateConfig(max_tokens=grader_max_tokens, temperature=grader_temperature),
                                  role="grader")
-    for name, m in (("--model", model), ("--grader", grader)):
-        if isinstance(m, str) and not str(resolve_model(m).name).startswith("hf/"):
-            check_reachable(grader_model if name == "--grader" else target, name)
+    for flag, spec in (("--model", model), ("--grader", grader)):
+        if isinstance(spec, str) and not resolve_model(spec).name.startswith("hf/"):
+            check_reachable(resolve_model(spec), flag)
     if dataset_dir:
         data = anima_data.load(dataset_dir, languages)
         revision = f"local-{data.files_sha256['questions.jsonl'][:12]}"

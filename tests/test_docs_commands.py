@@ -11,13 +11,13 @@ The directory is a copy of the repository's files (`git ls-files`, as a clone wo
 this interpreter (CI has installed the requirements already, see .ci/run).
 
 Scaled down (`scale`): --count 12, --num_batches 2, --epochs 1, train.py with TRAIN_STEPS=2, BATCH_SIZE=8,
-SEQ_LEN=64; bench scripts with one seed and 2 steps. Inputs the docs say the user brings are made first (`USER_FILES`):
-a gzipped replay corpus at replay/ and at bucket/, and alpaca.jsonl.
+SEQ_LEN=64; bench scripts with one seed and 2 steps. Inputs the docs say the user brings are made first (`user_files`):
+a gzipped replay corpus at replay/ and bucket/replay/, synthetic documents at bucket/synth/, and alpaca.jsonl.
 
 The allow-list (`EXTERNAL`) is every command that needs something a CI machine does not have, each with its
 scaled-down substitute: installing from PyPI (CI did), a hosted LLM (a local OpenAI-compatible server that answers in
 the expected format), real 8B weights (the demo run's export), a TPU slice and a bucket (one local process, local
-files), a hosted grader (SmolLM2-135M through Inspect's hf provider) and the lent GPU (CPU). A command that matches
+files), a hosted grader (SmolLM2-135M through Inspect's hf provider) and the lent GPU's 300-step runs (`--help`). A command that matches
 no entry runs unchanged apart from `scale`.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -73,7 +74,9 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
     (r"eval\.anima .*--grader (google|openai)/", "a hosted grader (SmolLM2-135M through Inspect's hf provider)",
      lambda c, ctx: re.sub(r"--grader \S+", f"--grader hf/{ctx['grader']}", c)
      + " --dataset_dir ../shared/data/anima --limit 1 --max_tokens 8 --grader_max_tokens 8"),
-    (r"bench/demo_device\.py ", "the lent GPU (the same script on CPU)", lambda c, ctx: c),
+    (r"bench/demo_device\.py |bench/demo_experiment\.py analyze ",
+     "the lent GPU's 300-step runs (the script loads and parses its flags: --help)",
+     lambda c, ctx: c.split(" ", 2)[0] + " " + c.split(" ", 2)[1] + (" analyze" if " analyze " in c else "") + " --help"),
 ]
 SCALE = [(r"--count \d+", "--count 12"), (r"--num_batches \d+", "--num_batches 2"), (r"--epochs \d+", "--epochs 1"),
          (r"--seeds( \d+)+", "--seeds 0"), (r"--steps \d+", "--steps 2")]
@@ -99,8 +102,12 @@ def substitute(command: str, ctx: dict) -> tuple[str, list[str]]:
 
 
 def user_files(root: pathlib.Path) -> None:
-    """USER_FILES: what the docs tell the user to bring: a replay corpus (JSONL.gz) and Alpaca-format SFT data."""
+    """What the docs tell the user to bring: a replay corpus (JSONL.gz), synthetic documents in a bucket and
+    Alpaca-format SFT data."""
     from trainer.demo_assets import demo_asset
+
+    (root / "bucket" / "synth").mkdir(parents=True)
+    shutil.copyfile(demo_asset("welfare"), root / "bucket" / "synth" / "welfare.jsonl")
 
     lines = pathlib.Path(demo_asset("replay")).read_text().splitlines()[:200]
     for folder in (root / "replay", root / "bucket" / "replay"):
@@ -167,8 +174,10 @@ def test_docs_commands_run_as_written(tmp_path, smollm2_dir):
                     key, value = line[len("export "):].split("=", 1)
                     run_env[key] = value
                     continue
+                start = time.monotonic()
                 proc = subprocess.run(["bash", "-c", line], cwd=root, env=run_env, capture_output=True, text=True,
                                       timeout=900)
+                print(f"[{time.monotonic() - start:5.0f}s exit {proc.returncode}] {line}", flush=True)
                 if proc.returncode != 0:
                     failures.append(f"{doc}: {command}\n  ran: {line} ({'; '.join(reasons) or 'as written'})\n"
                                     f"  exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}")
