@@ -37,7 +37,7 @@ def code_for(error: BaseException) -> int:
         return explicit
     if isinstance(error, (ConnectionError, TimeoutError, ImportError)) or type(error).__name__ == "URLError":
         return UNAVAILABLE
-    if isinstance(error, (ValueError, OSError, LookupError)):
+    if isinstance(error, (ValueError, OSError)):  # not KeyError/TypeError: those are usually bugs, shown in full
         return USAGE
     return INTERNAL
 
