@@ -119,3 +119,14 @@ def test_read_only_model_dir_is_refused(tmp_path):
     ro.chmod(0o555)
     with pytest.raises(PermissionError, match="is not a writable directory"):
         train.check_model_dir(str(ro / "run"))
+
+
+@pytest.mark.parametrize("module, words", [
+    ("data.preview", ["usage: python -m data.preview", "--gin.KEY=VALUE", "Examples:", "--gin.INIT_FROM"]),
+    ("eval.anima", ["usage: python -m eval.anima", "examples:", "--dataset_dir"]),
+])
+def test_help_names_the_command_and_shows_examples(module, words):
+    proc = run(["-m", module, "--help"], REPO)
+    assert proc.returncode == 0, proc.stderr
+    for word in words:
+        assert word in proc.stdout, proc.stdout
