@@ -6,7 +6,8 @@
 
 Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status (the table in exit_codes.py
 and the README): 0 done or preempted (SIGTERM saves a checkpoint first), 1 stopped on a non-finite loss or exhausted
-data, 2 configuration, input or resume-mismatch error, 4 internal error.
+data, 2 configuration, input or resume-mismatch error, another run holding MODEL_DIR, or an export folder that is not
+an earlier export, 4 internal error.
 """
 from __future__ import annotations
 
@@ -44,14 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
         jax.distributed.initialize()
     from data.mixture import ComponentExhausted
-    from trainer import loop, run_metadata
+    from trainer import checkpoint, export, loop, run_lock, run_metadata
 
     try:
         summary = loop.train(run)
     except (loop.NonFiniteLoss, ComponentExhausted) as e:  # the last committed checkpoint is left as it was
         print(f"train.py: {e}", file=sys.stderr)
         return 1
-    except run_metadata.CheckpointMismatch as e:
+    except (run_metadata.CheckpointMismatch, run_lock.RunLocked, export.UnsafeExportTarget,
+            checkpoint.NoResumableCheckpoint, FileNotFoundError, ValueError) as e:
         print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
@@ -89,8 +91,10 @@ def shell_line(args: list[str]) -> str:
 def format_summary(s, argv: list[str]) -> str:
     """The end-of-run report: losses, throughput, where things are, what to run next."""
     again = shell_line(["python", "train.py", *argv])  # quoted: pasting it into bash runs it as given
-    longer = shell_line(["python", "train.py", *[a for a in argv if not a.startswith("--gin.TRAIN_STEPS=")],
-                         f"--gin.TRAIN_STEPS={s.step * 2}"])
+    # A longer run changes the learning-rate schedule: continue as a new schedule phase (docs/training.md).
+    replaced = ("--gin.TRAIN_STEPS=", "--gin.OptimizerConfig.schedule_start=")
+    longer = shell_line(["python", "train.py", *[a for a in argv if not a.startswith(replaced)],
+                         f"--gin.TRAIN_STEPS={s.step * 2}", f"--gin.OptimizerConfig.schedule_start={s.step}"])
     lines = [f"\n== docmix run {s.model_dir} stopped at step {s.step} ({s.stopped}) =="]
     if s.loss is not None:
         parts = ", ".join(f"{n} {v:.3f}" for n, v in s.component_loss.items() if v is not None)

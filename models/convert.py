@@ -2,11 +2,13 @@
 
     python -m models.convert hf-to-orbax --hf_dir /path/llama-3.1-8b --out runs/llama8b_init
     python -m models.convert orbax-to-hf --ckpt runs/demo [--step 300] --out runs/demo_hf [--dtype float32]
+                                         [--overwrite]
 
 hf-to-orbax writes a run-style directory: OUT/checkpoints/0/{params,metadata} (parameters in the stacked layout) and
 OUT/tokenizer/. Use it with `--gin.TrainConfig.init_from=OUT` or any tool that reads docmix runs (restore_model).
 orbax-to-hf reads a run directory (latest checkpoint, or --step) or a step directory and writes config.json,
-safetensors and the run's tokenizer files.
+safetensors and the run's tokenizer files. OUT must be new or empty; an earlier export (it has docmix_export.json
+and nothing else) is replaced only with --overwrite. Nothing else is ever replaced.
 """
 from __future__ import annotations
 
@@ -33,14 +35,16 @@ def hf_to_orbax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, param_dt
 
 
 def orbax_to_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
-                dtype: str = "bfloat16") -> pathlib.Path:
+                dtype: str = "bfloat16", overwrite: bool = False) -> pathlib.Path:
     from trainer import checkpoint, export
 
     path = pathlib.Path(ckpt)
     if step is not None:
         path = path / checkpoint.CHECKPOINTS / str(step)
+    export.check_target(out, overwrite=overwrite)  # before reading any parameters
     model, _, tokenizer_dir = checkpoint.restore_model(path)
-    return export.export(model, out, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    return export.export(model, out, dtype=dtype, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+                         source=str(path.absolute()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--step", type=int, default=None)
     b.add_argument("--out", required=True)
     b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    b.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export (only then)")
     args = parser.parse_args(argv)
     if args.command == "hf-to-orbax":  # errors: one line and an exit code from exit_codes.run
         done = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype)
     else:
-        done = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype)
+        done = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {done}")
     return 0
 

@@ -72,3 +72,41 @@ def test_run_file_model_errors_name_the_binding(bindings, named):
     with pytest.raises(config.ConfigError, match=re.escape(named)) as err:
         config.load(["runs/sft.gin"], ["MODEL_DIR = '/tmp/x'", "SFT_FILES = ('qa.jsonl',)", *bindings])
     assert "\n" not in str(err.value)
+
+
+def with_optimizer(run, train_steps=100, **changes):
+    return run_metadata.build(run.model, run.mixture, step=50, tokens_seen={},
+                              optimizer=dataclasses.replace(run.optimizer, **changes), train_steps=train_steps)
+
+
+def test_a_changed_schedule_is_refused_unless_a_new_phase_starts_at_the_resumed_step(demo, caplog):
+    assert demo.optimizer.schedule == "warmup_cosine"
+    saved = with_optimizer(demo)
+    run_metadata.check_optimizer(saved, with_optimizer(demo), 50, "ckpt")
+    with pytest.raises(run_metadata.CheckpointMismatch) as err:   # cosine over 200 steps: another lr from step 51
+        run_metadata.check_optimizer(saved, with_optimizer(demo, train_steps=200), 50, "runs/x/checkpoints/50")
+    for words in ("runs/x/checkpoints/50", "learning-rate schedule (train_steps)", "at step 51",
+                  "--gin.TRAIN_STEPS=100", "--gin.OptimizerConfig.schedule_start=50"):
+        assert words in str(err.value), str(err.value)
+    with pytest.raises(run_metadata.CheckpointMismatch,
+                       match=f"optimizer weight_decay: checkpoint {demo.optimizer.weight_decay}, config 0.5"):
+        run_metadata.check_optimizer(saved, with_optimizer(demo, weight_decay=0.5), 50, "ckpt")
+    with pytest.raises(run_metadata.CheckpointMismatch):          # a phase must start where the run resumes
+        run_metadata.check_optimizer(saved, with_optimizer(demo, train_steps=200, schedule_start=40), 50, "ckpt")
+    with caplog.at_level(logging.WARNING):
+        run_metadata.check_optimizer(saved, with_optimizer(demo, train_steps=200, schedule_start=50), 50, "ckpt")
+    assert "new schedule phase from step 50" in caplog.text
+    constant = with_optimizer(demo, schedule="constant")          # same lr at every remaining step: accepted
+    run_metadata.check_optimizer(constant, with_optimizer(demo, train_steps=200, schedule="constant"), 50, "ckpt")
+
+
+def test_a_new_schedule_phase_is_the_schedule_of_the_remaining_steps():
+    from trainer import optimizer
+    from trainer.run_config import OptimizerConfig
+
+    for shape in ("warmup_cosine", "warmup_stable_decay"):
+        phase = optimizer.schedule(OptimizerConfig(schedule=shape, warmup_steps=10, schedule_start=50), 200)
+        fresh = optimizer.schedule(OptimizerConfig(schedule=shape, warmup_steps=10), 150)
+        assert [float(phase(50 + k)) for k in range(0, 150, 7)] == [float(fresh(k)) for k in range(0, 150, 7)]
+    with pytest.raises(ValueError, match="schedule_start=200 must be below TRAIN_STEPS=200"):
+        optimizer.schedule(OptimizerConfig(schedule_start=200), 200)

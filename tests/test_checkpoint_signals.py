@@ -1,5 +1,6 @@
 """SIGTERM saves a checkpoint and exits 0 promptly; a non-finite loss stops the run (exit 1) without writing a checkpoint,
-leaving the last good one byte-for-byte intact."""
+naming the last good one (a finite loss came from it), which retention kept byte-for-byte intact and the rerun resumes
+from."""
 import hashlib
 import json
 import signal
@@ -9,17 +10,18 @@ import time
 import pytest
 
 from tests.test_train_resume import REPO, env, train_cmd
+from trainer.checkpoint_health import RECORD
 
 
-def tree_digest(path) -> str:
+def tree_digest(path, skip: str | None = None) -> str:
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != skip):
         h.update(str(f.relative_to(path)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
 
-@pytest.mark.slow  # ~40 s on an idle 2-core machine: two train.py processes
+@pytest.mark.slow  # ~70 s on an idle 2-core machine: three train.py processes
 def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     model_dir = tmp_path / "run"
     cmd = train_cmd(model_dir, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_EVERY=100000")
@@ -46,12 +48,34 @@ def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     good = model_dir / "checkpoints" / steps[0]
     digest = tree_digest(good)
 
-    # Resume the same run with an absurd learning rate: step saved+1 is computed from good params (finite loss),
-    # its update overflows, and step saved+2 has a non-finite loss.
-    proc = subprocess.run(train_cmd(model_dir, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_EVERY=100000",
-                                    "--gin.OptimizerConfig.learning_rate=1e30"),
+    # Resume with an absurd learning rate (a new schedule phase from `saved`, no warmup), a checkpoint every step and
+    # only the latest one kept: step saved+1's loss is computed from the good parameters (finite), its update overflows and is
+    # saved as checkpoint saved+1, and step saved+2's loss is non-finite. Checkpoint saved+1 is poisoned; `saved` is
+    # the last good one, and retention must not have deleted it.
+    bad = saved + 1
+    proc = subprocess.run(train_cmd(model_dir, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_EVERY=1",
+                                    "--gin.CheckpointConfig.keep_latest=1", "--gin.OptimizerConfig.learning_rate=1e30",
+                                    f"--gin.OptimizerConfig.schedule_start={saved}",
+                                    "--gin.OptimizerConfig.warmup_steps=0"),
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "stopped without saving" in proc.stderr and f"checkpoints/{saved}" in proc.stderr
-    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == [steps[0]]
-    assert tree_digest(good) == digest
+    assert "stopped without saving" in proc.stderr
+    assert f"last good checkpoint is {model_dir}/checkpoints/{saved} " in proc.stderr, proc.stderr[-3000:]
+    assert f"Checkpoints [{bad}] hold the parameters that gave this loss" in proc.stderr
+    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == [str(saved), str(bad)]
+    assert tree_digest(good, skip=RECORD) == digest
+    verdict = lambda step: json.loads((model_dir / "checkpoints" / str(step) / RECORD).read_text())["verdict"]  # noqa
+    assert (verdict(saved), verdict(bad)) == ("good", "nonfinite")
+
+    # The rerun (a sane learning rate) resumes from the good checkpoint, not the newer poisoned one, and keeps that.
+    first_try = json.loads(metrics.read_text().splitlines()[-1])
+    assert first_try["step"] == saved + 1
+    proc = subprocess.run(train_cmd(model_dir, f"--gin.TRAIN_STEPS={saved + 2}", "--gin.CHECKPOINT_EVERY=100000",
+                                    f"--gin.OptimizerConfig.schedule_start={saved}"),
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, saved + 3))   # records after the resumed step are replaced
+    assert records[saved]["loss"] == first_try["loss"]   # step saved+1 again, from the same parameters and data
+    set_aside = model_dir / "checkpoints_set_aside" / str(bad)
+    assert "non-finite" in (set_aside / "reason.txt").read_text() and (set_aside / "params").is_dir()

@@ -135,3 +135,32 @@ def test_train_steps_below_the_checkpoint_warns(reference, tmp_path):
     proc = run_train(model_dir, "--gin.TRAIN_STEPS=4")
     assert f"nothing was trained: {model_dir} is at step {STEPS}, beyond TRAIN_STEPS=4" in proc.stderr, proc.stderr
     assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["4", "6", "8"]
+
+
+def test_longer_run_is_refused_until_it_starts_a_new_schedule_phase(reference, tmp_path):
+    import shlex
+
+    import train
+    from trainer import loop
+
+    model_dir = tmp_path / "copy"
+    shutil.copytree(reference, model_dir)
+    proc = run_train(model_dir, "--gin.TRAIN_STEPS=16", check=False)   # cosine over 16 steps: another lr from step 9
+    assert proc.returncode == 2
+    assert "learning-rate schedule (train_steps)" in proc.stderr and "schedule_start=8" in proc.stderr
+    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["4", "6", "8"]
+
+    # The end-of-run summary's "train longer" command works as printed.
+    argv = train_cmd(model_dir)[2:]
+    summary = loop.Summary(model_dir=model_dir, step=STEPS, stopped="done", loss=None, component_loss={},
+                           eval_loss={}, eval_tokens={}, tokens_per_s=0.0, mfu=0.0, peak_source="", checkpoint=None, export=None)
+    longer = next(line for line in train.format_summary(summary, argv).splitlines() if "# train longer" in line)
+    cmd = shlex.split(longer.split("#")[0])
+    assert cmd[:2] == ["python", "train.py"]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *cmd[2:]], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 2 * STEPS + 1))
+    # A new phase over the remaining 8 steps: warmup and cosine as the first 8 steps had (not the old cosine's tail).
+    assert [r["lr"] for r in recs[STEPS:]] == pytest.approx([r["lr"] for r in recs[:STEPS]], rel=1e-6)

@@ -8,11 +8,15 @@ Layout: MODEL_DIR/checkpoints/<step>/ holds the items
 Params and optimizer state are separate items so evaluation can restore the parameters alone. Orbax writes each
 step to a temporary directory and renames it on commit, so a step directory that exists is complete; leftovers of
 an interrupted save are removed when the manager opens.
+
+Which checkpoints are good (a finite loss was computed from them), retention of the newest good one, and the
+fallback past checkpoints that cannot be resumed are in trainer.checkpoint_health.
 """
 from __future__ import annotations
 
+import logging
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -24,19 +28,26 @@ from models import layout
 from models.config import ModelConfig
 from models.sharding import make_mesh
 from models.transformer import Transformer
-from trainer import checkpoint_tree, run_metadata
+from trainer import checkpoint_health as health, checkpoint_tree, run_metadata
 from trainer.run_config import CheckpointConfig
 from trainer.state import TrainState
 
+log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 
 
-def _manager(directory: pathlib.Path, config: CheckpointConfig | None, read_only: bool = False
-             ) -> ocp.CheckpointManager:
+class NoResumableCheckpoint(RuntimeError):
+    """Every committed checkpoint in MODEL_DIR failed to restore (nothing was moved)."""
+
+
+def _manager(directory: pathlib.Path, config: CheckpointConfig | None, read_only: bool = False,
+             keep: health.PreserveStep | None = None) -> ocp.CheckpointManager:
     config = config or CheckpointConfig()
     policies = [ocp.checkpoint_managers.LatestN(config.keep_latest)]
     if config.keep_every:
         policies.append(ocp.checkpoint_managers.EveryNSteps(config.keep_every))
+    if keep is not None:
+        policies.append(keep)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=config.async_save and not read_only,
@@ -50,7 +61,10 @@ class Checkpointer:
     def __init__(self, model_dir: str | pathlib.Path, config: CheckpointConfig, model_config: ModelConfig):
         self.directory = pathlib.Path(model_dir) / CHECKPOINTS
         self.model_config = model_config
-        self.manager = _manager(self.directory, config)
+        self.verdicts = health.read_verdicts(self.directory)  # step -> GOOD | NONFINITE, recorded or not yet
+        self._unrecorded: dict[int, tuple[str, str]] = {}      # verdicts of steps whose save may be in flight
+        self._saved: set[int] = set()
+        self.manager = _manager(self.directory, config, keep=health.PreserveStep(self.newest_good))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -58,8 +72,46 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def resume_candidate(self) -> int | None:
+        """The newest committed step not known to give a non-finite loss (what restore_resumable tries first)."""
+        return max((s for s in self.all_steps() if self.verdicts.get(s) != health.NONFINITE), default=None)
+
+    def newest_good(self) -> int | None:
+        """The newest step whose parameters gave a finite loss (retention never deletes it)."""
+        return health.newest(self.verdicts, health.GOOD)
+
+    def mark_good(self, step: int) -> None:
+        """The loss computed from the parameters of `step` was finite: its checkpoint, if any, is good."""
+        if self.verdicts.get(step) != health.GOOD and (step in self._saved or step in self.all_steps()):
+            self._set_verdict(step, health.GOOD, f"a finite loss was computed from these parameters at step {step + 1}")
+
+    def mark_nonfinite(self, step: int) -> list[int]:
+        """The loss from the parameters of `step` was NaN/Inf: marks every checkpoint >= `step` (their parameters
+        produced that loss or descend from those that did). Waits for in-flight saves; returns the steps marked."""
+        self.manager.wait_until_finished()
+        bad = [s for s in self.all_steps() if s >= step]
+        for s in bad:
+            self._set_verdict(s, health.NONFINITE, f"a non-finite loss was computed at step {step + 1} from the "
+                                                   f"parameters of step {step}")
+        self._record()
+        return bad
+
+    def _set_verdict(self, step: int, verdict: str, detail: str) -> None:
+        self.verdicts[step] = verdict
+        self._unrecorded[step] = (verdict, detail)
+
+    def _record(self) -> None:
+        """Writes the verdicts held in memory; call only when no save is in flight (their steps are committed)."""
+        for step, (verdict, detail) in sorted(self._unrecorded.items()):
+            if jax.process_index() == 0:
+                health.write_verdict(self.directory, step, verdict, detail)
+        self._unrecorded.clear()
+
     def save(self, state: TrainState, iterator: grain.DatasetIterator, metadata: dict[str, Any]) -> None:
         """Starts an async save of step `metadata['step']`; returns once device arrays are copied to host."""
+        self.manager.wait_until_finished()  # Orbax waits for the previous save anyway; then its verdict can be written
+        self._record()
+        self._saved.add(metadata["step"])
         tree = checkpoint_tree.to_tree(state, self.model_config)
         self.manager.save(metadata["step"], force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(tree["params"]),
@@ -81,11 +133,62 @@ class Checkpointer:
         tree = {"params": restored["params"], **restored["opt_state"]}
         return checkpoint_tree.from_tree(tree, abstract_state, self.model_config)
 
+    def restore_resumable(self, abstract_state: TrainState, mesh: Mesh, iterator: grain.DatasetIterator,
+                          check: Callable[[dict[str, Any], int], None]
+                          ) -> tuple[int, dict[str, Any], TrainState] | None:
+        """(step, metadata, state) of the newest checkpoint that can be resumed; None when there is none.
+
+        Skips checkpoints marked non-finite and ones that fail to restore (damaged), newest first, and sets them
+        aside with a warning once an older one has restored. `check(metadata, step)` raises when the run's config
+        does not fit the checkpoint; that is not damage and propagates at once. When every checkpoint fails to
+        restore, the cause is more likely this machine than the files: NoResumableCheckpoint, nothing moved.
+        """
+        skipped: list[tuple[int, str]] = []
+        first_error: Exception | None = None
+        for step in sorted(self.all_steps(), reverse=True):
+            if self.verdicts.get(step) == health.NONFINITE:
+                skipped.append((step, "a non-finite loss was computed from its parameters"))
+                continue
+            try:
+                meta = self.metadata(step)
+            except Exception as e:  # noqa: BLE001 - any read failure of one checkpoint means: try the previous one
+                skipped.append((step, f"damaged: {health.short_error(e)}"))
+                first_error = first_error or e
+                continue
+            check(meta, step)
+            try:
+                state = self.restore(step, abstract_state, mesh, iterator)
+            except Exception as e:  # noqa: BLE001
+                skipped.append((step, f"damaged: {health.short_error(e)}"))
+                first_error = first_error or e
+                continue
+            self._set_aside(skipped)
+            return step, meta, state
+        if first_error is not None:
+            raise NoResumableCheckpoint(
+                f"{self.directory}: no checkpoint could be restored (" + "; ".join(f"{s}: {why}" for s, why in skipped)
+                + "). Nothing was moved or deleted; check the files and this machine's memory and storage access."
+            ) from first_error
+        self._set_aside(skipped)
+        return None
+
+    def _set_aside(self, skipped: list[tuple[int, str]]) -> None:
+        for step, why in skipped:
+            where = self.directory / str(step)
+            if jax.process_index() == 0:
+                where = health.set_aside(self.directory, step, f"step {step} was not resumed: {why}")
+            log.warning("not resuming from checkpoint %s/%d (%s); it is kept, moved to %s", self.directory, step,
+                        why, where)
+            self.verdicts.pop(step, None)
+        if skipped:
+            self.manager.reload()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self._record()
         self.manager.close()
 
 
@@ -108,16 +211,22 @@ def save_params(model_dir: str | pathlib.Path, model: Transformer, metadata: dic
 
 
 def _locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, int]:
-    """(run dir, checkpoints dir, step) for a run directory (latest step) or one step directory."""
+    """(run dir, checkpoints dir, step) for a run directory (latest step not marked non-finite) or one step directory."""
     path = pathlib.Path(path)
     if (path / CHECKPOINTS).is_dir():
         run_dir, ckpt_dir = path, path / CHECKPOINTS
         manager = _manager(ckpt_dir, None, read_only=True)
-        step = manager.latest_step()
+        steps = manager.all_steps()
         manager.close()
-        if step is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint")
-        return run_dir, ckpt_dir, step
+        verdicts = health.read_verdicts(ckpt_dir)
+        usable = [s for s in steps if verdicts.get(s) != health.NONFINITE]
+        if not usable:
+            raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint"
+                                    + (" that did not give a non-finite loss" if steps else ""))
+        if max(usable) != max(steps):
+            log.warning("%s: skipping checkpoints %s (a non-finite loss was computed from them); reading step %d",
+                        ckpt_dir, sorted(set(steps) - set(usable)), max(usable))
+        return run_dir, ckpt_dir, max(usable)
     if path.name.isdigit() and (path / "params").is_dir() and path.parent.name == CHECKPOINTS:
         return path.parent.parent, path.parent, int(path.name)
     raise FileNotFoundError(f"{path}: neither a run directory (with {CHECKPOINTS}/) nor a checkpoint step directory "

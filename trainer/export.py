@@ -1,29 +1,99 @@
-"""Hugging Face export of a training run's model, written atomically (a folder that exists is complete)."""
+"""Hugging Face export of a training run's model: never replaces anything but an earlier export, never half-written.
+
+An export folder carries a marker file (EXPORT_MARKER) listing the files it wrote. `check_target` accepts a missing
+folder or an empty one; an earlier export only with `overwrite` (train.py's own exports pass it: a rerun re-exports
+MODEL_DIR/hf), and only while it holds nothing but the files its marker lists. Anything else — a user's folder, a
+run directory, a folder with checkpoints — is refused before any parameters are read. The new export is written to a
+temporary sibling and swapped in by renames, so a crash leaves either the old export or the new one at `out_dir`.
+"""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
+import tempfile
 
 import jax
 
 from models import hf_io
 from models.transformer import Transformer
 
+EXPORT_MARKER = "docmix_export.json"
+
+
+class UnsafeExportTarget(FileExistsError):
+    """The export folder exists and is not an earlier export that may be replaced."""
+
+
+def _written_files(folder: pathlib.Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}
+
+
+def check_target(out_dir: str | pathlib.Path, *, overwrite: bool) -> None:
+    """Raises UnsafeExportTarget unless exporting to `out_dir` cannot replace anything but an earlier export."""
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise UnsafeExportTarget(f"{out_dir} exists and is not a folder; choose another export path")
+    present = {p.name for p in out_dir.iterdir()}
+    if not present:
+        return
+    marker = out_dir / EXPORT_MARKER
+    if "checkpoints" in present or not marker.is_file():
+        raise UnsafeExportTarget(
+            f"{out_dir} already exists and is not a docmix export (no {EXPORT_MARKER}"
+            f"{'; it holds checkpoints' if 'checkpoints' in present else ''}); nothing was written. Choose a new or "
+            "empty folder: an export never replaces anything else")
+    try:
+        listed = set(json.loads(marker.read_text())["files"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnsafeExportTarget(f"{marker}: unreadable export marker ({e}); not replacing {out_dir}") from e
+    extra = sorted(_written_files(out_dir) - listed - {EXPORT_MARKER})
+    if extra:
+        raise UnsafeExportTarget(f"{out_dir} is an earlier export but also holds files it did not write "
+                                 f"({', '.join(extra[:5])}); not replacing it. Move them, or export elsewhere")
+    if not overwrite:
+        raise UnsafeExportTarget(f"{out_dir} holds an earlier export; pass --overwrite to replace it")
+
 
 def export(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
-           tokenizer_dir: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Writes config.json, safetensors and tokenizer files to `out_dir` via a temporary sibling and a rename.
+           tokenizer_dir: str | pathlib.Path | None = None, overwrite: bool = False,
+           source: str | None = None) -> pathlib.Path:
+    """Writes config.json, safetensors, tokenizer files and EXPORT_MARKER to `out_dir` (see the module doc).
 
     Only process 0 writes; every process must call it (parameters are gathered to the host tensor by tensor).
     """
     out_dir = pathlib.Path(out_dir)
+    check_target(out_dir, overwrite=overwrite)
     if jax.process_index() != 0:
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
+    try:
+        hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        marker = {"format": "docmix Hugging Face export", "dtype": dtype, "source": source,
+                  "files": sorted(_written_files(tmp))}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        check_target(out_dir, overwrite=overwrite)  # again: the folder may have changed while we wrote
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, never the target
+        raise
     return out_dir
+
+
+def _swap_in(new: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Replaces `out_dir` (absent, empty, or an earlier export checked by check_target) with `new`."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        os.replace(new, out_dir)  # a rename onto an empty folder replaces it
+        return
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+    os.replace(out_dir, old / "export")  # a crash here leaves the earlier export complete, under `old`
+    try:
+        os.replace(new, out_dir)
+    except BaseException:
+        os.replace(old / "export", out_dir)
+        raise
+    shutil.rmtree(old)

@@ -1,12 +1,14 @@
 """The training loop, in phases: set up (mesh, data, checkpointer) -> initial state (resume / init_from / scratch)
 -> compile -> step loop (step, log, evaluate, checkpoint, export) -> finish (final save and export, summary).
 
-`train(run)` is what train.py runs. It stops cleanly on SIGTERM (saves, returns `stopped="preempted"`), refuses to
-continue on a non-finite loss (raises NonFiniteLoss before anything is saved from that step), and resumes from the
-latest checkpoint in MODEL_DIR automatically.
+`train(run)` is what train.py runs. It holds MODEL_DIR's writer lock (trainer.run_lock) while it runs, stops cleanly
+on SIGTERM (saves, returns `stopped="preempted"`), refuses to continue on a non-finite loss (raises NonFiniteLoss
+before anything is saved from that step), and resumes from the newest resumable checkpoint in MODEL_DIR automatically
+(trainer.checkpoint_health: checkpoints known to give a non-finite loss, or damaged, are set aside).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -26,7 +28,7 @@ from data import multihost, pipeline as data_pipeline
 from data.config import single_component_mixture
 from data.tokenize import check_vocab
 from models import sharding
-from trainer import (checkpoint, export, initialize, metrics, program as program_lib, run_metadata,
+from trainer import (checkpoint, export, initialize, metrics, program as program_lib, run_lock, run_metadata,
                      state as state_lib)
 from trainer.config import RunConfig, write_operative_config
 
@@ -55,19 +57,31 @@ class Summary:
 
 def train(run: RunConfig) -> Summary:
     """Runs (or resumes) `run` to TrainConfig.train_steps, SIGTERM, or the end of the data."""
-    setup = Setup.create(run)
-    try:
-        run = effective_run(setup)
-        program = program_lib.build(run, setup.mesh, len(setup.pipe.component_names))
-        state, tokens_seen = initial_state(setup, run, program)
-        tokenizer_dir = write_run_files(run, setup.model_dir)
-        steps = compile_steps(program, state, run, len(setup.eval_names))
-        loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir)
-        with _Preemption() as preemption, jax.set_mesh(setup.mesh):
-            stopped = loop.run(preemption)
-            return finish(loop, stopped)
-    finally:
-        setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
+    with _writer_lock(run.train.model_dir):
+        setup = Setup.create(run)
+        try:
+            run = effective_run(setup)
+            program = program_lib.build(run, setup.mesh, len(setup.pipe.component_names))
+            state, tokens_seen = initial_state(setup, run, program)
+            tokenizer_dir = write_run_files(run, setup.model_dir)
+            steps = compile_steps(program, state, run, len(setup.eval_names))
+            loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir)
+            with _Preemption() as preemption, jax.set_mesh(setup.mesh):
+                stopped = loop.run(preemption)
+                return finish(loop, stopped)
+        finally:
+            setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
+
+
+@contextlib.contextmanager
+def _writer_lock(model_dir: str):
+    """MODEL_DIR's writer lock, taken by process 0 before any work (run_lock.RunLocked when another run holds it)."""
+    if jax.process_index() != 0:
+        yield
+        return
+    pathlib.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    with run_lock.RunLock(model_dir):
+        yield
 
 
 # --- phase 1: set up ----------------------------------------------------------------------------------------------
@@ -87,6 +101,7 @@ class Setup:
     def create(cls, run: RunConfig) -> "Setup":
         """Checks that the batch fits the mesh and the tokenizer the model before reading any corpus."""
         t = run.train
+        _check_export_targets(run, pathlib.Path(t.model_dir))
         mesh = sharding.make_mesh(**t.mesh)
         program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
         check_vocab(run.mixture.tokenizer, run.model.vocab_size)
@@ -96,6 +111,16 @@ class Setup:
         model_dir = pathlib.Path(t.model_dir)
         return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
                    eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model))
+
+
+def _check_export_targets(run: RunConfig, model_dir: pathlib.Path) -> None:
+    """The run's export folders must be absent or earlier exports (export.check_target), before any expensive work."""
+    if run.checkpoint.export_at_end:
+        export.check_target(model_dir / "hf", overwrite=True)
+    if run.checkpoint.export_every and (model_dir / "exports").is_dir():
+        for folder in (model_dir / "exports").iterdir():
+            if folder.name.isdigit():  # exports/<step>, not a crashed export's hidden temporary folder
+                export.check_target(folder, overwrite=True)
 
 
 def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.ndarray]]]:
@@ -137,18 +162,26 @@ def effective_run(setup: Setup) -> RunConfig:
 
 def initial_state(setup: Setup, run: RunConfig, program: program_lib.Program
                   ) -> tuple[state_lib.TrainState, dict[str, int]]:
-    """(state, tokens seen per component): resumed from MODEL_DIR's latest checkpoint (and the data iterator set to
-    its position), else loaded from TrainConfig.init_from, else initialised from scratch."""
+    """(state, tokens seen per component): resumed from MODEL_DIR's newest resumable checkpoint (and the data iterator
+    set to its position; Checkpointer.restore_resumable), else loaded from TrainConfig.init_from, else initialised
+    from scratch."""
     ckpt, mesh, names = setup.ckpt, setup.mesh, setup.pipe.component_names
     tokens_seen = {n: 0 for n in names}
-    latest = ckpt.latest_step()
-    if latest is not None:
-        saved = ckpt.metadata(latest)
-        run_metadata.check(saved, run_metadata.build(run.model, run.mixture, step=0, tokens_seen=tokens_seen),
-                           f"{ckpt.directory}/{latest}")
-        log.info("resuming from %s/%d", ckpt.directory, latest)
-        state = ckpt.restore(latest, program.abstract_state, mesh, setup.pipe.iterator)
+    current = run_metadata.build(run.model, run.mixture, step=0, tokens_seen=tokens_seen, optimizer=run.optimizer,
+                                 train_steps=run.train.train_steps)
+
+    def check(saved: dict[str, Any], step: int) -> None:
+        run_metadata.check(saved, current, f"{ckpt.directory}/{step}")
+        run_metadata.check_optimizer(saved, current, step, f"{ckpt.directory}/{step}")
+
+    resumed = ckpt.restore_resumable(program.abstract_state, mesh, setup.pipe.iterator, check)
+    if resumed is not None:
+        step, saved, state = resumed
+        log.info("resuming from %s/%d", ckpt.directory, step)
         return state, {n: int(saved["tokens_seen"].get(n, 0)) for n in names}
+    if run.optimizer.schedule_start:
+        raise ValueError(f"OptimizerConfig.schedule_start={run.optimizer.schedule_start} starts a new schedule phase "
+                         f"when resuming, but {ckpt.directory} holds no checkpoint to resume; remove it")
     if run.train.init_from:
         params, _ = initialize.load_params(run.train.init_from, run.model, mesh)
         log.info("initialised from %s", run.train.init_from)
@@ -243,11 +276,12 @@ class StepLoop:
         self._after_step(self.step, m)
 
     def _check_finite(self, step: int, m: dict[str, Any]) -> None:
+        """Step `step`'s loss was computed from the parameters of step - 1: it decides whether their checkpoint is
+        good (checkpoint_health)."""
+        ckpt = self.setup.ckpt
         if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-            raise NonFiniteLoss(
-                f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without saving. The last good "
-                f"checkpoint is {self.setup.ckpt.directory}/{self.setup.ckpt.latest_step()} (untouched). Lower the "
-                "learning rate or check the data, then rerun the same command to resume from it.")
+            raise NonFiniteLoss(_nonfinite_message(step, m, ckpt, ckpt.mark_nonfinite(step - 1)))
+        ckpt.mark_good(step - 1)
 
     def _after_step(self, step: int, m: dict[str, Any]) -> None:
         """Evaluate, log, checkpoint and export as due at `step` (the state is the state after `step`)."""
@@ -293,14 +327,16 @@ class StepLoop:
             return
         self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
                              run_metadata.build(self.config.model, self.config.mixture, step=self.step,
-                                                tokens_seen=self.tokens_seen))
+                                                tokens_seen=self.tokens_seen, optimizer=self.config.optimizer,
+                                                train_steps=self.config.train.train_steps))
         self.last_saved = self.step
 
     def export(self, out_dir: pathlib.Path) -> pathlib.Path:
         """Hugging Face export of the current parameters in CheckpointConfig.export_dtype."""
         model = nnx.merge(self.steps.program.graphdef, self.state.params)
         return export.export(model, out_dir, dtype=self.config.checkpoint.export_dtype,
-                             tokenizer_dir=self.tokenizer_dir)
+                             tokenizer_dir=self.tokenizer_dir, overwrite=True,  # the run's own earlier export
+                             source=f"{self.setup.model_dir} step {self.step}")
 
 
 # --- phase 5: finish ----------------------------------------------------------------------------------------------
@@ -322,6 +358,25 @@ def finish(loop: StepLoop, stopped: str) -> Summary:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+def _nonfinite_message(step: int, m: dict[str, Any], ckpt: checkpoint.Checkpointer, bad: list[int]) -> str:
+    """What stopped, which checkpoint is good, what a rerun resumes from (Checkpointer.restore_resumable's choice)."""
+    text = f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without saving."
+    if bad:
+        text += (f" Checkpoints {bad} hold the parameters that gave this loss (or came after them): they are kept, "
+                 "marked, and set aside by the next run.")
+    good, resume = ckpt.newest_good(), ckpt.resume_candidate()
+    if good is not None:
+        text += (f" The last good checkpoint is {ckpt.directory}/{good} (step {good + 1}'s loss, computed from its "
+                 "parameters, was finite).")
+    if resume is None:
+        return text + (" No checkpoint remains to resume from: a rerun starts from the beginning. Lower the learning "
+                       "rate or check the data, then rerun.")
+    if resume != good:
+        text += f" A rerun resumes from {ckpt.directory}/{resume} (not yet verified by a finite loss)."
+    return text + (f" Lower the learning rate (adding --gin.OptimizerConfig.schedule_start={resume} starts its "
+                   f"schedule anew at step {resume}) or check the data, then rerun to resume from step {resume}.")
+
 
 class _Preemption:
     """Turns SIGTERM into a flag checked between steps (installed only in the main thread)."""

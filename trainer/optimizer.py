@@ -10,7 +10,21 @@ from trainer.run_config import OptimizerConfig
 
 
 def schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate as a function of the step (0-based): linear warmup from 0, then the configured shape."""
+    """Learning rate as a function of the step (0-based): linear warmup from 0, then the configured shape.
+
+    With `config.schedule_start` = s > 0 (a new phase when resuming at step s), the schedule runs over steps
+    [s, total_steps) as it would over a run of total_steps - s steps.
+    """
+    start = config.schedule_start
+    if start >= total_steps:
+        raise ValueError(f"OptimizerConfig.schedule_start={start} must be below TRAIN_STEPS={total_steps}")
+    if start:
+        phase = _schedule(config, total_steps - start)
+        return lambda count: phase(count - start)
+    return _schedule(config, total_steps)
+
+
+def _schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
     warmup = min(config.warmup_steps, total_steps)
     warm = optax.linear_schedule(0.0, peak, warmup) if warmup else None

@@ -71,6 +71,8 @@ class OptimizerConfig:
     would round away and sets the step size through its square root, and bf16 parameters lose whole updates.
     Schedules: `constant` (after warmup), `warmup_cosine` (cosine to `min_lr_ratio * learning_rate` at the last step),
     `warmup_stable_decay` (constant, then linear to `min_lr_ratio * learning_rate` over the last `decay_fraction`).
+    `schedule_start`: 0, or the step at which a resumed run starts a new schedule phase (warmup, then the shape over
+    the remaining TRAIN_STEPS - schedule_start steps); a resume with other settings than the checkpoint's needs it.
     """
     learning_rate: float = 3e-4
     schedule: str = "warmup_cosine"
@@ -84,6 +86,7 @@ class OptimizerConfig:
     weight_decay_exclude: tuple[str, ...] = ("norm", "bias", "embed")
     clip_norm: float | None = 1.0
     mu_dtype: str | None = None
+    schedule_start: int = 0
 
     def __post_init__(self):
         check_types(self)
@@ -102,6 +105,7 @@ class OptimizerConfig:
         _require(self.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.clip_norm is None or self.clip_norm > 0, f"{name}.clip_norm",
                  f"must be > 0 or None, got {self.clip_norm}")
+        _require(self.schedule_start >= 0, f"{name}.schedule_start", f"must be >= 0, got {self.schedule_start}")
 
 
 @dataclasses.dataclass(frozen=True)

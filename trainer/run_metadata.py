@@ -4,20 +4,31 @@ A resume with another model (any Hugging Face field), another tokenizer (sha256 
 or batch size is refused with a message that names every difference: continuing would silently train a different
 network or tokenize differently. Mixture weights and components may change (data.pipeline continues each component by
 name and re-anchors its block grid; docs/data.md); the code version is recorded, and a difference is only logged.
+
+The optimizer settings and TRAIN_STEPS are recorded too, since the learning-rate schedule depends on both: a resume
+that would change the learning rate of the remaining steps (or any other optimizer setting) is refused, unless it
+starts a new schedule phase at the resumed step (OptimizerConfig.schedule_start = that step; docs/training.md).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 import shutil
 import subprocess
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from data import tokenize
 from data.config import MixtureConfig
 from models.config import ModelConfig, RopeScaling
+from trainer import optimizer as optimizer_lib
 from trainer.checkpoint_tree import LAYOUT
+from trainer.run_config import OptimizerConfig
 
 log = logging.getLogger(__name__)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,9 +75,12 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen: dict[str, int]) -> dict[str, Any]:
-    """The JSON-able metadata item saved with every checkpoint."""
+def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen: dict[str, int],
+          optimizer: OptimizerConfig | None = None, train_steps: int | None = None) -> dict[str, Any]:
+    """The JSON-able metadata item saved with every checkpoint (`optimizer` also records `train_steps`)."""
     return {
+        "optimizer": None if optimizer is None else
+        json.loads(json.dumps({**dataclasses.asdict(optimizer), "train_steps": train_steps})),
         "step": int(step),
         "model_config": model_config_to_dict(model),
         "tokenizer_sha256": tokenize.tokenizer_sha256(mixture.tokenizer),
@@ -116,3 +130,51 @@ def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     if saved.get("code_version") != current.get("code_version"):
         log.info("resuming %s written by code %s with code %s", where, saved.get("code_version"),
                  current.get("code_version"))
+
+
+SCHEDULE_FIELDS = ("learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "schedule_start",
+                   "train_steps")
+
+
+def _learning_rates(record: dict[str, Any], steps: np.ndarray) -> np.ndarray:
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    config = OptimizerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in fields})
+    return np.asarray(jax.vmap(optimizer_lib.schedule(config, record["train_steps"]))(jnp.asarray(steps)))
+
+
+def check_optimizer(saved: dict[str, Any], current: dict[str, Any], step: int, where: str) -> None:
+    """Refuses (CheckpointMismatch) a resume at `step` whose optimizer settings differ from the checkpoint's in a way
+    that changes training: another learning rate at any remaining step, or any other setting. A new schedule phase
+    (current schedule_start == `step`) is accepted and logged."""
+    old, new = saved.get("optimizer"), current["optimizer"]
+    if old is None:
+        log.warning("%s records no optimizer settings (written by older code): the learning-rate schedule of the "
+                    "resumed run is not checked against it", where)
+        return
+    if old == new:
+        return
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    describe = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    if new["schedule_start"] == step:
+        log.warning("resuming %s with a new schedule phase from step %d: %s", where, step, describe)
+        return
+    problems = [f"optimizer {k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+                for k in changed if k not in SCHEDULE_FIELDS]
+    remaining = np.arange(step, max(new["train_steps"], step))
+    old_lr, new_lr = _learning_rates(old, remaining), _learning_rates(new, remaining)
+    differ = np.flatnonzero(~np.isclose(old_lr, new_lr, rtol=1e-6, atol=0.0))
+    if differ.size:
+        i = int(differ[0])
+        problems.append(f"learning-rate schedule ({', '.join(k for k in changed if k in SCHEDULE_FIELDS)}): at step "
+                        f"{remaining[i] + 1} the checkpoint's schedule gives {old_lr[i]:.4g}, this config {new_lr[i]:.4g}")
+    if not problems:
+        log.info("resuming %s with %s: the learning rate of the remaining steps is unchanged", where, describe)
+        return
+    keep = " ".join(f"--gin.{'TRAIN_STEPS' if k == 'train_steps' else 'OptimizerConfig.' + k}={old.get(k)!r}"
+                    for k in changed)
+    raise CheckpointMismatch(
+        f"{where} was trained with other optimizer settings; resuming would silently change them:\n  - "
+        + "\n  - ".join(problems)
+        + f"\nTo continue the checkpoint's schedule, use its settings: {keep}\n"
+        f"To continue with the new settings as a new schedule phase from step {step} (warmup, then the schedule over "
+        f"the remaining steps; docs/training.md), add --gin.OptimizerConfig.schedule_start={step}")

@@ -1,0 +1,80 @@
+"""An export replaces only an earlier export (with --overwrite), never a user's folder or a run directory, and a
+crash while writing leaves the earlier export complete."""
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from models import convert
+from models.transformer import Transformer
+from tests.test_checkpoint_signals import tree_digest
+from tests.test_train_step import TINY
+from trainer import checkpoint, export, run_metadata
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A params-only run directory (what hf-to-orbax writes) holding a tiny model."""
+    out = tmp_path_factory.mktemp("run")
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    checkpoint.save_params(out, model, run_metadata.for_params_only(TINY, None, source="test"))
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    return out
+
+
+def orbax_to_hf(run_dir, out, *extra):
+    return convert.main(["orbax-to-hf", "--ckpt", str(run_dir), "--out", str(out), *extra])
+
+
+def test_foreign_folders_are_refused_before_reading_the_checkpoint(tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("my thesis")
+    missing_ckpt = tmp_path / "no_such_run"    # the target is checked before any checkpoint is read
+    assert orbax_to_hf(missing_ckpt, user) == 2
+    assert "not a docmix export" in capsys.readouterr().err
+    assert (user / "notes.txt").read_text() == "my thesis"
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert orbax_to_hf(missing_ckpt, afile) == 2 and afile.read_text() == "x"
+
+
+def test_the_run_directory_itself_is_refused(run_dir, capsys):
+    digest = tree_digest(run_dir)
+    assert orbax_to_hf(run_dir, run_dir, "--overwrite") == 2
+    assert "checkpoints" in capsys.readouterr().err
+    assert tree_digest(run_dir) == digest
+
+
+def test_earlier_export_needs_overwrite_and_only_holds_its_own_files(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert orbax_to_hf(run_dir, out) == 0
+    assert (out / export.EXPORT_MARKER).is_file() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no temporary folder left
+    digest = tree_digest(out)
+    assert orbax_to_hf(run_dir, out) == 2
+    assert "--overwrite" in capsys.readouterr().err and tree_digest(out) == digest
+    assert orbax_to_hf(run_dir, out, "--overwrite", "--dtype", "float32") == 0
+    assert load_file(out / "model.safetensors")["model.norm.weight"].dtype.name == "float32"
+    (out / "eval_results.json").write_text("{}")                               # the user added a file
+    assert orbax_to_hf(run_dir, out, "--overwrite") == 2
+    assert "eval_results.json" in capsys.readouterr().err and (out / "eval_results.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert orbax_to_hf(run_dir, empty) == 0 and (empty / "config.json").is_file()
+
+
+def test_a_crash_while_writing_leaves_the_earlier_export(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "hf"
+    assert orbax_to_hf(run_dir, out) == 0
+    digest = tree_digest(out)
+
+    def crash(model, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.hf_io, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        orbax_to_hf(run_dir, out, "--overwrite")
+    assert tree_digest(out) == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
