@@ -131,6 +131,9 @@ class MixtureConfig:
       batch_size/num_shards contiguous rows of every global batch; keep it fixed to get the same global stream from
       any number of processes that divides it.
     worker_count: Grain worker processes per JAX process (0 = in-process).
+    prefetch: batches a background thread prepares ahead of the training loop (0 = none), so tokenizing and packing
+      overlap the train step. The iterator's state (what checkpoints save) stays the position after the batches
+      handed out, not the ones prepared ahead.
     """
 
     components: tuple[Component, ...]
@@ -148,6 +151,7 @@ class MixtureConfig:
     max_bad_records: int = 100
     num_shards: int | None = None
     worker_count: int = 0
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "components", tuple(self.components))
@@ -173,6 +177,8 @@ class MixtureConfig:
                              f"batch_size={self.batch_size}")
         if self.worker_count < 0:
             raise ValueError(f"MixtureConfig.worker_count must be >= 0, got {self.worker_count}")
+        if self.prefetch < 0:
+            raise ValueError(f"MixtureConfig.prefetch must be >= 0, got {self.prefetch}")
         if not self.tokenizer:
             raise ValueError("MixtureConfig.tokenizer must name a tokenizer.json or a folder holding one")
         object.__setattr__(self, "weights", normalize_weights(self.weights, names))

@@ -268,6 +268,8 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
         if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; programs without absl.app
             flags.FLAGS.mark_as_parsed()  # (train.py, tests) would otherwise fail with UnparsedFlagAccessError
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    if config.prefetch:  # below the stats iterator, so its counts are of the batches handed out
+        dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=config.prefetch)
     dataset = _StatsIterDataset(dataset, names)
     return Pipeline(config=config, component_names=tuple(names), iterator=iter(dataset), dataset=dataset,
                     reports={n: opened[n][2] for n in names}, documents_per_epoch=per_epoch, encoder=encoder)

@@ -79,3 +79,17 @@ def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     assert records[saved]["loss"] == first_try["loss"]   # step saved+1 again, from the same parameters and data
     set_aside = model_dir / "checkpoints_set_aside" / str(bad)
     assert "non-finite" in (set_aside / "reason.txt").read_text() and (set_aside / "params").is_dir()
+
+
+@pytest.mark.slow  # ~20 s on an idle 2-core machine: one train.py process
+def test_nan_on_a_checkpoint_step_is_never_saved(tmp_path):
+    """Metrics are fetched one step late, but a step due for a checkpoint is finished (its loss checked) before it is
+    saved. lr 1e30 after a 2-step warmup: step 1 has lr 0, step 2's update overflows, step 3's loss is non-finite."""
+    model_dir = tmp_path / "run"
+    proc = subprocess.run(train_cmd(model_dir, "--gin.CHECKPOINT_EVERY=1", "--gin.OptimizerConfig.learning_rate=1e30"),
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "train.py: step 3: loss=" in proc.stderr and "stopped without saving" in proc.stderr
+    saved = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 3
+    assert [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

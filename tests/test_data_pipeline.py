@@ -1,10 +1,12 @@
 """The core pipeline: row format, exact token shares, determinism, resume (fresh process), weight changes, epochs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -169,6 +171,24 @@ def test_resume_in_fresh_process_is_exact(corpus, tmp_path):
     got, stats = run_fresh_process(kwargs, state, 5, tmp_path)
     assert_batches_equal(expected, [{k: b[k] for k in expected[0]} for b in got])
     assert stats == json.loads(json.dumps(p.stats()))
+
+
+def test_prefetch_runs_ahead_but_the_state_is_the_position_handed_out(corpus):
+    """MixtureConfig.prefetch (on by default): a thread prepares batches ahead, yet the iterator state that checkpoints
+    save is the position after the batches handed out, so a resume continues exactly and the stream is prefetch=0's."""
+    cfg = mixture(corpus, {"short": 0.4, "long": 0.6}, seq_len=64, batch_size=4, block_size=10)
+    assert cfg.prefetch > 0
+    plain, ahead = build(dataclasses.replace(cfg, prefetch=0)), build(cfg)
+    assert_batches_equal(take(ahead, 6), take(plain, 6))
+    assert any(t.name.startswith("grain-thread-prefetch") for t in threading.enumerate())
+    state = json.loads(json.dumps(ahead.iterator.get_state()))
+    assert state == json.loads(json.dumps(plain.iterator.get_state()))
+    resumed = build(cfg)
+    resumed.iterator.set_state(state)
+    assert_batches_equal(take(resumed, 4), take(plain, 4))
+    assert resumed.stats() == plain.stats()
+    for p in (ahead, resumed):
+        p.iterator.close()
 
 
 def test_weight_change_on_resume_applies_from_resume_row(corpus):

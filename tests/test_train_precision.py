@@ -33,7 +33,8 @@ def shipped_dtypes(name: str) -> tuple[str, str]:
 def batch(rows: int = 4, seq: int = 32) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {"tokens": rng.integers(0, SMALL.vocab_size, (rows, seq)).astype(np.int32),
-            "segment_ids": np.ones((rows, seq), np.int32), "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+            "segment_ids": np.ones((rows, seq), np.int32),
+            "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
             "loss_mask": np.ones((rows, seq), np.float32), "component": np.zeros(rows, np.int32)}
 
 

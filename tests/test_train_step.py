@@ -110,7 +110,8 @@ def run_steps(devices, mesh_axes, microbatches, batches, oc, steps):
     tx = optimizer.make(oc, steps)
     state = state_lib.init_sharded(TINY, tx, 0, mesh)
     B = batches[0]["tokens"].shape[0]
-    fn = step_lib.jit_train_step(sharding.state_shardings(state, mesh), mesh, B, graphdef=state_lib.model_graphdef(TINY),
+    fn = step_lib.jit_train_step(sharding.state_shardings(state, mesh), mesh, B,
+                                 graphdef=state_lib.model_graphdef(TINY),
                                  tx=tx, lr_schedule=optimizer.schedule(oc, steps),
                                  config=step_lib.StepConfig(num_components=2, microbatches=microbatches, z_loss=1e-4))
     losses = []

@@ -71,6 +71,7 @@ def train(run: RunConfig) -> Summary:
                 return finish(loop, stopped)
         finally:
             setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
+            setup.pipe.iterator.close()  # stops the prefetch thread
 
 
 @contextlib.contextmanager
@@ -136,6 +137,7 @@ def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.nd
         names.append(component.name)
         for batch in itertools.islice(pipe.iterator, run.train.eval_batches):
             batches.append({**batch, "component": np.full_like(batch["component"], i)})
+        pipe.iterator.close()
     return tuple(names), batches
 
 
@@ -212,12 +214,32 @@ def compile_steps(program: program_lib.Program, state: state_lib.TrainState, run
 
 # --- phase 4: the step loop ---------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What a step is due for. evaluate, save and export read the state after that step, so such a step is finished
+    before the next one is dispatched."""
+    evaluate: bool
+    log: bool
+    save: bool
+    export: bool
+
+    @property
+    def needs_state(self) -> bool:
+        return self.evaluate or self.save or self.export
+
+
 class StepLoop:
     """Steps the state and does what each step is due: log, evaluate, checkpoint, export.
 
-    `config` is the effective run (init_from's network fields). Explicit state: `state` (the TrainState after `step` steps), `tokens_seen` (per component, exact over the global
-    batch), `last_saved` (the step of the newest checkpoint this run wrote or resumed from), `last_rec` (the last
-    metrics record) and `eval_loss` (the last held-out losses).
+    Step k is dispatched, then step k-1 is finished on the host while step k runs: its metrics fetched, its loss
+    checked, logged (TrainConfig.async_metrics; without it each step is finished before the next batch is taken).
+    A step due to be evaluated, saved or exported is finished before the next dispatch, so nothing is ever saved
+    from a step whose loss was not seen to be finite. Step time is wall time between finished steps.
+
+    `config` is the effective run (init_from's network fields). Explicit state: `state` (the TrainState after `step`
+    steps), `pending` (the dispatched step not yet finished, with its device metrics), `tokens_seen` (per component,
+    exact over the global batch, up to the last finished step), `last_saved` (the step of the newest checkpoint
+    this run wrote or resumed from), `last_rec` (the last metrics record), `eval_loss` (the last held-out losses).
     """
 
     def __init__(self, run: RunConfig, setup: Setup, steps: CompiledSteps, state: state_lib.TrainState,
@@ -227,6 +249,7 @@ class StepLoop:
         self.names = setup.pipe.component_names
         self.state, self.tokens_seen = state, tokens_seen
         self.step = self.start = int(state.step)
+        self.pending: tuple[int, dict[str, jax.Array]] | None = None
         self.last_saved = self.start if setup.ckpt.latest_step() == self.start else None
         self.last_rec: dict[str, Any] = {}
         self.eval_loss: dict[str, float] = {}
@@ -238,42 +261,57 @@ class StepLoop:
         self.sinks = metrics.Sinks(setup.model_dir, resume_step=self.start, run_name=setup.model_dir.name,
                                    wandb_project=t.wandb_project)
         self.bar = _progress(t, self.start)
+        self.clock = time.perf_counter()
 
     def run(self, preemption: "_Preemption") -> str:
-        """Steps until train_steps, SIGTERM or the end of the data; returns why it stopped."""
+        """Steps until train_steps, SIGTERM or the end of the data; returns why it stopped. Every dispatched step is
+        finished (its loss checked) before this returns."""
         try:
-            while self.step < self.config.train.train_steps:
-                if preemption.requested:
-                    return "preempted"
-                local = self._next_local_batch()
-                if local is None:
-                    return "data_exhausted"
-                self._step(local)
-            return "done"
+            self.clock = time.perf_counter()
+            stopped = self._steps(preemption)
+            self._finish_pending()
+            return stopped
         finally:
             if self.bar is not None:
                 self.bar.close()
             self.sinks.close()
 
-    def _next_local_batch(self) -> dict[str, np.ndarray] | None:
-        try:
-            return next(self.setup.pipe.iterator)
-        except StopIteration:
-            return None
+    def _steps(self, preemption: "_Preemption") -> str:
+        while self.step < self.config.train.train_steps:
+            if preemption.requested:
+                return "preempted"
+            try:
+                local = next(self.setup.pipe.iterator)
+            except StopIteration:
+                return "data_exhausted"
+            self._dispatch(local)
+        return "done"
 
-    def _step(self, local: dict[str, np.ndarray]) -> None:
-        """One train step, then the host work due after it."""
+    def _dispatch(self, local: dict[str, np.ndarray]) -> None:
+        """Starts step `step + 1` on the devices, then finishes the previous step while it runs."""
         batch = multihost.global_batch(local, self.setup.mesh, self.steps.program.batch_spec)
-        tick = time.perf_counter()
-        self.state, m = self.steps.train(self.state, batch)
-        m = jax.device_get(m)
-        seconds = time.perf_counter() - tick
+        self.state, device_metrics = self.steps.train(self.state, batch)
         self.step += 1
-        self._check_finite(self.step, m)
+        self._finish_pending()
+        self.pending = (self.step, device_metrics)
+        if not self.config.train.async_metrics or self._due(self.step).needs_state:
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Fetches the pending step's metrics (waiting for the step), checks its loss, counts it, and does what it is
+        due for."""
+        if self.pending is None:
+            return
+        step, device_metrics = self.pending
+        self.pending = None
+        m = jax.device_get(device_metrics)
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        self._check_finite(step, m)
         for name, n in zip(self.names, np.asarray(m["component_tokens"])):
             self.tokens_seen[name] += int(n)
         self.window.add(m, seconds)
-        self._after_step(self.step, m)
+        self._after_step(step, m)
 
     def _check_finite(self, step: int, m: dict[str, Any]) -> None:
         """Step `step`'s loss was computed from the parameters of step - 1: it decides whether their checkpoint is
@@ -283,19 +321,28 @@ class StepLoop:
             raise NonFiniteLoss(_nonfinite_message(step, m, ckpt, ckpt.mark_nonfinite(step - 1)))
         ckpt.mark_good(step - 1)
 
-    def _after_step(self, step: int, m: dict[str, Any]) -> None:
-        """Evaluate, log, checkpoint and export as due at `step` (the state is the state after `step`)."""
+    def _due(self, step: int) -> Due:
         t, c = self.config.train, self.config.checkpoint
         last = step == t.train_steps
         evaluate = self.steps.eval is not None and (step % t.eval_every == 0 or last)
-        if evaluate:
+        return Due(evaluate=evaluate, log=step % t.log_every == 0 or last or evaluate or step == self.start + 1,
+                   save=step % c.every == 0, export=bool(c.export_every) and step % c.export_every == 0)
+
+    def _after_step(self, step: int, m: dict[str, Any]) -> None:
+        """Evaluate, log, checkpoint and export as due at `step`."""
+        due = self._due(step)
+        if due.needs_state:
+            assert step == self.step, f"step {step} is due for host work but the state is at step {self.step}"
+        if due.evaluate:
             self.eval_loss, self.eval_tokens = self._evaluate()
-        if step % t.log_every == 0 or last or evaluate or step == self.start + 1:
-            self._log(step, m, self.eval_loss if evaluate else {})
-        if step % c.every == 0:
+        if due.log:
+            self._log(step, m, self.eval_loss if due.evaluate else {})
+        if due.save:
             self.save()
-        if c.export_every and step % c.export_every == 0:
+        if due.export:
             self.export(self.setup.model_dir / "exports" / str(step))
+        if due.needs_state:
+            self.clock = time.perf_counter()  # evaluation and saving are not step time
         if self.bar is not None:
             self.bar.update(1)
 
@@ -322,7 +369,9 @@ class StepLoop:
         _show(self.bar, rec)
 
     def save(self) -> None:
-        """Checkpoints the current state with the data position and tokens seen (once per step)."""
+        """Checkpoints the current state with the data position and tokens seen (once per step), after its step's
+        loss was checked."""
+        self._finish_pending()
         if self.last_saved == self.step:
             return
         self.setup.ckpt.save(self.state, self.setup.pipe.iterator,

@@ -143,7 +143,9 @@ class TrainConfig:
     `mesh` maps axis name -> size over `data`, `fsdp`, `tensor`; one size may be -1 (filled with the remaining devices).
     `init_from`: a Hugging Face folder (has config.json) or a docmix run/step directory; ignored when `model_dir`
     already holds a checkpoint (the run resumes instead). `peak_flops`: per-device peak FLOP/s for MFU; None looks
-    `hardware` up in trainer.metrics.PEAK_FLOPS (or measures this CPU's matmul peak).
+    `hardware` up in trainer.metrics.PEAK_FLOPS (or measures this CPU's matmul peak). `async_metrics`: fetch a
+    step's metrics (and check its loss) while the next step runs, so the devices never wait for the host; False
+    finishes every step before taking the next batch (for debugging and the overlap benchmark).
     """
     model_dir: str
     train_steps: int
@@ -161,6 +163,7 @@ class TrainConfig:
     peak_flops: float | None = None
     progress_bar: bool = True
     wandb_project: str | None = None
+    async_metrics: bool = True
 
     def __post_init__(self):
         check_types(self)

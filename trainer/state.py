@@ -58,4 +58,5 @@ def init_sharded(config: ModelConfig, tx: optax.GradientTransformation, seed: in
 
 def from_params(config: ModelConfig, tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> TrainState:
     """A step-0 state around existing (already placed) params, e.g. loaded from a Hugging Face folder."""
-    return _compile_once(lambda p: create(config, tx, 0, p), mesh, sharding.state_shardings(abstract(config, tx), mesh), params)
+    out_shardings = sharding.state_shardings(abstract(config, tx), mesh)
+    return _compile_once(lambda p: create(config, tx, 0, p), mesh, out_shardings, params)
