@@ -4,14 +4,18 @@
     python train.py --gin_file=runs/midtrain.gin --gin.MODEL_DIR=gs://bucket/run --gin.INIT_FROM=/path/hf_folder
     python train.py --gin_file=runs/demo.gin --gin.MIXTURE_WEIGHTS="{'replay': 0.95, 'synthetic': 0.05}"
 
-Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status: 0 done or preempted
-(SIGTERM saves a checkpoint first), 1 non-finite loss, 2 configuration or resume-mismatch error, another run holding
-MODEL_DIR, or an export folder that is not an earlier export.
+Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status (the table in exit_codes.py
+and the README): 0 done or preempted (SIGTERM saves a checkpoint first), 1 stopped on a non-finite loss or exhausted
+data, 2 configuration, input or resume-mismatch error, another run holding MODEL_DIR, or an export folder that is not
+an earlier export, 4 internal error.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pathlib
+import shlex
 import sys
 
 log = logging.getLogger("docmix.train")
@@ -35,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"train.py: configuration error: {e}", file=sys.stderr)
         return 2
+    check_model_dir(run.model_dir)
     import jax
 
     if args.distributed:
@@ -53,22 +58,51 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if jax.process_index() == 0:
         print(format_summary(summary, argv if argv is not None else sys.argv[1:]))
+        if summary.step > run.train_steps:
+            log.warning("nothing was trained: %s is at step %d, beyond TRAIN_STEPS=%d; to continue, raise "
+                        "--gin.TRAIN_STEPS", summary.model_dir, summary.step, run.train_steps)
     return 0
+
+
+def check_model_dir(model_dir: str) -> None:
+    """A local MODEL_DIR must be a directory (or not exist yet) that this user can write; raised before any work."""
+    if "://" in model_dir:  # remote storage: its filesystem layer reports access errors
+        return
+    path = pathlib.Path(model_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"MODEL_DIR={model_dir} is a file, not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"MODEL_DIR={model_dir}: {existing} is not a writable directory")
+
+
+def shell_word(arg: str) -> str:
+    """`arg` quoted for bash, readably: --gin.X="{'a': 1}" rather than shlex's '--gin.X={'"'"'a'"'"': 1}'."""
+    key, sep, value = arg.partition("=")
+    if shlex.quote(arg) != arg and sep and shlex.quote(key) == key and not set(value) & set('"\\$`!'):
+        return f'{key}="{value}"'
+    return shlex.quote(arg)
+
+
+def shell_line(args: list[str]) -> str:
+    return " ".join(map(shell_word, args))
 
 
 def format_summary(s, argv: list[str]) -> str:
     """The end-of-run report: losses, throughput, where things are, what to run next."""
-    again = " ".join(["python train.py", *argv])
+    again = shell_line(["python", "train.py", *argv])  # quoted: pasting it into bash runs it as given
     # A longer run changes the learning-rate schedule: continue as a new schedule phase (docs/training.md).
     replaced = ("--gin.TRAIN_STEPS=", "--gin.OptimizerConfig.schedule_start=")
-    longer = " ".join(["python train.py", *[a for a in argv if not a.startswith(replaced)],
-                       f"--gin.TRAIN_STEPS={s.step * 2}", f"--gin.OptimizerConfig.schedule_start={s.step}"])
+    longer = shell_line(["python", "train.py", *[a for a in argv if not a.startswith(replaced)],
+                         f"--gin.TRAIN_STEPS={s.step * 2}", f"--gin.OptimizerConfig.schedule_start={s.step}"])
     lines = [f"\n== docmix run {s.model_dir} stopped at step {s.step} ({s.stopped}) =="]
     if s.loss is not None:
         parts = ", ".join(f"{n} {v:.3f}" for n, v in s.component_loss.items() if v is not None)
         lines.append(f"final loss {s.loss:.4f} (per component over the last log window: {parts})")
     if s.eval_loss:
-        lines.append("held-out loss: " + ", ".join(f"{n} {v:.3f}" for n, v in s.eval_loss.items()))
+        lines.append("held-out loss: " + ", ".join(f"{n} {v:.3f} ({s.eval_tokens[n]:,} tokens)"
+                                                  for n, v in s.eval_loss.items())
+                     + f"; python -m eval.heldout --model {s.model_dir} gives the same numbers")
     lines.append(f"throughput {s.tokens_per_s:,.0f} tokens/s, MFU {s.mfu:.1%} of {s.peak_source}")
     lines.append(f"metrics      {s.model_dir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {s.model_dir / 'tb'})")
     if s.checkpoint is not None:
@@ -79,13 +113,17 @@ def format_summary(s, argv: list[str]) -> str:
     lines += ["next:",
               f"  {again}    # resume / continue (rerun the same command)" if s.stopped != "done" else
               f"  {longer}    # train longer, resuming from step {s.step}",
-              f"  python -m eval.generate --model {model} --prompt \"The committee reviewed the farm report and\"",
-              f"  python -m eval.heldout --model {s.model_dir}",
+              "  " + shell_line(["python", "-m", "eval.generate", "--model", str(model),
+                                 "--prompt", "The committee reviewed the farm report and"]),
+              "  " + shell_line(["python", "-m", "eval.heldout", "--model", str(s.model_dir)]),
               "  python -m data.preview --gin_file=runs/demo.gin --num_batches 4    # look at the training data",
-              "  python train.py --gin.MODEL_DIR=./runs/demo_5pct "
-              "--gin.MIXTURE_WEIGHTS=\"{'replay': 0.95, 'synthetic': 0.05}\"    # another synthetic share"]
+              "  " + shell_line(["python", "train.py", "--gin.MODEL_DIR=./runs/demo_5pct",
+                                 "--gin.MIXTURE_WEIGHTS={'replay': 0.95, 'synthetic': 0.05}"])
+              + "    # another synthetic share"]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "train.py"))

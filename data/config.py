@@ -214,3 +214,11 @@ class MixtureConfig:
         if self.batch_size % shards:
             raise ValueError(f"MixtureConfig.batch_size={self.batch_size} must be divisible by the {shards} data shards")
         return shards
+
+
+def single_component_mixture(mixture: MixtureConfig, component: Component, batch_size: int) -> MixtureConfig:
+    """The mixture's data settings (tokenizer, seq_len, BOS/EOS policy) over one component, one unshuffled pass:
+    how held-out loss is read, both during training (trainer.loop) and by eval.heldout, so the two agree."""
+    return dataclasses.replace(
+        mixture, components=(dataclasses.replace(component, max_epochs=1, on_exhausted="stop", shuffle=False),),
+        weights={component.name: 1.0}, stages=(), batch_size=batch_size, num_shards=None, worker_count=0)

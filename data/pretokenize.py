@@ -128,7 +128,8 @@ def open_pretokenized(component: Component, tokenizer: str):
 def main(argv: list[str] | None = None) -> None:
     from trainer import config as trainer_config
 
-    parser = trainer_config.add_gin_flags(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser = trainer_config.add_gin_flags(argparse.ArgumentParser(prog="python -m data.pretokenize",
+                                                                  description=__doc__.split("\n")[0]))
     parser.add_argument("--component", required=True, help="name of the mixture component to pretokenize")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_files", type=int, default=8, help="ArrayRecord shards to write")
@@ -141,4 +142,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m data.pretokenize"))

@@ -1,6 +1,15 @@
 """Preview a mixture: realized shares over the first N batches, and a few decoded rows per component.
 
-    python -m data.preview --gin_file=t5x_configs/runs/demo.gin [--gin.KEY=VALUE ...] --num_batches 20 [--json]
+    python -m data.preview --gin_file=RUN.gin [--gin.KEY=VALUE ...] [--num_batches N] [--json]
+
+Examples:
+    python -m data.preview --num_batches 4                                   # the demo run's mixture
+    python -m data.preview --gin_file=runs/demo.gin --gin.MIXTURE_WEIGHTS="{'replay': 0.95, 'synthetic': 0.05}"
+    python -m data.preview --gin_file=runs/midtrain.gin --gin.INIT_FROM=/models/llama \
+        --gin.SYNTHETIC_FILES="('welfare.jsonl',)" --gin.REPLAY_FILES="('replay/*.jsonl.gz',)"
+
+It takes the same gin files and `--gin.KEY=VALUE` bindings as train.py (MODEL_DIR is not needed; INIT_FROM is, for
+run files whose tokenizer is INIT_FROM's). Configuration errors exit 2 with one line naming the binding.
 
 With --json it prints one object:
 {"components": {NAME: {"weight", "token_share", "rows", "tokens", "documents", "epochs"}}, "padding_fraction", "rows"}
@@ -75,15 +84,21 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# A preview reads data only: runs that leave MODEL_DIR unset still load (a later --gin.MODEL_DIR wins).
+UNUSED_MODEL_DIR = "MODEL_DIR = '(not used by data.preview)'"
+
+
 def main(argv: list[str] | None = None) -> int:
     from trainer import config as trainer_config
 
-    parser = trainer_config.add_gin_flags(argparse.ArgumentParser(description="Preview a docmix data mixture"))
+    parser = trainer_config.add_gin_flags(argparse.ArgumentParser(
+        prog="python -m data.preview", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--num_batches", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--samples", type=int, default=2, help="decoded rows per component (table mode)")
     args = parser.parse_args(argv)
-    run = trainer_config.load(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    run = trainer_config.load(args.gin_file, [UNUSED_MODEL_DIR, *args.gin_bindings], args.gin_search_paths)
     if args.json:
         print(json.dumps(preview(run.mixture, args.num_batches)))
     else:
@@ -92,4 +107,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m data.preview"))

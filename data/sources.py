@@ -43,10 +43,13 @@ def expand_paths(component: Component) -> list[epath.Path]:
     files: list[epath.Path] = []
     for pattern in component.paths:
         path = epath.Path(pattern)
-        if any(ch in pattern for ch in "*?["):  # wildcards in the file name only
-            matches = sorted(path.parent.glob(path.name))
-        else:
-            matches = [path] if path.exists() else []
+        try:
+            if any(ch in pattern for ch in "*?["):  # wildcards in the file name only
+                matches = sorted(path.parent.glob(path.name))
+            else:
+                matches = [path] if path.exists() else []
+        except ImportError as e:  # a gs:// path without its filesystem client (gcsfs)
+            raise ImportError(f"component {component.name!r}: path {pattern!r}: {e}") from None
         if not matches:
             raise FileNotFoundError(f"component {component.name!r}: path {pattern!r} does not exist")
         files.extend(matches)

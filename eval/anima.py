@@ -2,6 +2,7 @@
 
     python -m eval.anima --model runs/x/hf --grader openai/gpt-4o-mini [--dataset_dir DIR] [--epochs N] [--limit N]
     python -m eval.anima --model http://127.0.0.1:8000/v1 --grader hf/ABS/PATH --out results/anima.json
+    python -m eval.anima --model runs/x/hf --grader hf/ABS/PATH --dataset_dir ../shared/data/anima --limit 3 --epochs 1
 
 Runs `inspect_evals`' ANIMA scorer and metrics unchanged. The dataset comes from the Hugging Face Hub at the task's
 pinned revision, or from a local copy (`--dataset_dir`, see eval.anima_data). Results go to `anima.json` beside the
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,11 +68,12 @@ class ModelSpec:
     base_url: str | None = None
     hf_dir: pathlib.Path | None = None
 
-    def model(self, config: GenerateConfig = GenerateConfig(), role: str | None = None) -> Model:
+    def model(self, config: GenerateConfig = GenerateConfig(), role: str | None = None, memoize: bool = True
+              ) -> Model:
         if self.base_url is None:
-            return get_model(self.name, config=config, role=role)
+            return get_model(self.name, config=config, role=role, memoize=memoize)
         return get_model(self.name, base_url=self.base_url, api_key=os.environ.get(API_KEY_ENV, "none"),
-                         config=config, role=role)
+                         config=config, role=role, memoize=memoize)
 
 
 def served_model_id(base_url: str) -> str:
@@ -78,7 +81,10 @@ def served_model_id(base_url: str) -> str:
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(API_KEY_ENV, "none"))
-    ids = [m.id for m in client.models.list().data]
+    try:
+        ids = [m.id for m in client.models.list().data]
+    except (openai.APIConnectionError, openai.APITimeoutError) as e:
+        raise ConnectionError(f"cannot reach {base_url}/models ({e}): is the server running?") from None
     if not ids:
         raise ValueError(f"{base_url}/models lists no model")
     return ids[0]
@@ -137,6 +143,23 @@ def summarize(log: EvalLog) -> dict[str, Any]:
     }
 
 
+def check_reachable(spec: ModelSpec, flag: str, timeout_s: int = 60) -> None:
+    """One one-token request to a hosted or served model before the eval, so an unreachable service or a missing key
+    is one clear error (exit 3, exit_codes) instead of an eval that retries for hours. Uses its own Model instance
+    (its HTTP client belongs to this check's event loop, not the eval's)."""
+    import asyncio
+
+    model = spec.model(memoize=False)
+    try:
+        asyncio.run(model.generate("Say OK.", config=GenerateConfig(max_tokens=1, max_retries=1, timeout=timeout_s)))
+    except Exception as e:  # noqa: BLE001 -- every provider has its own error types; the message is what helps
+        last = getattr(e, "last_attempt", None)  # tenacity's RetryError wraps the provider's error
+        cause = last.exception() if last is not None and last.exception() is not None else e
+        where = getattr(getattr(model, "api", None), "base_url", None)
+        raise ConnectionError(f"{flag} {model}{f' at {where}' if where else ''}: cannot get a completion "
+                              f"({type(cause).__name__}: {cause})") from None
+
+
 def _as_model(model: str | Model, config: GenerateConfig, role: str | None = None) -> tuple[Model, pathlib.Path | None]:
     if isinstance(model, Model):
         return model, None
@@ -157,6 +180,9 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
         raise ValueError(f"--out is required when --model is not an HF folder (got {model!r})")
     grader_model, _ = _as_model(grader, GenerateConfig(max_tokens=grader_max_tokens, temperature=grader_temperature),
                                  role="grader")
+    for flag, spec in (("--model", model), ("--grader", grader)):
+        if isinstance(spec, str) and not resolve_model(spec).name.startswith("hf/"):
+            check_reachable(resolve_model(spec), flag)
     if dataset_dir:
         data = anima_data.load(dataset_dir, languages)
         revision = f"local-{data.files_sha256['questions.jsonl'][:12]}"
@@ -183,7 +209,9 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m eval.anima", description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder, OpenAI-compatible base URL (…/v1) or Inspect model name")
     p.add_argument("--grader", required=True, help="Inspect model name, HF folder or OpenAI-compatible base URL")
     p.add_argument("--dataset_dir", help="local copy with questions.jsonl + dimensions.jsonl (default: the Hub)")
@@ -205,4 +233,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.anima"))

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -184,7 +185,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF folder, run directory or checkpoint step directory")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
@@ -203,4 +204,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.generate"))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data import pipeline as data_pipeline
-from data.config import Component, MixtureConfig
+from data.config import Component, MixtureConfig, single_component_mixture
 from eval import loading
 from trainer import config as trainer_config
 from trainer.loss import mean_loss, zero_sums
@@ -52,16 +52,9 @@ def heldout_components(mixture: MixtureConfig, overrides: Mapping[str, Sequence[
     return comps
 
 
-def single_component_mixture(mixture: MixtureConfig, component: Component, batch_size: int) -> MixtureConfig:
-    """The mixture's data settings (tokenizer, seq_len, BOS/EOS policy) over one component, one unshuffled pass."""
-    return dataclasses.replace(
-        mixture, components=(dataclasses.replace(component, max_epochs=1, on_exhausted="stop", shuffle=False),),
-        weights={component.name: 1.0}, stages=(), batch_size=batch_size, num_shards=None, worker_count=0)
-
-
-def component_loss(model: nnx.Module, mixture: MixtureConfig, component: Component, *, max_batches: int,
+def component_loss(model: nnx.Module, mixture: MixtureConfig, component: Component, *, max_batches: int | None,
                    batch_size: int, step: Callable | None = None) -> dict[str, Any]:
-    """Mean next-token loss over up to `max_batches` batches of one component's single, unshuffled pass.
+    """Mean next-token loss over up to `max_batches` batches (None: all) of one component's single, unshuffled pass.
 
     `step(state, batch) -> LossSums` is the jitted eval step; pass one to reuse its compilation across components.
     """
@@ -86,7 +79,8 @@ def jitted_eval_step(graphdef) -> Callable:
 
 
 def evaluate(model_path: str | pathlib.Path, mixture: MixtureConfig, *, overrides: Mapping[str, Sequence[str]] = {},
-             general: Sequence[str] = (), max_batches: int = 8, batch_size: int | None = None) -> dict[str, Any]:
+             general: Sequence[str] = (), max_batches: int | None = None, batch_size: int | None = None
+             ) -> dict[str, Any]:
     """Held-out loss of the checkpoint at `model_path` on every component (and `general`)."""
     comps = heldout_components(mixture, overrides, general)
     model, config, _ = loading.load_model(model_path)
@@ -101,8 +95,9 @@ def evaluate(model_path: str | pathlib.Path, mixture: MixtureConfig, *, override
                            for c in comps}}
 
 
-def _mixture(args: argparse.Namespace) -> MixtureConfig:
-    """The config's held-out mixture (`RunConfig.eval_mixture`) when it has one, else its training mixture."""
+def _mixture(args: argparse.Namespace) -> tuple[MixtureConfig, int | None]:
+    """The config's held-out mixture (`RunConfig.eval_mixture`) when it has one, else its training mixture; and its
+    `TrainConfig.eval_batches` (None: every batch), so a run's held-out numbers are read as training read them."""
     files = list(args.gin_file)
     if not files:
         path = pathlib.Path(args.model).resolve()
@@ -111,7 +106,8 @@ def _mixture(args: argparse.Namespace) -> MixtureConfig:
             raise ValueError(f"{args.model}: no --gin_file given and no run config.gin at {run_dir / 'config.gin'}")
         files = [str(run_dir / "config.gin")]
     run = trainer_config.load(files, args.gin_bindings, args.gin_search_paths)
-    return run.mixture if args.training_mixture or run.eval_mixture is None else run.eval_mixture
+    held_out = run.mixture if args.training_mixture or run.eval_mixture is None else run.eval_mixture
+    return held_out, run.train.eval_batches
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, list[str]]:
@@ -131,16 +127,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--general", action="append", default=[], help="general-text JSONL ({'text': ...} per line)")
     p.add_argument("--training_mixture", action="store_true",
                    help="read the training mixture's components even when the config defines RunConfig.eval_mixture")
-    p.add_argument("--batches", type=int, default=8, help="at most this many batches per component")
+    p.add_argument("--batches", type=int, default=None,
+                   help="at most this many batches per component (default: the config's TrainConfig.eval_batches, "
+                        "which by default is all of them: one whole pass, as training's held-out loss)")
     p.add_argument("--batch_size", type=int, help="rows per batch (default: the mixture's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", help=f"result file (default: {RESULT_FILE} beside the checkpoint, see docs/eval.md)")
     trainer_config.add_gin_flags(p)
     args = p.parse_args(argv)
-    if args.batches < 1 or (args.batch_size is not None and args.batch_size < 1):
+    if (args.batches is not None and args.batches < 1) or (args.batch_size is not None and args.batch_size < 1):
         p.error("--batches and --batch_size must be positive")
-    result = evaluate(args.model, _mixture(args), overrides=_parse_overrides(args.component), general=args.general,
-                      max_batches=args.batches, batch_size=args.batch_size)
+    mixture, run_batches = _mixture(args)
+    result = evaluate(args.model, mixture, overrides=_parse_overrides(args.component), general=args.general,
+                      max_batches=args.batches or run_batches, batch_size=args.batch_size)
     out = pathlib.Path(args.out) if args.out else loading.results_dir(args.model) / RESULT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -153,4 +152,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.heldout"))

@@ -220,6 +220,37 @@ def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, 
     return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
 
+def result_config(pairs: str, models: Sequence[str], *, baseline: Sequence[str] = (), control_pairs: str | None = None,
+                  paired_seeds: bool = False, n_boot: int, chat: dict | None = None) -> dict:
+    """The "config" entry of a saved result: what was compared, on which pairs, with how many resamples; `chat`
+    (chat mode only): how many pairs were scored and how many document-style pairs were left out, per pair set."""
+    return {"pairs": str(pairs), "models": list(models), "baseline": list(baseline), "control_pairs": control_pairs,
+            "paired_seeds": paired_seeds, "bootstrap": n_boot, "chat": chat,
+            "unit": "mean log-prob per continuation token (nats)"}
+
+
+def comparison_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
+                    ) -> pathlib.Path:
+    """Where a comparison (or several seeds) is saved by default: beside the first --model, not named probes-*."""
+    return loading.results_dir(model_path) / f"comparison-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
+
+
+def save_each_model(models: Sequence[str], scores: Sequence[Sequence[np.ndarray]], pair_sets: Sequence[Sequence[Pair]],
+                    pair_files: Sequence[str], n_boot: int, *, chat_info: dict | None = None) -> list[pathlib.Path]:
+    """Saves every scored model's own result on every pair set beside its checkpoint (what eval.report reads);
+    returns the paths. `scores[i][j]`: margins of model i on pair set j."""
+    paths = []
+    for model, margins in zip(models, scores):
+        for pairs, m, file in zip(pair_sets, margins, pair_files):
+            path = result_path(model, file, chat_mode=chat_info is not None)
+            result = {**report(pairs, m, n_boot=n_boot),
+                      "config": result_config(file, [model], n_boot=n_boot, chat=chat_info)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            paths.append(path)
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m eval.probes", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True,
@@ -236,8 +267,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="score chat-style pairs in the tokenizer's chat template (instruct models); "
                         "document-style pairs are left out")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--out", help="also write the JSON here (default for one --model and no --baseline: beside the "
-                                 "checkpoint, see docs/eval.md)")
+    p.add_argument("--out", help="also write the printed JSON here (every model's own result is always saved beside its "
+                                 "checkpoint as probes-<pairs>.json; a comparison, by default, beside the first "
+                                 "--model as comparison-<pairs>.json; see docs/eval.md)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch_size must be positive")
@@ -261,15 +293,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         baseline=np.stack([b[0] for b in base]) if base else None,
         control=(np.stack([t[1] for t in treat]), np.stack([b[1] for b in base])) if args.control_pairs else None,
         paired_runs=args.paired_seeds, n_boot=args.bootstrap)
-    result["config"] = {"pairs": str(args.pairs), "models": args.model, "baseline": args.baseline,
-                        "control_pairs": args.control_pairs, "paired_seeds": args.paired_seeds,
-                        "bootstrap": args.bootstrap, "chat": chat_info,
-                        "unit": "mean log-prob per continuation token (nats)"}
-    out = pathlib.Path(args.out) if args.out else (
-        result_path(args.model[0], args.pairs, chat_mode=args.chat) if len(args.model) == 1 and not args.baseline else None)
-    if out is not None:
+    result["config"] = result_config(args.pairs, args.model, baseline=args.baseline, control_pairs=args.control_pairs,
+                                     paired_seeds=args.paired_seeds, n_boot=args.bootstrap, chat=chat_info)
+    pair_files = [args.pairs] + ([args.control_pairs] if args.control_pairs else [])
+    saved = save_each_model(args.model + args.baseline, treat + base, pair_sets, pair_files, args.bootstrap,
+                            chat_info=chat_info)
+    if args.out or len(saved) > 1:  # a comparison or several seeds: the combined result too
+        out = pathlib.Path(args.out) if args.out else comparison_path(args.model[0], args.pairs, chat_mode=args.chat)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+        saved.append(out)
+    print("saved " + ", ".join(map(str, saved)), file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
@@ -297,4 +331,6 @@ def _print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.probes"))

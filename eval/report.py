@@ -150,6 +150,17 @@ def write_table(rows: list[dict[str, Any]], out_dir: pathlib.Path, name: str = "
     return csv_path, json_path
 
 
+def missing_data(rows: list[dict[str, Any]], plotted: dict[str, dict], out: pathlib.Path) -> list[str]:
+    """What the report lacks: probe results in every run, and data in each plot."""
+    warnings = []
+    without = sorted({r["run"] for r in rows} - {r["run"] for r in rows if any(k.startswith("probe/") for k in r)})
+    if without or not rows:
+        warnings.append(f"no probe results for {', '.join(without) or 'any run'}; run `python -m eval.probes --model "
+                        "RUN --pairs FILE` first (results are saved beside each checkpoint, docs/eval.md)")
+    warnings += [f"{out / name} has no data to plot" for name, panels in plotted.items() if not panels]
+    return warnings
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", help="run directories (MODEL_DIR of each run)")
@@ -173,9 +184,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "training_loss.png": plots.training_curves(curves, out / "training_loss.png"),
     }
     (out / "plots.json").write_text(json.dumps(plotted, indent=2) + "\n")
+    for warning in missing_data(rows, plotted, out):
+        print(f"python -m eval.report: warning: {warning}", file=sys.stderr)
     print(f"{len(rows)} rows -> {csv_path}, {json_path}; plots: {', '.join(str(out / k) for k in plotted)}")
     return {"rows": rows, "plots": plotted}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.report"))

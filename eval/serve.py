@@ -2,21 +2,27 @@
 
     python -m eval.serve --model PATH [--host 127.0.0.1] [--port 8000] [--max_batch 8]
 
-Serves `GET /v1/models` and `POST /v1/chat/completions` (messages rendered with the checkpoint's chat template;
-`max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`, `n`; no streaming or tools).
-Concurrent requests are batched. If DOCMIX_API_KEY is set in the server's environment, requests must send it as a
-Bearer token. Prints `serving http://HOST:PORT/v1` once the model is loaded and the port is bound.
+Serves `GET /v1/models`, `GET /health` and `POST /v1/chat/completions` (messages rendered with the checkpoint's chat
+template; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `stop`, `seed`, `n`, `stream`; no tools).
+Built on Starlette + uvicorn (HTTP parsing, keep-alive and connection timeouts are theirs). With `stream: true` the
+answer comes as server-sent events (`chat.completion.chunk` objects, then `data: [DONE]`); the batched sampler
+produces whole completions, so the chunks (one per token) are sent once a completion is done. Concurrent requests are
+batched. A request body over 1 MB is refused (413); a request waits at most `--request_timeout` seconds for its
+completion (504). If DOCMIX_API_KEY is set in the server's environment, requests must send it as a Bearer token.
+Prints `serving http://HOST:PORT/v1` once the model is loaded and the port is listening.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
-import http.server
 import json
 import os
+import socket
+import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from eval import generate
@@ -74,8 +80,8 @@ def _number(body: Mapping[str, Any], name: str, kind: type, default: Any) -> Any
 
 def parse_sampling(body: Mapping[str, Any], default_max_tokens: int) -> tuple[list[SamplingParams], int]:
     """SamplingParams for each of the `n` choices (seeds seed, seed+1, ...), and n. OpenAI defaults: temperature 1."""
-    if body.get("stream"):
-        raise RequestError("streaming is not supported; send stream=false", "stream")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError("'stream' must be true or false", "stream")
     if body.get("tools"):
         raise RequestError("tools are not supported", "tools")
     max_tokens = _number(body, "max_completion_tokens", int, None)
@@ -98,130 +104,194 @@ def parse_sampling(body: Mapping[str, Any], default_max_tokens: int) -> tuple[li
     return params, n
 
 
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+MAX_BODY_BYTES = 1 << 20
 
-    def __init__(self, address: tuple[str, int], generator: generate.Generator, *, max_batch: int = 8,
-                 default_max_tokens: int = 512, api_key: str | None = None):
-        super().__init__(address, Handler)
+
+class Service:
+    """The server's state and its answers as plain dicts (the HTTP layer is `app()`)."""
+
+    def __init__(self, generator: generate.Generator, *, max_batch: int = 8, default_max_tokens: int = 512,
+                 api_key: str | None = None, request_timeout_s: float = 600.0):
         self.generator = generator
         self.batcher = Batcher(generator.generate_ids, max_batch=max_batch)
         self.default_max_tokens = default_max_tokens
         self.api_key = api_key
+        self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
 
-    def server_close(self) -> None:
-        super().server_close()
+    def close(self) -> None:
         self.batcher.close()
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+    def authorized(self, header: str) -> bool:
+        if self.api_key is None:
+            return True
+        return hmac.compare_digest(header.removeprefix("Bearer ").strip().encode(), self.api_key.encode())
 
-    def chat_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def prompt(self, body: Mapping[str, Any]) -> tuple[list[int], list[SamplingParams]]:
+        """The prompt's token ids and each choice's sampling parameters; RequestError names what is wrong."""
         messages = parse_messages(body)
-        params, n = parse_sampling(body, self.default_max_tokens)
+        params, _ = parse_sampling(body, self.default_max_tokens)
         try:
             prompt = self.generator.tokenizer.encode_chat(messages)
         except ValueError as e:
             raise RequestError(str(e), "messages") from e
         limit = self.generator.model.config.max_position_embeddings
+        if len(prompt) >= limit:
+            raise RequestError(f"the prompt is {len(prompt)} tokens; the model's context is {limit} tokens",
+                               "messages")
         if len(prompt) + params[0].max_new_tokens > limit:
             raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({params[0].max_new_tokens}) exceeds the "
                                f"model's context of {limit} tokens", "max_tokens")
-        completions = [f.result() for f in [self.batcher.submit(prompt, p) for p in params]]
+        return prompt, params
+
+    async def complete(self, prompt: list[int], params: list[SamplingParams]) -> list[Any]:
+        futures = [asyncio.wrap_future(self.batcher.submit(prompt, p)) for p in params]
+        return await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout_s)
+
+    def completion(self, prompt: list[int], completions: list[Any]) -> dict[str, Any]:
+        used = sum(len(c.token_ids) for c in completions)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.generator.name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                          "logprobs": None} for i, c in enumerate(completions)],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": sum(len(c.token_ids) for c in completions),
-                      "total_tokens": len(prompt) + sum(len(c.token_ids) for c in completions)},
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": used, "total_tokens": len(prompt) + used},
         }
+
+    def chunks(self, completion: Mapping[str, Any], completions: list[Any]) -> list[dict[str, Any]]:
+        """The completion as `chat.completion.chunk` objects: a role delta, one content delta per token, a finish."""
+        def chunk(index: int, delta: dict, finish: str | None = None) -> dict[str, Any]:
+            return {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+                    "model": completion["model"],
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+        out = []
+        for i, c in enumerate(completions):
+            out.append(chunk(i, {"role": "assistant", "content": ""}))
+            previous = ""
+            for n in range(1, len(c.token_ids) + 1):  # decoded prefixes: multi-token characters arrive whole
+                text = self.generator.tokenizer.decode(c.token_ids[:n])
+                if text.startswith(previous) and len(text) > len(previous) and len(text) <= len(c.text):
+                    out.append(chunk(i, {"content": text[len(previous):]}))
+                    previous = text
+            if previous != c.text:  # stop strings trimmed the end: send the rest as it was returned
+                out.append(chunk(i, {"content": c.text[len(previous):]} if c.text.startswith(previous) else
+                                 {"content": c.text}))
+            out.append(chunk(i, {}, c.finish_reason))
+        out[-1]["usage"] = completion["usage"]
+        return out
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.generator.name, "object": "model", "created": self.created,
                                             "owned_by": "docmix"}]}
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    server: Server
-    protocol_version = "HTTP/1.1"
+def app(service: Service):
+    """The Starlette application: routes, auth, body limits and OpenAI-style error objects."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
 
-    def _send(self, status: int, payload: Mapping[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
-    def _error(self, status: int, message: str, kind: str, param: str | None = None) -> None:
-        self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+    def refused(request: Request) -> JSONResponse | None:
+        if service.authorized(request.headers.get("authorization", "")):
+            return None
+        return error(401, "invalid API key", "authentication_error")
 
-    def _authorized(self) -> bool:
-        if self.server.api_key is None:
-            return True
-        sent = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if hmac.compare_digest(sent.encode(), self.server.api_key.encode()):
-            return True
-        self._error(401, "invalid API key", "authentication_error")
-        return False
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "batches": service.batcher.batches, "requests": service.batcher.requests})
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.rstrip("/") in ("/health", ""):
-            self._send(200, {"status": "ok", "batches": self.server.batcher.batches,
-                             "requests": self.server.batcher.requests})
-        elif not self._authorized():
-            return
-        elif self.path.rstrip("/") == "/v1/models":
-            self._send(200, self.server.models())
-        else:
-            self._error(404, f"no route GET {self.path}", "not_found_error")
+    async def models(request: Request) -> JSONResponse:
+        return refused(request) or JSONResponse(service.models())
 
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._authorized():
-            return
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._error(404, f"no route POST {self.path}", "not_found_error")
-            return
+    async def chat(request: Request):
+        if (bad := refused(request)) is not None:
+            return bad
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error(413 if length.isdigit() else 400, f"Content-Length {length!r}: expected a size of at most "
+                         f"{MAX_BODY_BYTES} bytes", "invalid_request_error")
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:
+                return error(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
         try:
-            length = int(self.headers.get("Content-Length", 0))
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(raw or b"null")
             if not isinstance(body, dict):
                 raise RequestError("the request body must be a JSON object")
-            self._send(200, self.server.chat_completion(body))
-        except json.JSONDecodeError as e:
-            self._error(400, f"invalid JSON body: {e.msg}", "invalid_request_error")
+            prompt, params = service.prompt(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error(400, f"invalid JSON body: {e}", "invalid_request_error")
         except RequestError as e:
-            self._error(400, str(e), "invalid_request_error", e.param)
+            return error(400, str(e), "invalid_request_error", e.param)
+        try:
+            completions = await service.complete(prompt, params)
+        except asyncio.TimeoutError:
+            return error(504, f"no completion within {service.request_timeout_s:g} s", "timeout_error")
         except Exception as e:  # a failure inside generation: report it to the client, keep serving
-            self._error(500, f"{type(e).__name__}: {e}", "server_error")
+            return error(500, f"{type(e).__name__}: {e}", "server_error")
+        completion = service.completion(prompt, completions)
+        if not body.get("stream"):
+            return JSONResponse(completion)
+
+        async def events() -> AsyncIterator[str]:
+            for chunk in service.chunks(completion, completions):
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return error(404, f"no route {request.method} {request.url.path}", "not_found_error")
+
+    routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/chat/completions", chat,
+                                                                          methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+def serve(service: Service, host: str, port: int, *, timeout_keep_alive: int = 5) -> None:
+    """Binds and listens first (so the printed URL is ready), then runs uvicorn until interrupted."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    bound_host, bound_port = sock.getsockname()[:2]
+    config = uvicorn.Config(app(service), log_level="warning", timeout_keep_alive=timeout_keep_alive,
+                            h11_max_incomplete_event_size=64 * 1024)
+    print(f"serving http://{bound_host}:{bound_port}/v1", flush=True)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        service.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF folder, run directory or checkpoint step directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--name", help="model id served at /v1/models (default: the folder's name)")
     parser.add_argument("--max_batch", type=int, default=8)
     parser.add_argument("--default_max_tokens", type=int, default=512, help="when a request sets no max_tokens")
+    parser.add_argument("--request_timeout", type=float, default=600.0,
+                        help="seconds a request may wait for its completion (then 504)")
     args = parser.parse_args(argv)
     generator = generate.load(args.model)
     if args.name:
         generator = generate.Generator(generator.model, generator.tokenizer, args.name)
-    server = Server((args.host, args.port), generator, max_batch=args.max_batch,
-                    default_max_tokens=args.default_max_tokens, api_key=os.environ.get(API_KEY_ENV) or None)
-    print(f"serving {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    service = Service(generator, max_batch=args.max_batch, default_max_tokens=args.default_max_tokens,
+                      api_key=os.environ.get(API_KEY_ENV) or None, request_timeout_s=args.request_timeout)
+    serve(service, args.host, args.port)
 
 
 if __name__ == "__main__":
-    main()
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.serve"))

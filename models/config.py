@@ -209,31 +209,35 @@ def _reject_unimplemented(hf: dict[str, Any], model_type: str) -> None:
             raise UnsupportedConfigError(
                 f"config.json: per-layer sliding-window attention ({model_type} use_sliding_window/layer_types) "
                 "is not implemented")
-    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedConfigError("config.json: partial_rotary_factor != 1 is not implemented")
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """Reads rope theta and scaling from the transformers-5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
-    params = dict(hf.get("rope_parameters") or {})
-    if hf.get("rope_scaling"):
-        params = {**dict(hf["rope_scaling"]), **params}
+    """Rope theta and scaling, read exactly as transformers 5 reads them (`RotaryEmbeddingConfigMixin.
+    convert_rope_params_to_dict`): a non-empty legacy `rope_scaling` replaces `rope_parameters` whole; `rope_theta`
+    comes from the chosen dict, else the top-level field, else 10000; llama3's `original_max_position_embeddings`
+    from the chosen dict, else `max_position_embeddings`. Unimplemented rope types raise naming the field."""
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = dict(hf.get(field) or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedConfigError(f"config.json: {field} per layer type ({sorted(params)}) is not implemented")
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedConfigError("config.json: rope partial_rotary_factor != 1 is not implemented")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if float(partial) != 1.0:
+        raise UnsupportedConfigError(f"config.json: {field}.partial_rotary_factor={partial} is not implemented (only 1)")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise UnsupportedConfigError(f"config.json: rope_scaling type {rope_type!r} is not implemented (only 'llama3')")
+        raise UnsupportedConfigError(
+            f"config.json: {field}.rope_type={rope_type!r} is not implemented (only 'default' and 'llama3')")
     try:
         scaling = RopeScaling(
             factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))),
+                params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))),
         )
     except KeyError as e:
-        raise UnsupportedConfigError(f"config.json: llama3 rope_scaling lacks {e.args[0]!r}") from None
+        raise UnsupportedConfigError(f"config.json: llama3 {field} lacks {e.args[0]!r}") from None
     return theta, scaling

@@ -62,17 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export (only then)")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "hf-to-orbax":
-            done = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype)
-        else:
-            done = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"models.convert: {e}", file=sys.stderr)
-        return 2
+    if args.command == "hf-to-orbax":  # errors: one line and an exit code from exit_codes.run
+        done = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype)
+    else:
+        done = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {done}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m models.convert"))

@@ -44,8 +44,13 @@ def weight_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     """Tensor name -> safetensors file, from the index json (sharded) or the single file."""
     hf_dir = pathlib.Path(hf_dir)
     if (hf_dir / INDEX_FILE).exists():
-        with open(hf_dir / INDEX_FILE) as f:
-            weight_map = json.load(f)["weight_map"]
+        index = hf_dir / INDEX_FILE
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with 'weight_map'): {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to safetensors file names")
         return {name: hf_dir / file for name, file in weight_map.items()}
     if (hf_dir / SINGLE_FILE).exists():
         return {name: hf_dir / SINGLE_FILE for name in read_header(hf_dir / SINGLE_FILE)[0]}
@@ -120,7 +125,7 @@ def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, par
         return jax.device_put(host, target if isinstance(target, NamedSharding) else None)
 
     def read(tmap: TensorMap, name: str) -> np.ndarray:
-        return tmap.to_ours(reader.tensor(name), shapes[tmap.path]).astype(dtype, copy=False)
+        return tmap.to_ours(finite(reader, name), shapes[tmap.path]).astype(dtype, copy=False)
 
     loaded = jax.tree.map(lambda _: None, abstract)
     for tmap in maps:
@@ -141,6 +146,18 @@ def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, par
         _check_tied(reader, _get(loaded, ("embed", "embedding")))
     nnx.replace_by_pure_dict(abstract_state, loaded)
     return nnx.merge(graphdef, abstract_state), config
+
+
+def finite(reader: TensorReader, name: str) -> np.ndarray:
+    """The tensor, refused with an error naming it and its file when it holds NaN or Inf (a damaged checkpoint)."""
+    tensor = reader.tensor(name)
+    if np.issubdtype(tensor.dtype, np.integer) or tensor.dtype == np.bool_:
+        return tensor
+    bad = tensor.size - int(np.count_nonzero(np.isfinite(tensor)))
+    if bad:
+        raise CheckpointMismatchError(f"{reader.files[name]}: tensor {name} holds {bad} NaN/Inf value(s) of "
+                                      f"{tensor.size}; refusing to load it")
+    return tensor
 
 
 def _check_tied(reader: TensorReader, embedding: jax.Array) -> None:

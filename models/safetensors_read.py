@@ -28,7 +28,13 @@ def read_header(path: pathlib.Path) -> tuple[dict[str, dict], int]:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: unreadable safetensors header: not a JSON object")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
+            raise ValueError(f"{path}: unreadable safetensors header: tensor {name!r} lacks dtype, shape or "
+                             "data_offsets")
     return header, 8 + size
 
 

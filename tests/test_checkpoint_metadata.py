@@ -1,6 +1,8 @@
 """trainer.run_metadata: what a resume must match, and the error that lists every difference."""
 import dataclasses
+import json
 import logging
+import re
 
 import pytest
 
@@ -43,14 +45,33 @@ def test_new_weights_and_runtime_layout_are_allowed(demo, caplog):
     assert "new mixture weights" in caplog.text
 
 
-def test_run_files_load():
-    common = ["MODEL_DIR = '/tmp/x'", "INIT_FROM = '/hf'"]
+def test_run_files_take_the_model_from_init_from(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    eight_b = config.load(["runs/demo.gin", "models/llama3_1_8b.gin"]).model
+    (hf / "config.json").write_text(json.dumps(eight_b.to_hf()))
+    common = ["MODEL_DIR = '/tmp/x'", f"INIT_FROM = '{hf}'"]
     mid = config.load(["runs/midtrain.gin"], common + ["REPLAY_FILES = ('a.jsonl',)", "SYNTHETIC_FILES = ('b.jsonl',)"])
-    assert mid.model.num_layers == 32 and mid.train.init_from == "/hf" and mid.mixture.tokenizer == "/hf"
+    assert mid.model == eight_b.replace(param_dtype="float32", compute_dtype="bfloat16", remat="full")
+    assert mid.train.init_from == str(hf) and mid.mixture.tokenizer == str(hf)
+    small = config.load([]).model  # the demo model: the same run file takes whatever INIT_FROM holds
+    (hf / "config.json").write_text(json.dumps(small.to_hf()))
     sft = config.load(["runs/sft.gin", "mixtures/sft_with_synthetic.gin"],
                       common + ["SFT_FILES = ('qa.jsonl',)", "SYNTHETIC_FILES = ('b.jsonl',)"])
+    assert sft.model == small
     assert [c.format for c in sft.mixture.components] == ["chat", "text"]
     assert sft.mixture.weights == {"sft": 0.9, "synthetic": 0.1}
+
+
+@pytest.mark.parametrize("bindings, named", [
+    ([], "INIT_FROM is not set"),
+    (["INIT_FROM = '/no/such/folder'"], "INIT_FROM=/no/such/folder: no such directory"),
+    (["model_from_init.runtime = {'remat': 'full', 'hidden_size': 8}"], "model_from_init.runtime: unknown field(s) ['hidden_size']"),
+])
+def test_run_file_model_errors_name_the_binding(bindings, named):
+    with pytest.raises(config.ConfigError, match=re.escape(named)) as err:
+        config.load(["runs/sft.gin"], ["MODEL_DIR = '/tmp/x'", "SFT_FILES = ('qa.jsonl',)", *bindings])
+    assert "\n" not in str(err.value)
 
 
 def with_optimizer(run, train_steps=100, **changes):

@@ -54,7 +54,10 @@ def test_round_trip_matches_transformers(hf_dir, tmp_path):
     assert convert.main(["orbax-to-hf", "--ckpt", str(run_dir), "--out", str(out), "--dtype", "float32"]) == 0
     np.testing.assert_allclose(hf_logits(out), reference, atol=1e-5)
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
-    assert convert.main(["hf-to-orbax", "--hf_dir", str(hf_dir), "--out", str(run_dir)]) == 2   # never overwrites
+    import exit_codes  # what the command line exits with (one-line error, exit 2)
+
+    assert exit_codes.run(convert.main, "convert", ["hf-to-orbax", "--hf_dir", str(hf_dir), "--out", str(run_dir)]) \
+        == exit_codes.USAGE  # never overwrites
 
 
 def test_converted_dir_initialises_an_unrolled_run_but_cannot_be_resumed(hf_dir, tmp_path):

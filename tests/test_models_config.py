@@ -27,6 +27,45 @@ def test_legacy_rope_fields_are_read():
     assert ModelConfig.from_hf(legacy) == ModelConfig.from_hf(LLAMA)
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+ROPE_CASES = [  # config.json rope fields as released checkpoints and older/newer transformers write them
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "rope_scaling": {"rope_type": "default"}},
+    {"rope_parameters": {**LLAMA3, "rope_theta": 5e5, "original_max_position_embeddings": 1024},
+     "rope_scaling": {"rope_type": "default"}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_scaling": {**LLAMA3, "type": "llama3"}},
+    {"rope_theta": 1234.0, "rope_scaling": LLAMA3, "original_max_position_embeddings": 1024},
+    {"rope_theta": 1234.0, "rope_parameters": {"rope_type": "default", "rope_theta": 99.0}},
+    {"rope_theta": 1234.0, "rope_parameters": {"rope_type": "default"}},
+    {"rope_scaling": {}, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}},
+    {"rope_scaling": None, "rope_parameters": None},
+]
+
+
+@pytest.mark.parametrize("rope", ROPE_CASES)
+def test_rope_fields_are_read_as_transformers_reads_them(rope):
+    """Both rope_parameters and rope_scaling present, legacy and new fields, defaults: the theta and scaling that
+    transformers 5 builds from the same config.json (the numerical reference)."""
+    import transformers
+
+    hf = {**{k: v for k, v in LLAMA.items() if k != "rope_parameters"}, "max_position_embeddings": 4096, **rope}
+    reference = transformers.LlamaConfig.from_dict(hf).rope_parameters
+    c = ModelConfig.from_hf(hf)
+    assert c.rope_theta == reference["rope_theta"]
+    if reference["rope_type"] == "default":
+        assert c.rope_scaling is None
+    else:
+        assert c.rope_scaling == RopeScaling(reference["factor"], reference["low_freq_factor"],
+                                             reference["high_freq_factor"],
+                                             reference["original_max_position_embeddings"])
+
+
+def test_rope_scaling_wins_over_rope_parameters_and_yarn_is_refused():
+    """transformers reads this config as yarn (rope_scaling replaces rope_parameters), which is not implemented."""
+    hf = {**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling\.rope_type='yarn' is not implemented"):
+        ModelConfig.from_hf(hf)
+
+
 @pytest.mark.parametrize("arch,extra,flag", [
     ("Qwen2ForCausalLM", {}, "qkv_bias"),
     ("Qwen3ForCausalLM", {"head_dim": 24}, "qk_norm"),

@@ -49,3 +49,16 @@ def test_save_pretrained_reloads_in_transformers(hf_model, scan, tmp_path):
     assert type(reloaded) is type(torch_model)
     tokens = random_tokens(2, 24, seed=2)
     np.testing.assert_allclose(hf_logits(reloaded, tokens), hf_logits(torch_model, tokens), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value):
+    from safetensors.numpy import load_file, save_file
+
+    build_hf("llama", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name][3, 2] = value
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(hf_io.CheckpointMismatchError, match=rf"tensor {name} holds 1 NaN/Inf value"):
+        hf_io.load_pretrained(tmp_path)

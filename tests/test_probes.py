@@ -107,9 +107,14 @@ def test_cli_baseline_and_control_with_seeds(tiny_models, tmp_path, capsys):
     probes.main(["--model", str(a[0]), "--model", str(a[1]), "--baseline", str(b[0]), "--pairs", str(pairs_file),
                  "--control_pairs", str(control_file), "--json", "--bootstrap", "500"])
     result = json.loads(capsys.readouterr().out)
-    assert not (tmp_path / "probes-set.json").exists()  # several models: nothing written unless --out
     ma = np.stack([probes.score_model(m, [PAIRS])[0] for m in a])
     mb = probes.score_model(b[0], [PAIRS])[0][None]
+    # Every arm's own result on both sets is saved beside it (what eval.report reads); the comparison beside a[0].
+    for model, margins in [(a[0], ma[0]), (a[1], ma[1]), (b[0], mb[0])]:
+        own = json.loads((model / "probes-set.json").read_text())
+        assert own["overall"]["margin"] == pytest.approx(margins.mean(), abs=1e-6)
+        assert own["config"]["models"] == [str(model)] and (model / "probes-ctl.json").is_file()
+    assert json.loads((a[0] / "comparison-set.json").read_text()) == result
     vs = result["vs_baseline"]
     assert result["overall"]["runs"] == 2 and vs["runs"] == [2, 1]
     assert vs["margin_diff"] == pytest.approx(ma.mean() - mb.mean(), abs=1e-6)

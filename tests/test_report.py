@@ -112,3 +112,18 @@ def test_arm_name_strips_seed_suffix():
     from eval.plots import arm_name
 
     assert arm_name("welfare_s12") == "welfare" and arm_name("base-seed3") == "base" and arm_name("share25") == "share25"
+
+
+def test_report_without_probe_results_warns(runs, tmp_path, capsys):
+    """A run that was never probed (and a report with nothing to plot against share) is named, not drawn silently."""
+    for path in runs[1].glob("eval/*/probes-*.json"):
+        path.unlink()
+    report.main([str(r) for r in runs] + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "no probe results for share25" in err and "share0" not in err.split("no probe results")[1].split("\n")[0]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    report.main([str(bare), "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert "no probe results for any run" in err and "vs_share.png has no data to plot" in err

@@ -83,8 +83,45 @@ def test_concurrent_requests_are_batched_without_changing_answers(client, server
     assert after["requests"] - before["requests"] == 3 and after["batches"] - before["batches"] < 3
 
 
+def test_streaming_sends_the_same_answer_as_server_sent_events(client):
+    whole = _ask(client, QUESTION, max_tokens=24, temperature=0)
+    chunks = list(_ask(client, QUESTION, max_tokens=24, temperature=0, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and len(chunks) > 3
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def _raw(server_url, request: bytes) -> bytes:
+    """Sends raw bytes to the server and returns everything it answers before closing (or 10 s)."""
+    import socket
+
+    host, port = server_url.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("length", [b"-1", b"abc", b"1e3", b"99999999999"])
+def test_malformed_content_length_is_a_400_not_a_hang(server_url, length):
+    body = json.dumps({"model": "m", "messages": QUESTION}).encode()
+    answer = _raw(server_url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n" + body)
+    status = answer.split(b"\r\n", 1)[0]
+    assert status.split()[1] in (b"400", b"413"), answer[:300]
+
+
+def test_a_long_prompt_is_refused_naming_its_length(client):
+    with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens; the model's context is 8192") as err:
+        _ask(client, [{"role": "user", "content": "cat " * 100_000}], max_tokens=4)
+    assert "max_tokens" not in str(err.value)
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(stream=True), "streaming is not supported"),
+    (dict(stream="yes"), "'stream' must be true or false"),
     (dict(temperature=-1), "temperature must be >= 0"),
     (dict(max_tokens=10**7), "exceeds the model's context"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),

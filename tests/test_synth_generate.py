@@ -232,8 +232,26 @@ def test_api_key_from_env_never_appears_in_outputs_or_logs(tmp_path):
                                             "--ideas-per-call", "2"),
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert {e["auth"] for e in app.log} == {f"Bearer {secret}"}  # the key was used...
-    assert proc.returncode == 2 and "incomplete" in proc.stdout  # (the echo400 item failed for good)
+    assert proc.returncode == 1 and "incomplete" in proc.stdout  # (the echo400 item failed for good)
     everything = proc.stdout + proc.stderr + "".join(p.read_text() for p in tmp_path.iterdir())
     assert secret not in everything  # ...and appears nowhere we wrote
     assert "Bearer ***" in log.read_text() and "HTTP 400" in log.read_text()
     assert "MY_PROVIDER_KEY" not in out.read_text()
+
+
+def test_no_server_at_the_url_stops_early_naming_it(tmp_path):
+    """Nothing listens on the port: the run stops after the first few connection failures (not 7 tries x every
+    item), exits 3 (exit_codes: service unreachable) and names the URL once in one line."""
+    import socket
+
+    with socket.socket() as s:  # a free port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(_generate_cmd(url, tmp_path / "o.jsonl", "--count", "200", "--concurrency", "2",
+                                        "--backoff", "0.01"),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m data.synth: error: cannot connect to " + url), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("connection error") <= 5

@@ -35,3 +35,13 @@ def test_demo_end_to_end(tmp_path):
     assert sorted(p.name for p in (model_dir / "exports").iterdir()) == ["2", "4"]
     assert (model_dir / "exports" / "4" / "model.safetensors").read_bytes() == \
         (model_dir / "hf" / "model.safetensors").read_bytes()
+
+    # The summary's held-out losses are eval.heldout's on the same checkpoint and data: whole held-out sets, the
+    # same tokens (the summary says how many), the same numbers.
+    from eval import heldout
+
+    result = heldout.main(["--model", str(model_dir)])
+    for name, r in result["components"].items():
+        assert abs(records[-1][f"eval/loss/{name}"] - r["loss"]) < 1e-4, (name, records[-1], r)
+        assert f"{name} {r['loss']:.3f} ({r['target_tokens']:,} tokens)" in out, out
+        assert r["target_tokens"] > 10_000  # a whole held-out set (~17k-50k tokens), not 2 batches of 1k

@@ -128,6 +128,15 @@ def test_resume_with_another_model_is_refused(reference, tmp_path):
     assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["4", "6", "8"]
 
 
+def test_train_steps_below_the_checkpoint_warns(reference, tmp_path):
+    """TRAIN_STEPS below the checkpoint's step trains nothing: the run says so instead of a bare "done"."""
+    model_dir = tmp_path / "copy"
+    shutil.copytree(reference, model_dir)
+    proc = run_train(model_dir, "--gin.TRAIN_STEPS=4")
+    assert f"nothing was trained: {model_dir} is at step {STEPS}, beyond TRAIN_STEPS=4" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["4", "6", "8"]
+
+
 def test_longer_run_is_refused_until_it_starts_a_new_schedule_phase(reference, tmp_path):
     import shlex
 
@@ -144,7 +153,7 @@ def test_longer_run_is_refused_until_it_starts_a_new_schedule_phase(reference, t
     # The end-of-run summary's "train longer" command works as printed.
     argv = train_cmd(model_dir)[2:]
     summary = loop.Summary(model_dir=model_dir, step=STEPS, stopped="done", loss=None, component_loss={},
-                           eval_loss={}, tokens_per_s=0.0, mfu=0.0, peak_source="", checkpoint=None, export=None)
+                           eval_loss={}, eval_tokens={}, tokens_per_s=0.0, mfu=0.0, peak_source="", checkpoint=None, export=None)
     longer = next(line for line in train.format_summary(summary, argv).splitlines() if "# train longer" in line)
     cmd = shlex.split(longer.split("#")[0])
     assert cmd[:2] == ["python", "train.py"]

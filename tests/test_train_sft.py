@@ -48,7 +48,7 @@ def test_sft_from_hf_trains_only_on_assistant_tokens(hf_dir, tmp_path):
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_records(40)))
-    args = ["--gin_file=runs/sft.gin", "--gin_file=models/tiny.gin", f"--gin.MODEL_DIR={tmp_path / 'run'}",
+    args = ["--gin_file=runs/sft.gin", f"--gin.MODEL_DIR={tmp_path / 'run'}",
             f"--gin.INIT_FROM={hf_dir}", f"--gin.SFT_FILES=('{data}',)", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=2",
             "--gin.SEQ_LEN=64", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.peak_flops=1e12",
             "--gin.CheckpointConfig.export_dtype='float32'"]

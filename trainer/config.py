@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import pathlib
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import gin
 
@@ -42,7 +42,9 @@ class RunConfig:
     """Everything one run needs, resolved and validated. `gin_text` is the operative config (written to config.gin).
 
     `eval_mixture` (optional, usually `@eval/MixtureConfig()` inheriting the unscoped bindings): held-out components
-    whose loss is measured every `TrainConfig.eval_every` steps on `TrainConfig.eval_batches` fixed batches.
+    whose loss is measured every `TrainConfig.eval_every` steps, each component on its own single unshuffled pass
+    (`data.config.single_component_mixture`, as eval.heldout reads it), the first `TrainConfig.eval_batches` batches
+    of it (None: the whole pass).
     """
     model: ModelConfig
     mixture: MixtureConfig
@@ -65,8 +67,41 @@ class RunConfig:
         return self.train.seed
 
 
+def model_from_init(path: str | None, runtime: dict[str, Any] | None = None) -> ModelConfig:
+    """The network config of INIT_FROM (its config.json, or a docmix run's checkpoint metadata) with the runtime
+    fields in `runtime` (e.g. {'remat': 'full'}; the others keep their defaults).
+
+    Run files bind `RunConfig.model = @model_from_init()` and `model_from_init.path = %INIT_FROM`, so one run file
+    works for any supported model. Raises ValueError naming the binding when INIT_FROM is unset or unreadable.
+    """
+    from trainer import checkpoint, initialize, run_metadata  # jax/orbax: only for run files that need them
+
+    runtime = dict(runtime or {})
+    unknown = sorted(set(runtime) - set(initialize.RUNTIME_FIELDS))
+    if unknown:
+        raise ValueError(f"model_from_init.runtime: unknown field(s) {unknown}; "
+                         f"runtime fields: {list(initialize.RUNTIME_FIELDS)}")
+    if not path:
+        raise ValueError("model_from_init.path: INIT_FROM is not set; pass --gin.INIT_FROM=DIR (a Hugging Face "
+                         "folder with config.json, or a docmix run directory)")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in initialize.RUNTIME_FIELDS}
+    source = pathlib.Path(path)
+    try:
+        if (source / "config.json").is_file():
+            from models import hf_io
+
+            return hf_io.read_config(source, **{**defaults, **runtime})
+        if source.is_dir():
+            meta = checkpoint.read_metadata(source)[3]
+            return run_metadata.model_config_from_dict(meta["model_config"]).replace(**{**defaults, **runtime})
+    except (OSError, KeyError) as e:
+        raise ValueError(f"INIT_FROM={path}: cannot read its model config: {e}") from None
+    raise ValueError(f"INIT_FROM={path}: no such directory (expected a Hugging Face folder with config.json or a "
+                     "docmix run directory)")
+
+
 for _fn in (ModelConfig, RopeScaling, MixtureConfig, Component, TrainConfig, OptimizerConfig, CheckpointConfig,
-            RunConfig, demo_asset):
+            RunConfig, demo_asset, model_from_init):
     gin.external_configurable(_fn, name=_fn.__name__)
 
 
@@ -78,7 +113,9 @@ def add_gin_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     not a Python literal or gin reference (e.g. `--gin.MODEL_DIR=/tmp/run`) is taken as a string.
     """
     parser.add_argument("--gin_file", action="append", default=[], help="gin file; repeatable, later files win")
-    parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding 'KEY = VALUE'; repeatable")
+    parser.add_argument("--gin_bindings", action="append", default=[],
+                        help="a gin binding 'KEY = VALUE'; repeatable. Shorter: --gin.KEY=VALUE, e.g. "
+                             "--gin.TRAIN_STEPS=100 --gin.MIXTURE_WEIGHTS=\"{'replay': 0.9, 'synthetic': 0.1}\"")
     parser.add_argument("--gin_search_paths", type=lambda s: [p for p in s.split(",") if p], default=[],
                         help="comma-separated folders searched for gin files and includes (t5x_configs/ always is)")
     original = parser.parse_known_args
@@ -132,7 +169,7 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
         with _quiet_search(), _plain_files_only():
             gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
     except (ValueError, IOError, SyntaxError) as e:  # gin reports unknown configurables/params with file and line
-        raise ConfigError(f"gin: {e}") from e
+        raise ConfigError("gin: " + re.sub(r"\s*\n\s*", "; ", str(e).strip())) from e  # one line
     _check_macros()
     try:
         run = gin.get_configurable(RunConfig)()
@@ -177,7 +214,9 @@ def _quiet_search():
 
 
 def _name_macros(message: str) -> str:
-    """Appends the macro behind each `Class.field` the message names (e.g. TrainConfig.train_steps -> TRAIN_STEPS)."""
+    """One line: gin's "In call to configurable 'X' (<object>)" becomes "[in X]", and the macro behind each
+    `Class.field` the message names is appended (e.g. TrainConfig.train_steps -> TRAIN_STEPS)."""
+    message = re.sub(r"\s*In call to configurable '([^']+)' \(<[^>]*>\)", r" [in \1]", message)
     macros = [m for field, m in FIELD_MACROS.items() if re.search(re.escape(field) + r"\b", message)]
     return message + (f" [set by macro {', '.join(dict.fromkeys(macros))}]" if macros else "")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import pathlib
 import signal
@@ -24,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from data import multihost, pipeline as data_pipeline
+from data.config import single_component_mixture
 from data.tokenize import check_vocab
 from models import sharding
 from trainer import (checkpoint, export, initialize, metrics, program as program_lib, run_lock, run_metadata,
@@ -45,6 +47,7 @@ class Summary:
     loss: float | None
     component_loss: dict[str, float | None]
     eval_loss: dict[str, float]
+    eval_tokens: dict[str, int]      # target tokens behind each held-out loss
     tokens_per_s: float
     mfu: float
     peak_source: str
@@ -122,14 +125,20 @@ def _check_export_targets(run: RunConfig, model_dir: pathlib.Path) -> None:
 
 
 def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.ndarray]]]:
-    """(component names, the fixed held-out batches) of the eval mixture; none without one."""
+    """(component names, the fixed held-out batches) of the eval mixture; none without one. Each component is read
+    as eval.heldout reads it (one unshuffled pass of its own, `TrainConfig.eval_batches` batches or all), so the
+    numbers agree; a batch's `component` ids are set to the component's index among the names."""
     if run.eval_mixture is None or not run.train.eval_every:
         return (), []
-    pipe = data_pipeline.build(run.eval_mixture, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-    batches = [next(pipe.iterator) for _ in range(run.train.eval_batches)]
-    pipe.iterator.close()
-    return pipe.component_names, batches
+    names, batches = [], []
+    for i, component in enumerate(run.eval_mixture.active_components):
+        single = single_component_mixture(run.eval_mixture, component, run.eval_mixture.batch_size)
+        pipe = data_pipeline.build(single, process_index=jax.process_index(), process_count=jax.process_count())
+        names.append(component.name)
+        for batch in itertools.islice(pipe.iterator, run.train.eval_batches):
+            batches.append({**batch, "component": np.full_like(batch["component"], i)})
+        pipe.iterator.close()
+    return tuple(names), batches
 
 
 def write_run_files(run: RunConfig, model_dir: pathlib.Path) -> pathlib.Path:
@@ -244,6 +253,7 @@ class StepLoop:
         self.last_saved = self.start if setup.ckpt.latest_step() == self.start else None
         self.last_rec: dict[str, Any] = {}
         self.eval_loss: dict[str, float] = {}
+        self.eval_tokens: dict[str, int] = {}
         peak, self.peak_source = metrics.peak_flops_per_device(t.hardware, t.peak_flops)
         self.peak_total = peak * setup.mesh.size
         self.flops_per_token = metrics.train_flops_per_token(run.model, t.seq_len)
@@ -324,7 +334,7 @@ class StepLoop:
         if due.needs_state:
             assert step == self.step, f"step {step} is due for host work but the state is at step {self.step}"
         if due.evaluate:
-            self.eval_loss = self._evaluate()
+            self.eval_loss, self.eval_tokens = self._evaluate()
         if due.log:
             self._log(step, m, self.eval_loss if due.evaluate else {})
         if due.save:
@@ -336,8 +346,8 @@ class StepLoop:
         if self.bar is not None:
             self.bar.update(1)
 
-    def _evaluate(self) -> dict[str, float]:
-        """Mean held-out loss per eval component over the fixed eval batches."""
+    def _evaluate(self) -> tuple[dict[str, float], dict[str, int]]:
+        """({component: mean held-out loss over the fixed eval batches}, {component: target tokens it is over})."""
         names = self.setup.eval_names
         loss, weight = np.zeros(len(names)), np.zeros(len(names))
         for b in self.setup.eval_batches:
@@ -345,7 +355,8 @@ class StepLoop:
             sums = jax.device_get(self.steps.eval(self.state.params, batch))
             loss += np.asarray(sums.per_component_loss)
             weight += np.asarray(sums.per_component_weight)
-        return {n: float(loss[i] / weight[i]) for i, n in enumerate(names) if weight[i] > 0}
+        return ({n: float(loss[i] / weight[i]) for i, n in enumerate(names) if weight[i] > 0},
+                {n: int(weight[i]) for i, n in enumerate(names) if weight[i] > 0})
 
     def _log(self, step: int, m: dict[str, Any], eval_loss: dict[str, float]) -> None:
         t = self.config.train
@@ -389,6 +400,7 @@ def finish(loop: StepLoop, stopped: str) -> Summary:
     ckpt_dir = loop.setup.ckpt.directory
     return Summary(model_dir=loop.setup.model_dir, step=loop.step, stopped=stopped, loss=rec.get("loss"),
                    component_loss={n: rec.get(f"loss/{n}") for n in loop.names}, eval_loss=loop.eval_loss,
+                   eval_tokens=loop.eval_tokens,
                    tokens_per_s=rec.get("tokens_per_s", 0.0), mfu=rec.get("mfu", 0.0), peak_source=loop.peak_source,
                    checkpoint=ckpt_dir / str(loop.last_saved) if loop.last_saved is not None else None,
                    export=export_dir)

@@ -164,7 +164,7 @@ class TrainConfig:
     init_from: str | None = None
     log_every: int = 10
     eval_every: int | None = None
-    eval_batches: int = 2
+    eval_batches: int | None = None
     hardware: str | None = None
     peak_flops: float | None = None
     progress_bar: bool = True
@@ -192,6 +192,7 @@ class TrainConfig:
         _require(self.log_every > 0, f"{name}.log_every", f"must be > 0, got {self.log_every}")
         _require(self.eval_every is None or self.eval_every > 0, f"{name}.eval_every",
                  f"must be > 0 or None, got {self.eval_every}")
-        _require(self.eval_batches > 0, f"{name}.eval_batches", f"must be > 0, got {self.eval_batches}")
+        _require(self.eval_batches is None or self.eval_batches > 0, f"{name}.eval_batches",
+                 f"must be > 0 or None (every held-out batch), got {self.eval_batches}")
         _require(self.peak_flops is None or self.peak_flops > 0, f"{name}.peak_flops",
                  f"must be > 0 or None, got {self.peak_flops}")

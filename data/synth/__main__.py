@@ -1,5 +1,8 @@
 """`python -m data.synth <command> --help`: synthetic document corpora (see docs/synth.md)."""
+import sys
+
+import exit_codes
 from data.synth.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(exit_codes.run(main, "python -m data.synth"))

@@ -18,9 +18,20 @@ from data.synth.spec import bundled_specs, load_spec
 _SPEC_HELP = "bundled spec name ({}) or a path to a spec YAML file"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 must not silently mean 'the spec's default')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", required=True, help=_SPEC_HELP.format(", ".join(bundled_specs())))
-    p.add_argument("--count", type=int, default=None, help="number of items (default: the spec's count)")
+    p.add_argument("--count", type=_positive_int, default=None, help="number of items (default: the spec's count)")
     p.add_argument("--seed", type=int, default=None, help="seed for axis assignment and wording (default: the spec's)")
     p.add_argument("--out", required=True, help="output JSONL path (written atomically)")
     p.add_argument("--timestamp", default=None,
@@ -179,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"{summary.tokens_used} tokens in {summary.elapsed_s}s -> {args.out}")
     if not summary.complete:
         print("incomplete: rerun the same command to continue (finished items are skipped)")
-    return 0 if summary.complete else 2
+    return 0 if summary.complete else 1  # some items failed for good: a data error (exit_codes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Render documents from a spec with the offline template renderer. Deterministic: "
                                    "the same spec, seed and target length give the same documents.")
     _add_spec_args(p)
-    p.add_argument("--target-tokens", type=int, default=None,
+    p.add_argument("--target-tokens", type=_positive_int, default=None,
                    help="approximate length per document in word+punctuation tokens (default: the spec's)")
     p.add_argument("--ai-identity", default=None, action=argparse.BooleanOptionalAction,
                    help="override the spec's AI-identity framing switch")
@@ -289,8 +300,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except (ValueError, OSError) as err:  # SpecError, StoreError, bad JSONL lines, missing files: no traceback
-        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return func(args)  # errors become one line and an exit code in exit_codes.run (data/synth/__main__.py)

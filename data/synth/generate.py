@@ -216,7 +216,8 @@ async def generate(spec: Spec, config: GenerateConfig, client_config: ClientConf
                     return
                 except LLMError as err:
                     counts["failed"] += 1
-                    log.error(f"{ids[index]}: {err}")
+                    message = str(err)  # names the item already unless a shared brainstorm call failed
+                    log.error(message if message.startswith(ids[index]) else f"{ids[index]}: {message}")
                     return
                 run.store.add(record)
                 counts["written"] += 1

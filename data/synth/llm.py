@@ -27,6 +27,11 @@ class LLMError(RuntimeError):
     """A request failed for good (non-retryable status, or retries exhausted); the message never holds the key."""
 
 
+class ServerUnreachable(ConnectionError):
+    """The first `ClientConfig.unreachable_after` attempts all failed to connect: no server at the URL (the message
+    names it). Generation stops instead of retrying every item."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientConfig:
     base_url: str = "https://api.openai.com/v1"
@@ -37,6 +42,7 @@ class ClientConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     retry_after_max_s: float = 120.0
+    unreachable_after: int = 5   # connection failures before any answer that mean "no server at this URL"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,8 @@ class ChatClient:
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
+        self._answered = False      # any HTTP response yet: a server exists at the URL
+        self._connect_failures = 0  # connection failures before the first response
         self._http = httpx.AsyncClient(base_url=config.base_url.rstrip("/") + "/", headers=headers,
                                        timeout=httpx.Timeout(config.timeout_s))
 
@@ -103,7 +111,15 @@ class ChatClient:
                 last = "timeout"
             except httpx.TransportError as err:
                 last = f"connection error ({type(err).__name__})"
+                if not self._answered:
+                    self._connect_failures += 1
+                    if self._connect_failures >= self.config.unreachable_after:
+                        raise ServerUnreachable(
+                            f"cannot connect to {self.config.base_url}: the first {self._connect_failures} attempts "
+                            f"all failed ({type(err).__name__}); is the server running and --base-url right?"
+                        ) from None
             else:
+                self._answered = True
                 if response.status_code == 200:
                     try:
                         return _parse(response.text, attempt + 1)
@@ -123,7 +139,8 @@ class ChatClient:
             wait = self._backoff(attempt) if wait is None else wait
             log.warning(self.redact(f"{label}: {last}; retry {attempt + 1}/{self.config.max_retries} in {wait:.2f}s"))
             await asyncio.sleep(wait)
-        raise LLMError(self.redact(f"{label}: gave up after {self.config.max_retries + 1} attempts (last: {last})"))
+        raise LLMError(self.redact(f"{label}: gave up after {self.config.max_retries + 1} attempts to "
+                                   f"{self.config.base_url} (last: {last})"))
 
 
 def _parse(body: str, attempts: int) -> Completion:
