@@ -260,7 +260,8 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
         schedule = Schedule.from_weights(stages, block_size=config.block_size, seed=config.seed, shard=j, names=names)
         shard_streams.append(BlockMixIterDataset(row_streams, names=names, schedule=schedule,
                                                  on_exhausted=[c.on_exhausted for c in components],
-                                                 max_epochs=[c.max_epochs for c in components]))
+                                                 max_epochs=[c.max_epochs for c in components],
+                                                 rows_per_step=rows_per_shard))
     dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard, {"num_shards": shards, "shards": list(local)})
     if config.worker_count:
         from absl import flags
