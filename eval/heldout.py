@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import storage
 from data import pipeline as data_pipeline
 from data.config import Component, MixtureConfig
 from eval import loading
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         p.error("--batches and --batch_size must be positive")
     result = evaluate(args.model, _mixture(args), overrides=_parse_overrides(args.component), general=args.general,
                       max_batches=args.batches, batch_size=args.batch_size)
-    out = pathlib.Path(args.out) if args.out else loading.results_dir(args.model) / RESULT_FILE
+    out = storage.Path(args.out) if args.out else loading.results_dir(args.model) / RESULT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from data.synth.records import read_jsonl
+import storage
 from eval import chat, loading, stats
 from trainer.loss import target_weights, token_losses
 
@@ -215,7 +216,7 @@ def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray |
 
 
 def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
-                ) -> pathlib.Path:
+                ) -> storage.Path:
     """Where one model's probe result is saved: beside the checkpoint (see docs/eval.md); `-chat` for chat mode."""
     return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
@@ -265,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "control_pairs": args.control_pairs, "paired_seeds": args.paired_seeds,
                         "bootstrap": args.bootstrap, "chat": chat_info,
                         "unit": "mean log-prob per continuation token (nats)"}
-    out = pathlib.Path(args.out) if args.out else (
+    out = storage.Path(args.out) if args.out else (
         result_path(args.model[0], args.pairs, chat_mode=args.chat) if len(args.model) == 1 and not args.baseline else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
