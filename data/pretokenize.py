@@ -23,7 +23,7 @@ from etils import epath
 
 from data.config import Component, MixtureConfig
 from data.documents import DocumentEncoder
-from data.sources import DocumentSource, ScanReport, expand_paths, open_source
+from data.sources import DocumentSource, ScanReport, expand_paths, open_source, ShardSlice
 from data.tokenize import TextEncoder, tokenizer_sha256
 
 METADATA = "pretokenized.json"
@@ -97,9 +97,9 @@ class PretokenizedDocuments:
                 "doc_pos": np.arange(len(tokens), dtype=np.int32)}
 
 
-def open_pretokenized(component: Component, tokenizer: str):
-    """(random-access raw records, map fn, scan report from the metadata). Errors when the shards' tokenizer differs from the mixture's; the shards
-    carry their own BOS/EOS/prefix rendering."""
+def open_pretokenized(component: Component, tokenizer: str, shard: int = 0, shards: int = 1):
+    """(random-access raw records of data shard `shard` of `shards`, map fn, scan report from the metadata). Errors
+    when the shards' tokenizer differs from the mixture's; the shards carry their own BOS/EOS/prefix rendering."""
     import grain
 
     files = expand_paths(component)
@@ -120,9 +120,10 @@ def open_pretokenized(component: Component, tokenizer: str):
                              f"(sha256 {meta['tokenizer_sha256'][:12]}…) than MixtureConfig.tokenizer={tokenizer}")
         report.empty += meta["empty_filtered"]
         report.bad += meta["bad_records"]
-    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    source = ShardSlice(grain.sources.ArrayRecordDataSource([str(f) for f in files]), shard, shards)
     report.documents = len(source)
     return source, PretokenizedDocuments(component.loss_weight), report
+
 
 
 def main(argv: list[str] | None = None) -> None:

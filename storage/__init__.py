@@ -25,6 +25,7 @@ from collections.abc import Iterable
 # gs:// through fsspec only, so Orbax, Grain and docmix share one client, one auth and one endpoint.
 os.environ.setdefault("EPATH_USE_TF", "false")
 
+import fsspec  # noqa: E402
 from etils import epath  # noqa: E402  (after the environment default above)
 
 Path = epath.Path
@@ -84,9 +85,9 @@ def local_dir(path: PathLike) -> pathlib.Path:
     remote = Path(path)
     _cache_root().mkdir(parents=True, exist_ok=True)
     local = pathlib.Path(tempfile.mkdtemp(prefix="docmix-copy-", dir=_cache_root())) / remote.name
-    for f in remote.rglob("*"):
-        if f.is_file():
-            _download(f, local / os.fspath(f)[len(os.fspath(remote)) + 1:])
+    fs, root = fsspec.core.url_to_fs(os.fspath(remote))
+    for name in fs.find(root):  # epath refuses a recursive glob on gs://
+        _download(Path(fs.unstrip_protocol(name)), local / name[len(root.rstrip("/")) + 1:])
     return local
 
 
