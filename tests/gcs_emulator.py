@@ -24,19 +24,19 @@ def client_env(url: str) -> dict[str, str]:
         "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
         "GCE_METADATA_ROOT": "127.0.0.1:9", "GOOGLE_CLOUD_PROJECT": "docmix-test",
         "EPATH_USE_TF": "false",
+        # The emulator serves one request at a time; on a loaded machine tensorstore's concurrent requests queued
+        # behind it timed out and were retried, and a retried conditional OCDBT manifest write then failed with
+        # "Malformed StorageGeneration". One request at a time and patient timeouts avoid that.
+        "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "1", "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "600",
+        "TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS": "600",
     }
 
 
 @contextlib.contextmanager
 def emulator() -> Iterator[str]:
-    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL.
-
-    Call it before anything imports gcsfs (which reads its environment at import)."""
-    import sys
-
+    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL."""
     import fsspec
-
-    assert "gcsfs" not in sys.modules, "gcsfs was imported before the emulator's environment was set"
+    import gcsfs
     from gcp_storage_emulator.server import create_server
 
     server = create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
@@ -46,12 +46,17 @@ def emulator() -> Iterator[str]:
     os.environ.update(client_env(url))
     fsspec.config.conf.setdefault("gs", {})["token"] = "anon"  # fsspec read FSSPEC_* at import, before this
     fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+    saved_classes = {p: fsspec.get_filesystem_class(p) for p in ("gs", "gcs")}
+    for protocol in saved_classes:  # the plain client: gcsfs's experimental one (chosen at import) calls gRPC APIs
+        fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
     try:
         yield url
     finally:
+        gcsfs.GCSFileSystem.clear_instance_cache()  # (no new instance: it would look for real credentials)
         os.environ.clear()
         os.environ.update(saved)
         fsspec.config.conf.get("gs", {}).pop("token", None)
         fsspec.config.conf.get("gcs", {}).pop("token", None)
-        fsspec.filesystem("gs").clear_instance_cache()
+        for protocol, cls in saved_classes.items():
+            fsspec.register_implementation(protocol, cls, clobber=True)
         server.stop()
