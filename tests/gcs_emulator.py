@@ -34,9 +34,15 @@ def client_env(url: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def emulator() -> Iterator[str]:
-    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL."""
+    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL.
+
+    Call it before anything imports gcsfs: gcsfs picks its (experimental, gRPC) client at import from the environment.
+    """
+    import sys
+
     import fsspec
-    import gcsfs
+
+    assert "gcsfs" not in sys.modules, "gcsfs was imported before the emulator's environment was set"
     from gcp_storage_emulator.server import create_server
 
     server = create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
@@ -46,17 +52,14 @@ def emulator() -> Iterator[str]:
     os.environ.update(client_env(url))
     fsspec.config.conf.setdefault("gs", {})["token"] = "anon"  # fsspec read FSSPEC_* at import, before this
     fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
-    saved_classes = {p: fsspec.get_filesystem_class(p) for p in ("gs", "gcs")}
-    for protocol in saved_classes:  # the plain client: gcsfs's experimental one (chosen at import) calls gRPC APIs
-        fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
     try:
         yield url
     finally:
+        import gcsfs
+
         gcsfs.GCSFileSystem.clear_instance_cache()  # (no new instance: it would look for real credentials)
         os.environ.clear()
         os.environ.update(saved)
         fsspec.config.conf.get("gs", {}).pop("token", None)
         fsspec.config.conf.get("gcs", {}).pop("token", None)
-        for protocol, cls in saved_classes.items():
-            fsspec.register_implementation(protocol, cls, clobber=True)
         server.stop()
