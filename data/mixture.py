@@ -73,6 +73,16 @@ class Schedule:
             segments.append((int(start), tuple(int(n) for n in counts)))
         return cls(tuple(segments), block_size, seed, shard)
 
+    def for_worker(self, worker: int, workers: int, rows_per_step: int) -> "Schedule":
+        """The schedule of Grain worker `worker` of `workers`, which builds every `workers`-th batch of the shard
+        (global step k * workers + worker is its k-th): a stage starting at global step S starts at the worker's
+        first batch at or after S, so stages fire at their step whatever the worker count."""
+        segments: dict[int, tuple[int, ...]] = {}
+        for start, counts in self.segments:
+            step = start // rows_per_step
+            segments[max(0, -(-(step - worker) // workers)) * rows_per_step] = counts  # later stage wins a tie
+        return dataclasses.replace(self, segments=tuple(sorted(segments.items())))
+
     def rebased(self, row: int) -> "Schedule":
         """The same weights, with the segment in force at `row` restarting its block grid at `row`."""
         keep = [s for s in self.segments if s[0] > row]
@@ -99,12 +109,20 @@ class BlockMixIterDataset(grain.IterDataset):
     """
 
     def __init__(self, parents: Sequence[grain.IterDataset], *, names: Sequence[str], schedule: Schedule,
-                 on_exhausted: Sequence[str], max_epochs: Sequence[int | None]):
+                 on_exhausted: Sequence[str], max_epochs: Sequence[int | None], rows_per_step: int):
         super().__init__(list(parents))
         self._names = tuple(names)
         self._schedule = schedule
         self._on_exhausted = tuple(on_exhausted)
         self._max_epochs = tuple(max_epochs)
+        self._rows_per_step = rows_per_step
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Grain worker `sl.start` of `sl.step` (`mp_prefetch`): its parents read a disjoint slice of the documents
+        and its rows are every `sl.step`-th batch, so its stage boundaries move to its own batches."""
+        for parent in self._parents:
+            parent.set_slice(sl, sequential_slice)
+        self._schedule = self._schedule.for_worker(sl.start or 0, sl.step or 1, self._rows_per_step)
 
     def __iter__(self) -> "_BlockMixIterator":
         return _BlockMixIterator(self, [iter(p) for p in self._parents])

@@ -1,13 +1,15 @@
 """`build(config) -> Pipeline`: sources -> tokens -> packed rows -> block mixture -> batches, with stats.
 
 Data shards: the global batch of `batch_size` rows is `num_shards` contiguous slices of `batch_size/num_shards` rows.
-Shard j owns the documents j, j+S, j+2S, ... of every component (before shuffling), packs them and mixes its rows
-by the block schedule on its own. A JAX process builds only the shards of its slice of the global batch, so per-process
-outputs are disjoint and, stacked in process order, equal the batches of one process building every shard.
+Shard j owns part j of every component's records (by byte range, file, row group or index: data.sources), opens and
+validates only those, packs them and mixes its rows by the block schedule on its own. A JAX process builds only the
+shards of its slice of the global batch, so it reads and parses only its own documents, per-process outputs are
+disjoint and, stacked in process order, equal the batches of one process building every shard.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import zlib
 from collections.abc import Sequence
@@ -32,41 +34,40 @@ def component_seed(seed: int, name: str) -> int:
 
 
 class EpochMapDataset(grain.MapDataset):
-    """Shard `shard` of `shards` of a document source, reshuffled every epoch (seeded), repeated `epochs` times
+    """A document source (one data shard's), reshuffled every epoch (seeded), repeated `epochs` times
     (None = forever), each document mapped by `fn`. Element i is epoch i // n, document perm_epoch[i % n].
 
     One Grain node instead of source/slice/shuffle/repeat/map: each of those costs per-element bookkeeping.
     """
 
-    def __init__(self, source, fn, *, shard: int, shards: int, seed: int, epochs: int | None, shuffle: bool):
+    def __init__(self, source, fn, *, seed: int, epochs: int | None, shuffle: bool):
         super().__init__()
         self._source, self._fn = source, fn
-        self._ids = np.arange(shard, len(source), shards)
         self._seed, self._epochs, self._shuffle = seed, epochs, shuffle
         self._perm: tuple[int, np.ndarray | None] = (-1, None)
 
     @property
     def documents_per_epoch(self) -> int:
         """Documents of this shard (one epoch)."""
-        return len(self._ids)
+        return len(self._source)
 
     def __len__(self) -> int:
-        return len(self._ids) * self._epochs if self._epochs else sys.maxsize
+        return self.documents_per_epoch * self._epochs if self._epochs else sys.maxsize
 
     def __str__(self) -> str:
-        return f"EpochMapDataset(documents={len(self._ids)}, epochs={self._epochs})"
+        return f"EpochMapDataset(documents={self.documents_per_epoch}, epochs={self._epochs})"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        epoch, k = divmod(index, len(self._ids))
+        epoch, k = divmod(index, self.documents_per_epoch)
         if self._shuffle:
             if self._perm[0] != epoch:
-                self._perm = (epoch, np.random.default_rng([self._seed, epoch]).permutation(len(self._ids)))
+                self._perm = (epoch, np.random.default_rng([self._seed, epoch]).permutation(self.documents_per_epoch))
             k = self._perm[1][k]
-        return self._fn(self._source[int(self._ids[k])])
+        return self._fn(self._source[int(k)])
 
 
 class _ShardBatchIterDataset(grain.IterDataset):
@@ -175,8 +176,9 @@ class Pipeline:
 
     def stats(self) -> dict[str, Any]:
         """Realized counts of this process's batches so far: per component rows, non-padding tokens, token share,
-        documents started, epochs (documents / documents per epoch), filtered empty and skipped bad records;
-        the padding fraction of all tokens."""
+        documents started, epochs (documents / documents per epoch), filtered empty and skipped bad records, and the
+        records this process parsed and bytes it read at start-up (its own data shards only); the padding fraction
+        of all tokens."""
         c = self.iterator.counts()
         tokens = sum(c["tokens"].values())
         comps = {}
@@ -185,7 +187,8 @@ class Pipeline:
             comps[name] = {"rows": c["rows"][name], "tokens": c["tokens"][name],
                            "token_share": c["tokens"][name] / max(tokens, 1), "documents": c["documents"][name],
                            "epochs": c["documents"][name] / self.documents_per_epoch[name],
-                           "empty_filtered": report.empty, "bad_records": len(report.bad)}
+                           "empty_filtered": report.empty, "bad_records": len(report.bad),
+                           "records_parsed": report.records_parsed, "bytes_read": report.bytes_read}
         all_tokens = tokens + c["padding"]
         return {"components": comps, "rows": sum(c["rows"].values()), "batches": c["batches"],
                 "padding_fraction": c["padding"] / all_tokens if all_tokens else 0.0}
@@ -199,14 +202,15 @@ def _local_shards(config: MixtureConfig, process_index: int, process_count: int)
     return shards, range(process_index * per, (process_index + 1) * per)
 
 
-def _open(component: Component, encoder: TextEncoder, config: MixtureConfig):
-    """(random-access documents, per-document map fn, scan report) for one component."""
+def _open(component: Component, encoder: TextEncoder, config: MixtureConfig, shard: int, shards: int):
+    """(random-access documents, per-document map fn, scan report) of data shard `shard` of one component."""
     if component.kind == "pretokenized":
         from data.pretokenize import open_pretokenized
 
-        return open_pretokenized(component, config.tokenizer)
+        return open_pretokenized(component, config.tokenizer, shard, shards)
     doc_encoder = DocumentEncoder(component, encoder)
-    source, report = open_source(component, doc_encoder.check, max_bad_records=config.max_bad_records)
+    source, report = open_source(component, doc_encoder.check, max_bad_records=config.max_bad_records, shard=shard,
+                                 shards=shards)
     return source, doc_encoder, report
 
 
@@ -215,11 +219,12 @@ FILL_SAMPLE_ROWS = 256
 
 def estimate_fill(source, fn, component: Component, config: MixtureConfig) -> float:
     """Mean fraction of non-padding tokens in a component's rows: exactly 1 for concat-then-split (rows are full), and
-    for first-fit measured on the first FILL_SAMPLE_ROWS rows packed from the seeded first epoch (deterministic)."""
+    for first-fit measured on the first FILL_SAMPLE_ROWS rows packed from the seeded first epoch of `source`, data
+    shard 0 (the same on every process, so all agree on the row shares)."""
     if component.packing != "first_fit":
         return 1.0
-    docs = EpochMapDataset(source, fn, shard=0, shards=1, seed=component_seed(config.seed, component.name),
-                           epochs=1, shuffle=component.shuffle)
+    docs = EpochMapDataset(source, fn, seed=component_seed(config.seed, component.name), epochs=1,
+                           shuffle=component.shuffle)
     it = iter(PackedRowsIterDataset(docs, component, config.seq_len))
     real = [int((row["segment_ids"] > 0).sum()) for row, _ in zip(it, range(FILL_SAMPLE_ROWS))]
     return sum(real) / (len(real) * config.seq_len)
@@ -239,8 +244,11 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
     components = config.active_components
     names = [c.name for c in components]
     rows_per_shard = config.batch_size // shards
-    opened = {c.name: _open(c, encoder, config) for c in components}
-    fill = {c.name: estimate_fill(opened[c.name][0], opened[c.name][1], c, config) for c in components}
+    opened = {(c.name, j): _open(c, encoder, config, j, shards) for c in components for j in local}
+    fill = {}
+    for c in components:  # first-fit fill from shard 0 (opened here too when another process owns it)
+        shard0 = opened.get((c.name, 0)) or (_open(c, encoder, config, 0, shards) if c.packing == "first_fit" else None)
+        fill[c.name] = estimate_fill(shard0[0], shard0[1], c, config) if shard0 else 1.0
     stages = [(start * rows_per_shard, row_shares([w[n] for n in names], [fill[n] for n in names]))
               for start, w in config.weight_schedule()]
     per_epoch = {n: 0 for n in names}
@@ -248,19 +256,19 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
     for j in local:
         row_streams = []
         for c in components:
-            source, fn, _ = opened[c.name]
+            source, fn, _ = opened[c.name, j]
             seed = component_seed(config.seed, c.name)
-            docs = EpochMapDataset(source, fn, shard=j, shards=shards, seed=seed, epochs=c.max_epochs,
-                                   shuffle=c.shuffle)
-            if docs.documents_per_epoch == 0:
-                raise ValueError(f"component {c.name!r} has {len(source)} documents, fewer than the {shards} data "
-                                 "shards; every shard needs at least one")
+            if len(source) == 0:
+                raise ValueError(f"component {c.name!r} has no documents in data shard {j} of {shards}; every shard "
+                                 "needs at least one (use fewer MixtureConfig.num_shards or more documents)")
+            docs = EpochMapDataset(source, fn, seed=seed, epochs=c.max_epochs, shuffle=c.shuffle)
             per_epoch[c.name] += docs.documents_per_epoch
             row_streams.append(PackedRowsIterDataset(docs, c, config.seq_len))
         schedule = Schedule.from_weights(stages, block_size=config.block_size, seed=config.seed, shard=j, names=names)
         shard_streams.append(BlockMixIterDataset(row_streams, names=names, schedule=schedule,
                                                  on_exhausted=[c.on_exhausted for c in components],
-                                                 max_epochs=[c.max_epochs for c in components]))
+                                                 max_epochs=[c.max_epochs for c in components],
+                                                 rows_per_step=rows_per_shard))
     dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard, {"num_shards": shards, "shards": list(local)})
     if config.worker_count:
         from absl import flags
@@ -271,5 +279,6 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
     if config.prefetch:  # below the stats iterator, so its counts are of the batches handed out
         dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=config.prefetch)
     dataset = _StatsIterDataset(dataset, names)
+    reports = {n: functools.reduce(ScanReport.merge, (opened[n, j][2] for j in local)) for n in names}
     return Pipeline(config=config, component_names=tuple(names), iterator=iter(dataset), dataset=dataset,
-                    reports={n: opened[n][2] for n in names}, documents_per_epoch=per_epoch, encoder=encoder)
+                    reports=reports, documents_per_epoch=per_epoch, encoder=encoder)

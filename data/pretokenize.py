@@ -15,15 +15,17 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
+import os
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
-from etils import epath
 
+import storage
 from data.config import Component, MixtureConfig
 from data.documents import DocumentEncoder
-from data.sources import DocumentSource, ScanReport, expand_paths, open_source
+from data.sources import DocumentSource, ScanReport, ShardSlice, expand_paths, open_source
 from data.tokenize import TextEncoder, tokenizer_sha256
 
 METADATA = "pretokenized.json"
@@ -44,13 +46,20 @@ def decode_record(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 def _write_file(source: DocumentSource, encoder: DocumentEncoder, lo: int, hi: int, path: str) -> tuple[int, int]:
     from array_record.python import array_record_module
 
-    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    local = path
+    if storage.is_remote(path):  # the ArrayRecord writer writes local files: write here, then copy
+        fd, local = tempfile.mkstemp(suffix=".array_record")
+        os.close(fd)
+    writer = array_record_module.ArrayRecordWriter(local, "group_size:1")
     tokens = 0
     for j in range(lo, hi):
         doc = encoder(source[j])
         writer.write(encode_record(doc["tokens"], doc["weights"]))
         tokens += len(doc["tokens"])
     writer.close()
+    if local != path:
+        storage.copy_file(local, path)
+        os.unlink(local)
     return int(hi - lo), tokens
 
 
@@ -66,7 +75,7 @@ def pretokenize(config: MixtureConfig, component: str, output_dir: str, *, num_f
         raise ValueError(f"component {component!r} is already pretokenized")
     doc_encoder = DocumentEncoder(comp, TextEncoder(config))
     source, report = open_source(comp, doc_encoder.check, max_bad_records=config.max_bad_records)
-    out = epath.Path(output_dir)
+    out = storage.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_files = max(1, min(num_files, len(source)))
     bounds = np.linspace(0, len(source), num_files + 1).astype(int)
@@ -75,7 +84,7 @@ def pretokenize(config: MixtureConfig, component: str, output_dir: str, *, num_f
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, processes), mp_context=ctx) as pool:
         results = list(pool.map(_write_file, [source] * num_files, [doc_encoder] * num_files, bounds[:-1],
                                 bounds[1:], paths))
-    meta = {"component": component, "files": [epath.Path(p).name for p in paths],
+    meta = {"component": component, "files": [storage.Path(p).name for p in paths],
             "documents": sum(r[0] for r in results), "tokens": sum(r[1] for r in results),
             "empty_filtered": report.empty, "bad_records": report.bad,
             "tokenizer_sha256": tokenizer_sha256(config.tokenizer), "vocab_size": doc_encoder.encoder.vocab_size,
@@ -97,9 +106,9 @@ class PretokenizedDocuments:
                 "doc_pos": np.arange(len(tokens), dtype=np.int32)}
 
 
-def open_pretokenized(component: Component, tokenizer: str):
-    """(random-access raw records, map fn, scan report from the metadata). Errors when the shards' tokenizer differs from the mixture's; the shards
-    carry their own BOS/EOS/prefix rendering."""
+def open_pretokenized(component: Component, tokenizer: str, shard: int = 0, shards: int = 1):
+    """(random-access raw records of data shard `shard` of `shards`, map fn, scan report from the metadata). Errors
+    when the shards' tokenizer differs from the mixture's; the shards carry their own BOS/EOS/prefix rendering."""
     import grain
 
     files = expand_paths(component)
@@ -120,9 +129,10 @@ def open_pretokenized(component: Component, tokenizer: str):
                              f"(sha256 {meta['tokenizer_sha256'][:12]}…) than MixtureConfig.tokenizer={tokenizer}")
         report.empty += meta["empty_filtered"]
         report.bad += meta["bad_records"]
-    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    source = ShardSlice(grain.sources.ArrayRecordDataSource([str(f) for f in files]), shard, shards)
     report.documents = len(source)
     return source, PretokenizedDocuments(component.loss_weight), report
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import tokenizers
 
+import storage
 from data.chat_template import template_source
 from data.config import MixtureConfig
 
@@ -29,9 +30,10 @@ class Encoded:
     weights: np.ndarray
 
 
-def tokenizer_files(path: str | pathlib.Path) -> tuple[pathlib.Path, dict, str | None]:
-    """(tokenizer.json, tokenizer_config dict or {}, chat template or None) for a file or an HF folder."""
-    path = pathlib.Path(path)
+def tokenizer_files(path: str | pathlib.Path) -> tuple[storage.Path, dict, str | None]:
+    """(tokenizer.json, tokenizer_config dict or {}, chat template or None) for a file or an HF folder (local or
+    gs://)."""
+    path = storage.Path(path)
     folder = path if path.is_dir() else path.parent
     tok_file = folder / "tokenizer.json" if path.is_dir() else path
     if not tok_file.is_file():
@@ -79,7 +81,7 @@ class TextEncoder:
     @property
     def tokenizer(self) -> tokenizers.Tokenizer:
         if self._tok is None:
-            self._tok = tokenizers.Tokenizer.from_file(str(self._path))
+            self._tok = tokenizers.Tokenizer.from_file(str(storage.local_file(self._path)))
         return self._tok
 
     def __getstate__(self):
@@ -130,7 +132,7 @@ def check_vocab(tokenizer: str | pathlib.Path, model_vocab_size: int) -> int:
     Call at start-up with the model config's vocab_size (a model may pad its vocabulary, so smaller is fine).
     """
     tok_file, _, _ = tokenizer_files(tokenizer)
-    size = tokenizers.Tokenizer.from_file(str(tok_file)).get_vocab_size(with_added_tokens=True)
+    size = tokenizers.Tokenizer.from_file(str(storage.local_file(tok_file))).get_vocab_size(with_added_tokens=True)
     if size > model_vocab_size:
         raise ValueError(f"tokenizer {tok_file} has {size} tokens but the model's vocab_size is {model_vocab_size}; "
                          "token ids past the embedding would be out of range")

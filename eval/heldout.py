@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import storage
 from data import pipeline as data_pipeline
 from data.config import Component, MixtureConfig, single_component_mixture
 from eval import loading
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mixture, run_batches = _mixture(args)
     result = evaluate(args.model, mixture, overrides=_parse_overrides(args.component), general=args.general,
                       max_batches=args.batches or run_batches, batch_size=args.batch_size)
-    out = pathlib.Path(args.out) if args.out else loading.results_dir(args.model) / RESULT_FILE
+    out = storage.Path(args.out) if args.out else loading.results_dir(args.model) / RESULT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

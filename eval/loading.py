@@ -9,42 +9,44 @@ from typing import Any
 
 import jax
 
+import storage
+
 RESULTS = "eval"
 
 
-def is_hf_folder(path: pathlib.Path) -> bool:
+def is_hf_folder(path: storage.Path) -> bool:
     """An HF folder is recognised by its config.json (run and step directories never hold one at the top)."""
     return (path / "config.json").is_file()
 
 
-def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any, pathlib.Path]:
+def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any, storage.Path]:
     """Loads (Transformer, ModelConfig, tokenizer_dir) from `path`.
 
     `path` is an HF folder (has config.json; its own folder holds the tokenizer), a run directory (its latest checkpoint)
-    or a checkpoint step directory. The model's parameters are placed on `mesh` when given.
+    or a checkpoint step directory, local or gs://. The model's parameters are placed on `mesh` when given.
     """
-    path = pathlib.Path(path).expanduser().resolve()
+    path = storage.absolute(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist "
                                 "(expected an HF folder, a run directory or a step directory)")
     if is_hf_folder(path):
         from models import hf_io
 
-        model, config = hf_io.load_pretrained(path, mesh=mesh)
+        model, config = hf_io.load_pretrained(storage.local_dir(path), mesh=mesh)
         return model, config, path
     from trainer import checkpoint
 
     return checkpoint.restore_model(path, mesh=mesh)
 
 
-def results_dir(path: str | pathlib.Path) -> pathlib.Path:
+def results_dir(path: str | pathlib.Path) -> storage.Path:
     """Where eval results (probes-*.json, heldout.json, anima.json) of the checkpoint at `path` are written.
 
     An HF folder keeps its results inside itself (MODEL_DIR/hf/anima.json); a step directory MODEL_DIR/checkpoints/N
     (or a run directory, meaning its latest committed step) keeps them in MODEL_DIR/eval/N/, outside the Orbax tree,
-    so that checkpoint garbage collection never deletes them and Orbax never sees foreign files.
+    so that checkpoint garbage collection never deletes them and Orbax never sees foreign files. Local or gs://.
     """
-    path = pathlib.Path(path).expanduser().resolve()
+    path = storage.absolute(path)
     if is_hf_folder(path):
         return path
     from trainer import checkpoint

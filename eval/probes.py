@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from data.synth.records import read_jsonl
+import storage
 from eval import chat, loading, stats
 from trainer.loss import target_weights, token_losses
 
@@ -215,7 +216,7 @@ def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray |
 
 
 def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
-                ) -> pathlib.Path:
+                ) -> storage.Path:
     """Where one model's probe result is saved: beside the checkpoint (see docs/eval.md); `-chat` for chat mode."""
     return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
@@ -299,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     saved = save_each_model(args.model + args.baseline, treat + base, pair_sets, pair_files, args.bootstrap,
                             chat_info=chat_info)
     if args.out or len(saved) > 1:  # a comparison or several seeds: the combined result too
-        out = pathlib.Path(args.out) if args.out else comparison_path(args.model[0], args.pairs, chat_mode=args.chat)
+        out = storage.Path(args.out) if args.out else comparison_path(args.model[0], args.pairs, chat_mode=args.chat)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         saved.append(out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+import storage
 from models import sharding
 from models.config import ModelConfig
 from models.hf_names import TensorMap, hf_shape, tensor_maps
@@ -233,11 +233,12 @@ def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *, dtype: s
     generation = {k: v for k, v in config.to_hf().items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     _write_json(out_dir / "generation_config.json", {**generation, "_from_model_config": True})
     for path in tok_files:
-        shutil.copyfile(path, out_dir / path.name)
+        storage.copy_file(path, out_dir / path.name)
 
 
-def _tokenizer_files(tokenizer_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    found = [pathlib.Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (pathlib.Path(tokenizer_dir) / n).exists()]
+def _tokenizer_files(tokenizer_dir: str | pathlib.Path) -> list[storage.Path]:
+    """The tokenizer files of a local or gs:// folder."""
+    found = [storage.Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (storage.Path(tokenizer_dir) / n).exists()]
     if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in found):
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json, tokenizer.model or vocab.json to export")
     return found

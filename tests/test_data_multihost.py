@@ -30,7 +30,8 @@ def test_two_processes_are_disjoint_and_stack_to_one_process_stream(tmp_path):
         for i, part in enumerate(parts):
             for toks, seg, pos in zip(part["tokens"], part["segment_ids"], part["positions"]):
                 for s in range(1, seg.max() + 1):
-                    seen[i].add(tuple(toks[seg == s][:3]))
+                    if (seg == s).sum() >= 3:  # (a row can end in a lone BOS: no document's identity)
+                        seen[i].add(tuple(toks[seg == s][:3]))
     assert not seen[0] & seen[1]  # the two processes read disjoint documents
     assert procs[0].stats()["rows"] == procs[1].stats()["rows"] == 20
     assert one.stats()["components"]["a"]["rows"] == sum(p.stats()["components"]["a"]["rows"] for p in procs)

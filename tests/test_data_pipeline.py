@@ -269,6 +269,25 @@ def test_grain_worker_processes_resume_exactly(corpus):
     q.iterator.close()
 
 
+@pytest.mark.slow  # ~15 s: starts 3 worker processes
+def test_stages_fire_at_their_step_with_grain_workers(corpus):
+    """With 3 Grain workers each worker builds every 3rd batch; a stage for step 4 must switch the weights at global
+    step 4 (not at step 4 x 3 = 12, where each worker's own row count reaches it), and resume must keep that."""
+    cfg = mixture(corpus, {"short": 0.5, "long": 0.5}, seq_len=32, batch_size=4, block_size=4, worker_count=3,
+                  stages=((4, {"short": 0.25, "long": 0.75}), (5, {"short": 0.75, "long": 0.25})))
+    p = build(cfg)
+    batches = take(p, 4)
+    state = p.iterator.get_state()
+    batches += take(p, 5)
+    counts = [np.bincount(b["component"], minlength=2).tolist() for b in batches]
+    assert counts == [[2, 2]] * 4 + [[1, 3]] + [[3, 1]] * 4
+    q = build(cfg)
+    q.iterator.set_state(state)
+    assert_batches_equal(take(q, 5), batches[4:])
+    p.iterator.close()
+    q.iterator.close()
+
+
 def test_orbax_checkpoint_round_trip_and_stages(corpus, tmp_path):
     """The iterator saves/restores through grain.checkpoint in an Orbax Composite; a stage switches weights at its
     step (rows per shard * step), with blocks laid out from the stage start."""

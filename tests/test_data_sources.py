@@ -132,3 +132,63 @@ def test_parquet_array_record_and_hf_disk_sources(tok, tmp_path):
         comp = Component("c", kind=kind, paths=(str(tmp_path / path),), shuffle=False)
         got = all_text(build(cfg(tok, [comp], seq_len=12, batch_size=1)), 1)
         assert got == ["<s> a b c </s> <s> d e </s> <s> f </s>"], kind
+
+
+def _shard_texts(component: Component, shards: int) -> list[tuple[list[str], object]]:
+    """(texts, scan report) of every data shard of a component, each opened on its own as its host would."""
+    from data.sources import open_source
+
+    out = []
+    for j in range(shards):
+        source, report = open_source(component, lambda r: bool(r["text"].strip()), max_bad_records=0, shard=j,
+                                     shards=shards)
+        out.append(([source[i]["text"] for i in range(len(source))], report))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "jsonl_2gz", "jsonl_4gz", "parquet"])
+def test_each_shard_opens_and_parses_only_its_own_records(tmp_path, layout):
+    """4 data shards: every record is parsed by exactly one shard (disjoint, union = the corpus), each shard parses
+    about a quarter of the records and reads about a quarter of the bytes (gzip: by file, or all bytes when there
+    are fewer files than shards), so a host's start-up work does not grow with the corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"doc {i} " + "x" * (i % 13) for i in range(400)]
+    parts = [texts[k::4] if layout == "jsonl_4gz" else texts[k * 200:(k + 1) * 200] for k in range(4)]
+    if layout == "jsonl":
+        files = [write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:150]]),
+                 write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[150:]])]
+    elif layout.endswith("gz"):
+        files = []
+        for k in range(2 if layout == "jsonl_2gz" else 4):
+            files.append(tmp_path / f"p{k}.jsonl.gz")
+            with gzip.open(files[-1], "wt") as f:
+                f.writelines(json.dumps({"text": t}) + "\n" for t in parts[k])
+    else:
+        files = [tmp_path / "t.parquet"]
+        pq.write_table(pa.table({"text": texts}), files[0], row_group_size=25)
+    comp = Component("c", kind="parquet" if layout == "parquet" else "jsonl", paths=tuple(map(str, files)))
+    shards = _shard_texts(comp, 4)
+    seen = [t for got, _ in shards for t in got]
+    assert sorted(seen) == sorted(texts) and len(set(seen)) == len(texts)  # disjoint, and nothing lost
+    total_bytes = sum(f.stat().st_size for f in files)
+    for got, report in shards:
+        assert report.records_parsed == len(got) and 95 <= len(got) <= 105
+        if layout == "jsonl_2gz":  # 2 files for 4 shards: every shard streams both, parses a quarter of the lines
+            assert report.bytes_read == total_bytes
+        elif layout == "parquet":  # whole row groups of 25 rows overlapping the shard's 100 rows
+            assert 0 < report.bytes_read < pq.ParquetFile(files[0]).metadata.row_group(0).total_byte_size * 5
+        else:
+            assert 0 < report.bytes_read <= total_bytes / 4 + 100  # plus at most one line past the range end
+
+
+def test_per_process_parse_counts_in_pipeline_stats(tok, tmp_path):
+    """Simulated 4 processes of a 4-shard run: pipeline stats say what each parsed; together exactly the corpus."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"w{i} w{i + 1}"} for i in range(200)])
+    config = cfg(tok, [Component("c", paths=(str(path),))], batch_size=4, num_shards=4)
+    stats = [build(config, process_index=i, process_count=4).stats()["components"]["c"] for i in range(4)]
+    parsed = [s["records_parsed"] for s in stats]  # byte ranges: about a quarter each (lines differ in length)
+    assert sum(parsed) == 200 and all(40 <= n <= 60 for n in parsed)
+    assert sum(s["bytes_read"] for s in stats) <= path.stat().st_size + 4 * 20
+    assert build(config).stats()["components"]["c"]["records_parsed"] == 200

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+import storage
 from models import layout
 from models.config import ModelConfig
 from models.sharding import make_mesh
@@ -40,7 +41,7 @@ class NoResumableCheckpoint(RuntimeError):
     """Every committed checkpoint in MODEL_DIR failed to restore (nothing was moved)."""
 
 
-def _manager(directory: pathlib.Path, config: CheckpointConfig | None, read_only: bool = False,
+def _manager(directory: storage.Path, config: CheckpointConfig | None, read_only: bool = False,
              keep: health.PreserveStep | None = None) -> ocp.CheckpointManager:
     config = config or CheckpointConfig()
     policies = [ocp.checkpoint_managers.LatestN(config.keep_latest)]
@@ -52,14 +53,14 @@ def _manager(directory: pathlib.Path, config: CheckpointConfig | None, read_only
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=config.async_save and not read_only,
         cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    return ocp.CheckpointManager(storage.absolute(directory), options=options)
 
 
 class Checkpointer:
     """Saves and restores a run's TrainState + data iterator + metadata under MODEL_DIR/checkpoints."""
 
     def __init__(self, model_dir: str | pathlib.Path, config: CheckpointConfig, model_config: ModelConfig):
-        self.directory = pathlib.Path(model_dir) / CHECKPOINTS
+        self.directory = storage.Path(model_dir) / CHECKPOINTS  # local or gs://
         self.model_config = model_config
         self.verdicts = health.read_verdicts(self.directory)  # step -> GOOD | NONFINITE, recorded or not yet
         self._unrecorded: dict[int, tuple[str, str]] = {}      # verdicts of steps whose save may be in flight
@@ -193,12 +194,12 @@ class Checkpointer:
 
 
 def save_params(model_dir: str | pathlib.Path, model: Transformer, metadata: dict[str, Any], step: int = 0
-                ) -> pathlib.Path:
+                ) -> storage.Path:
     """Writes a params-only checkpoint (items `params`, `metadata`) at MODEL_DIR/checkpoints/<step>, synchronously.
 
     restore_model and TrainConfig.init_from read it; it cannot be resumed (no optimizer or data state).
     """
-    directory = pathlib.Path(model_dir) / CHECKPOINTS
+    directory = storage.Path(model_dir) / CHECKPOINTS
     manager = _manager(directory, CheckpointConfig(async_save=False))
     try:
         pure = layout.to_stacked(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config)
@@ -210,9 +211,9 @@ def save_params(model_dir: str | pathlib.Path, model: Transformer, metadata: dic
     return directory / str(step)
 
 
-def _locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, int]:
+def _locate(path: str | pathlib.Path) -> tuple[storage.Path, storage.Path, int]:
     """(run dir, checkpoints dir, step) for a run directory (latest step not marked non-finite) or one step directory."""
-    path = pathlib.Path(path)
+    path = storage.Path(path)
     if (path / CHECKPOINTS).is_dir():
         run_dir, ckpt_dir = path, path / CHECKPOINTS
         manager = _manager(ckpt_dir, None, read_only=True)
@@ -233,7 +234,7 @@ def _locate(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, int]:
                             f"(<run>/{CHECKPOINTS}/<step>/params)")
 
 
-def read_metadata(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, int, dict[str, Any]]:
+def read_metadata(path: str | pathlib.Path) -> tuple[storage.Path, storage.Path, int, dict[str, Any]]:
     """(run dir, checkpoints dir, step, metadata) of a run directory (latest step) or one step directory."""
     run_dir, ckpt_dir, step = _locate(path)
     manager = _manager(ckpt_dir, None, read_only=True)
@@ -244,7 +245,7 @@ def read_metadata(path: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path,
     return run_dir, ckpt_dir, step, meta
 
 
-def restore_params(ckpt_dir: pathlib.Path, step: int, config: ModelConfig, mesh: Mesh) -> Transformer:
+def restore_params(ckpt_dir: storage.Path, step: int, config: ModelConfig, mesh: Mesh) -> Transformer:
     """The `params` item of one step as a Transformer for `config` (any runtime layout and param dtype) on `mesh`."""
     graphdef, abstract, target = checkpoint_tree.abstract_params(config, mesh)
     manager = _manager(ckpt_dir, None, read_only=True)
@@ -257,7 +258,7 @@ def restore_params(ckpt_dir: pathlib.Path, step: int, config: ModelConfig, mesh:
 
 
 def restore_model(path: str | pathlib.Path, *, mesh: Mesh | None = None
-                  ) -> tuple[Transformer, ModelConfig, pathlib.Path]:
+                  ) -> tuple[Transformer, ModelConfig, storage.Path]:
     """Loads the parameters of a run directory (its latest checkpoint) or of one step directory.
 
     Returns (Transformer with sharded params on `mesh` — one device when None —, ModelConfig, tokenizer dir).

@@ -20,6 +20,8 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
+import storage
+
 log = logging.getLogger(__name__)
 RECORD = "loss_check.json"
 SET_ASIDE = "checkpoints_set_aside"
@@ -47,8 +49,12 @@ def write_verdict(ckpt_dir: pathlib.Path, step: int, verdict: str, detail: str) 
     if not step_dir.is_dir():
         log.warning("%s: not committed; its verdict (%s) is not recorded", step_dir, verdict)
         return
+    text = json.dumps({"verdict": verdict, "detail": detail, "time": time.time()}) + "\n"
+    if storage.is_remote(step_dir):  # an object write is atomic (and there is no rename)
+        (step_dir / RECORD).write_text(text)
+        return
     tmp = step_dir / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps({"verdict": verdict, "detail": detail, "time": time.time()}) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, step_dir / RECORD)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import gin
 
+import storage
 from data.config import Component, MixtureConfig
 from models.config import ModelConfig, RopeScaling
 from trainer.demo_assets import demo_asset
@@ -263,9 +264,9 @@ def _unused_macros() -> set[str]:
     return {m for m in _bound_macros() if m not in used and m not in KNOWN_MACROS}
 
 
-def write_operative_config(run: RunConfig, model_dir: str | pathlib.Path) -> pathlib.Path:
-    """Writes the operative gin config to MODEL_DIR/config.gin and returns its path."""
-    path = pathlib.Path(model_dir) / "config.gin"
+def write_operative_config(run: RunConfig, model_dir: str | pathlib.Path) -> storage.Path:
+    """Writes the operative gin config to MODEL_DIR/config.gin (local or gs://) and returns its path."""
+    path = storage.Path(model_dir) / "config.gin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run.gin_text)
     return path

@@ -16,6 +16,7 @@ import tempfile
 
 import jax
 
+import storage
 from models import hf_io
 from models.transformer import Transformer
 
@@ -32,6 +33,8 @@ def _written_files(folder: pathlib.Path) -> set[str]:
 
 def check_target(out_dir: str | pathlib.Path, *, overwrite: bool) -> None:
     """Raises UnsafeExportTarget unless exporting to `out_dir` cannot replace anything but an earlier export."""
+    if storage.is_remote(out_dir):
+        return _check_remote_target(storage.Path(out_dir), overwrite=overwrite)
     out_dir = pathlib.Path(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
         return
@@ -58,6 +61,17 @@ def check_target(out_dir: str | pathlib.Path, *, overwrite: bool) -> None:
         raise UnsafeExportTarget(f"{out_dir} holds an earlier export; pass --overwrite to replace it")
 
 
+def _check_remote_target(out_dir: storage.Path, *, overwrite: bool) -> None:
+    """check_target for gs:// (no symlinks; a folder is a prefix): only an earlier export (its marker) is replaced.
+    The stray-file check of local folders is not made here (a recursive listing of a bucket prefix)."""
+    present = {p.name for p in out_dir.iterdir()} if out_dir.exists() else set()
+    if present and ("checkpoints" in present or EXPORT_MARKER not in present):
+        raise UnsafeExportTarget(f"{out_dir} already exists and is not a docmix export (no {EXPORT_MARKER}); nothing "
+                                 "was written. Choose a new or empty folder: an export never replaces anything else")
+    if present and not overwrite:
+        raise UnsafeExportTarget(f"{out_dir} holds an earlier export; pass --overwrite to replace it")
+
+
 def export(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
            tokenizer_dir: str | pathlib.Path | None = None, overwrite: bool = False,
            source: str | None = None) -> pathlib.Path:
@@ -65,22 +79,42 @@ def export(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfl
 
     Only process 0 writes; every process must call it (parameters are gathered to the host tensor by tensor).
     """
-    out_dir = pathlib.Path(out_dir)
     check_target(out_dir, overwrite=overwrite)
+    if storage.is_remote(out_dir):
+        return _export_remote(model, storage.Path(out_dir), dtype=dtype, tokenizer_dir=tokenizer_dir, source=source)
+    out_dir = pathlib.Path(out_dir)
     if jax.process_index() != 0:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
     try:
         hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        marker = {"format": "docmix Hugging Face export", "dtype": dtype, "source": source,
-                  "files": sorted(_written_files(tmp))}
-        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        _write_marker(tmp, dtype, source)
         check_target(out_dir, overwrite=overwrite)  # again: the folder may have changed while we wrote
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, never the target
         raise
+    return out_dir
+
+
+def _write_marker(folder: pathlib.Path, dtype: str, source: str | None) -> None:
+    marker = {"format": "docmix Hugging Face export", "dtype": dtype, "source": source,
+              "files": sorted(_written_files(folder))}
+    (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def _export_remote(model: Transformer, out_dir: storage.Path, *, dtype: str, tokenizer_dir, source) -> storage.Path:
+    """gs:// has no rename: written locally, the earlier export (checked) removed, then uploaded with config.json
+    and the marker last, so a folder that loaders recognise is complete."""
+    if jax.process_index() != 0:
+        return out_dir
+    with tempfile.TemporaryDirectory(prefix="docmix-export-") as tmp:
+        hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        _write_marker(pathlib.Path(tmp), dtype, source)
+        if out_dir.exists():
+            out_dir.rmtree()
+        storage.upload_tree(tmp, out_dir, last=("config.json", EXPORT_MARKER))
     return out_dir
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
+import storage
 from models import hf_io
 from models.config import ModelConfig
 from trainer import checkpoint, run_metadata
@@ -46,9 +47,9 @@ def reconcile(wanted: ModelConfig, found: ModelConfig, source: str) -> ModelConf
 def resolve_config(path: str | pathlib.Path, wanted: ModelConfig) -> ModelConfig:
     """The effective ModelConfig of a run initialised from `path` (reads only its config): the folder's network with
     the gin runtime fields. Raises when a shape-defining field differs from `wanted`."""
-    path = pathlib.Path(path)
+    path = storage.Path(path)
     if (path / "config.json").is_file():
-        found = hf_io.read_config(path, **runtime_of(wanted))
+        found = hf_io.read_config(storage.local_file(path / "config.json").parent, **runtime_of(wanted))
     elif path.exists():
         found = run_metadata.model_config_from_dict(checkpoint.read_metadata(path)[3]["model_config"])
     else:
@@ -58,10 +59,10 @@ def resolve_config(path: str | pathlib.Path, wanted: ModelConfig) -> ModelConfig
 
 def load_params(path: str | pathlib.Path, wanted: ModelConfig, mesh: Mesh) -> tuple[nnx.State, ModelConfig]:
     """(params State placed on `mesh`, effective ModelConfig) from a Hugging Face folder or a docmix run/step dir."""
-    path = pathlib.Path(path)
+    path = storage.Path(path)
     config = resolve_config(path, wanted)
-    if (path / "config.json").is_file():
-        model, config = hf_io.load_pretrained(path, mesh=mesh, **runtime_of(config))
+    if (path / "config.json").is_file():  # a gs:// folder is copied to local disk first (safetensors reads files)
+        model, config = hf_io.load_pretrained(storage.local_dir(path), mesh=mesh, **runtime_of(config))
     else:
         _, ckpt_dir, step, _ = checkpoint.read_metadata(path)
         model = checkpoint.restore_params(ckpt_dir, step, config, mesh)

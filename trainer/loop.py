@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import pathlib
 import signal
 import sys
 import threading
@@ -28,6 +27,7 @@ from data import multihost, pipeline as data_pipeline
 from data.config import single_component_mixture
 from data.tokenize import check_vocab
 from models import sharding
+from storage import Path, is_remote
 from trainer import (checkpoint, export, initialize, metrics, program as program_lib, run_lock, run_metadata,
                      state as state_lib)
 from trainer.config import RunConfig, write_operative_config
@@ -41,7 +41,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    model_dir: pathlib.Path
+    model_dir: Path
     step: int
     stopped: str                     # "done", "preempted" (SIGTERM) or "data_exhausted"
     loss: float | None
@@ -51,8 +51,8 @@ class Summary:
     tokens_per_s: float
     mfu: float
     peak_source: str
-    checkpoint: pathlib.Path | None
-    export: pathlib.Path | None
+    checkpoint: Path | None
+    export: Path | None
 
 
 def train(run: RunConfig) -> Summary:
@@ -80,7 +80,11 @@ def _writer_lock(model_dir: str):
     if jax.process_index() != 0:
         yield
         return
-    pathlib.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    if is_remote(model_dir):  # O_EXCL has no object-store equivalent here yet: no lock on gs:// (docs/training.md)
+        log.warning("MODEL_DIR %s is remote: the writer lock is not taken; run one train.py per MODEL_DIR", model_dir)
+        yield
+        return
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
     with run_lock.RunLock(model_dir):
         yield
 
@@ -91,7 +95,7 @@ def _writer_lock(model_dir: str):
 class Setup:
     """What every phase reads: the mesh, this process's data pipeline, the fixed held-out batches, the checkpointer."""
     run: RunConfig
-    model_dir: pathlib.Path
+    model_dir: Path
     mesh: Mesh
     pipe: data_pipeline.Pipeline
     eval_names: tuple[str, ...]
@@ -102,19 +106,19 @@ class Setup:
     def create(cls, run: RunConfig) -> "Setup":
         """Checks that the batch fits the mesh and the tokenizer the model before reading any corpus."""
         t = run.train
-        _check_export_targets(run, pathlib.Path(t.model_dir))
+        _check_export_targets(run, Path(t.model_dir))
         mesh = sharding.make_mesh(**t.mesh)
         program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
         check_vocab(run.mixture.tokenizer, run.model.vocab_size)
         pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
                                    process_count=jax.process_count())
         eval_names, eval_batches = _eval_batches(run)
-        model_dir = pathlib.Path(t.model_dir)
+        model_dir = Path(t.model_dir)
         return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
                    eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model))
 
 
-def _check_export_targets(run: RunConfig, model_dir: pathlib.Path) -> None:
+def _check_export_targets(run: RunConfig, model_dir: Path) -> None:
     """The run's export folders must be absent or earlier exports (export.check_target), before any expensive work."""
     if run.checkpoint.export_at_end:
         export.check_target(model_dir / "hf", overwrite=True)
@@ -141,7 +145,7 @@ def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.nd
     return tuple(names), batches
 
 
-def write_run_files(run: RunConfig, model_dir: pathlib.Path) -> pathlib.Path:
+def write_run_files(run: RunConfig, model_dir: Path) -> Path:
     """Writes config.gin and the tokenizer copy into MODEL_DIR (process 0); returns the tokenizer folder."""
     if jax.process_index() != 0:
         return model_dir / "tokenizer"
@@ -243,7 +247,7 @@ class StepLoop:
     """
 
     def __init__(self, run: RunConfig, setup: Setup, steps: CompiledSteps, state: state_lib.TrainState,
-                 tokens_seen: dict[str, int], tokenizer_dir: pathlib.Path):
+                 tokens_seen: dict[str, int], tokenizer_dir: Path):
         t = run.train
         self.config, self.setup, self.steps, self.tokenizer_dir = run, setup, steps, tokenizer_dir
         self.names = setup.pipe.component_names
@@ -380,7 +384,7 @@ class StepLoop:
                                                 train_steps=self.config.train.train_steps))
         self.last_saved = self.step
 
-    def export(self, out_dir: pathlib.Path) -> pathlib.Path:
+    def export(self, out_dir: Path) -> Path:
         """Hugging Face export of the current parameters in CheckpointConfig.export_dtype."""
         model = nnx.merge(self.steps.program.graphdef, self.state.params)
         return export.export(model, out_dir, dtype=self.config.checkpoint.export_dtype,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import storage
 from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -109,19 +110,24 @@ class Window:
 
 
 class Sinks:
-    """metrics.jsonl (+ TensorBoard, + W&B when asked for and installed). Only process 0 writes."""
+    """metrics.jsonl (+ TensorBoard, + W&B when asked for and installed). Only process 0 writes.
+
+    MODEL_DIR may be gs://: metrics.jsonl is rewritten on each record (objects cannot be appended to), and TensorBoard
+    (which writes local files only) writes to a local folder that is copied to MODEL_DIR/tb on every record and at
+    close (storage.LocalMirror)."""
 
     def __init__(self, model_dir: str | pathlib.Path, *, resume_step: int, run_name: str,
                  wandb_project: str | None = None, config: dict | None = None):
         self.active = jax.process_index() == 0
-        self.path = pathlib.Path(model_dir) / "metrics.jsonl"
-        self.tb = self.wandb = None
+        self.path = storage.Path(model_dir) / "metrics.jsonl"
+        self.tb = self.wandb = self.tb_dir = None
         if not self.active:
             return
         truncate_after(self.path, resume_step)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(pathlib.Path(model_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb_dir = storage.LocalMirror(storage.Path(model_dir) / "tb")
+        self.tb = SummaryWriter(str(self.tb_dir.local), purge_step=resume_step + 1 if resume_step else None)
         if wandb_project:
             try:
                 import wandb
@@ -135,22 +141,25 @@ class Sinks:
     def write(self, rec: dict[str, Any]) -> None:
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        storage.append_text(self.path, json.dumps(rec) + "\n")
         for key, value in rec.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, rec["step"])
+        if storage.is_remote(self.path):
+            self.tb.flush()
+            self.tb_dir.sync()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=rec["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb_dir.close()
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def truncate_after(path: pathlib.Path, step: int) -> None:
+def truncate_after(path: storage.Path, step: int) -> None:
     """Drops records past `step` (written by a run that died after its last checkpoint, then redone on resume)."""
     if not path.exists():
         return
@@ -160,4 +169,4 @@ def truncate_after(path: pathlib.Path, step: int) -> None:
 
 def read(path: str | pathlib.Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl."""
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.Path(path).read_text().splitlines() if line.strip()]

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import pathlib
-import shutil
 import subprocess
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import storage
 from data import tokenize
 from data.config import MixtureConfig
 from models.config import ModelConfig, RopeScaling
@@ -40,16 +40,16 @@ class CheckpointMismatch(RuntimeError):
     """The checkpoint in MODEL_DIR was written by a different model, tokenizer or data configuration."""
 
 
-def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path) -> pathlib.Path:
-    """Copies tokenizer.json and its companions (config, chat template) into MODEL_DIR/tokenizer/."""
+def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path) -> storage.Path:
+    """Copies tokenizer.json and its companions (config, chat template) into MODEL_DIR/tokenizer/ (local or gs://)."""
     tok_file = tokenize.tokenizer_files(tokenizer)[0]
-    out = pathlib.Path(model_dir) / "tokenizer"
+    out = storage.Path(model_dir) / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     # The configured file may have any name; it is always the run's tokenizer.json, never a neighbour of that name.
-    shutil.copyfile(tok_file, out / "tokenizer.json")
+    storage.copy_file(tok_file, out / "tokenizer.json")
     for name in TOKENIZER_FILES[1:]:
         if (tok_file.parent / name).is_file():
-            shutil.copyfile(tok_file.parent / name, out / name)
+            storage.copy_file(tok_file.parent / name, out / name)
     return out
 
 

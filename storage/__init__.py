@@ -1,0 +1,155 @@
+"""One filesystem layer for every path docmix reads or writes: local paths and `gs://` (any fsspec URL).
+
+`storage.Path(p)` is an `etils.epath.Path`: pathlib's API for local paths and for `gs://bucket/...`, which it reaches
+through fsspec + gcsfs (the `requirements-gcs.txt` extra). Orbax and Grain resolve their paths through epath too, and
+Orbax's array data goes through tensorstore's own `gcs` driver, so checkpoints, data state and everything else land in
+the same bucket. Never pass a `gs://` string to `pathlib`: `pathlib.Path("gs://b/r")` is the local `gs:/b/r`.
+
+It lives at the top level (not in data/ or trainer/) because models/ (HF import/export), data/ (corpora, shards),
+trainer/ (MODEL_DIR) and eval/ (results) all use it, and models/ must not import data/ or trainer/.
+
+What object stores cannot do, the helpers here do explicitly: `append_text` rewrites the object (no appends on GCS),
+`local_file` gives libraries that only open local files (tokenizers, safetensors) a cached local copy, and
+`LocalMirror` lets a writer that only writes local files (TensorBoard) write to a remote folder by syncing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+# epath picks TensorFlow's gfile for gs:// whenever TF is installed (the seqio extra installs it); docmix reaches
+# gs:// through fsspec only, so Orbax, Grain and docmix share one client, one auth and one endpoint.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+import fsspec  # noqa: E402
+from etils import epath  # noqa: E402  (after the environment default above)
+
+Path = epath.Path
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for a URL (gs://, s3://, ...), False for a local path."""
+    return "://" in os.fspath(path)
+
+
+def join(base: PathLike, *parts: str) -> str:
+    """`base/part/...` as a string, keeping a URL's `scheme://` intact."""
+    return os.fspath(Path(base).joinpath(*parts))
+
+
+def absolute(path: PathLike) -> Path:
+    """A local path made absolute (~ expanded, symlinks resolved); a URL unchanged."""
+    if is_remote(path):
+        return Path(path)
+    return Path(pathlib.Path(os.fspath(path)).expanduser().resolve())
+
+
+def append_text(path: PathLike, text: str) -> None:
+    """Appends `text` to a file; an object store has no append, so there the object is rewritten whole."""
+    path = Path(path)
+    if not is_remote(path):
+        with open(os.fspath(path), "a") as f:
+            f.write(text)
+        return
+    old = path.read_text() if path.exists() else ""
+    path.write_text(old + text)
+
+
+def _cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("DOCMIX_STORAGE_CACHE") or tempfile.gettempdir()) / "docmix-storage"
+
+
+def local_file(path: PathLike) -> pathlib.Path:
+    """A local path holding the file's bytes: the file itself when local, else a copy cached per URL and size (for
+    libraries that open local files only, e.g. tokenizers.Tokenizer.from_file, safetensors)."""
+    if not is_remote(path):
+        return pathlib.Path(os.fspath(path))
+    remote = Path(path)
+    size = remote.stat().length
+    local = _cache_root() / _key(f"{os.fspath(remote)}|{size}") / remote.name
+    if not local.is_file() or local.stat().st_size != size:
+        _download(remote, local)
+    return local
+
+
+def local_dir(path: PathLike) -> pathlib.Path:
+    """A local folder holding the folder's files (recursively): the folder itself when local, else a fresh copy
+    (e.g. an HF export on gs:// for a loader that reads local files)."""
+    if not is_remote(path):
+        return pathlib.Path(os.fspath(path))
+    remote = Path(path)
+    _cache_root().mkdir(parents=True, exist_ok=True)
+    local = pathlib.Path(tempfile.mkdtemp(prefix="docmix-copy-", dir=_cache_root())) / remote.name
+    fs, root = fsspec.core.url_to_fs(os.fspath(remote))
+    for name in fs.find(root):  # epath refuses a recursive glob on gs://
+        _download(Path(fs.unstrip_protocol(name)), local / name[len(root.rstrip("/")) + 1:])
+    return local
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _download(remote: Path, local: pathlib.Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(local.name + f".tmp{os.getpid()}")
+    with remote.open("rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+    os.replace(tmp, local)
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+    """Copies one file between any two places (local or remote)."""
+    with Path(src).open("rb") as fin, Path(dst).open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def upload_tree(local_dir: PathLike, dst: PathLike, *, last: Iterable[str] = ()) -> None:
+    """Copies the files under `local_dir` to `dst` (local or remote), the relative names in `last` after all others
+    (a reader that looks for them, e.g. an HF folder's config.json, then sees a complete folder)."""
+    local_dir = pathlib.Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    late = set(last)
+    for f in sorted(files, key=lambda p: p.relative_to(local_dir).as_posix() in late):
+        target = Path(dst) / f.relative_to(local_dir).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_file(f, target)
+
+
+class LocalMirror:
+    """A local folder for writers that only write local files; `sync()` copies files that changed to `remote`.
+
+    For a local `remote` the folder is `remote` itself and `sync()` does nothing.
+    """
+
+    def __init__(self, remote: PathLike):
+        self.remote = Path(remote)
+        if is_remote(remote):
+            self._tmp = tempfile.TemporaryDirectory(prefix="docmix-mirror-")
+            self.local = pathlib.Path(self._tmp.name)
+        else:
+            self._tmp = None
+            self.local = pathlib.Path(os.fspath(remote))
+        self._synced: dict[str, tuple[int, int]] = {}
+
+    def sync(self) -> None:
+        if self._tmp is None:
+            return
+        for f in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = f.relative_to(self.local).as_posix()
+            stamp = (f.stat().st_size, f.stat().st_mtime_ns)
+            if self._synced.get(rel) != stamp:
+                target = self.remote / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                copy_file(f, target)
+                self._synced[rel] = stamp
+
+    def close(self) -> None:
+        self.sync()
+        if self._tmp is not None:
+            self._tmp.cleanup()

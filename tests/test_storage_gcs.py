@@ -1,0 +1,154 @@
+"""gs:// end to end against a local GCS emulator: train.py with MODEL_DIR and corpora in a bucket writes everything
+there (nothing to the working directory), and a "fresh machine" resumes from the bucket exactly."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+# CI (requirements-test.txt installs both) sets DOCMIX_REQUIRE_GCS=1, so a missing install fails instead of skipping.
+if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("gcp_storage_emulator") is None:
+    if os.environ.get("DOCMIX_REQUIRE_GCS") == "1":
+        raise ImportError("DOCMIX_REQUIRE_GCS=1 but gcsfs or gcp-storage-emulator is not installed")
+    pytest.skip("the gs:// extra is not installed: pip install -r requirements-test.txt", allow_module_level=True)
+
+import storage  # noqa: E402
+from tests import gcs_emulator  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = f"gs://{gcs_emulator.BUCKET}/data"
+TINY = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32",
+        "--gin.CHECKPOINT_EVERY=2", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=None",
+        "--gin.RunConfig.eval_mixture=None", "--gin.TrainConfig.peak_flops=1e12", "--gin.TrainConfig.progress_bar=False",
+        # constant: the learning rate of a step does not depend on TRAIN_STEPS, so 2 steps then 4 == 4 steps
+        "--gin.OptimizerConfig.schedule='constant'", "--gin.OptimizerConfig.warmup_steps=0",
+        f"--gin.replay/Component.paths=('{DATA}/replay.jsonl',)",
+        f"--gin.synthetic/Component.paths=('{DATA}/welfare*.jsonl',)",
+        f"--gin.MixtureConfig.tokenizer='{DATA}/tokenizer'"]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """The emulator with the demo corpora and tokenizer uploaded to gs://bucket/data."""
+    from trainer.demo_assets import demo_asset
+
+    with gcs_emulator.emulator() as url:
+        storage.copy_file(demo_asset("replay"), f"{DATA}/replay.jsonl")
+        storage.copy_file(demo_asset("welfare"), f"{DATA}/welfare.jsonl")
+        storage.upload_tree(demo_asset("tokenizer"), f"{DATA}/tokenizer")
+        yield url
+
+
+def fresh_machine(tmp_path: pathlib.Path, url: str, name: str) -> tuple[pathlib.Path, dict]:
+    """(an empty working dir, an environment whose caches and temp dirs are empty folders under it)."""
+    home = tmp_path / name
+    for sub in ("work", "cache", "tmp"):
+        (home / sub).mkdir(parents=True)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=pythonpath,
+               DOCMIX_CACHE=str(home / "cache"), DOCMIX_STORAGE_CACHE=str(home / "cache"), TMPDIR=str(home / "tmp"),
+               HOME=str(home), **gcs_emulator.client_env(url))
+    return home / "work", env
+
+
+def train(model_dir: str, steps: int, cwd: pathlib.Path, env: dict) -> None:
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"--gin.MODEL_DIR={model_dir}", f"--gin.TRAIN_STEPS={steps}"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"train.py exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+
+
+def losses(model_dir: str) -> dict[int, float]:
+    recs = [json.loads(line) for line in storage.Path(f"{model_dir}/metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def local_files(folder: pathlib.Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.slow  # ~90 s on an idle 2-core machine: three short train.py runs against the emulator
+def test_gs_model_dir_and_corpora_resume_on_a_fresh_machine(bucket, tmp_path):
+    reference = f"gs://{gcs_emulator.BUCKET}/reference"
+    run = f"gs://{gcs_emulator.BUCKET}/run"
+    cwd, env = fresh_machine(tmp_path, bucket, "reference")
+    train(reference, 4, cwd, env)
+
+    cwd, env = fresh_machine(tmp_path, bucket, "first")
+    train(run, 2, cwd, env)
+    assert local_files(cwd) == []  # nothing lands in the working directory (no ./gs:/bucket/run)
+    root = storage.Path(run)
+    assert (root / "checkpoints" / "2" / "params").is_dir()
+    assert (root / "checkpoints" / "2" / "data").is_dir()  # the Grain iterator state (epath -> gcsfs)
+    assert "opt_state" in [p.name for p in (root / "checkpoints" / "2").iterdir()]
+    assert (root / "config.gin").read_text().count("MODEL_DIR") >= 1
+    assert (root / "tokenizer" / "tokenizer.json").is_file()
+    assert (root / "hf" / "config.json").is_file() and (root / "hf" / "model.safetensors").is_file()
+    assert (root / "hf" / "tokenizer.json").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (root / "tb").iterdir())
+    assert sorted(losses(run)) == [1, 2]
+
+    # A new machine: new process, empty working dir, empty caches; the same command, trained further.
+    cwd, env = fresh_machine(tmp_path, bucket, "second")
+    train(run, 4, cwd, env)
+    assert local_files(cwd) == []
+    assert losses(run) == losses(reference)  # resumed from the bucket's step 2: bit-identical floats
+    assert (root / "hf" / "model.safetensors").read_bytes() == \
+        storage.Path(reference, "hf", "model.safetensors").read_bytes()
+
+
+def test_storage_helpers_on_the_emulator(bucket, tmp_path):
+    """append (rewrite on GCS), local copies of remote files/folders, upload order, mirrors."""
+    target = storage.Path(f"gs://{gcs_emulator.BUCKET}/helpers/log.jsonl")
+    storage.append_text(target, "a\n")
+    storage.append_text(target, "b\n")
+    assert target.read_text() == "a\nb\n"
+    assert storage.local_file(target).read_text() == "a\nb\n"
+    assert not storage.is_remote(storage.local_file(target))
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "config.json").write_text("{}")
+    (tmp_path / "src" / "sub" / "w.bin").write_bytes(b"\0\1")
+    storage.upload_tree(tmp_path / "src", f"gs://{gcs_emulator.BUCKET}/helpers/tree", last=("config.json",))
+    copy = storage.local_dir(f"gs://{gcs_emulator.BUCKET}/helpers/tree")
+    assert local_files(copy) == ["config.json", "sub", "sub/w.bin"] and (copy / "sub" / "w.bin").read_bytes() == b"\0\1"
+    mirror = storage.LocalMirror(f"gs://{gcs_emulator.BUCKET}/helpers/tb")
+    (mirror.local / "events").write_bytes(b"x")
+    mirror.sync()
+    assert storage.Path(f"gs://{gcs_emulator.BUCKET}/helpers/tb/events").read_bytes() == b"x"
+    (mirror.local / "events").write_bytes(b"xy")
+    mirror.close()
+    assert storage.Path(f"gs://{gcs_emulator.BUCKET}/helpers/tb/events").read_bytes() == b"xy"
+    assert storage.join("gs://b/r", "checkpoints", "2") == "gs://b/r/checkpoints/2"
+
+
+def test_gs_corpora_are_read_per_shard(bucket, tmp_path):
+    """JSONL (plain: byte ranges streamed from the bucket; .gz: streamed through the decompressor) and Parquet on gs://:
+    three shards parse disjoint records whose union is the corpus."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.config import Component
+    from data.sources import open_source
+
+    texts = [f"doc {i} " + "y" * (i % 17) for i in range(90)]
+    root = f"gs://{gcs_emulator.BUCKET}/shards"
+    storage.Path(f"{root}/a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:50]))
+    storage.Path(f"{root}/b.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in texts[50:]).encode()))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet", row_group_size=10)
+    storage.copy_file(tmp_path / "t.parquet", f"{root}/t.parquet")
+    for comp in (Component("c", paths=(f"{root}/a.jsonl", f"{root}/b.jsonl.gz")),
+                 Component("c", kind="parquet", paths=(f"{root}/t.parquet",))):
+        seen = []
+        for j in range(3):
+            source, report = open_source(comp, lambda r: True, max_bad_records=0, shard=j, shards=3)
+            got = [source[i]["text"] for i in range(len(source))]
+            assert report.records_parsed == len(got) and 20 <= len(got) <= 40, comp.kind
+            seen += got
+        assert sorted(seen) == sorted(texts), comp.kind
