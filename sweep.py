@@ -2,13 +2,13 @@
 
     python sweep.py sweeps/demo.toml --dry_run        # every run with its token budget, synthetic tokens, epochs/doc
     python sweep.py sweeps/demo.toml                  # train what is not finished, evaluate, write OUT_DIR/report/
-    python sweep.py sweeps/demo.toml --launcher 'python -m launch.tpu run --name {name} -- {cmd}'
+    python sweep.py sweeps/demo.toml --launcher 'python -m launch.tpu --name={name} --zone=ZONE --accelerator_type=v5p-8 -- {args}'
 
 The sweep file (TOML, see sweeps/demo.toml and docs/eval.md) fixes the grid before anything runs: mixture shares x
 seeds x corpora x document counts x model configs, the budget mode (fixed_total_tokens or fixed_synthetic_exposure)
 and the evaluation. Run names are deterministic; finished runs are skipped and interrupted ones resume (train.py
 resumes from MODEL_DIR). Runs execute here one after another, or each through the launcher template: `{cmd}` (a
-separate word) becomes train.py's argument list, `{name}` and `{model_dir}` are substituted; nothing goes through a
+separate word) becomes `python train.py ARGS`, `{args}` train.py's arguments alone, `{name}` and `{model_dir}` are substituted; nothing goes through a
 shell. Then every finished run is evaluated (probes against the share-0 arm of the same seed, held-out loss, ANIMA
 when a grader is set) and OUT_DIR/report/ gets the table, plots and report.md listing every configured run.
 Exit status: 0 all runs finished, 1 some run failed or is missing (the report still lists it), 2 bad sweep file.
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true", help="print every run and its token budget; train nothing")
     parser.add_argument("--json", action="store_true", help="with --dry_run: print the runs as JSON")
     parser.add_argument("--launcher", help="command template to run each run through, e.g. "
-                                           "'python -m launch.tpu run --name {name} -- {cmd}'")
+                                           "'python -m launch.tpu --name={name} --zone=ZONE --accelerator_type=v5p-8 -- {args}'")
     parser.add_argument("--no_train", action="store_true", help="only evaluate finished runs and write the report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

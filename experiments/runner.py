@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PLACEHOLDERS = ("{name}", "{model_dir}")
 CMD = "{cmd}"
+ARGS = "{args}"
 STATUS_FILE = "status.json"
 
 
@@ -47,19 +48,20 @@ def is_done(job: Job) -> bool:
 
 def command(job: Job, launcher: str | None) -> list[str]:
     """The argument list that runs a job: `python train.py ARGS` here, or the launcher template with `{cmd}` (a whole
-    token) replaced by that command's arguments and `{name}` / `{model_dir}` substituted inside tokens."""
+    word) replaced by `python train.py ARGS`, or `{args}` (a whole word) by ARGS alone (what `launch.tpu` takes after
+    `--`), and `{name}` / `{model_dir}` substituted inside words."""
     if launcher is None:
         return [sys.executable, str(REPO / "train.py"), *job.args]
     template = shlex.split(launcher)
-    if template.count(CMD) != 1:
-        raise ValueError(f"--launcher {launcher!r}: needs `{CMD}` exactly once, as a separate word")
+    if template.count(CMD) + template.count(ARGS) != 1:
+        raise ValueError(f"--launcher {launcher!r}: needs `{CMD}` or `{ARGS}` exactly once, as a separate word")
     out: list[str] = []
     for token in template:
-        if token == CMD:
-            out += ["python", "train.py", *job.args]
+        if token in (CMD, ARGS):
+            out += (["python", "train.py"] if token == CMD else []) + list(job.args)
             continue
-        if CMD in token:
-            raise ValueError(f"--launcher: `{CMD}` must be a separate word, got {token!r}")
+        if CMD in token or ARGS in token:
+            raise ValueError(f"--launcher: `{CMD}` / `{ARGS}` must be a separate word, got {token!r}")
         out.append(token.replace("{name}", job.name).replace("{model_dir}", str(job.model_dir)))
     return out
 

@@ -227,6 +227,8 @@ def load_run(gin_files: list[str], bindings: list[str], search_paths: list[str] 
             raise
     stand_ins = [f"{m}='/unused/{m.lower()}'" if m == "INIT_FROM" else f"{m}=('/unused/{m.lower()}',)"
                  for m in defined]
+    if "INIT_FROM" in defined:  # a run file that takes its model from INIT_FROM: the model gin file given instead
+        stand_ins.append("RunConfig.model=@ModelConfig()")
     return config.load(gin_files, [*PLACEHOLDERS, *stand_ins, *bindings], search_paths)
 
 

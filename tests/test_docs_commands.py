@@ -76,6 +76,12 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
     (r"eval\.anima .*--grader (google|openai)/", "a hosted grader (SmolLM2-135M through Inspect's hf provider)",
      lambda c, ctx: re.sub(r"--grader \S+", f"--grader hf/{ctx['grader']}", c)
      + " --dataset_dir ../shared/data/anima --limit 1 --max_tokens 8 --grader_max_tokens 8"),
+    (r"launch\.aot .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
+     lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
+    (r"^python sweep\.py sweeps/smollm2\.toml$", "hours of SmolLM2 training on a CPU (its dry run instead)",
+     lambda c, ctx: c + " --dry_run"),
+    (r"experiments\.durability sweeps/durability_smollm2\.toml", "hours of SmolLM2 training on a CPU (--help)",
+     lambda c, ctx: "python -m experiments.durability --help"),
     (r"bench/demo_device\.py |bench/demo_experiment\.py analyze ",
      "the lent GPU's 300-step runs (the script loads and parses its flags: --help)",
      lambda c, ctx: c.split(" ", 2)[0] + " " + c.split(" ", 2)[1] + (" analyze" if " analyze " in c else "") + " --help"),

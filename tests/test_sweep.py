@@ -96,8 +96,13 @@ def test_launcher_template_is_an_argument_list():
     # A name with shell syntax stays one argument; nothing is interpreted.
     evil = runner.Job("x; rm -rf ~", pathlib.Path("/r"), 1, ())
     assert runner.command(evil, "launch {name} {cmd}")[1] == "x; rm -rf ~"
+    # {args}: train.py's arguments alone (what launch.tpu takes after `--`).
+    assert runner.command(job, "python -m launch.tpu --name={name} -- {args}")[-2:] == [
+        "--", "--gin_bindings=MODEL_DIR = '/runs/x y'"]
     with pytest.raises(ValueError, match="exactly once"):
         runner.command(job, "launch --name {name}")
+    with pytest.raises(ValueError, match="exactly once"):
+        runner.command(job, "launch {cmd} {args}")
     with pytest.raises(ValueError, match="separate word"):
         runner.command(job, "launch --cmd={cmd} {cmd}")
     assert runner.command(job, None)[:2] == [sys.executable, str(REPO / "train.py")]
