@@ -27,9 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     config.add_gin_flags(parser)
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (every worker of a multi-host TPU slice)")
+    group = parser.add_argument_group(
+        "several processes", "Run the same command on every host with --distributed. Cloud TPU VMs (and SLURM, Open MPI, "
+        "Kubernetes jobs) are detected by JAX; elsewhere give all three of the flags below, e.g. on one machine: "
+        "--distributed --coordinator_address=localhost:12345 --num_processes=2 --process_id=0 (then =1).")
+    group.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (every process of a multi-host run)")
+    group.add_argument("--coordinator_address", metavar="HOST:PORT",
+                       help="address of process 0's coordinator, the same on every process (default: "
+                            "$JAX_COORDINATOR_ADDRESS or the cluster's)")
+    group.add_argument("--num_processes", type=int, metavar="N", help="number of processes in the run")
+    group.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0 <= I < N")
     args = parser.parse_args(argv)
+    cluster = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
+               "process_id": args.process_id}
+    given = {k: v for k, v in cluster.items() if v is not None}
+    if given and not args.distributed:
+        parser.error(f"--{', --'.join(given)} need(s) --distributed")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src"):
@@ -43,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if args.distributed:
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize(**given)
+        except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: no coordinator within the timeout
+            print(f"train.py: --distributed: jax.distributed.initialize({given}) failed: {e}", file=sys.stderr)
+            return 2
     from data.mixture import ComponentExhausted
     from trainer import checkpoint, export, loop, run_lock, run_metadata
 

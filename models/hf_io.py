@@ -186,15 +186,30 @@ def _hf_tensors(params: dict, config: ModelConfig):
             else:
                 array, index = _get(params, ("layers", i) + tmap.path[1:]), ()
             shape = array.shape[len(index):]
-            yield name, shape, (lambda a=array, idx=index: np.asarray(a[idx] if idx else a)), tmap
+            yield name, shape, (lambda a=array, idx=index: _to_host(a[idx] if idx else a)), tmap
 
 
-def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole value of `array` as a numpy array on this host.
+
+    An array with shards on other processes is gathered collectively (replicated by a jitted reshard, then copied):
+    every process must call this for the same arrays in the same order, or the processes hang.
+    """
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
+def save_pretrained(model: Transformer, out_dir: str | pathlib.Path | None, *, dtype: str = "bfloat16",
                     tokenizer_dir: str | pathlib.Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Writes a Hugging Face folder: config.json, safetensors shards (+ index when more than one),
     generation_config.json, and the tokenizer files found in `tokenizer_dir`.
 
-    Tensors are gathered to the host one at a time and written one shard at a time (host peak: one shard).
+    Tensors are gathered to the host one at a time and written one shard at a time (host peak: one shard). Parameters
+    with shards on other JAX processes are gathered collectively: every process calls this with the same model, one
+    (process 0) with `out_dir` and the others with `out_dir=None`, which takes part in the gathers and writes nothing.
     """
     from safetensors.numpy import save_file
 
@@ -202,8 +217,9 @@ def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *, dtype: s
         raise ValueError(f"save_pretrained: dtype={dtype!r}; expected 'float32' or 'bfloat16'")
     tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
     config = model.config
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = pathlib.Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = jax.numpy.bfloat16 if dtype == "bfloat16" else np.float32
     itemsize = np.dtype(np_dtype).itemsize
@@ -221,9 +237,12 @@ def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *, dtype: s
     for k, shard in enumerate(shards):
         file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {name: np.ascontiguousarray(tmap.to_hf(read()).astype(np_dtype)) for name, _, read, tmap in shard}
-        save_file(tensors, out_dir / file, metadata={"format": "pt"})
+        if out_dir is not None:
+            save_file(tensors, out_dir / file, metadata={"format": "pt"})
         weight_map.update({name: file for name in tensors})
         del tensors
+    if out_dir is None:
+        return
     if len(shards) > 1:
         total = sum(int(np.prod(shape)) * itemsize for shard in shards for _, shape, _, _ in shard)
         _write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

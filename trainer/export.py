@@ -15,6 +15,7 @@ import shutil
 import tempfile
 
 import jax
+from jax.experimental import multihost_utils
 
 import storage
 from models import hf_io
@@ -77,14 +78,16 @@ def export(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfl
            source: str | None = None) -> pathlib.Path:
     """Writes config.json, safetensors, tokenizer files and EXPORT_MARKER to `out_dir` (see the module doc).
 
-    Only process 0 writes; every process must call it (parameters are gathered to the host tensor by tensor).
+    Every process must call it: parameters are gathered collectively, tensor by tensor; process 0 writes, and every
+    process returns once the folder is in place.
     """
     check_target(out_dir, overwrite=overwrite)
     if storage.is_remote(out_dir):
         return _export_remote(model, storage.Path(out_dir), dtype=dtype, tokenizer_dir=tokenizer_dir, source=source)
     out_dir = pathlib.Path(out_dir)
     if jax.process_index() != 0:
-        return out_dir
+        hf_io.save_pretrained(model, None, dtype=dtype)  # takes part in every gather, writes nothing
+        return _in_place(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
     try:
@@ -95,6 +98,13 @@ def export(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfl
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, never the target
         raise
+    return _in_place(out_dir)
+
+
+def _in_place(out_dir: pathlib.Path) -> pathlib.Path:
+    """`out_dir`, once every process got here (process 0 after writing it)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"docmix export {out_dir}")
     return out_dir
 
 
