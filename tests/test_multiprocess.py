@@ -1,20 +1,24 @@
 """train.py as several real JAX processes on localhost (jax.distributed, gloo CPU collectives), the mesh spanning
-processes: the same losses and export as one process, exact resume after SIGKILL, SIGTERM to one process and a data
-cap on one host stopping every process at the same step, and a 4-process run.
+processes: the same losses and exports as one process, exact resume after SIGKILL, and SIGTERM to one process, a data
+cap on one host and a NaN loss each stopping every process at the same step (with 2 and 4 processes).
 
 All runs use the tiny model with the global batch split into 4 data shards (MixtureConfig.num_shards=4), so 1 process x
 4 devices, 2 x 2 and 4 x 1 train on the same global batches. A persistent compilation cache is shared by the runs.
 """
+import argparse
 import json
 import pathlib
+import re
+import signal
 
 import numpy as np
 import pytest
 
 from tests import multiproc
-from tests.multiproc import losses
+from tests.multiproc import Cluster, logged_steps, losses
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs the whole file (pytest.ini: --dist loadgroup), so the reference runs are made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 STEPS = 8
 ARGS = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32",
         f"--gin.TRAIN_STEPS={STEPS}", "--gin.CHECKPOINT_EVERY=2", "--gin.MixtureConfig.num_shards=4",
@@ -77,6 +81,16 @@ def assert_same_run(got: pathlib.Path, want: pathlib.Path, rtol: float) -> None:
                                                                                  .read_text())
 
 
+def stop_lines(cluster: Cluster) -> list[tuple[int, str]]:
+    """(step, reason) from each process's 'stops at step' log line."""
+    found = []
+    for i in range(cluster.num_processes):
+        m = re.search(r"process \d+ of \d+ stops at step (\d+) \((\w+)\)", cluster.stderr(i))
+        assert m, f"process {i} logged no stop line:\n{cluster.stderr(i)[-3000:]}"
+        found.append((int(m.group(1)), m.group(2)))
+    return found
+
+
 def saved_by(model_dir: pathlib.Path, step: int) -> list[str]:
     """The processes whose data-iterator state is in checkpoint `step` (each process writes its own file)."""
     return sorted(p.name for p in (model_dir / "checkpoints" / str(step) / "data").glob("process_*"))
@@ -102,8 +116,100 @@ def test_two_processes_match_one_process_and_export_loads_in_transformers(single
         np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0, err_msg=export)
 
 
-def test_four_processes_match_one_process(single, env, tmp_path):
+def test_sigterm_to_one_process_stops_all_then_sigkill_all_resumes_exactly(two, env, tmp_path):
+    model_dir = tmp_path / "run"
+    cmd = args(model_dir)
+    with Cluster(2, 2, cmd, tmp_path / "logs_term", env) as cluster:
+        cluster.wait_until(lambda: logged_steps(model_dir) >= 2, TIMEOUT, "step 2")
+        cluster.kill(signal.SIGTERM, which=[1])
+        assert cluster.wait(TIMEOUT) == [0, 0], cluster.report("SIGTERM to process 1")
+        (saved, reason), other = stop_lines(cluster)
+        assert other == (saved, reason) and reason == "preempted"
+    assert 2 <= saved < STEPS - 2
+    assert saved_by(model_dir, saved) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert max(losses(model_dir)) == saved
+
+    with Cluster(2, 2, cmd, tmp_path / "logs_kill", env) as cluster:
+        cluster.wait_until(lambda: max(losses(model_dir), default=0) >= saved + 2, TIMEOUT, f"step {saved + 2}")
+        cluster.kill(signal.SIGKILL)
+        cluster.wait(60)
+    killed_at = max(losses(model_dir))
+    assert killed_at < STEPS
+
+    cluster = multiproc.run(2, 2, cmd, tmp_path / "logs_resume", TIMEOUT, env)
+    assert re.search(r"resuming from \S+/checkpoints/\d+", cluster.stderr(0)), cluster.stderr(0)[-3000:]
+    assert losses(model_dir) == losses(two), f"SIGTERM at {saved}, SIGKILL at {killed_at}"   # bit-identical floats
+    for name in EXPORTS:
+        assert (model_dir / name / "model.safetensors").read_bytes() == (two / name / "model.safetensors").read_bytes()
+
+
+def test_four_processes_match_one_process_then_a_nan_stops_all(single, env, tmp_path):
     model_dir = tmp_path / "run"
     multiproc.run(4, 1, args(model_dir), tmp_path / "logs", TIMEOUT, env)
     assert_same_run(model_dir, single, RTOL)
     assert saved_by(model_dir, STEPS) == [f"process_{i}-of-4.json" for i in range(4)]
+
+    # Continue with an absurd learning rate: step 9's update overflows, step 10's loss is not finite. Every process
+    # sees the same (replicated) loss, so all four stop there with exit 1 and nothing is saved.
+    more = args(model_dir, f"--gin.TRAIN_STEPS={STEPS + 4}", "--gin.OptimizerConfig.learning_rate=1e30")
+    with Cluster(4, 1, more, tmp_path / "logs_nan", env) as cluster:
+        assert cluster.wait(TIMEOUT) == [1] * 4, cluster.report("NaN")
+        for i in range(4):
+            assert f"step {STEPS + 2}: loss=" in cluster.stderr(i) and "stopped without saving" in cluster.stderr(i)
+    assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())[-1] == STEPS
+
+
+CAPPED = """
+include 'runs/demo.gin'
+include 'models/tiny.gin'
+MIXTURE_WEIGHTS = {{'capped': 1.0}}
+MixtureConfig.components = (@capped/Component(),)
+capped/Component.name = 'capped'
+capped/Component.paths = ('{path}',)
+capped/Component.max_epochs = 1
+capped/Component.on_exhausted = 'stop'
+capped/Component.shuffle = False
+RunConfig.eval_mixture = None
+"""
+
+
+def test_data_cap_on_one_host_stops_every_host_at_the_same_step(env, tmp_path):
+    """Documents alternate long / short and are not shuffled, so shard 0 (process 0) holds the long ones and shard 1
+    (process 1) runs out of its single epoch first."""
+    from data.pipeline import build
+    from trainer import config
+
+    docs = tmp_path / "docs.jsonl"
+    words = "the farm report said that the committee would meet again".split()
+    with docs.open("w") as f:
+        for i in range(48):
+            n = 60 if i % 2 == 0 else 4
+            f.write(json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(n))}) + "\n")
+    gin_file = tmp_path / "capped.gin"
+    gin_file.write_text(CAPPED.format(path=docs))
+    model_dir = tmp_path / "run"
+    cmd = [f"--gin_file={gin_file}", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32", "--gin.TRAIN_STEPS=40",
+           "--gin.CHECKPOINT_EVERY=100", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.peak_flops=1e12",
+           f"--gin.MODEL_DIR={model_dir}"]
+
+    flags = config.add_gin_flags(argparse.ArgumentParser()).parse_args(cmd)
+    run = config.load(flags.gin_file, flags.gin_bindings)
+    batches = []
+    for p in range(2):
+        it = build(run.mixture, process_index=p, process_count=2).iterator
+        batches.append(sum(1 for _ in zip(it, range(41))))
+    assert batches[1] < batches[0] and batches[1] < 40, batches   # process 1 runs out first, before TRAIN_STEPS
+
+    with Cluster(2, 1, cmd, tmp_path / "logs", env) as cluster:
+        assert cluster.wait(TIMEOUT) == [0, 0], cluster.report("data cap")
+        assert stop_lines(cluster) == [(batches[1], "data_exhausted")] * 2
+    assert max(losses(model_dir)) == batches[1]
+    assert saved_by(model_dir, batches[1]) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    # The same cap with on_exhausted='error', resumed from there: process 1 raises at once, process 0 (with data
+    # left) is told so by the vote, and both exit 1 without a step.
+    with Cluster(2, 1, [*cmd, "--gin.capped/Component.on_exhausted='error'"], tmp_path / "logs_error", env) as cluster:
+        assert cluster.wait(TIMEOUT) == [1, 1], cluster.report("on_exhausted='error'")
+        assert "component 'capped' ran out of documents" in cluster.stderr(1)
+        assert f"another process stopped at step {batches[1]}" in cluster.stderr(0)
+    assert max(losses(model_dir)) == batches[1]

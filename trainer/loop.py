@@ -25,11 +25,12 @@ from jax.sharding import Mesh
 
 from data import multihost, pipeline as data_pipeline
 from data.config import single_component_mixture
+from data.mixture import ComponentExhausted
 from data.tokenize import check_vocab
 from models import sharding
 from storage import Path, is_remote
-from trainer import (checkpoint, export, initialize, metrics, program as program_lib, run_lock, run_metadata,
-                     state as state_lib)
+from trainer import (checkpoint, consensus, export, initialize, metrics, program as program_lib, run_lock,
+                     run_metadata, state as state_lib)
 from trainer.config import RunConfig, write_operative_config
 
 log = logging.getLogger(__name__)
@@ -282,14 +283,45 @@ class StepLoop:
 
     def _steps(self, preemption: "_Preemption") -> str:
         while self.step < self.config.train.train_steps:
-            if preemption.requested:
-                return "preempted"
-            try:
-                local = next(self.setup.pipe.iterator)
-            except StopIteration:
-                return "data_exhausted"
+            local, stop = self._next_batch_or_agreed_stop(preemption.requested)
+            if stop is not None:
+                log.info("process %d of %d stops at step %d (%s)", jax.process_index(), jax.process_count(),
+                         self.step, stop)
+                return stop
             self._dispatch(local)
         return "done"
+
+    def _next_batch_or_agreed_stop(self, preempted: bool) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """(this process's rows of the next batch, None), or (None, why every process stops before this step).
+
+        Every process votes its local reasons (SIGTERM seen, data shard exhausted, component over its epoch cap)
+        before the step and all act on the union (trainer.consensus), so no process enters the train step or a
+        checkpoint save while another has left the loop. A process that fetched a batch for a step that is not taken
+        rewinds its iterator, so the checkpoint holds every process's data position at the same step.
+        """
+        iterator = self.setup.pipe.iterator
+        local, error, reasons = None, None, set()
+        before = iterator.get_state() if jax.process_count() > 1 else None
+        if preempted:
+            reasons.add("preempted")
+        else:
+            try:
+                local = next(iterator)
+            except StopIteration:
+                reasons.add("data_exhausted")
+            except ComponentExhausted as e:
+                error = e
+                reasons.add("data_error")
+        agreed = consensus.agree(reasons)
+        if not agreed:
+            return local, None
+        if local is not None:
+            iterator.set_state(before)
+        if "data_error" in agreed:
+            raise error or ComponentExhausted(
+                f"another process stopped at step {self.step}: a component with on_exhausted='error' ran past its "
+                "max_epochs there (its log names the component)")
+        return None, "data_exhausted" if "data_exhausted" in agreed else "preempted"
 
     def _dispatch(self, local: dict[str, np.ndarray]) -> None:
         """Starts step `step + 1` on the devices, then finishes the previous step while it runs."""
