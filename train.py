@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     config.add_gin_flags(parser)
     group = parser.add_argument_group(
-        "several processes", "Run the same command on every host with --distributed. Cloud TPU VMs (and SLURM, Open MPI, "
-        "Kubernetes jobs) are detected by JAX; elsewhere give all three of the flags below, e.g. on one machine: "
-        "--distributed --coordinator_address=localhost:12345 --num_processes=2 --process_id=0 (then =1).")
+        "several processes", "Run the same command on every host with --distributed. Cloud TPU VMs (and SLURM, "
+        "Open MPI, Kubernetes jobs) are detected by JAX; elsewhere give all three of the flags below, e.g. on one "
+        "machine: --distributed --coordinator_address=localhost:12345 --num_processes=2 --process_id=0 (then =1).")
     group.add_argument("--distributed", action="store_true",
                        help="call jax.distributed.initialize() first (every process of a multi-host run)")
     group.add_argument("--coordinator_address", metavar="HOST:PORT",
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                "process_id": args.process_id}
     given = {k: v for k, v in cluster.items() if v is not None}
     if given and not args.distributed:
-        parser.error(f"--{', --'.join(given)} need(s) --distributed")
+        parser.error(f"--{', --'.join(given)}: only with --distributed")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src"):
