@@ -149,9 +149,11 @@ def test_four_processes_match_one_process_then_a_nan_stops_all(single, env, tmp_
     assert_same_run(model_dir, single, RTOL)
     assert saved_by(model_dir, STEPS) == [f"process_{i}-of-4.json" for i in range(4)]
 
-    # Continue with an absurd learning rate: step 9's update overflows, step 10's loss is not finite. Every process
-    # sees the same (replicated) loss, so all four stop there with exit 1 and nothing is saved.
-    more = args(model_dir, f"--gin.TRAIN_STEPS={STEPS + 4}", "--gin.OptimizerConfig.learning_rate=1e30")
+    # Continue with an absurd learning rate (a new schedule phase from step 8): step 9's update overflows, step 10's
+    # loss is not finite. Every process sees the same (replicated) loss, so all four stop there with exit 1 and
+    # nothing is saved from it.
+    more = args(model_dir, f"--gin.TRAIN_STEPS={STEPS + 4}", "--gin.OptimizerConfig.learning_rate=1e30",
+                f"--gin.OptimizerConfig.schedule_start={STEPS}", "--gin.OptimizerConfig.warmup_steps=0")
     with Cluster(4, 1, more, tmp_path / "logs_nan", env) as cluster:
         assert cluster.wait(TIMEOUT) == [1] * 4, cluster.report("NaN")
         for i in range(4):
