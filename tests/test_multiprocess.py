@@ -17,8 +17,7 @@ import pytest
 from tests import multiproc
 from tests.multiproc import Cluster, logged_steps, losses
 
-# One xdist worker runs the whole file (pytest.ini: --dist loadgroup), so the reference runs are made once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
+pytestmark = pytest.mark.slow
 STEPS = 8
 ARGS = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32",
         f"--gin.TRAIN_STEPS={STEPS}", "--gin.CHECKPOINT_EVERY=2", "--gin.MixtureConfig.num_shards=4",
