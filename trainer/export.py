@@ -101,7 +101,7 @@ def export(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfl
     return _in_place(out_dir)
 
 
-def _in_place(out_dir: pathlib.Path) -> pathlib.Path:
+def _in_place(out_dir: "pathlib.Path | storage.Path") -> "pathlib.Path | storage.Path":
     """`out_dir`, once every process got here (process 0 after writing it)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"docmix export {out_dir}")
@@ -118,14 +118,15 @@ def _export_remote(model: Transformer, out_dir: storage.Path, *, dtype: str, tok
     """gs:// has no rename: written locally, the earlier export (checked) removed, then uploaded with config.json
     and the marker last, so a folder that loaders recognise is complete."""
     if jax.process_index() != 0:
-        return out_dir
+        hf_io.save_pretrained(model, None, dtype=dtype)  # takes part in every gather, writes nothing
+        return _in_place(out_dir)
     with tempfile.TemporaryDirectory(prefix="docmix-export-") as tmp:
         hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
         _write_marker(pathlib.Path(tmp), dtype, source)
         if out_dir.exists():
             out_dir.rmtree()
         storage.upload_tree(tmp, out_dir, last=("config.json", EXPORT_MARKER))
-    return out_dir
+    return _in_place(out_dir)
 
 
 def _swap_in(new: pathlib.Path, out_dir: pathlib.Path) -> None:
