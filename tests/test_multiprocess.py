@@ -175,17 +175,17 @@ RunConfig.eval_mixture = None
 
 
 def test_data_cap_on_one_host_stops_every_host_at_the_same_step(env, tmp_path):
-    """Documents alternate long / short and are not shuffled, so shard 0 (process 0) holds the long ones and shard 1
-    (process 1) runs out of its single epoch first."""
+    """A JSONL shard is a contiguous byte range: the file's second half is short documents with a large untokenized
+    field, so shard 1 (process 1) holds few tokens and runs out of its single epoch first."""
     from data.pipeline import build
     from trainer import config
 
     docs = tmp_path / "docs.jsonl"
     words = "the farm report said that the committee would meet again".split()
     with docs.open("w") as f:
-        for i in range(48):
-            n = 60 if i % 2 == 0 else 4
-            f.write(json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(n))}) + "\n")
+        for i in range(24 + 120):
+            n, pad = (60, "") if i < 24 else (4, "x" * 300)
+            f.write(json.dumps({"text": " ".join(words[(i + k) % len(words)] for k in range(n)), "pad": pad}) + "\n")
     gin_file = tmp_path / "capped.gin"
     gin_file.write_text(CAPPED.format(path=docs))
     model_dir = tmp_path / "run"
