@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
+import os
 import pathlib
 import shlex
 import subprocess
@@ -112,13 +114,36 @@ def train_command(s: Slice, train_args: Sequence[str]) -> list[str]:
     return on_all_workers(s, remote)
 
 
+def code_files(root: pathlib.Path = ROOT) -> list[str]:
+    """The repository's files as a clone has them: `git ls-files` in a git checkout; elsewhere (a release tarball,
+    a copied tree) every file not excluded by the top-level .gitignore (runs, caches, venvs stay home)."""
+    if (root / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout
+        return [name for name in listed.decode().split("\0") if name and (root / name).is_file()]
+    patterns = [line.strip() for line in (root / ".gitignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")] if (root / ".gitignore").is_file() else []
+
+    def ignored(rel: pathlib.PurePosixPath) -> bool:
+        for pattern in [*patterns, ".git/"]:
+            anchored, body = pattern.startswith("/"), pattern.strip("/")
+            candidates = [str(rel)] if anchored else [rel.name]
+            if any(fnmatch.fnmatch(c, body) for c in candidates):
+                return True
+        return False
+
+    files = []
+    for folder, dirs, names in os.walk(root):
+        base = pathlib.PurePosixPath(pathlib.Path(folder).relative_to(root).as_posix())
+        dirs[:] = sorted(d for d in dirs if not ignored(base / d))
+        files += [str(base / n) if str(base) != "." else n for n in sorted(names) if not ignored(base / n)]
+    return files
+
+
 def code_archive(destination: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.Path:
-    """A .tar.gz of the repository's tracked files as they are in the working tree (no runs, caches or venvs)."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout
+    """A .tar.gz of the repository's files (`code_files`) as they are in the working tree."""
     with tarfile.open(destination, "w:gz") as tar:
-        for name in filter(None, files.decode().split("\0")):
-            if (root / name).is_file():
-                tar.add(root / name, arcname=name)
+        for name in code_files(root):
+            tar.add(root / name, arcname=name)
     return destination
 
 

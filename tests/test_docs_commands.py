@@ -11,7 +11,8 @@ The directory is a copy of the repository's files (`git ls-files`, as a clone wo
 this interpreter (CI has installed the requirements already, see .ci/run).
 
 Scaled down (`scale`): --count 12, --num_batches 2, --epochs 1, train.py with TRAIN_STEPS=2, BATCH_SIZE=8,
-SEQ_LEN=64; bench scripts with one seed and 2 steps. Inputs the docs say the user brings are made first (`user_files`):
+SEQ_LEN=64; bench scripts with one seed and 2 steps; the demo sweep and durability files with 2 steps per stage
+(`TOML_SCALE`). Inputs the docs say the user brings are made first (`user_files`):
 a gzipped replay corpus at replay/ and bucket/replay/, synthetic documents at bucket/synth/, and alpaca.jsonl.
 
 The allow-list (`EXTERNAL`) is every command that needs something a CI machine does not have, each with its
@@ -67,6 +68,8 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      "with xdist for -n, collects this file)",
      lambda c, ctx: ".venv/bin/python -m pytest -q -n 0 -p no:cacheprovider --collect-only "
                     "tests/test_docs_commands.py"),
+    (r"^pip install -r requirements-\w+\.txt$", "installs from PyPI (CI has: .ci/run; --no-index checks the file is "
+     "satisfied by what is installed)", lambda c, ctx: c.replace("pip install", "python -m pip install --no-index", 1)),
     (r"^export OPENAI_API_KEY=", "a real API key", lambda c, ctx: "export OPENAI_API_KEY=test-key"),
     (r"^vllm serve ", "a GPU LLM server (the local test server stands in)", lambda c, ctx: "true"),
     (r"data\.synth generate ", "a hosted or GPU LLM (the local test server answers instead)",
@@ -93,6 +96,13 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
 SCALE = [(r"--count \d+", "--count 12"), (r"--num_batches \d+", "--num_batches 2"), (r"--epochs \d+", "--epochs 1"),
          (r"--seeds( \d+)+", "--seeds 0"), (r"--steps \d+", "--steps 2")]
 TRAIN_SCALE = " --gin.TRAIN_STEPS=2 --gin.BATCH_SIZE=8 --gin.SEQ_LEN=64 --gin.CHECKPOINT_EVERY=2"
+# The demo experiment files, scaled like train.py's runs: every stage 2 steps, SFT over 16 samples with a probe point
+# every 8 (the grid, arms, corpora and probe sets stay as documented).
+TOML_SCALE = {"sweeps/demo.toml": [(r"(?m)^train_steps = \d+", "train_steps = 2"),
+                                   (r"(?m)^heldout_batches = \d+", "heldout_batches = 1")],
+              "sweeps/durability_demo.toml": [(r"(?m)^train_steps = \d+", "train_steps = 2"),
+                                              (r"(?m)^samples = \d+", "samples = 16"),
+                                              (r"(?m)^eval_every = \d+", "eval_every = 8")]}
 
 
 def scale(command: str) -> str:
@@ -160,6 +170,15 @@ def env(tmp: pathlib.Path) -> dict[str, str]:
     return out
 
 
+def scale_experiment_files(root: pathlib.Path) -> None:
+    for name, rules in TOML_SCALE.items():
+        text = (root / name).read_text()
+        for pattern, small in rules:
+            text, n = re.subn(pattern, small, text)
+            assert n, f"{name}: the scaling rule {pattern!r} no longer matches; update TOML_SCALE"
+        (root / name).write_text(text)
+
+
 def test_every_doc_command_is_found():
     """The extraction itself: continuations joined, comments dropped, text blocks skipped, indented fences read."""
     readme = doc_commands(REPO / "README.md")
@@ -175,6 +194,7 @@ def test_every_doc_command_is_found():
 def test_docs_commands_run_as_written(tmp_path, smollm2_dir):
     root = checkout(tmp_path)
     user_files(root)
+    scale_experiment_files(root)
     run_env = env(tmp_path)
     failures = []
     with serve(FlakyApp()) as llm_url:

@@ -118,3 +118,19 @@ def test_dry_run_prints_every_command_and_runs_none(fake_cloud, capsys):
 def test_model_dir_must_be_on_gcs(fake_cloud, capsys):
     assert tpu.main(["--name=t1", "--zone=z", "--accelerator_type=v5p-8", "--", "--gin.MODEL_DIR=/local/run"]) == 2
     assert "gs://" in capsys.readouterr().err
+
+
+def test_code_files_outside_a_git_checkout_are_the_tracked_files(tmp_path):
+    """A tree without .git (a release tarball, a copy) ships what `git ls-files` would: .gitignore'd runs, caches,
+    venvs and bytecode stay home."""
+    tracked = tpu.code_files()
+    assert "train.py" in tracked and "launch/tpu.py" in tracked and not any(n.startswith(".venv/") for n in tracked)
+    copy = tmp_path / "docmix"
+    for name in tracked:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((tpu.ROOT / name).read_bytes())
+    for junk in ("runs/demo/checkpoints/2/state", ".venv/bin/python", "models/__pycache__/llama.cpython-311.pyc",
+                 "sweep_runs/demo/x.json", "cache/smollm2/model.safetensors", "docmix.egg-info/PKG-INFO"):
+        (copy / junk).parent.mkdir(parents=True, exist_ok=True)
+        (copy / junk).write_text("not code")
+    assert sorted(tpu.code_files(copy)) == sorted(tracked)
