@@ -34,7 +34,7 @@ from inspect_evals.anima.metrics import avg_by_dimension, dimension_normalized_a
 from inspect_evals.anima import scorer as anima_scorer_module
 from inspect_evals.anima.scorer import anima_scorer
 
-from eval import anima_data
+from eval import anima_data, loading
 
 
 RESULT_FILE = "anima.json"
@@ -173,11 +173,11 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
         grader_temperature: float | None = None, log_dir: str | pathlib.Path | None = None,
         out: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Runs ANIMA on `model` graded by `grader` (specs as in `resolve_model`, or Inspect Models), writes the result
-    JSON (`out`, default `anima.json` in the HF folder) and returns it."""
+    JSON (`out`, default `anima.json` where eval.loading.results_dir puts the HF folder's results) and returns it."""
     target, hf_dir = _as_model(model, GenerateConfig(max_tokens=max_tokens, temperature=temperature))
-    out_path = pathlib.Path(out) if out else (hf_dir / RESULT_FILE if hf_dir else None)
-    if out_path is None:
+    if out is None and hf_dir is None:
         raise ValueError(f"--out is required when --model is not an HF folder (got {model!r})")
+    out_path = pathlib.Path(out) if out else pathlib.Path(loading.results_dir(hf_dir)) / RESULT_FILE
     grader_model, _ = _as_model(grader, GenerateConfig(max_tokens=grader_max_tokens, temperature=grader_temperature),
                                  role="grader")
     for flag, spec in (("--model", model), ("--grader", grader)):
@@ -223,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--grader_max_tokens", type=int)
     p.add_argument("--grader_temperature", type=float)
     p.add_argument("--log_dir", help="Inspect logs (default: anima_logs/ beside the result file)")
-    p.add_argument("--out", help=f"result JSON (default: {RESULT_FILE} inside the HF folder)")
+    p.add_argument("--out", help=f"result JSON (default: {RESULT_FILE} beside the checkpoint: MODEL_DIR/eval/hf/ for a run's "
+                                         "export, inside any other HF folder)")
     args = p.parse_args(argv)
     result = run(args.model, args.grader, dataset_dir=args.dataset_dir, epochs=args.epochs, limit=args.limit,
                  languages=args.languages, max_tokens=args.max_tokens, temperature=args.temperature,

@@ -42,13 +42,14 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
 def results_dir(path: str | pathlib.Path) -> storage.Path:
     """Where eval results (probes-*.json, heldout.json, anima.json) of the checkpoint at `path` are written.
 
-    An HF folder keeps its results inside itself (MODEL_DIR/hf/anima.json); a step directory MODEL_DIR/checkpoints/N
-    (or a run directory, meaning its latest committed step) keeps them in MODEL_DIR/eval/N/, outside the Orbax tree,
-    so that checkpoint garbage collection never deletes them and Orbax never sees foreign files. Local or gs://.
+    Results live outside what training writes, so neither checkpoint garbage collection nor the next export removes
+    them or is blocked by them: a step directory MODEL_DIR/checkpoints/N (or a run directory, meaning its latest
+    committed step) keeps them in MODEL_DIR/eval/N/, a run's HF export MODEL_DIR/hf (an HF folder beside
+    MODEL_DIR/checkpoints) in MODEL_DIR/eval/hf/. Any other HF folder keeps them inside itself. Local or gs://.
     """
     path = storage.absolute(path)
     if is_hf_folder(path):
-        return path
+        return path.parent / RESULTS / path.name if (path.parent / "checkpoints").is_dir() else path
     from trainer import checkpoint
 
     run_dir, _, step, _ = checkpoint.read_metadata(path)

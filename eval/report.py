@@ -4,7 +4,7 @@
 
 For every run directory it reads metrics.jsonl (training log), config.gin (the mixture weights) and the eval results
 saved beside each checkpoint (docs/eval.md): MODEL_DIR/eval/<step>/{probes-*.json, heldout.json, anima.json} and,
-for the final export, MODEL_DIR/hf/{probes-*.json, heldout.json, anima.json}. It writes DIR/report.csv and
+for the final export MODEL_DIR/hf, MODEL_DIR/eval/hf/{probes-*.json, heldout.json, anima.json}. It writes DIR/report.csv and
 DIR/report.json (one row per run x checkpoint) and PNG plots: probe score and held-out loss against step (one line
 per run) and against the mixture share of `--share_component` across runs (final checkpoints), with 95% CIs.
 """
@@ -71,8 +71,8 @@ def _checkpoints(run_dir: pathlib.Path, last_step: int | None) -> list[tuple[str
     if eval_dir.is_dir():
         found += [(d.name, int(d.name), d) for d in eval_dir.iterdir() if d.is_dir() and d.name.isdigit()]
     found.sort(key=lambda x: x[1])
-    if (run_dir / HF).is_dir():
-        found.append((HF, last_step, run_dir / HF))
+    if (eval_dir / HF).is_dir():
+        found.append((HF, last_step, eval_dir / HF))
     return found
 
 

@@ -39,10 +39,7 @@ import pytest
 from tests.synth_servers import FlakyApp, serve
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# README first, then docs/ alphabetically with eval.md last: evaluation follows training, as for a user (probe results
-# saved inside runs/demo/hf would otherwise make training.md's demo rerun refuse to replace that export).
-DOCS = ["README.md", *sorted((str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")),
-                             key=lambda name: (name == "docs/eval.md", name))]
+DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
 
 

@@ -156,6 +156,16 @@ def test_run_directory_scores_like_its_hf_folder_and_saves_under_eval(tiny_model
     from_hf = probes.score_model(tiny_models[1], [PAIRS])[0]
     assert from_run["overall"]["margin"] == pytest.approx(from_hf.mean(), abs=1e-5)
 
+    # The run's HF export keeps its results in MODEL_DIR/eval/hf/, so the next export may replace the folder
+    # (check_target refuses a folder holding files the export did not write).
+    from trainer import export
+
+    convert.orbax_to_hf(tmp_path / "run", tmp_path / "run" / "hf")
+    probes.main(["--model", str(tmp_path / "run" / "hf"), "--pairs", str(pairs_file)])
+    assert (tmp_path / "run" / "eval" / "hf" / "probes-set.json").is_file()
+    assert not list((tmp_path / "run" / "hf").glob("probes-*"))
+    export.check_target(tmp_path / "run" / "hf", overwrite=True)
+
 
 @pytest.mark.slow  # ~20 s on an idle 2-core machine: one 135M model in JAX and in torch
 def test_chat_mode_scores_the_assistant_turn_like_transformers(smollm2_dir):

@@ -30,8 +30,9 @@ def _make_run(root: pathlib.Path, name: str, share: float, margins: dict[int, li
         (d / "heldout.json").write_text(json.dumps(
             {"components": {"general": {"loss": held[step], "target_tokens": 1000}}}))
     if anima is not None:
-        (run / "hf").mkdir()
-        (run / "hf" / "anima.json").write_text(json.dumps({"overall_mean": anima, "dimension_normalized_avg": 0.4}))
+        (run / "eval" / "hf").mkdir(parents=True)  # a run's export's results: MODEL_DIR/eval/hf (eval.loading)
+        (run / "eval" / "hf" / "anima.json").write_text(
+            json.dumps({"overall_mean": anima, "dimension_normalized_avg": 0.4}))
     return run
 
 
