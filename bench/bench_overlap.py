@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from data import pipeline as data_pipeline  # noqa: E402
-from trainer import config, loop, program as program_lib  # noqa: E402
+from trainer import config, loop, program as program_lib, run_setup  # noqa: E402
 
 WARMUP = 2
 
@@ -64,11 +64,11 @@ def main() -> None:
     run = config.load(["runs/demo.gin"], [f"MODEL_DIR = '{tmp}'", "TRAIN_STEPS = 100000", "CHECKPOINT_EVERY = 100000",
                                           "TrainConfig.eval_every = None", "TrainConfig.progress_bar = False",
                                           "TrainConfig.log_every = 100000", "TrainConfig.peak_flops = 1e12"])
-    setup = loop.Setup.create(run)
-    run = loop.effective_run(setup)
+    setup = run_setup.Setup.create(run)
+    run = run_setup.effective_run(setup)
     program = program_lib.build(run, setup.mesh, len(setup.pipe.component_names))
-    state, tokens_seen = loop.initial_state(setup, run, program)
-    steps = loop.compile_steps(program, state, run, 0)
+    state, tokens_seen = run_setup.initial_state(setup, run, program)
+    steps = run_setup.compile_steps(program, state, run, 0)
     not_stopping = types.SimpleNamespace(requested=False)
 
     def steps_per_s(prefetch: int, async_metrics: bool, delay_s: float) -> float:
