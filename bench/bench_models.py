@@ -129,10 +129,15 @@ def main() -> None:
     results.update(_run_child("export", args.hf_dir))
     results.update(_forward(args.hf_dir, args.batch, args.seq, args.repeats))
     results["load_average_at_end"] = os.getloadavg()
+    print_and_save(results, args.out)
+
+
+def print_and_save(results: dict, out: str | None) -> None:
+    """Prints the results as JSON and, with `out`, writes them there too."""
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
 
 

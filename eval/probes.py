@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import sys
@@ -26,18 +25,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from data.synth.records import read_jsonl
 import storage
-from eval import chat, loading, stats
-from trainer.loss import target_weights, token_losses
+from eval import chat, loading, scoring, stats
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "category")
 CHAT_USER, CHAT_ASSISTANT = "User: ", "\nAssistant:"  # how the probe sets write a chat turn in plain text
-LENGTH_BUCKET = 32  # pad sequence lengths up to a multiple of this, so few shapes are compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,57 +105,12 @@ def encode_chat_texts(tokenizer: chat.ChatTokenizer, prompt: str, continuation: 
     return context + target, len(context)
 
 
-def pack_batch(sequences: Sequence[tuple[list[int], int]], batch_size: int, max_len: int) -> dict[str, np.ndarray]:
-    """Pads sequences into a fixed `[batch_size, L]` batch (L a multiple of LENGTH_BUCKET).
-
-    Returns tokens, segment_ids (1 = text, 0 = padding rows/positions) and loss_mask (1 on continuation tokens).
-    """
-    longest = max(len(ids) for ids, _ in sequences)
-    if longest > max_len:
-        raise ValueError(f"a probe sequence has {longest} tokens, more than the model's {max_len} positions")
-    length = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, max_len)
-    tokens = np.zeros((batch_size, length), np.int32)
-    segment_ids = np.zeros((batch_size, length), np.int32)
-    loss_mask = np.zeros((batch_size, length), np.float32)
-    for row, (ids, n_context) in enumerate(sequences):
-        tokens[row, : len(ids)] = ids
-        segment_ids[row, : len(ids)] = 1
-        loss_mask[row, n_context: len(ids)] = 1.0
-    return {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _token_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array,
-                    loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """-> (`[B, S-1]` log p(tokens[t+1] | tokens[:t+1]), `[B, S-1]` weight: 1 where tokens[t+1] is scored)."""
-    model = nnx.merge(graphdef, state)
-    logits = model(tokens, segment_ids)
-    ce, _ = token_losses(logits, tokens)
-    return -ce, target_weights(segment_ids, loss_mask)
-
-
-def token_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The model's per-token log-probabilities of a packed batch: (`[B, S-1]` log-probs, `[B, S-1]` scored mask)."""
-    graphdef, state = nnx.split(model)
-    logp, weight = _token_logprobs(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
-                                   jnp.asarray(batch["loss_mask"]))
-    return np.asarray(logp), np.asarray(weight)
-
-
 def continuation_scores(model: nnx.Module, max_len: int, tokenizer: chat.ChatTokenizer,
                         items: Sequence[tuple[str, str]], batch_size: int, *, chat_mode: bool = False) -> np.ndarray:
-    """Mean log-prob per continuation token of each (prompt, continuation) -> `[len(items)]` float64."""
+    """Mean log-prob per continuation token of each (prompt, continuation) -> `[len(items)]` float64; a prompt shared
+    by several items (a pair's chosen and rejected) runs once (eval.scoring)."""
     encode = encode_chat_texts if chat_mode else encode_pair_texts
-    encoded = [encode(tokenizer, p, c) for p, c in items]
-    # Sorting by length keeps padding low; the result is put back in input order.
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    scores = np.zeros(len(encoded), np.float64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        logp, weight = token_logprobs(model, pack_batch([encoded[i] for i in idx], batch_size, max_len))
-        per_row = (logp * weight).sum(1) / weight.sum(1).clip(min=1)
-        scores[idx] = per_row[: len(idx)]
-    return scores
+    return scoring.continuation_scores(model, max_len, [encode(tokenizer, p, c) for p, c in items], batch_size)
 
 
 def score_model(path: str | pathlib.Path, pair_sets: Sequence[Sequence[Pair]], *, batch_size: int = 16,

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from eval import chat, probes
+from eval import chat, probes, scoring
 from eval.probes import Pair
 
 PAIRS = [
@@ -42,16 +42,17 @@ def test_token_logprobs_match_transformers(smollm2_dir):
     model, config, tok_dir = loading.load_model(smollm2_dir)
     tokenizer = chat.load(tok_dir)
     seqs = [probes.encode_pair_texts(tokenizer, p.prompt, text) for p in PAIRS for text in (p.chosen, p.rejected)]
-    batch = probes.pack_batch(seqs, batch_size=8, max_len=config.max_position_embeddings)  # 2 padding rows
-    logp, weight = probes.token_logprobs(model, batch)
-    for row, (ids, n_context) in enumerate(seqs):
-        ref = _torch_token_logprobs(smollm2_dir, ids)
-        np.testing.assert_allclose(logp[row, : len(ids) - 1], ref, atol=1e-4, rtol=0)
-        # Only the continuation's tokens are scored.
-        expected = np.zeros(logp.shape[1])
-        expected[n_context - 1: len(ids) - 1] = 1
-        np.testing.assert_array_equal(weight[row], expected)
-    assert weight[len(seqs):].sum() == 0
+    # The prompt runs once per pair; each continuation is scored from its KV cache (eval.scoring).
+    groups = [(seqs[i][0][:seqs[i][1]], [ids[n:] for ids, n in seqs[i:i + 2]]) for i in range(0, len(seqs), 2)]
+    assert max(len(t) for _, targets in groups for t in targets) <= 64
+    batch = scoring.pack_prefix_batch(groups, batch_size=len(groups) + 1, per_prompt=2, continuation_width=64)
+    logp = scoring.prefix_token_logprobs(model, batch)
+    for row, (prompt, targets) in enumerate(groups):
+        for k, target in enumerate(targets):
+            ref = _torch_token_logprobs(smollm2_dir, [*prompt, *target])[len(prompt) - 1:]
+            np.testing.assert_allclose(logp[k, row, : len(target)], ref, atol=1e-4, rtol=0)
+            assert not logp[k, row, len(target):].any()  # padding is scored 0
+    assert not logp[:, len(groups):].any()  # the padding row
     # The margin is the difference of the length-normalized continuation log-probs, whatever the batch order.
     scores = probes.continuation_scores(model, config.max_position_embeddings, tokenizer,
                                         [(p.prompt, t) for p in PAIRS for t in (p.chosen, p.rejected)], batch_size=8)
