@@ -1,8 +1,10 @@
-"""sweep.py: the dry-run plan with token budgets computed by hand, the launcher template, and a tiny sweep on the demo
-model end to end (train, evaluate, report; rerun skips finished runs; unrun configurations stay in the report)."""
+"""sweep.py: the dry-run plan with token budgets computed by hand, the launcher template, and the documented demo
+sweep (sweeps/demo.toml, scaled to 2 steps per run) end to end: train, evaluate, report; rerun skips finished runs;
+unrun configurations stay in the report."""
 import csv
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 import sweep
 from eval import probes, stats
-from experiments import runner
+from experiments import evaluate, plan, runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOC = "welfare" + " welfare" * 37  # 39 demo-tokenizer tokens (checked below) + EOS = 40 per document
@@ -108,49 +110,45 @@ def test_launcher_template_is_an_argument_list():
     assert runner.command(job, None)[:2] == [sys.executable, str(REPO / "train.py")]
 
 
-def _small_set(src: str, path: pathlib.Path, n: int) -> pathlib.Path:
-    path.write_text("".join((REPO / "eval/probe_sets" / src).read_text().splitlines(keepends=True)[:n]))
-    return path
+DOC_FILE = "sweeps/demo.toml"
+# Every run 2 steps and one held-out batch, as the docs test scales train.py; the grid, corpora, probe sets and
+# statistics stay as documented.
+SCALE = [(r"(?m)^train_steps = \d+", "train_steps = 2"), (r"(?m)^heldout_batches = \d+", "heldout_batches = 1")]
+
+
+def scaled_doc_file(out_dir: pathlib.Path, seeds: str) -> str:
+    text = (REPO / DOC_FILE).read_text()
+    for pattern, small in [*SCALE, (r"(?m)^out_dir = .*$", f"out_dir = {str(out_dir)!r}"),
+                           (r"(?m)^seeds = \[0\]", f"seeds = {seeds}")]:
+        text, n = re.subn(pattern, small, text)
+        assert n, f"{DOC_FILE}: {pattern!r} no longer matches; update this test's SCALE"
+    return text
 
 
 @pytest.mark.slow  # ~1.5 min on an idle 2-core machine: 3 train.py runs of 2 steps, evaluation, report
-def test_tiny_sweep_end_to_end(tmp_path, capsys):
-    sets = {"welfare": _small_set("animal_welfare.jsonl", tmp_path / "welfare.jsonl", 12),
-            "lexical": _small_set("animal_welfare_lexical.jsonl", tmp_path / "lexical.jsonl", 12)}
-    control = _small_set("neutral_control.jsonl", tmp_path / "neutral.jsonl", 12)
+def test_documented_sweep_end_to_end(tmp_path, capsys):
+    """sweeps/demo.toml as docs/eval.md runs it (tests/test_docs_commands.py leaves that command to this test)."""
     out = tmp_path / "out"
-    text = f'''out_dir = "{out}"
-gin_file = ["runs/demo.gin"]
-gin = ["TrainConfig.log_every = 1", "TrainConfig.eval_every = 100", "CheckpointConfig.export_dtype = 'float32'",
-       "CHECKPOINT_EVERY = 2"]
-seeds = SEEDS
-shares = [0.0, 0.1, 0.5]
-doc_counts = [50]
-train_steps = 2
-[corpora]
-welfare = "demo:welfare"
-[eval]
-pairs = ["{sets['welfare']}", "{sets['lexical']}"]
-control_pairs = "{control}"
-heldout_batches = 1
-bootstrap = 300
-'''
-    (tmp_path / "s.toml").write_text(text.replace("SEEDS", "[0]"))
+    (tmp_path / "s.toml").write_text(scaled_doc_file(out, "[0]"))
     assert sweep.main([str(tmp_path / "s.toml")]) == 0
+    s = evaluate.settings(plan.load(tmp_path / "s.toml").eval)
+    sets = dict(zip(s.set_names, s.pairs))
+    welfare, lexical = s.set_names  # animal_welfare and its lexical variant
     report = out / "report"
     with open(report / "runs.csv") as f:
         runs = {r["run"]: r for r in csv.DictReader(f)}
-    names = ["model-welfare-n50-w0.1-t2-s0", "model-welfare-n50-w0.5-t2-s0", "model-base-t2-s0"]
+    names = ["model-welfare-n300-w0.05-t2-s0", "model-welfare-n300-w0.25-t2-s0", "model-base-t2-s0"]
     assert sorted(runs) == sorted(names) and {r["status"] for r in runs.values()} == {"done"}
 
     # The table holds the runs' own probe results: the per-pair margins the sweep saved, which are what
     # eval.probes gives for the run's checkpoint (rescored here for one run) and what eval.report reads beside it.
     margins = {n: {k: np.asarray(v) for k, v in json.loads((out / "eval" / f"{n}.json").read_text())["margins"].items()}
                for n in names}
-    np.testing.assert_allclose(probes.score_model(out / "runs" / names[1], [probes.read_pairs(sets["lexical"])])[0],
-                               margins[names[1]]["lexical"], atol=1e-6)
+    np.testing.assert_allclose(probes.score_model(out / "runs" / names[1], [probes.read_pairs(sets[lexical])])[0],
+                               margins[names[1]][lexical], atol=1e-6)
     for n in names:
-        assert sorted(margins[n]) == ["control", "lexical", "welfare"] and len(margins[n]["welfare"]) == 12
+        assert sorted(margins[n]) == sorted(["control", lexical, welfare])
+        assert len(margins[n][welfare]) == len(probes.read_pairs(sets[welfare]))
         for k in sets:
             assert float(runs[n][f"probe/{k}/margin"]) == pytest.approx(margins[n][k].mean(), abs=1e-6)
             saved = json.loads((out / "runs" / n / "eval" / "2" / f"probes-{k}.json").read_text())
@@ -160,10 +158,10 @@ bootstrap = 300
     # Arm comparisons: the paired shift minus the neutral shift against the share-0 arm, with Bonferroni CIs over
     # 2 arms x 2 sets = 4 comparisons.
     arms = json.loads((report / "arms.json").read_text())
-    row = next(r for r in arms if r["arm"] == "model-welfare-n50-w0.5-t2" and r["set"] == "lexical")
+    row = next(r for r in arms if r["arm"] == "model-welfare-n300-w0.25-t2" and r["set"] == lexical)
     t, b = margins[names[1]], margins[names[2]]
-    expected = stats.shift_minus_control(t["lexical"][None], b["lexical"][None], t["control"][None],
-                                         b["control"][None], paired_runs=True, n_boot=300,
+    expected = stats.shift_minus_control(t[lexical][None], b[lexical][None], t["control"][None],
+                                         b["control"][None], paired_runs=True, n_boot=s.bootstrap,
                                          adjusted_level=stats.bonferroni_level(4))
     assert row["shift_minus_neutral"] == pytest.approx(expected["difference"], abs=1e-6)
     assert [row["lo"], row["hi"]] == pytest.approx(expected["difference_ci95"], abs=1e-6)
@@ -175,14 +173,14 @@ bootstrap = 300
 
     # Plots: score vs share with CIs, one point per arm (share 0 included); the PNGs exist.
     plotted = json.loads((report / "plots.json").read_text())
-    series = plotted["vs_share.png"]["margin: welfare (nats/token)"]["model=model/corpus=welfare/docs=50"]
-    assert [p[0] for p in series] == [0.0, 0.1, 0.5]
-    assert [p[1] for p in series] == pytest.approx([margins[n]["welfare"].mean() for n in
+    series = plotted["vs_share.png"][f"margin: {welfare} (nats/token)"]["model=model/corpus=welfare/docs=300"]
+    assert [p[0] for p in series] == [0.0, 0.05, 0.25]
+    assert [p[1] for p in series] == pytest.approx([margins[n][welfare].mean() for n in
                                                     (names[2], names[0], names[1])], abs=1e-6)
-    shift = plotted["vs_share.png"]["shift - neutral shift vs 0%: lexical"]["model=model/corpus=welfare/docs=50"]
+    shift = plotted["vs_share.png"][f"shift - neutral shift vs 0%: {lexical}"]["model=model/corpus=welfare/docs=300"]
     assert shift[-1][1:] == pytest.approx([row["shift_minus_neutral"], row["lo"], row["hi"]], abs=1e-9)
-    assert plotted["vs_docs.png"]["shift - neutral shift vs 0%: lexical"]["model=model/corpus=welfare/share=0.5"][0][0] \
-        == 50.0
+    by_docs = plotted["vs_docs.png"][f"shift - neutral shift vs 0%: {lexical}"]
+    assert by_docs["model=model/corpus=welfare/share=0.25"][0][0] == 300.0
     for png in ("vs_share.png", "vs_docs.png"):
         assert (report / png).stat().st_size > 5000
 
@@ -190,9 +188,9 @@ bootstrap = 300
     capsys.readouterr()
     assert sweep.main([str(tmp_path / "s.toml")]) == 0
     assert capsys.readouterr().out.count("finished, skipped") == 3
-    (tmp_path / "s.toml").write_text(text.replace("SEEDS", "[0, 1]"))
+    (tmp_path / "s.toml").write_text(scaled_doc_file(out, "[0, 1]"))
     assert sweep.main([str(tmp_path / "s.toml"), "--no_train"]) == 1
     with open(report / "runs.csv") as f:
         status = {r["run"]: r["status"] for r in csv.DictReader(f)}
-    assert len(status) == 6 and status["model-welfare-n50-w0.5-t2-s1"] == "not run"
-    assert status["model-welfare-n50-w0.5-t2-s0"] == "done"
+    assert len(status) == 6 and status["model-welfare-n300-w0.25-t2-s1"] == "not run"
+    assert status["model-welfare-n300-w0.25-t2-s0"] == "done"

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -109,6 +110,21 @@ class Window:
         return rec
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter. tensorboardX imports torch whenever it is installed (~3 s at every start, only to
+    accept torch tensors, which docmix never passes); unless this process already has torch, it is hidden for that
+    import."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Sinks:
     """metrics.jsonl (+ TensorBoard, + W&B when asked for and installed). Only process 0 writes.
 
@@ -124,7 +140,7 @@ class Sinks:
         if not self.active:
             return
         truncate_after(self.path, resume_step)
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _summary_writer_class()
 
         self.tb_dir = storage.LocalMirror(storage.Path(model_dir) / "tb")
         self.tb = SummaryWriter(str(self.tb_dir.local), purge_step=resume_step + 1 if resume_step else None)
