@@ -4,8 +4,8 @@ A probe pair asks for log p(chosen | prompt) and log p(rejected | prompt): the p
 the model once, filling a KV cache, and each continuation is then run from that cache. Only the positions that
 predict a continuation token are projected onto the vocabulary (no logits for the prompt). Prompts are left-padded, as
 for generation (models.decode), so every row's last prompt token sits in the same cache slot; continuations are
-right-padded after it with RoPE positions counting each row's own tokens. Lengths are rounded up to LENGTH_BUCKET and
-one continuation width serves a whole call, so a probe set compiles a handful of shapes.
+right-padded after it with RoPE positions counting each row's own tokens. Prompt and continuation lengths are rounded
+up to LENGTH_BUCKET per batch, so a probe set compiles a handful of shapes.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from flax import nnx
 
 from models.cache import KVCache
 
-LENGTH_BUCKET = 32  # pad lengths up to a multiple of this, so few shapes are compiled
+LENGTH_BUCKET = 16  # pad lengths up to a multiple of this, so few shapes are compiled
 
 
 def _bucket(n: int) -> int:
@@ -93,14 +93,15 @@ def continuation_scores(model: nnx.Module, max_len: int, encoded: Sequence[tuple
         if n_context < 1 or n_context >= len(ids):
             raise ValueError(f"item {i}: needs at least one prompt token and one continuation token")
         groups.setdefault(tuple(ids[:n_context]), []).append(i)
-    prompts = sorted(groups, key=len)  # similar prompt lengths share a batch: little padding
+    longest_target = {p: max(len(encoded[i][0]) - len(p) for i in items) for p, items in groups.items()}
+    # Batches of prompts in the same length bucket with similar continuation lengths: little padding, few shapes.
+    prompts = sorted(groups, key=lambda p: (_bucket(len(p)), longest_target[p]))
     per_prompt = max(len(items) for items in groups.values())
-    width = _bucket(max(len(ids) - n for ids, n in encoded))
     scores = np.zeros(len(encoded), np.float64)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         batch = pack_prefix_batch([(p, [encoded[i][0][len(p):] for i in groups[p]]) for p in chunk], batch_size,
-                                  per_prompt, width)
+                                  per_prompt, _bucket(max(longest_target[p] for p in chunk)))
         logp = prefix_token_logprobs(model, batch)
         means = logp.sum(-1) / batch["continuation_segments"].sum(-1).clip(min=1)
         for row, prompt in enumerate(chunk):
