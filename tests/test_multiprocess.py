@@ -3,7 +3,8 @@ processes: the same losses and exports as one process, exact resume after SIGKIL
 cap on one host and a NaN loss each stopping every process at the same step (with 2 and 4 processes).
 
 All runs use the tiny model with the global batch split into 4 data shards (MixtureConfig.num_shards=4), so 1 process x
-4 devices, 2 x 2 and 4 x 1 train on the same global batches. A persistent compilation cache is shared by the runs.
+4 devices, 2 x 2 and 4 x 1 train on the same global batches. The runs share the suite's persistent compilation cache
+(conftest.py).
 """
 import argparse
 import json
@@ -34,29 +35,23 @@ TIMEOUT = 600  # per launch; a 2-process run takes ~1-2 min on a loaded 2-core m
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
 def args(model_dir: pathlib.Path, *extra: str) -> list[str]:
     return [*ARGS, f"--gin.MODEL_DIR={model_dir}", *extra]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, env) -> pathlib.Path:
+def single(tmp_path_factory) -> pathlib.Path:
     """The reference: 1 process x 4 devices."""
     model_dir = tmp_path_factory.mktemp("single") / "run"
-    multiproc.run(1, 4, args(model_dir), model_dir.parent / "logs", TIMEOUT, env)
+    multiproc.run(1, 4, args(model_dir), model_dir.parent / "logs", TIMEOUT)
     return model_dir
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory, env) -> pathlib.Path:
+def two(tmp_path_factory) -> pathlib.Path:
     """2 processes x 2 devices, uninterrupted."""
     model_dir = tmp_path_factory.mktemp("two") / "run"
-    multiproc.run(2, 2, args(model_dir), model_dir.parent / "logs", TIMEOUT, env)
+    multiproc.run(2, 2, args(model_dir), model_dir.parent / "logs", TIMEOUT)
     return model_dir
 
 
@@ -115,10 +110,10 @@ def test_two_processes_match_one_process_and_export_loads_in_transformers(single
         np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0, err_msg=export)
 
 
-def test_sigterm_to_one_process_stops_all_then_sigkill_all_resumes_exactly(two, env, tmp_path):
+def test_sigterm_to_one_process_stops_all_then_sigkill_all_resumes_exactly(two, tmp_path):
     model_dir = tmp_path / "run"
     cmd = args(model_dir)
-    with Cluster(2, 2, cmd, tmp_path / "logs_term", env) as cluster:
+    with Cluster(2, 2, cmd, tmp_path / "logs_term") as cluster:
         cluster.wait_until(lambda: logged_steps(model_dir) >= 2, TIMEOUT, "step 2")
         cluster.kill(signal.SIGTERM, which=[1])
         assert cluster.wait(TIMEOUT) == [0, 0], cluster.report("SIGTERM to process 1")
@@ -128,23 +123,23 @@ def test_sigterm_to_one_process_stops_all_then_sigkill_all_resumes_exactly(two, 
     assert saved_by(model_dir, saved) == ["process_0-of-2.json", "process_1-of-2.json"]
     assert max(losses(model_dir)) == saved
 
-    with Cluster(2, 2, cmd, tmp_path / "logs_kill", env) as cluster:
+    with Cluster(2, 2, cmd, tmp_path / "logs_kill") as cluster:
         cluster.wait_until(lambda: max(losses(model_dir), default=0) >= saved + 2, TIMEOUT, f"step {saved + 2}")
         cluster.kill(signal.SIGKILL)
         cluster.wait(60)
     killed_at = max(losses(model_dir))
     assert killed_at < STEPS
 
-    cluster = multiproc.run(2, 2, cmd, tmp_path / "logs_resume", TIMEOUT, env)
+    cluster = multiproc.run(2, 2, cmd, tmp_path / "logs_resume", TIMEOUT)
     assert re.search(r"resuming from \S+/checkpoints/\d+", cluster.stderr(0)), cluster.stderr(0)[-3000:]
     assert losses(model_dir) == losses(two), f"SIGTERM at {saved}, SIGKILL at {killed_at}"   # bit-identical floats
     for name in EXPORTS:
         assert (model_dir / name / "model.safetensors").read_bytes() == (two / name / "model.safetensors").read_bytes()
 
 
-def test_four_processes_match_one_process_then_a_nan_stops_all(single, env, tmp_path):
+def test_four_processes_match_one_process_then_a_nan_stops_all(single, tmp_path):
     model_dir = tmp_path / "run"
-    multiproc.run(4, 1, args(model_dir), tmp_path / "logs", TIMEOUT, env)
+    multiproc.run(4, 1, args(model_dir), tmp_path / "logs", TIMEOUT)
     assert_same_run(model_dir, single, RTOL)
     assert saved_by(model_dir, STEPS) == [f"process_{i}-of-4.json" for i in range(4)]
 
@@ -153,7 +148,7 @@ def test_four_processes_match_one_process_then_a_nan_stops_all(single, env, tmp_
     # nothing is saved from it.
     more = args(model_dir, f"--gin.TRAIN_STEPS={STEPS + 4}", "--gin.OptimizerConfig.learning_rate=1e30",
                 f"--gin.OptimizerConfig.schedule_start={STEPS}", "--gin.OptimizerConfig.warmup_steps=0")
-    with Cluster(4, 1, more, tmp_path / "logs_nan", env) as cluster:
+    with Cluster(4, 1, more, tmp_path / "logs_nan") as cluster:
         assert cluster.wait(TIMEOUT) == [1] * 4, cluster.report("NaN")
         for i in range(4):
             assert f"step {STEPS + 2}: loss=" in cluster.stderr(i) and "stopped without saving" in cluster.stderr(i)
@@ -174,7 +169,7 @@ RunConfig.eval_mixture = None
 """
 
 
-def test_data_cap_on_one_host_stops_every_host_at_the_same_step(env, tmp_path):
+def test_data_cap_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     """A JSONL shard is a contiguous byte range: the file's second half is short documents with a large untokenized
     field, so shard 1 (process 1) holds few tokens and runs out of its single epoch first."""
     from data.pipeline import build
@@ -201,7 +196,7 @@ def test_data_cap_on_one_host_stops_every_host_at_the_same_step(env, tmp_path):
         batches.append(sum(1 for _ in zip(it, range(41))))
     assert batches[1] < batches[0] and batches[1] < 40, batches   # process 1 runs out first, before TRAIN_STEPS
 
-    with Cluster(2, 1, cmd, tmp_path / "logs", env) as cluster:
+    with Cluster(2, 1, cmd, tmp_path / "logs") as cluster:
         assert cluster.wait(TIMEOUT) == [0, 0], cluster.report("data cap")
         assert stop_lines(cluster) == [(batches[1], "data_exhausted")] * 2
     assert max(losses(model_dir)) == batches[1]
@@ -209,7 +204,7 @@ def test_data_cap_on_one_host_stops_every_host_at_the_same_step(env, tmp_path):
 
     # The same cap with on_exhausted='error', resumed from there: process 1 raises at once, process 0 (with data
     # left) is told so by the vote, and both exit 1 without a step.
-    with Cluster(2, 1, [*cmd, "--gin.capped/Component.on_exhausted='error'"], tmp_path / "logs_error", env) as cluster:
+    with Cluster(2, 1, [*cmd, "--gin.capped/Component.on_exhausted='error'"], tmp_path / "logs_error") as cluster:
         assert cluster.wait(TIMEOUT) == [1, 1], cluster.report("on_exhausted='error'")
         assert "component 'capped' ran out of documents" in cluster.stderr(1)
         assert f"another process stopped at step {batches[1]}" in cluster.stderr(0)
