@@ -111,31 +111,31 @@ class BlockMixIterDataset(grain.IterDataset):
     def __init__(self, parents: Sequence[grain.IterDataset], *, names: Sequence[str], schedule: Schedule,
                  on_exhausted: Sequence[str], max_epochs: Sequence[int | None], rows_per_step: int):
         super().__init__(list(parents))
-        self._names = tuple(names)
-        self._schedule = schedule
-        self._on_exhausted = tuple(on_exhausted)
-        self._max_epochs = tuple(max_epochs)
-        self._rows_per_step = rows_per_step
+        self.names = tuple(names)
+        self.schedule = schedule
+        self.on_exhausted = tuple(on_exhausted)
+        self.max_epochs = tuple(max_epochs)
+        self.rows_per_step = rows_per_step
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         """Grain worker `sl.start` of `sl.step` (`mp_prefetch`): its parents read a disjoint slice of the documents
         and its rows are every `sl.step`-th batch, so its stage boundaries move to its own batches."""
         for parent in self._parents:
             parent.set_slice(sl, sequential_slice)
-        self._schedule = self._schedule.for_worker(sl.start or 0, sl.step or 1, self._rows_per_step)
+        self.schedule = self.schedule.for_worker(sl.start or 0, sl.step or 1, self.rows_per_step)
 
     def __iter__(self) -> "_BlockMixIterator":
         return _BlockMixIterator(self, [iter(p) for p in self._parents])
 
     def __str__(self) -> str:
-        return f"BlockMixIterDataset(names={self._names}, block_size={self._schedule.block_size})"
+        return f"BlockMixIterDataset(names={self.names}, block_size={self.schedule.block_size})"
 
 
 class _BlockMixIterator(grain.DatasetIterator):
     def __init__(self, ds: BlockMixIterDataset, parents: list[grain.DatasetIterator]):
         super().__init__(parents)
         self._ds = ds
-        self._schedule = ds._schedule
+        self._schedule = ds.schedule
         self._row = 0
         self._block_start = -1
         self._order = np.zeros(0, np.int32)
@@ -149,12 +149,12 @@ class _BlockMixIterator(grain.DatasetIterator):
         try:
             element = next(self._parents[c])
         except StopIteration:
-            name = self._ds._names[c]
-            if self._ds._on_exhausted[c] == "error":
+            name = self._ds.names[c]
+            if self._ds.on_exhausted[c] == "error":
                 raise ComponentExhausted(f"component {name!r} ran out of documents after max_epochs="
-                                         f"{self._ds._max_epochs[c]} at mixture row {self._row} of shard "
+                                         f"{self._ds.max_epochs[c]} at mixture row {self._row} of shard "
                                          f"{sched.shard}") from None
-            log.info("component %r exhausted (max_epochs=%s) at row %d: stopping", name, self._ds._max_epochs[c],
+            log.info("component %r exhausted (max_epochs=%s) at row %d: stopping", name, self._ds.max_epochs[c],
                      self._row)
             raise
         self._row += 1
@@ -164,27 +164,27 @@ class _BlockMixIterator(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         return {"row": self._row, "schedule": self._schedule.fingerprint(),
                 "segments": [[s, list(c)] for s, c in self._schedule.segments],
-                "parents": {n: p.get_state() for n, p in zip(self._ds._names, self._parents)}}
+                "parents": {n: p.get_state() for n, p in zip(self._ds.names, self._parents)}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._row = int(state["row"])
         self._block_start = -1
-        saved = Schedule(tuple((int(s), tuple(c)) for s, c in state["segments"]), self._ds._schedule.block_size,
-                         self._ds._schedule.seed, self._ds._schedule.shard)
-        if state["schedule"] == self._ds._schedule.fingerprint():
-            self._schedule = self._ds._schedule
-        elif saved.fingerprint() == state["schedule"] and _same_future(saved, self._ds._schedule, self._row):
+        saved = Schedule(tuple((int(s), tuple(c)) for s, c in state["segments"]), self._ds.schedule.block_size,
+                         self._ds.schedule.seed, self._ds.schedule.shard)
+        if state["schedule"] == self._ds.schedule.fingerprint():
+            self._schedule = self._ds.schedule
+        elif saved.fingerprint() == state["schedule"] and _same_future(saved, self._ds.schedule, self._row):
             self._schedule = saved  # restored a rebased schedule under the config it was rebased for
         else:
             log.warning("mixture weights differ from the checkpoint's: the new weights apply from row %d on, "
                         "with a new block grid starting there", self._row)
-            self._schedule = self._ds._schedule.rebased(self._row)
-        for name, parent in zip(self._ds._names, self._parents):
+            self._schedule = self._ds.schedule.rebased(self._row)
+        for name, parent in zip(self._ds.names, self._parents):
             if name in state["parents"]:
                 parent.set_state(state["parents"][name])
             else:
                 log.warning("component %r is not in the checkpoint: it starts from its beginning", name)
-        dropped = sorted(set(state["parents"]) - set(self._ds._names))
+        dropped = sorted(set(state["parents"]) - set(self._ds.names))
         if dropped:
             log.warning("checkpointed component(s) %s are no longer in the mixture and are ignored", dropped)
 

@@ -173,6 +173,8 @@ class Pipeline:
     reports: dict[str, ScanReport]
     documents_per_epoch: dict[str, int]  # documents of each component in this process's shards
     encoder: TextEncoder
+    data_shards: tuple[int, ...]  # this process's data shards, of num_shards
+    num_shards: int
 
     def stats(self) -> dict[str, Any]:
         """Realized counts of this process's batches so far: per component rows, non-padding tokens, token share,
@@ -281,4 +283,5 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
     dataset = _StatsIterDataset(dataset, names)
     reports = {n: functools.reduce(ScanReport.merge, (opened[n, j][2] for j in local)) for n in names}
     return Pipeline(config=config, component_names=tuple(names), iterator=iter(dataset), dataset=dataset,
-                    reports=reports, documents_per_epoch=per_epoch, encoder=encoder)
+                    reports=reports, documents_per_epoch=per_epoch, encoder=encoder, data_shards=tuple(local),
+                    num_shards=shards)

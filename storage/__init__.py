@@ -9,6 +9,7 @@ It lives at the top level (not in data/ or trainer/) because models/ (HF import/
 trainer/ (MODEL_DIR) and eval/ (results) all use it, and models/ must not import data/ or trainer/.
 
 What object stores cannot do, the helpers here do explicitly: `append_text` rewrites the object (no appends on GCS),
+`move_tree` copies then deletes (no rename),
 `local_file` gives libraries that only open local files (tokenizers, safetensors) a cached local copy, and
 `LocalMirror` lets a writer that only writes local files (TensorBoard) write to a remote folder by syncing.
 """
@@ -49,6 +50,15 @@ def absolute(path: PathLike) -> Path:
     return Path(pathlib.Path(os.fspath(path)).expanduser().resolve())
 
 
+def filesystem(url: PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(the fsspec filesystem epath uses for `url`, the path within it). The same instance as epath's (and so Orbax's
+    and Grain's): its listing cache is then one cache, which `move_tree` invalidates for all of them."""
+    from etils.epath import backend
+
+    fs = backend.fsspec_backend.fs(os.fspath(url))
+    return fs, fsspec.core.split_protocol(os.fspath(url))[1].rstrip("/")
+
+
 def append_text(path: PathLike, text: str) -> None:
     """Appends `text` to a file; an object store has no append, so there the object is rewritten whole."""
     path = Path(path)
@@ -85,7 +95,7 @@ def local_dir(path: PathLike) -> pathlib.Path:
     remote = Path(path)
     _cache_root().mkdir(parents=True, exist_ok=True)
     local = pathlib.Path(tempfile.mkdtemp(prefix="docmix-copy-", dir=_cache_root())) / remote.name
-    fs, root = fsspec.core.url_to_fs(os.fspath(remote))
+    fs, root = filesystem(remote)
     for name in fs.find(root):  # epath refuses a recursive glob on gs://
         _download(Path(fs.unstrip_protocol(name)), local / name[len(root.rstrip("/")) + 1:])
     return local
@@ -107,6 +117,22 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
     """Copies one file between any two places (local or remote)."""
     with Path(src).open("rb") as fin, Path(dst).open("wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def move_tree(src: PathLike, dst: PathLike) -> None:
+    """Moves a folder to `dst` (which must not exist). Local: one atomic rename. An object store has no rename: every
+    object is copied, then the originals are deleted, so an interrupted move leaves each object in one place or both,
+    never in neither."""
+    if not is_remote(src):
+        os.replace(os.fspath(src), os.fspath(dst))
+        return
+    fs, root = filesystem(src)
+    _, target = filesystem(dst)
+    names = fs.find(root)
+    for name in names:
+        fs.copy(name, f"{target.rstrip('/')}/{name[len(root.rstrip('/')) + 1:]}")
+    fs.rm(names)
+    fs.invalidate_cache()
 
 
 def upload_tree(local_dir: PathLike, dst: PathLike, *, last: Iterable[str] = ()) -> None:

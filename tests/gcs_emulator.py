@@ -2,7 +2,8 @@
 
 Every client docmix uses is pointed at it and kept off the network: gcsfs (STORAGE_EMULATOR_HOST, anonymous token),
 tensorstore's gcs driver used by Orbax (TENSORSTORE_GCS_HTTP_URL, a fixed test token), google-auth (no metadata
-server probe), and gcsfs's experimental bucket-type lookup (off: it would call the real control API).
+server probe), and gcsfs's experimental bucket-type lookup (off: it would call the real control API). Where the
+emulator differs from GCS in what these clients rely on, `behave_as_gcs` makes it behave as GCS does.
 """
 from __future__ import annotations
 
@@ -24,12 +25,60 @@ def client_env(url: str) -> dict[str, str]:
         "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
         "GCE_METADATA_ROOT": "127.0.0.1:9", "GOOGLE_CLOUD_PROJECT": "docmix-test",
         "EPATH_USE_TF": "false",
-        # The emulator serves one request at a time; on a loaded machine tensorstore's concurrent requests queued
-        # behind it timed out and were retried, and a retried conditional OCDBT manifest write then failed with
-        # "Malformed StorageGeneration". One request at a time and patient timeouts avoid that.
+        # The emulator serves one request at a time: on a loaded machine tensorstore's concurrent requests queue
+        # behind it. One request at a time and patient timeouts keep them from timing out and being retried.
         "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "1", "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS": "600",
         "TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS": "600",
     }
+
+
+def behave_as_gcs() -> None:
+    """Two things GCS does that the emulator does not, and that docmix's clients rely on:
+    - an upload with `ifGenerationMatch=0` (create only if absent: the writer lock, tensorstore's OCDBT manifests)
+      answers 412 Precondition Failed, writing nothing, when the object exists;
+    - a media download carries the object's generation in `x-goog-generation` (tensorstore reads it to make its next
+      conditional write; without it, that write fails with "Malformed StorageGeneration")."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects.insert, "behaves_as_gcs", False):
+        return
+
+    def exists(storage, bucket: str, name: str | None) -> dict | None:
+        try:
+            return storage.get_file_obj(bucket, name)
+        except NotFound:
+            return None
+
+    def insert(request, response, storage, *args, **kwargs):
+        if request.query.get("ifGenerationMatch") == ["0"]:
+            name = (request.query.get("name") or [None])[0]
+            if name is None and isinstance(request.data, dict):
+                name = (request.data.get("meta") or request.data).get("name")
+            if exists(storage, request.params["bucket_name"], name) is not None:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+        return original["insert"](request, response, storage, *args, **kwargs)
+
+    def download(request, response, storage, *args, **kwargs):
+        result = original["download"](request, response, storage, *args, **kwargs)
+        obj = exists(storage, request.params["bucket_name"], request.params["object_id"])
+        if obj is not None:
+            response["x-goog-generation"] = obj["generation"]
+            response["x-goog-metageneration"] = obj["metageneration"]
+        return result
+
+    original = {"insert": objects.insert, "download": objects.download}
+    replacement = {original["insert"]: insert, original["download"]: download}
+    insert.behaves_as_gcs = True
+    objects.insert, objects.download = insert, download  # server.py also looks them up here
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler in replacement:
+                handlers[method] = replacement[handler]
 
 
 @contextlib.contextmanager
@@ -45,6 +94,7 @@ def emulator() -> Iterator[str]:
     assert "gcsfs" not in sys.modules, "gcsfs was imported before the emulator's environment was set"
     from gcp_storage_emulator.server import create_server
 
+    behave_as_gcs()
     server = create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
     server.start()
     url = f"http://127.0.0.1:{server._api._httpd.server_port}"  # port 0: the OS picks a free one

@@ -1,5 +1,5 @@
 """train.py as several real JAX processes on localhost (jax.distributed, gloo CPU collectives), the mesh spanning
-processes: the same losses and exports as one process, exact resume after SIGKILL, and SIGTERM to one process, a data
+processes: the same losses and exports as one process, each host parsing only its own documents, exact resume after SIGKILL, and SIGTERM to one process, a data
 cap on one host and a NaN loss each stopping every process at the same step (with 2 and 4 processes).
 
 All runs use the tiny model with the global batch split into 4 data shards (MixtureConfig.num_shards=4), so 1 process x
@@ -85,6 +85,35 @@ def stop_lines(cluster: Cluster) -> list[tuple[int, str]]:
     return found
 
 
+READ_LINE = re.compile(r"process (\d+) of \d+, data shards \[([\d, ]*)\] of (\d+), component '(\w+)': (\d+) records "
+                       r"parsed, (\d+) bytes read, (\d+) documents")
+
+
+def start_up_reads(log_dir: pathlib.Path, num_processes: int) -> dict[str, list[tuple[list[int], int, int]]]:
+    """component -> per process (its data shards, records parsed, bytes read), from each process's start-up log."""
+    found: dict[str, list] = {}
+    for i in range(num_processes):
+        text = (log_dir / f"process_{i}.err").read_text()
+        matches = [m for m in READ_LINE.finditer(text) if int(m.group(1)) == i]
+        assert matches, f"process {i} logged no start-up read line:\n{text[-3000:]}"
+        for m in matches:
+            shards = [int(x) for x in m.group(2).split(",") if x.strip()]
+            found.setdefault(m.group(4), []).append((shards, int(m.group(5)), int(m.group(6))))
+    return found
+
+
+def assert_each_host_reads_its_own_shards(split: dict, whole: dict, num_processes: int) -> None:
+    """Each process parsed and read only its own shards: together exactly the one-process run's records, each about
+    1/num_processes of them (byte ranges split by line starts, so not exactly), and no shard read twice."""
+    assert sorted(split) == sorted(whole)
+    for name, per_process in split.items():
+        (all_shards, records, nbytes), = whole[name]
+        assert sorted(s for shards, _, _ in per_process for s in shards) == all_shards, name
+        assert sum(r for _, r, _ in per_process) == records, name
+        for _, r, b in per_process:
+            assert 0 < r < 1.5 * records / num_processes and 0 < b < 1.5 * nbytes / num_processes, (name, per_process)
+
+
 def saved_by(model_dir: pathlib.Path, step: int) -> list[str]:
     """The processes whose data-iterator state is in checkpoint `step` (each process writes its own file)."""
     return sorted(p.name for p in (model_dir / "checkpoints" / str(step) / "data").glob("process_*"))
@@ -93,6 +122,8 @@ def saved_by(model_dir: pathlib.Path, step: int) -> list[str]:
 def test_two_processes_match_one_process_and_export_loads_in_transformers(single, two):
     assert_same_run(two, single, RTOL)
     assert saved_by(two, STEPS) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert_each_host_reads_its_own_shards(start_up_reads(two.parent / "logs", 2),
+                                          start_up_reads(single.parent / "logs", 1), 2)
 
     import jax.numpy as jnp
     import torch
@@ -142,6 +173,8 @@ def test_four_processes_match_one_process_then_a_nan_stops_all(single, tmp_path)
     multiproc.run(4, 1, args(model_dir), tmp_path / "logs", TIMEOUT)
     assert_same_run(model_dir, single, RTOL)
     assert saved_by(model_dir, STEPS) == [f"process_{i}-of-4.json" for i in range(4)]
+    assert_each_host_reads_its_own_shards(start_up_reads(tmp_path / "logs", 4),
+                                          start_up_reads(single.parent / "logs", 1), 4)
 
     # Continue with an absurd learning rate (a new schedule phase from step 8): step 9's update overflows, step 10's
     # loss is not finite. Every process sees the same (replicated) loss, so all four stop there with exit 1 and

@@ -4,6 +4,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -26,7 +28,8 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 
 
 def write_lock(path, **holder):
-    (path / run_lock.LOCK_NAME).write_text(json.dumps({"started": 0, "command": "train.py", **holder}))
+    (path / run_lock.LOCK_NAME).write_text(json.dumps({"started": 0, "heartbeat": time.time(), "command": "train.py",
+                                                       **holder}))
 
 
 def dead_pid() -> int:
@@ -42,12 +45,54 @@ def test_stale_lock_of_a_dead_local_process_is_broken(tmp_path, caplog):
     assert "stale" in caplog.text
 
 
-def test_lock_of_another_host_is_never_broken_and_never_released_by_us(tmp_path):
+def test_live_lock_of_another_host_is_not_broken_nor_released_by_us(tmp_path):
+    """A holder on another host that keeps renewing its heartbeat is alive: the run is refused once it renews."""
     write_lock(tmp_path, host="tpu-vm-7", pid=dead_pid())
-    with pytest.raises(run_lock.RunLocked, match="tpu-vm-7"):
-        run_lock.RunLock(str(tmp_path)).acquire()
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(0.05):
+            write_lock(tmp_path, host="tpu-vm-7", pid=1)
+
+    renewer = threading.Thread(target=renew)
+    renewer.start()
+    try:
+        with pytest.raises(run_lock.RunLocked, match="tpu-vm-7.*last heartbeat 0s ago"):
+            run_lock.RunLock(str(tmp_path), renew_s=0.1, lease_s=30).acquire()
+    finally:
+        stop.set()
+        renewer.join()
     run_lock.RunLock(str(tmp_path)).release()
     assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == "tpu-vm-7"
+
+
+def test_lock_of_a_vanished_host_is_broken_after_the_lease(tmp_path, caplog):
+    """A run on a machine that vanished (a preempted TPU VM) cannot be asked whether its pid runs: a lock not renewed
+    for LEASE_S is stale, at once when it is already that old, else after watching it that long."""
+    write_lock(tmp_path, host="tpu-vm-7", pid=1, heartbeat=time.time() - run_lock.LEASE_S - 5)
+    with run_lock.RunLock(str(tmp_path)):
+        assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == socket.gethostname()
+    assert "breaking the stale lock" in caplog.text and "tpu-vm-7" in caplog.text
+    write_lock(tmp_path, host="tpu-vm-8", pid=1, heartbeat=time.time())
+    start = time.time()
+    with run_lock.RunLock(str(tmp_path), renew_s=0.1, lease_s=1.0):
+        assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == socket.gethostname()
+    assert 0.9 < time.time() - start < 20 and "waiting up to" in caplog.text
+
+
+def test_holder_renews_its_heartbeat_and_notices_a_lost_lock(tmp_path, caplog):
+    lock = run_lock.RunLock(str(tmp_path), renew_s=0.05)
+    with lock:
+        first = json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["heartbeat"]
+        deadline = time.time() + 30
+        while json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["heartbeat"] == first:
+            assert time.time() < deadline, "the heartbeat was never renewed"
+            time.sleep(0.02)
+        write_lock(tmp_path, host="tpu-vm-7", pid=1, heartbeat=time.time())  # another run broke and took it
+        lock._renewer.join(timeout=30)
+        assert not lock._renewer.is_alive()
+        assert "no longer holds the writer lock" in caplog.text
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == "tpu-vm-7"  # theirs, left alone
 
 
 def test_train_py_refuses_a_locked_model_dir_before_any_work(tmp_path):

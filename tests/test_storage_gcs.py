@@ -152,3 +152,64 @@ def test_gs_corpora_are_read_per_shard(bucket, tmp_path):
             assert report.records_parsed == len(got) and 20 <= len(got) <= 40, comp.kind
             seen += got
         assert sorted(seen) == sorted(texts), comp.kind
+
+
+def remote_files(root: str) -> dict[str, bytes]:
+    """relative name -> bytes of every object under `root`."""
+    fs, path = storage.filesystem(root)
+    fs.invalidate_cache()
+    return {name[len(path) + 1:]: fs.cat_file(name) for name in fs.find(path)}
+
+
+def test_damaged_gs_checkpoint_is_set_aside_whole_and_the_previous_one_resumes(bucket, tmp_path):
+    """Object stores have no rename: the damaged step is copied to checkpoints_set_aside/ and then deleted, every
+    object kept byte for byte, and the run resumes from the step before it. (The checkpoints are written locally and
+    uploaded: saving through tensorstore's gcs driver is covered by the train.py test above.)"""
+    from tests.test_checkpoint_health import resume, save_steps
+    from trainer import checkpoint_health
+
+    model_dir = f"gs://{gcs_emulator.BUCKET}/damaged"
+    mesh = save_steps(tmp_path, [2, 4])
+    storage.upload_tree(tmp_path / "checkpoints", f"{model_dir}/checkpoints")
+    storage.Path(f"{model_dir}/checkpoints/4/metadata/metadata").unlink()
+    before = remote_files(f"{model_dir}/checkpoints/4")
+    assert before
+    assert resume(model_dir, mesh) == (2, 2)
+    kept = f"{model_dir}/{checkpoint_health.SET_ASIDE}/4"
+    after = remote_files(kept)
+    assert "damaged" in after.pop("reason.txt").decode()
+    assert after == before
+    assert remote_files(f"{model_dir}/checkpoints/4") == {}
+    assert resume(model_dir, mesh) == (2, 2)  # and again: nothing left at step 4 to trip over
+
+
+def test_writer_lock_on_gs(bucket, caplog):
+    """The MODEL_DIR writer lock on a bucket: an atomic create-if-absent (GCS's ifGenerationMatch=0), a second writer
+    refused, a lock not renewed for the lease broken, release leaving someone else's lock alone."""
+    import time
+
+    from trainer import run_lock
+
+    model_dir = f"gs://{gcs_emulator.BUCKET}/locked"
+    lock_file = storage.Path(f"{model_dir}/{run_lock.LOCK_NAME}")
+    store = run_lock.ObjectStore(model_dir)
+    assert store.create_exclusive(f"{model_dir}/x", b"first") and not store.create_exclusive(f"{model_dir}/x", b"2nd")
+    assert store.read(f"{model_dir}/x") == b"first"  # the refused create wrote nothing
+    with run_lock.RunLock(model_dir, renew_s=0.05) as lock:
+        assert json.loads(lock_file.read_text())["token"] == lock.record["token"]
+        with pytest.raises(run_lock.RunLocked, match="another run is writing"):
+            run_lock.RunLock(model_dir).acquire()
+        first = json.loads(lock_file.read_text())["heartbeat"]
+        deadline = time.time() + 30
+        while json.loads(lock_file.read_text())["heartbeat"] == first:  # renewed in the bucket
+            assert time.time() < deadline
+            time.sleep(0.05)
+    assert not lock_file.exists()
+    lock_file.write_text(json.dumps({"host": "tpu-vm-7", "pid": 1, "started": 0,
+                                     "heartbeat": time.time() - run_lock.LEASE_S - 5}))
+    with run_lock.RunLock(model_dir):  # the vanished VM's lock is broken
+        assert json.loads(lock_file.read_text())["host"] != "tpu-vm-7"
+    assert "breaking the stale lock" in caplog.text
+    lock_file.write_text(json.dumps({"host": "tpu-vm-7", "pid": 1, "started": 0, "heartbeat": time.time()}))
+    run_lock.RunLock(model_dir).release()
+    assert json.loads(lock_file.read_text())["host"] == "tpu-vm-7"

@@ -69,7 +69,7 @@ def set_aside(ckpt_dir: pathlib.Path, step: int, reason: str) -> pathlib.Path:
     target, n = target_root / str(step), 1
     while target.exists():
         target, n = target_root / f"{step}.{n}", n + 1
-    os.replace(ckpt_dir / str(step), target)
+    storage.move_tree(ckpt_dir / str(step), target)
     (target / "reason.txt").write_text(reason + "\n")
     return target
 

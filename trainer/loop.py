@@ -24,7 +24,7 @@ from flax import nnx
 
 from data import multihost
 from data.mixture import ComponentExhausted
-from storage import Path, is_remote
+from storage import Path
 from trainer import (checkpoint, consensus, export, metrics, program as program_lib, run_lock, run_metadata,
                      run_setup, state as state_lib)
 from trainer.config import RunConfig
@@ -75,10 +75,6 @@ def train(run: RunConfig) -> Summary:
 def _writer_lock(model_dir: str):
     """MODEL_DIR's writer lock, taken by process 0 before any work (run_lock.RunLocked when another run holds it)."""
     if jax.process_index() != 0:
-        yield
-        return
-    if is_remote(model_dir):  # O_EXCL has no object-store equivalent here yet: no lock on gs:// (docs/training.md)
-        log.warning("MODEL_DIR %s is remote: the writer lock is not taken; run one train.py per MODEL_DIR", model_dir)
         yield
         return
     Path(model_dir).mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,19 @@ class Setup:
         check_vocab(run.mixture.tokenizer, run.model.vocab_size)
         pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
                                    process_count=jax.process_count())
+        _log_reads(pipe)
         eval_names, eval_batches = _eval_batches(run)
         model_dir = Path(t.model_dir)
         return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
                    eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model))
+
+
+def _log_reads(pipe: data_pipeline.Pipeline) -> None:
+    """What this process read at start-up: on a pod each host parses only its own data shards' records."""
+    for name, report in pipe.reports.items():
+        log.info("process %d of %d, data shards %s of %d, component %r: %d records parsed, %d bytes read, "
+                 "%d documents", jax.process_index(), jax.process_count(), list(pipe.data_shards), pipe.num_shards,
+                 name, report.records_parsed, report.bytes_read, report.documents)
 
 
 def _check_export_targets(run: RunConfig, model_dir: Path) -> None:
