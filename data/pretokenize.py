@@ -25,7 +25,7 @@ import numpy as np
 import storage
 from data.config import Component, MixtureConfig
 from data.documents import DocumentEncoder
-from data.sources import DocumentSource, ScanReport, ShardSlice, expand_paths, open_source
+from data.sources import DocumentSource, RangeSlice, ScanReport, expand_paths, open_source, shard_range
 from data.tokenize import TextEncoder, tokenizer_sha256
 
 METADATA = "pretokenized.json"
@@ -85,7 +85,7 @@ def pretokenize(config: MixtureConfig, component: str, output_dir: str, *, num_f
         results = list(pool.map(_write_file, [source] * num_files, [doc_encoder] * num_files, bounds[:-1],
                                 bounds[1:], paths))
     meta = {"component": component, "files": [storage.Path(p).name for p in paths],
-            "documents": sum(r[0] for r in results), "tokens": sum(r[1] for r in results),
+            "file_documents": [r[0] for r in results], "documents": sum(r[0] for r in results), "tokens": sum(r[1] for r in results),
             "empty_filtered": report.empty, "bad_records": report.bad,
             "tokenizer_sha256": tokenizer_sha256(config.tokenizer), "vocab_size": doc_encoder.encoder.vocab_size,
             "format": comp.format, "prefix": comp.prefix, "add_bos": doc_encoder.encoder.add_bos,
@@ -108,12 +108,16 @@ class PretokenizedDocuments:
 
 def open_pretokenized(component: Component, tokenizer: str, shard: int = 0, shards: int = 1):
     """(random-access raw records of data shard `shard` of `shards`, map fn, scan report from the metadata). Errors
-    when the shards' tokenizer differs from the mixture's; the shards carry their own BOS/EOS/prefix rendering."""
+    when the shards' tokenizer differs from the mixture's; the shards carry their own BOS/EOS/prefix rendering.
+
+    The ArrayRecord reader opens local files only: shards on gs:// are copied to a local cache first, and only the
+    files that hold this data shard's records (the metadata counts each file's documents)."""
     import grain
 
     files = expand_paths(component)
     report = ScanReport()
     tok_hash = tokenizer_sha256(tokenizer)
+    counts: dict[str, int] = {}
     for folder in sorted({f.parent for f in files}):
         meta_file = folder / METADATA
         if not meta_file.exists():
@@ -129,10 +133,36 @@ def open_pretokenized(component: Component, tokenizer: str, shard: int = 0, shar
                              f"(sha256 {meta['tokenizer_sha256'][:12]}…) than MixtureConfig.tokenizer={tokenizer}")
         report.empty += meta["empty_filtered"]
         report.bad += meta["bad_records"]
-    source = ShardSlice(grain.sources.ArrayRecordDataSource([str(f) for f in files]), shard, shards)
+        for name, n in zip(meta["files"], meta.get("file_documents", ())):
+            counts[str(folder / name)] = n
+    if not any(storage.is_remote(f) for f in files):
+        records = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+        source = RangeSlice(records, *shard_range(len(records), shard, shards))
+    else:
+        source = _remote_shard(files, counts, shard, shards, report)
     report.documents = len(source)
     return source, PretokenizedDocuments(component.loss_weight), report
 
+
+def _remote_shard(files: list[storage.Path], counts: dict[str, int], shard: int, shards: int,
+                  report: ScanReport) -> RangeSlice:
+    """Data shard `shard` of remote ArrayRecord files, from local copies of the files that hold its records (all
+    files when the metadata predates per-file counts)."""
+    import grain
+
+    if all(str(f) in counts for f in files):
+        starts = np.cumsum([0] + [counts[str(f)] for f in files])
+        lo, hi = shard_range(int(starts[-1]), shard, shards)
+        needed = [i for i in range(len(files)) if starts[i] < hi and starts[i + 1] > lo]
+    else:
+        starts, needed = None, list(range(len(files)))
+    local = [storage.local_file(files[i]) for i in needed]
+    report.bytes_read += sum(p.stat().st_size for p in local)
+    records = grain.sources.ArrayRecordDataSource([str(p) for p in local]) if local else []
+    if starts is None:
+        return RangeSlice(records, *shard_range(len(records), shard, shards))
+    offset = int(starts[needed[0]]) if needed else lo
+    return RangeSlice(records, lo - offset, hi - offset)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -256,12 +256,12 @@ def _count_lines(f: storage.Path, end: int) -> int:
     return count
 
 
-class ShardSlice:
-    """Records [lo, hi) of data shard `shard` of `shards` of a random-access source (read on access)."""
+class RangeSlice:
+    """Records [lo, hi) of a random-access source (read on access)."""
 
-    def __init__(self, records: Sequence[Any], shard: int = 0, shards: int = 1):
+    def __init__(self, records: Sequence[Any], lo: int, hi: int):
         self._records = records
-        self.lo, self.hi = shard_range(len(records), shard, shards)
+        self.lo, self.hi = lo, hi
 
     def __len__(self) -> int:
         return self.hi - self.lo
@@ -279,7 +279,7 @@ class ListReader:
     def __init__(self, records: Sequence[Any], label: str, convert: Callable[[Any], dict] = dict, *,
                  shard: int = 0, shards: int = 1, offset: int = 0):
         """`offset`: index of records[0] in the whole component (a Parquet shard holds only its own rows)."""
-        self._records = ShardSlice(records, shard, shards)
+        self._records = RangeSlice(records, *shard_range(len(records), shard, shards))
         self._label = label
         self._convert = convert
         self._offset = offset

@@ -2,6 +2,7 @@
 there (nothing to the working directory), and a "fresh machine" resumes from the bucket exactly."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -213,3 +214,36 @@ def test_writer_lock_on_gs(bucket, caplog):
     lock_file.write_text(json.dumps({"host": "tpu-vm-7", "pid": 1, "started": 0, "heartbeat": time.time()}))
     run_lock.RunLock(model_dir).release()
     assert json.loads(lock_file.read_text())["host"] == "tpu-vm-7"
+
+
+def test_pretokenized_shards_on_gs(bucket, tmp_path):
+    """`data.pretokenize --output_dir gs://...` and reading those shards back: the same batches as the raw corpus,
+    and each data shard copies only the ArrayRecord files that hold its records (the reader opens local files)."""
+    import numpy as np
+
+    from data.config import Component, MixtureConfig
+    from data.pipeline import build
+    from data.pretokenize import open_pretokenized, pretokenize
+    from tests.test_data_util import word_tokenizer, words_doc, write_jsonl
+
+    tok = word_tokenizer(tmp_path / "tok")
+    path = write_jsonl(tmp_path / "c.jsonl", [words_doc(3 + i % 11, i) for i in range(60)])
+    config = MixtureConfig(components=(Component("c", paths=(str(path),)),), weights={"c": 1.0}, tokenizer=str(tok),
+                           seq_len=16, batch_size=4, block_size=8)
+    out = f"gs://{gcs_emulator.BUCKET}/pretokenized"
+    meta = pretokenize(config, "c", out, num_files=4, processes=1)
+    assert meta["file_documents"] == [15, 15, 15, 15]
+    pre = Component("c", kind="pretokenized", paths=(f"{out}/*.array_record",))
+    raw, remote = build(config), build(dataclasses.replace(config, components=(pre,)))
+    for _ in range(12):  # past one epoch
+        x, y = next(raw.iterator), next(remote.iterator)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    file_bytes = storage.Path(f"{out}/{meta['files'][0]}").stat().length
+    seen = []
+    for shard in range(4):  # 4 data shards of 15 documents: exactly one file each
+        source, _, report = open_pretokenized(pre, str(tok), shard, 4)
+        seen += [bytes(source[i]) for i in range(len(source))]
+        assert len(source) == 15 and report.bytes_read < 1.5 * file_bytes, (shard, report)
+    whole, _, _ = open_pretokenized(pre, str(tok))
+    assert seen == [bytes(whole[i]) for i in range(len(whole))]
