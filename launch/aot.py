@@ -91,8 +91,19 @@ def _per_chip_bytes(abstract: Any, shardings: Any) -> tuple[int, int, int]:
 
 
 def collectives(hlo_text: str) -> dict[str, int]:
-    """How many of each collective op the optimised HLO holds (a scanned loop body counts once)."""
-    return {op: len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
+    """How many of each collective op the optimised HLO holds (a scanned loop body counts once). The TPU compiler
+    emits a reduce-scatter as a computation named `all-reduce-scatter*` holding an all-reduce and a dynamic slice of
+    its result; those all-reduces count as reduce-scatters."""
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    computation = ""
+    for line in hlo_text.splitlines():
+        if line[:1] not in ("", " ") and line.rstrip().endswith("{"):  # a computation's header
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        for op in COLLECTIVES:
+            if re.match(rf"\s*(?:ROOT )?%\S+ = .*? {op}(?:-start)?\(", line):  # (a tuple shape may hold "=")
+                scatter = op == "all-reduce" and computation.startswith("all-reduce-scatter")
+                counts["reduce-scatter" if scatter else op] += 1
+    return counts
 
 
 def suggestion(run: Any, mesh: dict[str, int], chips: int) -> str:

@@ -46,6 +46,7 @@ def test_small_config_fits_a_v5e_slice_with_fsdp_sharded_state():
     extra = r["argument_bytes"] - r["state_bytes_per_chip"] - r["batch_bytes_per_chip"]
     assert 0 <= extra <= 4096, extra
     assert 0 < r["peak_bytes"] < r["hbm_bytes"] and r["collectives"]["all-gather"] > 0
+    assert r["collectives"]["reduce-scatter"] > 0  # FSDP gradients are reduce-scattered, not all-reduced in full
 
 
 def test_a_step_that_cannot_fit_reports_the_compiler_error_and_a_fix():
