@@ -37,11 +37,6 @@ def target_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
     return loss_mask[:, 1:].astype(jnp.float32) * same_doc.astype(jnp.float32)
 
 
-def token_losses(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`[B, S, V]` logits and `[B, S]` tokens -> (`[B, S-1]` cross-entropy of tokens[t+1], `[B, S-1]` logsumexp)."""
-    return _cross_entropy(logits[:, :-1], tokens[:, 1:])
-
-
 def _cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`[..., V]` logits and `[...]` target ids -> (cross-entropy, logsumexp), both float32 `[...]`."""
     logits = logits.astype(jnp.float32)
@@ -58,9 +53,20 @@ def _sums(row_loss: jax.Array, row_weight: jax.Array, z_loss: jax.Array, compone
 
 
 def loss_sums(logits: jax.Array, batch: dict[str, jax.Array], num_components: int) -> LossSums:
-    """Weighted next-token loss sums of one batch (keys tokens, segment_ids, loss_mask, component; see design.md)."""
+    """Weighted next-token loss sums of one batch from `[B, S, V]` logits (keys tokens, segment_ids, loss_mask,
+    component; see design.md). The last position predicts nothing; its logits are ignored."""
+    return predicting_loss_sums(logits[:, :-1], batch, num_components)
+
+
+def predicting_loss_sums(logits: jax.Array, batch: dict[str, jax.Array], num_components: int) -> LossSums:
+    """`loss_sums` from the `[B, S-1, V]` logits of the positions that predict a token (0 .. S-2).
+
+    A caller that projects hidden states itself drops the last position before the projection: slicing the
+    `[B, S, V]` float32 logits instead (and padding their gradient back) took as long as the projection's forward
+    and backward together on CPU (SmolLM2-135M, 4 x 256: head + loss 5.1 s -> 2.8 s, bench/bench_step_parts.py).
+    """
     weights = target_weights(batch["segment_ids"], batch["loss_mask"])
-    ce, lse = token_losses(logits, batch["tokens"])
+    ce, lse = _cross_entropy(logits, batch["tokens"][:, 1:])
     return _sums(jnp.sum(weights * ce, axis=1), jnp.sum(weights, axis=1), jnp.sum(weights * lse * lse),
                  batch["component"], num_components)
 

@@ -33,10 +33,9 @@ class StepConfig:
 def _forward_sums(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array], num_components: int,
                   loss_chunk: int | None = None):
     model = nnx.merge(graphdef, params)
-    if loss_chunk is None:
-        logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-        return loss_lib.loss_sums(logits, batch, num_components)
     hidden, _ = model.hidden(batch["tokens"], batch["segment_ids"], batch["positions"])
+    if loss_chunk is None:  # the last position predicts nothing: dropped before the projection, not after
+        return loss_lib.predicting_loss_sums(model.logits(hidden[:, :-1]), batch, num_components)
     return loss_lib.chunked_loss_sums(hidden, model.output_kernel(), batch, num_components, loss_chunk)
 
 
