@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: --distributed: jax.distributed.initialize({given}) failed: {e}", file=sys.stderr)
             return 2
     from data.mixture import ComponentExhausted
-    from trainer import checkpoint, export, loop, run_lock, run_metadata
+    from trainer import checkpoint, consensus, export, loop, run_lock, run_metadata
 
     try:
         summary = loop.train(run)
-    except (loop.NonFiniteLoss, ComponentExhausted) as e:  # the last committed checkpoint is left as it was
+    except (loop.NonFiniteLoss, ComponentExhausted, consensus.OtherProcessFailed) as e:  # last checkpoint kept as is
         print(f"train.py: {e}", file=sys.stderr)
         return 1
     except (run_metadata.CheckpointMismatch, run_lock.RunLocked, export.UnsafeExportTarget,

@@ -240,5 +240,18 @@ def test_data_cap_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     with Cluster(2, 1, [*cmd, "--gin.capped/Component.on_exhausted='error'"], tmp_path / "logs_error") as cluster:
         assert cluster.wait(TIMEOUT) == [1, 1], cluster.report("on_exhausted='error'")
         assert "component 'capped' ran out of documents" in cluster.stderr(1)
-        assert f"another process stopped at step {batches[1]}" in cluster.stderr(0)
+        assert f"another process failed to read its next batch for step {batches[1] + 1}" in cluster.stderr(0)
     assert max(losses(model_dir)) == batches[1]
+
+    # Bad input in process 1's byte range only: it fails while opening its shards, and process 0 (whose shards are
+    # fine) is told so by the set-up vote instead of waiting in the first collective for a peer that never comes.
+    bad = tmp_path / "bad.jsonl"
+    with bad.open("w") as f:
+        for i in range(120):
+            f.write(json.dumps({"text": " ".join(words)}) + "\n" if i < 60 else "{not json: " + "y" * 60 + "\n")
+    with Cluster(2, 1, [*cmd[:-1], f"--gin.MODEL_DIR={tmp_path / 'bad_run'}", f"--gin.capped/Component.paths=('{bad}',)",
+                        "--gin.MixtureConfig.max_bad_records=5"], tmp_path / "logs_bad") as cluster:
+        codes = cluster.wait(TIMEOUT)
+        assert "component 'capped': " in cluster.stderr(1) and "bad records" in cluster.stderr(1), cluster.report("")
+        assert "another process failed while opening its data shards" in cluster.stderr(0), cluster.report("bad")
+        assert codes == [1, 2], cluster.report("bad input on one host")

@@ -11,7 +11,9 @@ time. A non-finite loss needs no vote: the loss is a replicated output of the st
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 
 import jax
 
@@ -19,6 +21,10 @@ import jax
 # service's heartbeats long before this.
 TIMEOUT_MS = 30 * 60 * 1000
 _rounds = itertools.count()  # every process votes the same number of times, so round numbers match across processes
+
+
+class OtherProcessFailed(RuntimeError):
+    """Another process raised inside a `together` block; its own log has the error."""
 
 
 def agree(local: set[str] | frozenset[str]) -> frozenset[str]:
@@ -38,3 +44,19 @@ def agree(local: set[str] | frozenset[str]) -> frozenset[str]:
     if n:  # every process has read round n - 1 before it reached this barrier
         client.key_value_delete(f"docmix/vote/{n - 1}/{me}")
     return frozenset(reason for _, value in votes for reason in value.split(",") if reason)
+
+
+@contextlib.contextmanager
+def together(what: str) -> Iterator[None]:
+    """Runs the block on every process and agrees on its outcome: when it raises on one process, that process
+    re-raises its error and every other process raises OtherProcessFailed, instead of walking on into a collective
+    the failed process never reaches (which would end only when the coordination service's heartbeat timeout killed
+    it). For work that can fail on one process alone: reading its own data shards, writing files as process 0.
+    Every process must enter the same `together` blocks in the same order (each is one vote)."""
+    try:
+        yield
+    except Exception:
+        agree({"failed"})
+        raise
+    if agree(frozenset()):
+        raise OtherProcessFailed(f"another process failed while {what} (its log has the error); this one stops too")

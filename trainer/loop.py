@@ -23,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from data import multihost
-from data.mixture import ComponentExhausted
 from storage import Path
 from trainer import (checkpoint, consensus, export, metrics, program as program_lib, run_lock, run_metadata,
                      run_setup, state as state_lib)
@@ -174,7 +173,7 @@ class StepLoop:
                 local = next(iterator)
             except StopIteration:
                 reasons.add("data_exhausted")
-            except ComponentExhausted as e:
+            except Exception as e:  # noqa: BLE001 - e.g. ComponentExhausted, a read error: all stop, then it is raised
                 error = e
                 reasons.add("data_error")
         agreed = consensus.agree(reasons)
@@ -183,9 +182,9 @@ class StepLoop:
         if local is not None:
             iterator.set_state(before)
         if "data_error" in agreed:
-            raise error or ComponentExhausted(
-                f"another process stopped at step {self.step}: a component with on_exhausted='error' ran past its "
-                "max_epochs there (its log names the component)")
+            raise error or consensus.OtherProcessFailed(
+                f"another process failed to read its next batch for step {self.step + 1} (its log has the error: "
+                "e.g. a component with on_exhausted='error' past its max_epochs, or a read error); this one stops too")
         return None, "data_exhausted" if "data_exhausted" in agreed else "preempted"
 
     def _dispatch(self, local: dict[str, np.ndarray]) -> None:
@@ -284,9 +283,10 @@ class StepLoop:
     def export(self, out_dir: Path) -> Path:
         """Hugging Face export of the current parameters in CheckpointConfig.export_dtype."""
         model = nnx.merge(self.steps.program.graphdef, self.state.params)
-        return export.export(model, out_dir, dtype=self.config.checkpoint.export_dtype,
-                             tokenizer_dir=self.tokenizer_dir, overwrite=True,  # the run's own earlier export
-                             source=f"{self.setup.model_dir} step {self.step}")
+        with consensus.together(f"exporting {out_dir}"):  # gathered by all, written by process 0 alone
+            return export.export(model, out_dir, dtype=self.config.checkpoint.export_dtype,
+                                 tokenizer_dir=self.tokenizer_dir, overwrite=True,  # the run's own earlier export
+                                 source=f"{self.setup.model_dir} step {self.step}")
 
 
 # --- phase 5: finish ----------------------------------------------------------------------------------------------

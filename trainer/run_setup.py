@@ -18,7 +18,8 @@ from data.config import single_component_mixture
 from data.tokenize import check_vocab
 from models import sharding
 from storage import Path
-from trainer import checkpoint, export, initialize, program as program_lib, run_metadata, state as state_lib
+from trainer import (checkpoint, consensus, export, initialize, program as program_lib, run_metadata,
+                     state as state_lib)
 from trainer.config import RunConfig, write_operative_config
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,11 @@ class Setup:
         mesh = sharding.make_mesh(**t.mesh)
         program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
         check_vocab(run.mixture.tokenizer, run.model.vocab_size)
-        pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-        _log_reads(pipe)
-        eval_names, eval_batches = _eval_batches(run)
+        with consensus.together("opening its data shards"):  # bad input can be in one host's shards only
+            pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+            _log_reads(pipe)
+            eval_names, eval_batches = _eval_batches(run)
         model_dir = Path(t.model_dir)
         return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
                    eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model))
