@@ -83,7 +83,7 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      + " --dataset_dir ../shared/data/anima --limit 1 --max_tokens 8 --grader_max_tokens 8"),
     (r"launch\.aot .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
      lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
-    (r"^python sweep\.py sweeps/smollm2\.toml", "hours of SmolLM2 training on a CPU; its INIT_FROM is the test "
+    (r"^python sweep\.py sweeps/smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU; its INIT_FROM is the test "
      "cache's SmolLM2 folder, not the checkout's (--help)", lambda c, ctx: "python sweep.py --help"),
     (r"experiments\.durability sweeps/durability_smollm2\.toml", "hours of SmolLM2 training on a CPU (--help)",
      lambda c, ctx: "python -m experiments.durability --help"),
