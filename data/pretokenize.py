@@ -85,7 +85,8 @@ def pretokenize(config: MixtureConfig, component: str, output_dir: str, *, num_f
         results = list(pool.map(_write_file, [source] * num_files, [doc_encoder] * num_files, bounds[:-1],
                                 bounds[1:], paths))
     meta = {"component": component, "files": [storage.Path(p).name for p in paths],
-            "file_documents": [r[0] for r in results], "documents": sum(r[0] for r in results), "tokens": sum(r[1] for r in results),
+            "file_documents": [r[0] for r in results], "documents": sum(r[0] for r in results),
+            "tokens": sum(r[1] for r in results),
             "empty_filtered": report.empty, "bad_records": report.bad,
             "tokenizer_sha256": tokenizer_sha256(config.tokenizer), "vocab_size": doc_encoder.encoder.vocab_size,
             "format": comp.format, "prefix": comp.prefix, "add_bos": doc_encoder.encoder.add_bos,

@@ -130,7 +130,7 @@ def move_tree(src: PathLike, dst: PathLike) -> None:
     _, target = filesystem(dst)
     names = fs.find(root)
     for name in names:
-        fs.copy(name, f"{target.rstrip('/')}/{name[len(root.rstrip('/')) + 1:]}")
+        fs.copy(name, f"{target}/{name[len(root) + 1:]}")  # filesystem() strips trailing slashes
     fs.rm(names)
     fs.invalidate_cache()
 
