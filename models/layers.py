@@ -6,9 +6,12 @@ Every parameter carries logical axis names in its `out_sharding` metadata (resol
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models.config import ModelConfig
 
@@ -24,6 +27,40 @@ def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...],
     return make_param(value.astype(config.param_dtype), names)
 
 
+PROJECTION = "projection"  # the name of Dense outputs, for remat policies
+
+
+@functools.cache
+def projection(equation: str, out_dtype: jnp.dtype | None = None):
+    """`einsum(equation, x, kernel, preferred_element_type=out_dtype)` whose backward is two plain einsums,
+    `dx = einsum(g, kernel)` and `dkernel = einsum(x, g)` (cast to x's and the kernel's dtypes).
+
+    Why not autodiff's own rule: JAX transposes a dot_general into a dot_general plus a transpose of its result, and
+    XLA:CPU (jaxlib 0.10.2) then lays the kernel gradient out by materialising a transposed copy of the larger
+    activation gradient, fused into the elementwise op before it (SmolLM2: the silu backward written as a
+    [1536, 1024] transpose, ~9% of a decoder block's time; a [49152, 1020] copy of the logits' gradient in the
+    output layer). These einsums avoid both copies (SmolLM2's step: BENCHMARKS.md, "Where the SmolLM2 step's time
+    goes"). They are the same products, and the TPU program compiles to the same collectives and peak memory.
+    """
+    inputs, out = equation.split("->")
+    x_axes, kernel_axes = inputs.split(",")
+
+    @jax.custom_vjp
+    def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jnp.einsum(equation, x, kernel, preferred_element_type=out_dtype)
+
+    def forward(x, kernel):
+        return project(x, kernel), (x, kernel)
+
+    def backward(saved, g):
+        x, kernel = saved
+        return (jnp.einsum(f"{out},{kernel_axes}->{x_axes}", g, kernel).astype(x.dtype),
+                jnp.einsum(f"{x_axes},{out}->{kernel_axes}", x, g).astype(kernel.dtype))
+
+    project.defvjp(forward, backward)
+    return project
+
+
 class Dense(nnx.Module):
     """`y = einsum(equation, x, kernel) (+ bias)`; the bias covers the kernel's output axes (all but the first)."""
 
@@ -35,7 +72,8 @@ class Dense(nnx.Module):
         self.bias = make_param(jnp.zeros(shape[1:], config.param_dtype), names[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = projection(self.equation)(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = checkpoint_name(y, PROJECTION)  # a custom_vjp hides its dot from remat's `checkpoint_dots` policy
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

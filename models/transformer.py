@@ -15,10 +15,12 @@ from models.attention import Attention
 from models.cache import KVCache
 from models.config import ModelConfig
 from models.kernels import AttentionMask
-from models.layers import Dense, Embedding, MLP, RMSNorm
+from models.layers import PROJECTION, Dense, Embedding, MLP, RMSNorm, projection
 
 ACTIVATION = ("act_batch", "act_seq", "act_embed")
-REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots}
+# save_dots: every matmul output, i.e. the Dense projections (named, being custom_vjp) and attention's dots.
+REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots, jax.checkpoint_policies.save_only_these_names(PROJECTION))}
 
 
 class Block(nnx.Module):
@@ -120,7 +122,7 @@ class Transformer(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Hidden states `[batch, seq, embed]` -> logits `[batch, seq, vocab]` float32."""
-        logits = jnp.einsum("bse,ev->bsv", x, self.output_kernel(), preferred_element_type=jnp.float32)
+        logits = projection("bse,ev->bsv", jnp.float32)(x, self.output_kernel())
         return sharding.constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
     def _run_layers(self, x, positions, mask, cache):

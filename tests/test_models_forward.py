@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from models import hf_io, layout
+from models import hf_io, kernels, layers, layout, transformer
 from tests.test_models_util import build_hf, jax_logits, random_tokens
 
 
@@ -95,3 +95,41 @@ def test_precision(mistral_dir, param_dtype, compute_dtype, atol):
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, reference, rtol=0, atol=atol)
     assert np.abs(logits - reference).max() > 0  # the lower precision really ran
+
+
+@pytest.mark.parametrize("equation, x_shape, kernel_shape, out_dtype", [
+    ("bse,em->bsm", (2, 5, 8), (8, 12), None),  # MLP gate/up
+    ("bse,ehd->bshd", (2, 5, 8), (8, 3, 4), None),  # q/k/v
+    ("bshd,hde->bse", (2, 5, 3, 4), (3, 4, 8), None),  # attention output
+    ("bse,ev->bsv", (2, 5, 8), (8, 32), jnp.float32),  # output layer: float32 logits from any compute dtype
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_projection_gradients_equal_autodiff(equation, x_shape, kernel_shape, out_dtype, dtype):
+    rng = np.random.default_rng(0)
+    x, kernel = (jnp.asarray(rng.standard_normal(s), dtype) for s in (x_shape, kernel_shape))
+    want_y, want_vjp = jax.vjp(lambda a, b: jnp.einsum(equation, a, b, preferred_element_type=out_dtype), x, kernel)
+    y, vjp = jax.vjp(layers.projection(equation, out_dtype), x, kernel)
+    np.testing.assert_array_equal(y, want_y)
+    assert y.dtype == want_y.dtype
+    cot = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
+    for got, want in zip(vjp(cot), want_vjp(cot)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5,
+                                   atol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+
+
+def test_save_dots_keeps_every_projection_output(mistral_dir, capsys):
+    """Dense is a custom_vjp, whose dot `checkpoint_dots` alone would not see: the policy must still save it."""
+    model, cfg = hf_io.load_pretrained(mistral_dir, scan_layers=False, remat="save_dots")
+    block = model.layers[0]
+    x = jnp.ones((1, 6, cfg.hidden_size))
+    mask = kernels.AttentionMask(*(jnp.ones((1, 6), jnp.int32),) * 2, jnp.arange(6)[None], jnp.arange(6), None)
+    graphdef, state = nnx.split(block)
+    policy = transformer.REMAT_POLICIES["save_dots"]
+    fn = jax.checkpoint(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x, jnp.arange(6)[None], mask)[0]), policy=policy)
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(fn, state, x)
+    saved = capsys.readouterr().out.splitlines()
+    # q, k, v, o, gate, up projections (down's output only feeds the residual sum) and attention's two dots
+    assert sum("named 'projection'" in s for s in saved) == 6, saved
+    assert sum("output of dot_general" in s for s in saved) == 2, saved

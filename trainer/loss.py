@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from models import sharding
+from models import layers, sharding
 
 
 class LossSums(NamedTuple):
@@ -95,7 +95,7 @@ def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[s
     def block(carry, xs):
         row_loss, z_loss = carry
         h, target, weight = xs
-        logits = jnp.einsum("bse,ev->bsv", h, output_kernel, preferred_element_type=jnp.float32)
+        logits = layers.projection("bse,ev->bsv", jnp.float32)(h, output_kernel)
         ce, lse = _cross_entropy(sharding.constrain(logits, ("act_batch", "act_seq", "act_vocab")), target)
         return (row_loss + jnp.sum(weight * ce, axis=1), z_loss + jnp.sum(weight * lse * lse)), None
 
