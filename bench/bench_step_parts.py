@@ -2,7 +2,8 @@
 
     python bench/bench_step_parts.py [--model smollm2_135m] [--reps 5] [--json out.json]
 
-Parts, each run on its own and timed (median of `--reps`) in one process for both frameworks, random weights:
+Parts, each run on its own, timed in one process for both frameworks alternating part by part (medians of `--reps`
+rounds), random weights:
 - body: embedding + all decoder layers + final norm, forward and backward (cotangent: fixed random `[B, S, E]`);
 - head+loss: the output projection to the vocabulary and the masked next-token cross-entropy, forward and backward,
   from given hidden states (docmix: `trainer.loss`, all logits at once and `loss_chunk`-blocked);
@@ -29,23 +30,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.bench_train import SHAPES, fake_batch  # noqa: E402
+from bench.bench_train import SHAPES, fake_batch, interleaved_medians  # noqa: E402
 from data import multihost  # noqa: E402
+from models import layers  # noqa: E402
 from models.sharding import make_mesh  # noqa: E402
 from trainer import config, loss as loss_lib, program, state as state_lib  # noqa: E402
 
 
-def median_time(fn: Callable[[], object], reps: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(reps):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return float(np.median(times))
-
-
-def jax_parts(run, batch: int, seq: int, reps: int) -> dict[str, float]:
+def jax_parts(run, batch: int, seq: int) -> tuple[jax.sharding.Mesh, dict[str, Callable[[], object]]]:
+    """(the mesh to call them under, {part: a call that runs it once and waits})."""
     mesh = make_mesh(devices=jax.devices()[:1])
     out = {}
     for remat in ("none", "full"):
@@ -57,13 +50,13 @@ def jax_parts(run, batch: int, seq: int, reps: int) -> dict[str, float]:
             data = multihost.global_batch(fake_batch(batch, seq, r.model.vocab_size), mesh, prog.batch_spec)
             cot = jnp.asarray(np.random.default_rng(1).standard_normal((batch, seq, r.model.hidden_size)), jnp.float32)
 
-            def body(params):
+            def body(params, prog=prog, data=data, cot=cot):
                 hidden, _ = nnx.merge(prog.graphdef, params).hidden(data["tokens"], data["segment_ids"],
                                                                      data["positions"])
                 return jnp.vdot(hidden.astype(jnp.float32), cot)
 
             body_grad = jax.jit(jax.grad(body))
-            out[f"body_remat_{remat}"] = median_time(lambda: jax.block_until_ready(body_grad(state.params)), reps)
+            out[f"body_remat_{remat}"] = lambda f=body_grad, s=state: jax.block_until_ready(f(s.params))
             if remat != "none":
                 continue
             kernel = nnx.merge(prog.graphdef, state.params).output_kernel()
@@ -71,31 +64,29 @@ def jax_parts(run, batch: int, seq: int, reps: int) -> dict[str, float]:
             for chunk in (None, 64):
                 def head(hidden, kernel, chunk=chunk):
                     if chunk is None:
-                        logits = jnp.einsum("bse,ev->bsv", hidden[:, :-1], kernel,
-                                            preferred_element_type=jnp.float32)  # as trainer.step does
+                        logits = layers.projection("bse,ev->bsv", jnp.float32)(hidden[:, :-1], kernel)  # as the model
                         sums = loss_lib.predicting_loss_sums(logits, data, 1)
                     else:
                         sums = loss_lib.chunked_loss_sums(hidden, kernel, data, 1, chunk)
                     return loss_lib.objective(sums, r.train.z_loss, total)
 
                 head_grad = jax.jit(jax.grad(head, argnums=(0, 1)))
-                out[f"head_loss_chunk_{chunk}"] = median_time(
-                    lambda: jax.block_until_ready(head_grad(cot, kernel)), reps)
+                out[f"head_loss_chunk_{chunk}"] = lambda f=head_grad: jax.block_until_ready(f(cot, kernel))
             grads = jax.tree.map(jnp.ones_like, state.params)
             update = jax.jit(lambda g, s: prog.tx.update(g, s.opt_state, s.params))
-            out["optimizer"] = median_time(lambda: jax.block_until_ready(update(grads, state)), reps)
+            out["optimizer"] = lambda: jax.block_until_ready(update(grads, state))
             step = prog.train_step.lower(state, prog.example_batch(batch, seq)).compile()
-            holder = [state]
+            holder = [jax.tree.map(jnp.copy, state)]  # the step donates its state; the other parts read `state`
 
             def one_step():
                 holder[0], metrics = step(holder[0], data)
                 jax.block_until_ready(metrics)
 
-            out["step"] = median_time(one_step, reps)
-    return out
+            out["step"] = one_step
+    return mesh, out
 
 
-def torch_parts(model_config, batch: int, seq: int, reps: int) -> dict[str, float]:
+def torch_parts(model_config, batch: int, seq: int) -> dict[str, Callable[[], object]]:
     import torch
     import torch.nn.functional as F
     import transformers
@@ -108,6 +99,7 @@ def torch_parts(model_config, batch: int, seq: int, reps: int) -> dict[str, floa
     tokens = torch.from_numpy(fake_batch(batch, seq, model_config.vocab_size)["tokens"].astype(np.int64))
     cot = torch.from_numpy(np.random.default_rng(1).standard_normal((batch, seq, model_config.hidden_size))
                            .astype(np.float32))
+    ones = [torch.ones_like(p) for p in model.parameters()]  # the optimizer part's gradients (the others clear them)
 
     def body():
         model.zero_grad(set_to_none=True)
@@ -120,21 +112,21 @@ def torch_parts(model_config, batch: int, seq: int, reps: int) -> dict[str, floa
         logits = F.linear(hidden, weight).float()
         F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).backward()
 
-    def optimizer():
+    def clip_and_update():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+
+    def optimizer():
+        for p, g in zip(model.parameters(), ones):
+            p.grad = g
+        clip_and_update()
 
     def step():
         opt.zero_grad(set_to_none=True)
         model(input_ids=tokens, labels=tokens).loss.backward()
-        optimizer()
+        clip_and_update()
 
-    out = {"body_remat_none": median_time(body, reps), "head_loss_chunk_None": median_time(head, reps)}
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    out["optimizer"] = median_time(optimizer, reps)
-    out["step"] = median_time(step, reps)
-    return out
+    return {"body_remat_none": body, "head_loss_chunk_None": head, "optimizer": optimizer, "step": step}
 
 
 def main() -> None:
@@ -146,7 +138,10 @@ def main() -> None:
     files = ["runs/demo.gin"] + ([] if args.model == "demo" else [f"models/{args.model}.gin"])
     run = config.load(files, ["MODEL_DIR = '/tmp/bench'"])
     batch, seq = SHAPES[args.model]
-    ours, theirs = jax_parts(run, batch, seq, args.reps), torch_parts(run.model, batch, seq, args.reps)
+    mesh, ours = jax_parts(run, batch, seq)
+    with jax.set_mesh(mesh):
+        medians = interleaved_medians({"docmix": ours, "pytorch": torch_parts(run.model, batch, seq)}, args.reps)
+    ours, theirs = medians["docmix"], medians["pytorch"]
     print(f"{args.model}, batch {batch}x{seq}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores")
     print(f"{'part':<22}{'docmix s':>10}{'PyTorch s':>11}{'PyTorch/docmix':>16}")
     for part, seconds in ours.items():

@@ -4,20 +4,22 @@
 
 For each model (the demo model at the demo batch, SmolLM2-135M at batch 4 x 256): tokens/s and MFU of the docmix train
 step (compiled ahead of time; compile time reported separately) against the peak fp32 matmul FLOP/s measured in the
-same run, the same for a transformers LlamaForCausalLM + torch.optim.AdamW step on the same config and batch, and the
-ratio. Then checkpoint cost: how long `Checkpointer.save` blocks the loop (device->host copy) and the full save.
+same run, the same for a transformers LlamaForCausalLM + torch.optim.AdamW step on the same config and batch (the
+faster of 1 thread and all cores), and the ratio; the frameworks' steps alternate, `--steps` rounds, medians. Then checkpoint cost: how long `Checkpointer.save` blocks the loop (device->host copy) and the full save.
 Random weights: throughput does not depend on their values.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 import sys
 import tempfile
 import time
+from typing import Callable
 
 # OpenMP threads that spin while waiting make PyTorch 10x slower when other processes share the cores; passive
 # waiting costs nothing when the machine is idle. Must be set before torch is imported.
@@ -43,40 +45,29 @@ def fake_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.
             "loss_mask": np.ones((batch, seq), np.float32), "component": np.zeros(batch, np.int32)}
 
 
-def bench_jax(run, batch: int, seq: int, steps: int) -> dict:
+def bench_jax(run, batch: int, seq: int) -> dict:
+    """The compiled train step: {"compile_s", "step": a call that runs one step and waits, "holder": [state], "mesh"}."""
     mesh = make_mesh(devices=jax.devices()[:1])
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=batch, seq_len=seq,
                                                              train_steps=1000, microbatches=1))
     prog = program.build(run, mesh, num_components=1)
-    state = state_lib.init_sharded(run.model, prog.tx, 0, mesh)
+    holder = [state_lib.init_sharded(run.model, prog.tx, 0, mesh)]
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = prog.train_step.lower(state, prog.example_batch(batch, seq)).compile()
+        compiled = prog.train_step.lower(holder[0], prog.example_batch(batch, seq)).compile()
         compile_s = time.perf_counter() - start
         b = multihost.global_batch(fake_batch(batch, seq, run.model.vocab_size), mesh, prog.batch_spec)
-        state, m = compiled(state, b)
+
+    def step():
+        holder[0], m = compiled(holder[0], b)
         jax.block_until_ready(m)
-        times = []
-        for _ in range(steps):
-            tick = time.perf_counter()
-            state, m = compiled(state, b)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - tick)
-    return {"compile_s": compile_s, "step_s": float(np.median(times)), "state": state, "mesh": mesh}
+
+    return {"compile_s": compile_s, "step": step, "holder": holder, "mesh": mesh}
 
 
-def bench_torch(model_config, batch: int, seq: int, steps: int) -> dict:
-    """The faster of PyTorch with 1 thread and with all cores (median step time of each)."""
-    import torch
-
-    results = []
-    for threads in sorted({1, os.cpu_count() or 1}):
-        torch.set_num_threads(threads)
-        results.append(_torch_steps(model_config, batch, seq, steps) | {"threads": threads})
-    return min(results, key=lambda r: r["step_s"])
-
-
-def _torch_steps(model_config, batch: int, seq: int, steps: int) -> dict:
+def torch_steps(model_config, batch: int, seq: int) -> dict[int, Callable[[], None]]:
+    """{threads: a call that runs one transformers + AdamW step with that many threads}, for 1 thread and all cores
+    (the faster is reported)."""
     import torch
     import transformers
 
@@ -87,20 +78,35 @@ def _torch_steps(model_config, batch: int, seq: int, steps: int) -> dict:
     data = fake_batch(batch, seq, model_config.vocab_size)
     tokens = torch.from_numpy(data["tokens"].astype(np.int64))
 
-    def one():
+    def step(threads: int) -> None:
+        torch.set_num_threads(threads)
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    one()
-    times = []
-    for _ in range(steps):
-        tick = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - tick)
-    return {"step_s": float(np.median(times))}
+    return {threads: functools.partial(step, threads) for threads in sorted({1, os.cpu_count() or 1})}
+
+
+def interleaved_medians(sides: dict[str, dict[str, Callable[[], object]]], reps: int) -> dict[str, dict[str, float]]:
+    """Median seconds of every part of every side, `reps` rounds in which each part runs once per side, alternating.
+
+    This VM's speed drifts by 20-40% over minutes: timing one framework after the other measured the drift (stop 17:
+    PyTorch's SmolLM2 body took 5.5 s in one run, 14.7 s in the next); alternating puts both under the same load."""
+    for fns in sides.values():
+        for fn in fns.values():
+            fn()  # compile / warm up
+    times: dict[str, dict[str, list[float]]] = {side: {part: [] for part in fns} for side, fns in sides.items()}
+    parts = list(dict.fromkeys(part for fns in sides.values() for part in fns))
+    for _ in range(reps):
+        for part in parts:
+            for side, fns in sides.items():
+                if part in fns:
+                    tick = time.perf_counter()
+                    fns[part]()
+                    times[side][part].append(time.perf_counter() - tick)
+    return {side: {part: float(np.median(ts)) for part, ts in by_part.items()} for side, by_part in times.items()}
 
 
 def bench_checkpoint(run, state, mesh) -> dict:
@@ -134,9 +140,15 @@ def main() -> None:
         run = config.load(files, ["MODEL_DIR = '/tmp/bench'"])
         batch, seq = SHAPES[name]
         flops = metrics.train_flops_per_token(run.model, seq)
-        j = bench_jax(run, batch, seq, args.steps)
-        t = bench_torch(run.model, batch, seq, args.steps)
-        c = bench_checkpoint(run, j.pop("state"), j.pop("mesh"))
+        j = bench_jax(run, batch, seq)
+        sides = {"docmix": {"step": j["step"]}} | {f"pytorch_{n}": {"step": fn}
+                                                   for n, fn in torch_steps(run.model, batch, seq).items()}
+        with jax.set_mesh(j["mesh"]):
+            medians = interleaved_medians(sides, args.steps)
+        j["step_s"] = medians.pop("docmix")["step"]
+        threads, torch_s = min(((int(k.split("_")[1]), v["step"]) for k, v in medians.items()), key=lambda x: x[1])
+        t = {"step_s": torch_s, "threads": threads}
+        c = bench_checkpoint(run, j["holder"][0], j["mesh"])
         tokens = batch * seq
         row = {"batch": batch, "seq": seq, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
                    state_lib.abstract(run.model, optimizer.make(run.optimizer, 10)).params)),
