@@ -85,7 +85,7 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
     (r"^python sweep\.py sweeps/smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU; its INIT_FROM is the test "
      "cache's SmolLM2 folder, not the checkout's (--help)", lambda c, ctx: "python sweep.py --help"),
-    (r"experiments\.durability sweeps/durability_smollm2\.toml", "hours of SmolLM2 training on a CPU (--help)",
+    (r"experiments\.durability sweeps/durability_smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU (--help)",
      lambda c, ctx: "python -m experiments.durability --help"),
     (r"^(python -m experiments\.durability sweeps/durability_demo|python sweep\.py sweeps/demo)\.toml$",
      "run as documented, scaled alike, by the test that checks its report (COVERED_BY)", lambda c, ctx: "true"),

@@ -194,3 +194,13 @@ def test_documented_sweep_end_to_end(tmp_path, capsys):
         status = {r["run"]: r["status"] for r in csv.DictReader(f)}
     assert len(status) == 6 and status["model-welfare-n300-w0.25-t2-s1"] == "not run"
     assert status["model-welfare-n300-w0.25-t2-s0"] == "done"
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "sweeps").glob("*.toml")
+                                        if not p.name.startswith("durability_")))
+def test_every_shipped_sweep_file_dry_runs(path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    s = plan.load(path)
+    assert sweep.main([path, "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert s.runs and all(run.name in out for run in s.runs)
