@@ -5,7 +5,8 @@
 For each model (the demo model at the demo batch, SmolLM2-135M at batch 4 x 256): tokens/s and MFU of the docmix train
 step (compiled ahead of time; compile time reported separately) against the peak fp32 matmul FLOP/s measured in the
 same run, the same for a transformers LlamaForCausalLM + torch.optim.AdamW step on the same config and batch (the
-faster of 1 thread and all cores), and the ratio; the frameworks' steps alternate, `--steps` rounds, medians. Then checkpoint cost: how long `Checkpointer.save` blocks the loop (device->host copy) and the full save.
+faster of 1 thread and all cores), and the ratio; the frameworks' steps alternate, `--steps` rounds, medians. Then
+checkpoint cost: how long `Checkpointer.save` blocks the loop (device->host copy) and the full save.
 Random weights: throughput does not depend on their values.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ def fake_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.
 
 
 def bench_jax(run, batch: int, seq: int) -> dict:
-    """The compiled train step: {"compile_s", "step": a call that runs one step and waits, "holder": [state], "mesh"}."""
+    """The compiled train step: {"compile_s", "step": a call that runs one step and waits, "holder": [state],
+    "mesh"}."""
     mesh = make_mesh(devices=jax.devices()[:1])
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=batch, seq_len=seq,
                                                              train_steps=1000, microbatches=1))
@@ -141,13 +143,13 @@ def main() -> None:
         batch, seq = SHAPES[name]
         flops = metrics.train_flops_per_token(run.model, seq)
         j = bench_jax(run, batch, seq)
-        sides = {"docmix": {"step": j["step"]}} | {f"pytorch_{n}": {"step": fn}
-                                                   for n, fn in torch_steps(run.model, batch, seq).items()}
+        by_threads = torch_steps(run.model, batch, seq)
+        sides = {"docmix": {"step": j["step"]}} | {f"pytorch_{n}": {"step": fn} for n, fn in by_threads.items()}
         with jax.set_mesh(j["mesh"]):
             medians = interleaved_medians(sides, args.steps)
-        j["step_s"] = medians.pop("docmix")["step"]
-        threads, torch_s = min(((int(k.split("_")[1]), v["step"]) for k, v in medians.items()), key=lambda x: x[1])
-        t = {"step_s": torch_s, "threads": threads}
+        j["step_s"] = medians["docmix"]["step"]
+        threads = min(by_threads, key=lambda n: medians[f"pytorch_{n}"]["step"])
+        t = {"step_s": medians[f"pytorch_{threads}"]["step"], "threads": threads}
         c = bench_checkpoint(run, j["holder"][0], j["mesh"])
         tokens = batch * seq
         row = {"batch": batch, "seq": seq, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
