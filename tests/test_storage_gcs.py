@@ -194,26 +194,32 @@ def test_writer_lock_on_gs(bucket, caplog):
     model_dir = f"gs://{gcs_emulator.BUCKET}/locked"
     lock_file = storage.Path(f"{model_dir}/{run_lock.LOCK_NAME}")
     store = run_lock.ObjectStore(model_dir)
+
+    def holder() -> dict:
+        # One GET, as the lock itself reads: epath's read_text opens the object (its size from one request, then
+        # ranged reads), so a renewal in between returned the new bytes cut to the old length (torn JSON in CI).
+        return json.loads(store.read(str(lock_file)))
+
     assert store.create_exclusive(f"{model_dir}/x", b"first") and not store.create_exclusive(f"{model_dir}/x", b"2nd")
     assert store.read(f"{model_dir}/x") == b"first"  # the refused create wrote nothing
     with run_lock.RunLock(model_dir, renew_s=0.05) as lock:
-        assert json.loads(lock_file.read_text())["token"] == lock.record["token"]
+        assert holder()["token"] == lock.record["token"]
         with pytest.raises(run_lock.RunLocked, match="another run is writing"):
             run_lock.RunLock(model_dir).acquire()
-        first = json.loads(lock_file.read_text())["heartbeat"]
+        first = holder()["heartbeat"]
         deadline = time.time() + 30
-        while json.loads(lock_file.read_text())["heartbeat"] == first:  # renewed in the bucket
+        while holder()["heartbeat"] == first:  # renewed in the bucket
             assert time.time() < deadline
             time.sleep(0.05)
     assert not lock_file.exists()
     lock_file.write_text(json.dumps({"host": "tpu-vm-7", "pid": 1, "started": 0,
                                      "heartbeat": time.time() - run_lock.LEASE_S - 5}))
     with run_lock.RunLock(model_dir):  # the vanished VM's lock is broken
-        assert json.loads(lock_file.read_text())["host"] != "tpu-vm-7"
+        assert holder()["host"] != "tpu-vm-7"
     assert "breaking the stale lock" in caplog.text
     lock_file.write_text(json.dumps({"host": "tpu-vm-7", "pid": 1, "started": 0, "heartbeat": time.time()}))
     run_lock.RunLock(model_dir).release()
-    assert json.loads(lock_file.read_text())["host"] == "tpu-vm-7"
+    assert holder()["host"] == "tpu-vm-7"
 
 
 def test_pretokenized_shards_on_gs(bucket, tmp_path):
