@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--control_pairs", help="neutral control JSONL: report the set's shift minus this set's shift")
     p.add_argument("--paired_seeds", action="store_true",
                    help="the i-th --model and i-th --baseline were trained with the same seed: resample them together")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="rows per forward pass; each row packs several probes (eval.scoring)")
     p.add_argument("--bootstrap", type=int, default=stats.DEFAULT_RESAMPLES, help="bootstrap resamples")
     p.add_argument("--chat", action="store_true",
                    help="score chat-style pairs in the tokenizer's chat template (instruct models); "

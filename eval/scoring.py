@@ -1,15 +1,18 @@
-"""Continuation log-probabilities with a shared prompt scored once.
+"""Continuation log-probabilities: probes packed several to a row, each shared prompt run once.
 
-A probe pair asks for log p(chosen | prompt) and log p(rejected | prompt): the prompt is the same, so it runs through
-the model once, filling a KV cache, and each continuation is then run from that cache. Only the positions that
-predict a continuation token are projected onto the vocabulary (no logits for the prompt). Prompts are left-padded, as
-for generation (models.decode), so every row's last prompt token sits in the same cache slot; continuations are
-right-padded after it with RoPE positions counting each row's own tokens. Prompt and continuation lengths are rounded
-up to LENGTH_BUCKET per batch, so a probe set compiles a handful of shapes.
+A probe pair asks for log p(chosen | prompt) and log p(rejected | prompt). Items are grouped by prompt, and groups are
+packed into rows (first fit, longest continuations first), each group one segment of its row. A row's prompts run
+through the model once, filling a KV cache; pass k then runs the k-th continuation of every group in the row from that
+cache. The segment mask keeps each continuation to its own prompt and its own earlier tokens, and RoPE positions count
+each item's own tokens, so packing changes no score. Only the positions that predict a continuation token are
+projected onto the vocabulary. Packing keeps padding low (short probes would otherwise each pad to a row of their
+own) and the matrix products large. Widths are rounded to LENGTH_BUCKET and the rows spread evenly over the fewest
+calls of at most `batch_size` rows, so a probe set compiles one shape.
 """
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -19,92 +22,159 @@ from flax import nnx
 
 from models.cache import KVCache
 
-LENGTH_BUCKET = 16  # pad lengths up to a multiple of this, so few shapes are compiled
+LENGTH_BUCKET = 16  # pad widths up to a multiple of this, so few shapes are compiled
+ROW_WIDTH = 128     # continuation slots per row (at least): room for several short probes
+
+Group = tuple[Sequence[int], Sequence[Sequence[int]]]  # (prompt ids, [continuation ids, ...])
 
 
 def _bucket(n: int) -> int:
     return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
-def pack_prefix_batch(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], batch_size: int,
-                      per_prompt: int, continuation_width: int) -> dict[str, np.ndarray]:
-    """(prompt ids, [continuation ids, ...]) per row -> a fixed-shape batch:
+def row_widths(groups: Sequence[Group], window: int | None = None) -> tuple[int, int]:
+    """(prompt slots, continuation slots) per row: continuations get ROW_WIDTH slots (or the longest continuation),
+    prompts a share in proportion to their total length, so that both fill up alike.
 
-    context, context_segments `[batch_size, Lp]` (left-padded, Lp a multiple of LENGTH_BUCKET; segment 0 = padding);
-    continuations, continuation_segments `[per_prompt, batch_size, continuation_width]` (right-padded). Missing rows
-    and continuations are all padding.
+    A packed probe sits further from its prompt in slots than in positions; with a sliding window `window` the mask
+    counts slots, so rows are kept within the window (exact) or a ValueError says why they cannot be.
     """
-    width = _bucket(max(len(prompt) for prompt, _ in groups))
-    context = np.zeros((batch_size, width), np.int32)
-    context_segments = np.zeros((batch_size, width), np.int32)
-    continuations = np.zeros((per_prompt, batch_size, continuation_width), np.int32)
-    continuation_segments = np.zeros((per_prompt, batch_size, continuation_width), np.int32)
-    for row, (prompt, targets) in enumerate(groups):
-        context[row, width - len(prompt):] = prompt
-        context_segments[row, width - len(prompt):] = 1
-        for k, target in enumerate(targets):
-            continuations[k, row, : len(target)] = target
-            continuation_segments[k, row, : len(target)] = 1
-    return {"context": context, "context_segments": context_segments, "continuations": continuations,
-            "continuation_segments": continuation_segments}
+    longest_prompt = max(len(prompt) for prompt, _ in groups)
+    longest_target = max(len(t) for _, targets in groups for t in targets)
+    continuation_width = _bucket(max(ROW_WIDTH, longest_target))
+    prompt_total = sum(len(prompt) for prompt, _ in groups)
+    target_total = sum(max(len(t) for t in targets) for _, targets in groups)
+    prompt_width = _bucket(max(longest_prompt, math.ceil(continuation_width * prompt_total / target_total)))
+    if window is not None and prompt_width + continuation_width > window:
+        prompt_width = _bucket(longest_prompt)
+        continuation_width = max(_bucket(longest_target), (window - prompt_width) // LENGTH_BUCKET * LENGTH_BUCKET)
+        if prompt_width + continuation_width > window:
+            raise ValueError(f"a probe needs {prompt_width} + {continuation_width} slots (prompt + continuation, "
+                             f"rounded up to {LENGTH_BUCKET}), more than the model's sliding window of {window}")
+    return prompt_width, continuation_width
+
+
+def plan_rows(groups: Sequence[Group], prompt_width: int, continuation_width: int) -> list[list[int]]:
+    """Group indices per row, first fit in order of decreasing longest continuation: each row's prompts fit in
+    `prompt_width` slots and, for every k, its groups' k-th continuations in `continuation_width` slots."""
+    passes = max(len(targets) for _, targets in groups)
+    capacity = np.array([prompt_width] + [continuation_width] * passes)
+    need = np.zeros((len(groups), passes + 1), np.int64)
+    for g, (prompt, targets) in enumerate(groups):
+        need[g, : len(targets) + 1] = [len(prompt), *(len(t) for t in targets)]
+    if (need > capacity).any():
+        raise ValueError(f"a probe is longer than a row ({prompt_width} prompt, {continuation_width} continuation "
+                         f"slots)")
+    rows: list[list[int]] = []
+    used = np.zeros((0, passes + 1), np.int64)
+    for g in sorted(range(len(groups)), key=lambda g: (-need[g, 1:].max(), -need[g, 0])):
+        fits = np.flatnonzero((used + need[g] <= capacity).all(axis=1))
+        if fits.size:
+            rows[fits[0]].append(g)
+            used[fits[0]] += need[g]
+        else:
+            rows.append([g])
+            used = np.concatenate([used, need[g][None]])
+    return rows
+
+
+def pack_rows(groups: Sequence[Group], rows: Sequence[Sequence[int]], num_rows: int, prompt_width: int,
+              continuation_width: int, passes: int) -> dict[str, np.ndarray]:
+    """The groups of `rows` (indices into `groups`) as one fixed-shape batch of `num_rows` rows (the rest padding):
+
+    context, context_segments, context_positions `[num_rows, prompt_width]`: the row's prompts one after another,
+    group j of a row in segment j + 1 (0 = padding), positions from 0 per prompt;
+    continuations, continuation_segments, continuation_positions `[passes, num_rows, continuation_width]`: pass k
+    holds each group's k-th continuation in its group's segment, positions continuing its prompt's;
+    sources `[passes, num_rows, continuation_width]`: for each continuation token, the slot whose hidden state
+    predicts it in the row's [prompt slots, this pass's slots] (the prompt's last token for the first one).
+    """
+    shape = (passes, num_rows, continuation_width)
+    batch = {name: np.zeros((num_rows, prompt_width), np.int32)
+             for name in ("context", "context_segments", "context_positions")}
+    batch.update({name: np.zeros(shape, np.int32) for name in (
+        "continuations", "continuation_segments", "continuation_positions", "sources")})
+    for row, members in enumerate(rows):
+        at, continuation_at = 0, [0] * passes
+        for segment, g in enumerate(members, start=1):
+            prompt, targets = groups[g]
+            span = slice(at, at + len(prompt))
+            batch["context"][row, span] = prompt
+            batch["context_segments"][row, span] = segment
+            batch["context_positions"][row, span] = np.arange(len(prompt))
+            for k, target in enumerate(targets):
+                start, n = continuation_at[k], len(target)
+                span = (k, row, slice(start, start + n))
+                batch["continuations"][span] = target
+                batch["continuation_segments"][span] = segment
+                batch["continuation_positions"][span] = len(prompt) + np.arange(n)
+                batch["sources"][span] = [at + len(prompt) - 1, *(prompt_width + np.arange(start, start + n - 1))]
+                continuation_at[k] += n
+            at += len(prompt)
+    return batch
+
+
+_INPUTS = ("context", "context_segments", "context_positions", "continuations", "continuation_segments",
+           "continuation_positions", "sources")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prefix_token_logprobs(graphdef: nnx.GraphDef, state: nnx.State, context: jax.Array,
-                           context_segments: jax.Array, continuations: jax.Array,
-                           continuation_segments: jax.Array) -> jax.Array:
+def _token_logprobs(graphdef: nnx.GraphDef, state: nnx.State, context: jax.Array, context_segments: jax.Array,
+                    context_positions: jax.Array, continuations: jax.Array, continuation_segments: jax.Array,
+                    continuation_positions: jax.Array, sources: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    batch, width = context.shape
-    cache = KVCache.zeros(model.config, batch, width + continuations.shape[-1])
-    positions = jnp.maximum(jnp.cumsum(context_segments, axis=1) - 1, 0)
-    prompt_hidden, cache = model.hidden(context, context_segments, positions, cache)
-    start = jnp.sum(context_segments, axis=1, keepdims=True)
+    rows, width = context.shape
+    cache = KVCache.zeros(model.config, rows, width + continuations.shape[-1])
+    prompt_hidden, cache = model.hidden(context, context_segments, context_positions, cache)
     kernel = model.output_kernel()
     out = []
-    for tokens, segments in zip(continuations, continuation_segments):  # per_prompt is static: unrolled
-        hidden, _ = model.hidden(tokens, segments, start + jnp.arange(tokens.shape[1]), cache)
-        # The last prompt token predicts the first continuation token; continuation token t predicts t + 1.
-        predictors = jnp.concatenate([prompt_hidden[:, -1:], hidden[:, :-1]], axis=1)
+    for tokens, segments, positions, source in zip(continuations, continuation_segments, continuation_positions,
+                                                   sources):  # the number of passes is static: unrolled
+        hidden, _ = model.hidden(tokens, segments, positions, cache)
+        predictors = jnp.take_along_axis(jnp.concatenate([prompt_hidden, hidden], axis=1), source[..., None], axis=1)
         logits = jnp.einsum("bse,ev->bsv", predictors, kernel, preferred_element_type=jnp.float32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
         out.append(jnp.where(segments > 0, logp, 0.0))
     return jnp.stack(out)
 
 
-def prefix_token_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> np.ndarray:
-    """log p(continuation token | prompt, earlier continuation tokens) `[per_prompt, batch, width]` of a
-    `pack_prefix_batch` batch; 0 on padding."""
+def token_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """log p(continuation token | its prompt, its earlier tokens) `[passes, num_rows, continuation_width]` of a
+    `pack_rows` batch; 0 on padding."""
     graphdef, state = nnx.split(model)
-    return np.asarray(_prefix_token_logprobs(graphdef, state, *(jnp.asarray(batch[k]) for k in (
-        "context", "context_segments", "continuations", "continuation_segments"))))
+    return np.asarray(_token_logprobs(graphdef, state, *(jnp.asarray(batch[k]) for k in _INPUTS)))
 
 
 def continuation_scores(model: nnx.Module, max_len: int, encoded: Sequence[tuple[list[int], int]],
                         batch_size: int) -> np.ndarray:
     """Mean log-prob per continuation token of each encoded (prompt + continuation ids, prompt length)
-    -> `[len(encoded)]` float64. Items with the same prompt ids share one prompt pass."""
+    -> `[len(encoded)]` float64. Items with the same prompt ids share one prompt pass; at most `batch_size` rows (each
+    packing several items) run per call."""
     if not encoded:
         return np.zeros(0)
     longest = max(len(ids) for ids, _ in encoded)
     if longest > max_len:
         raise ValueError(f"a probe sequence has {longest} tokens, more than the model's {max_len} positions")
-    groups: dict[tuple[int, ...], list[int]] = {}
+    members: dict[tuple[int, ...], list[int]] = {}
     for i, (ids, n_context) in enumerate(encoded):
         if n_context < 1 or n_context >= len(ids):
             raise ValueError(f"item {i}: needs at least one prompt token and one continuation token")
-        groups.setdefault(tuple(ids[:n_context]), []).append(i)
-    longest_target = {p: max(len(encoded[i][0]) - len(p) for i in items) for p, items in groups.items()}
-    # Batches of prompts in the same length bucket with similar continuation lengths: little padding, few shapes.
-    prompts = sorted(groups, key=lambda p: (_bucket(len(p)), longest_target[p]))
-    per_prompt = max(len(items) for items in groups.values())
+        members.setdefault(tuple(ids[:n_context]), []).append(i)
+    prompts = list(members)
+    groups = [(p, [encoded[i][0][len(p):] for i in members[p]]) for p in prompts]
+    prompt_width, continuation_width = row_widths(groups, model.config.sliding_window)
+    rows = plan_rows(groups, prompt_width, continuation_width)
+    passes = max(len(items) for items in members.values())
     scores = np.zeros(len(encoded), np.float64)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start: start + batch_size]
-        batch = pack_prefix_batch([(p, [encoded[i][0][len(p):] for i in groups[p]]) for p in chunk], batch_size,
-                                  per_prompt, _bucket(max(longest_target[p] for p in chunk)))
-        logp = prefix_token_logprobs(model, batch)
-        means = logp.sum(-1) / batch["continuation_segments"].sum(-1).clip(min=1)
-        for row, prompt in enumerate(chunk):
-            for k, i in enumerate(groups[prompt]):
-                scores[i] = means[k, row]
+    num_rows = -(-len(rows) // -(-len(rows) // batch_size))  # the fewest calls, rows spread evenly: one shape
+    for start in range(0, len(rows), num_rows):
+        call = rows[start: start + num_rows]
+        batch = pack_rows(groups, call, num_rows, prompt_width, continuation_width, passes)
+        logp = token_logprobs(model, batch)
+        # Sum each continuation's slots: segment ids tell continuations apart within a pass's row.
+        for row, group_ids in enumerate(call):
+            for segment, g in enumerate(group_ids, start=1):
+                for k, i in enumerate(members[prompts[g]]):
+                    mine = batch["continuation_segments"][k, row] == segment
+                    scores[i] = logp[k, row, mine].sum() / mine.sum()
     return scores

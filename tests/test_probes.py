@@ -42,23 +42,50 @@ def test_token_logprobs_match_transformers(smollm2_dir):
     model, config, tok_dir = loading.load_model(smollm2_dir)
     tokenizer = chat.load(tok_dir)
     seqs = [probes.encode_pair_texts(tokenizer, p.prompt, text) for p in PAIRS for text in (p.chosen, p.rejected)]
-    # The prompt runs once per pair; each continuation is scored from its KV cache (eval.scoring).
+    # Each prompt runs once; its continuations are scored from the KV cache, packed several to a row (eval.scoring).
     groups = [(seqs[i][0][:seqs[i][1]], [ids[n:] for ids, n in seqs[i:i + 2]]) for i in range(0, len(seqs), 2)]
-    assert max(len(t) for _, targets in groups for t in targets) <= 64
-    batch = scoring.pack_prefix_batch(groups, batch_size=len(groups) + 1, per_prompt=2, continuation_width=64)
-    logp = scoring.prefix_token_logprobs(model, batch)
-    for row, (prompt, targets) in enumerate(groups):
+    groups[1] = (groups[1][0], groups[1][1][:1])  # prompts may have different numbers of continuations
+    prompt_width, continuation_width = scoring.row_widths(groups)
+    rows = scoring.plan_rows(groups, prompt_width, continuation_width)
+    assert len(rows) == 1 and sorted(rows[0]) == [0, 1, 2]  # one row: the probes see only their own prompt
+    batch = scoring.pack_rows(groups, rows, 2, prompt_width, continuation_width, passes=2)
+    logp = scoring.token_logprobs(model, batch)
+    for segment, g in enumerate(rows[0], start=1):
+        prompt, targets = groups[g]
         for k, target in enumerate(targets):
+            mine = batch["continuation_segments"][k, 0] == segment
             ref = _torch_token_logprobs(smollm2_dir, [*prompt, *target])[len(prompt) - 1:]
-            np.testing.assert_allclose(logp[k, row, : len(target)], ref, atol=1e-4, rtol=0)
-            assert not logp[k, row, len(target):].any()  # padding is scored 0
-    assert not logp[:, len(groups):].any()  # the padding row
+            np.testing.assert_allclose(logp[k, 0, mine], ref, atol=1e-4, rtol=0)
+    assert not logp[batch["continuation_segments"] == 0].any()  # padding, the padding row included, scores 0
     # The margin is the difference of the length-normalized continuation log-probs, whatever the batch order.
     scores = probes.continuation_scores(model, config.max_position_embeddings, tokenizer,
                                         [(p.prompt, t) for p in PAIRS for t in (p.chosen, p.rejected)], batch_size=8)
     for i, (ids, n_context) in enumerate(seqs):
         ref = _torch_token_logprobs(smollm2_dir, ids)[n_context - 1:].mean()
         assert abs(scores[i] - ref) < 1e-4
+
+
+def test_rows_pack_groups_within_their_widths():
+    """plan_rows: every group in exactly one row, each row's prompts and k-th continuations within the widths, and
+    rows filled (first fit): 12 groups of 8 prompt + 40/30 continuation tokens fill 3 rows of 128 slots."""
+    groups = [([1] * 8, [[2] * 40, [3] * 30]) for _ in range(12)] + [([1] * 20, [[2] * 100])]
+    prompt_width, continuation_width = scoring.row_widths(groups)
+    assert continuation_width == scoring.ROW_WIDTH and prompt_width >= 20
+    rows = scoring.plan_rows(groups, prompt_width, continuation_width)
+    assert sorted(g for row in rows for g in row) == list(range(len(groups)))
+    for row in rows:
+        assert sum(len(groups[g][0]) for g in row) <= prompt_width
+        for k in range(2):
+            assert sum(len(groups[g][1][k]) for g in row if k < len(groups[g][1])) <= continuation_width
+    assert len(rows) == 1 + 12 // 3  # the long one alone, three 40-token continuations per row
+    batch = scoring.pack_rows(groups, rows, len(rows), prompt_width, continuation_width, passes=2)
+    # The first continuation token is predicted by its prompt's last slot, the others by the previous slot.
+    first = groups[rows[1][1]]
+    assert batch["sources"][0, 1, 40] == len(first[0]) * 2 - 1 and batch["sources"][0, 1, 41] == prompt_width + 40
+    assert list(batch["continuation_positions"][1, 1, 30:33]) == [8, 9, 10]
+    with pytest.raises(ValueError, match="sliding window of 64"):
+        scoring.row_widths(groups, window=64)
+    assert sum(scoring.row_widths(groups, window=160)) <= 160
 
 
 def _tiny_hf_model(out: pathlib.Path, tokenizer_src: pathlib.Path, seed: int) -> pathlib.Path:
