@@ -5,8 +5,9 @@
 For each model (the demo model at the demo batch, SmolLM2-135M at batch 4 x 256): tokens/s and MFU of the docmix train
 step (compiled ahead of time; compile time reported separately) against the peak fp32 matmul FLOP/s measured in the
 same run, the same for a transformers LlamaForCausalLM + torch.optim.AdamW step on the same config and batch (the
-faster of 1 thread and all cores), and the ratio; the frameworks' steps alternate, `--steps` rounds, medians. Then
-checkpoint cost: how long `Checkpointer.save` blocks the loop (device->host copy) and the full save.
+faster of 1 thread and all cores), and the ratio; the frameworks' steps alternate, `--steps` rounds (each timed
+step after an untimed one), medians. Then checkpoint cost: how long `Checkpointer.save` blocks the loop (device->host
+copy) and the full save.
 Random weights: throughput does not depend on their values.
 """
 from __future__ import annotations
@@ -91,11 +92,16 @@ def torch_steps(model_config, batch: int, seq: int) -> dict[int, Callable[[], No
     return {threads: functools.partial(step, threads) for threads in sorted({1, os.cpu_count() or 1})}
 
 
-def interleaved_medians(sides: dict[str, dict[str, Callable[[], object]]], reps: int) -> dict[str, dict[str, float]]:
-    """Median seconds of every part of every side, `reps` rounds in which each part runs once per side, alternating.
+def interleaved_medians(sides: dict[str, dict[str, Callable[[], object]]], reps: int,
+                        settle: int = 1) -> dict[str, dict[str, float]]:
+    """Median seconds of every part of every side, `reps` rounds in which each part runs once per side, alternating;
+    each timed call follows `settle` untimed calls of the same part and side.
 
     This VM's speed drifts by 20-40% over minutes: timing one framework after the other measured the drift (stop 17:
-    PyTorch's SmolLM2 body took 5.5 s in one run, 14.7 s in the next); alternating puts both under the same load."""
+    PyTorch's SmolLM2 body took 5.5 s in one run, 14.7 s in the next); alternating puts both under the same load. But
+    the first call after the other framework ran is not a steady-state step: it re-faults the memory the other
+    side's step just used and freed (SmolLM2's docmix step right after a PyTorch step: 4.8-8.0 s, of which 3-6 s in
+    the kernel, against 3.8-4.1 s, 1.3 s in the kernel, for the next ones), so it is run untimed."""
     for fns in sides.values():
         for fn in fns.values():
             fn()  # compile / warm up
@@ -105,6 +111,8 @@ def interleaved_medians(sides: dict[str, dict[str, Callable[[], object]]], reps:
         for part in parts:
             for side, fns in sides.items():
                 if part in fns:
+                    for _ in range(settle):
+                        fns[part]()
                     tick = time.perf_counter()
                     fns[part]()
                     times[side][part].append(time.perf_counter() - tick)
@@ -170,4 +178,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import host_memory
+
+    host_memory.use_huge_pages()  # as docmix's entry points run (both frameworks share the process)
     main()
