@@ -66,4 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import host_memory
+
+    host_memory.use_huge_pages()
     sys.exit(main())

@@ -143,5 +143,7 @@ def format_summary(s, argv: list[str]) -> str:
 
 if __name__ == "__main__":
     import exit_codes
+    import host_memory
 
+    host_memory.use_huge_pages()
     sys.exit(exit_codes.run(main, "train.py"))

@@ -154,4 +154,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import host_memory
+
+    host_memory.use_huge_pages()  # as docmix's entry points run (both frameworks share the process)
     main()

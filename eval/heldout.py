@@ -154,5 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     import exit_codes
+    import host_memory
 
+    host_memory.use_huge_pages()
     sys.exit(exit_codes.run(main, "python -m eval.heldout"))

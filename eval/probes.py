@@ -285,5 +285,7 @@ def _print_table(result: dict) -> None:
 
 if __name__ == "__main__":
     import exit_codes
+    import host_memory
 
+    host_memory.use_huge_pages()
     sys.exit(exit_codes.run(main, "python -m eval.probes"))
