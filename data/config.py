@@ -205,6 +205,23 @@ class MixtureConfig:
         names = [c.name for c in self.active_components]
         return tuple((start, {n: w[n] for n in names}) for start, w in ((0, self.weights),) + self.stages)
 
+    def short_run_note(self, train_steps: int, process_count: int = 1) -> str | None:
+        """Why the configured shares will not be realized, if a run of `train_steps` steps reads fewer rows per data
+        shard than one mixture block while several components share it: shares are exact per whole block only, and
+        the rows of a partial block are a draw from its permutation (a 40-row run in 1000-row blocks at weight 0.25
+        realized 6 to 12 synthetic rows over three seeds, not 10). None when the shares hold."""
+        rows = train_steps * (self.batch_size // self.shards(process_count))
+        mixed = [n for n, w in self.weights.items() if 0 < w < 1]
+        if rows >= self.block_size or not mixed:
+            return None
+        whole = next((b for b in range(1, rows + 1)
+                      if all(abs(w * b - round(w * b)) < 1e-6 for w in self.weights.values())), None)
+        fix = (f"set MixtureConfig.block_size = {whole} (every weight is a whole number of its rows)" if whole else
+               f"the run is too short to realize them: {rows} rows cannot hold them as whole rows")
+        return (f"the run reads {rows} rows per data shard, fewer than one mixture block (MixtureConfig.block_size = "
+                f"{self.block_size}), so the shares of {mixed} are a draw from one block's permutation, not the "
+                f"configured weights; {fix}")
+
     def shards(self, process_count: int) -> int:
         """Number of data shards for a run with `process_count` JAX processes."""
         shards = self.num_shards or process_count

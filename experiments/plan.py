@@ -6,7 +6,8 @@ Budget modes (per run, with tokens_per_step = BATCH_SIZE x SEQ_LEN token slots):
 - fixed_synthetic_exposure: every document is seen `synthetic_epochs` times; a run trains the fewest steps whose
   synthetic tokens (share x total) reach synthetic_epochs x corpus tokens, so total tokens vary.
 Token numbers are the mixture's nominal shares of the token slots (the pipeline realises them to within one row per
-mixture block; `python -m data.preview` measures them). Corpus tokens are counted with the run's own tokenizer and
+whole mixture block; a run shorter than one block gets a warning, as its shares are a draw; `python -m data.preview`
+measures them). Corpus tokens are counted with the run's own tokenizer and
 document format. A share-0 run has no synthetic component, so it does not depend on the corpus or document count:
 one share-0 run per (model, seed, steps) is the baseline of every run with those.
 """
@@ -45,6 +46,7 @@ class Run:
     gin_files: tuple[str, ...]
     bindings: tuple[str, ...]
     baseline: str | None        # the share-0 run of the same model, seed and steps, if the sweep has it
+    share_note: str | None = None  # why the mixture will not realize `share` (MixtureConfig.short_run_note)
 
     @property
     def arm(self) -> str:
@@ -153,10 +155,11 @@ def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component
                 arm = f"{model_name}-{corpus_name}-n{n_docs}-w{_share_label(share)}-t{run_steps}"
                 weights = {replay: 1 - share, synth: share}
                 run_bindings = bindings + (f"MIXTURE_WEIGHTS = {weights!r}", corpus_binding(synth, macro, path))
+                note = dataclasses.replace(mixture, weights={**mixture.weights, **weights}).short_run_note(run_steps)
                 for seed in seeds:
                     runs.append(Run(f"{arm}-s{seed}", model_name, corpus_name, n_docs, share, seed, run_steps,
                                     tokens_per_step, total, synthetic, corpus_tokens, share * total / corpus_tokens,
-                                    files, run_bindings, None))
+                                    files, run_bindings, None, note))
                 if 0 in shares:
                     baselines.add(run_steps)
     if 0 in shares and budget == "fixed_total_tokens":
@@ -197,6 +200,8 @@ def format_plan(sweep: Sweep) -> str:
                      f"{r.corpus_tokens if r.corpus_tokens is not None else '-':>14} "
                      f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15}  "
                      f"{r.baseline or '-'}")
+    notes = {r.arm: r.share_note for r in sweep.runs if r.share_note}
+    lines += [f"warning: {arm}-s*: {note}" for arm, note in notes.items()]
     return "\n".join(lines)
 
 

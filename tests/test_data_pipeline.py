@@ -246,6 +246,24 @@ def test_epoch_cap_stop_and_error(corpus):
             next(p.iterator)
 
 
+def test_a_run_shorter_than_one_block_is_warned_and_the_suggested_block_is_exact(corpus):
+    """40 rows of 1000-row blocks realize a draw, not 25% (the warning says so and names a block size); with the
+    suggested 4-row blocks every seed gets exactly 10 of the 40 rows."""
+    def short_rows(seed: int, block: int) -> int:
+        cfg = mixture(corpus, {"short": 0.25, "long": 0.75}, seq_len=32, batch_size=4, block_size=block, seed=seed)
+        return int(sum((b["component"] == 0).sum() for b in take(build(cfg), 10)))
+
+    cfg = mixture(corpus, {"short": 0.25, "long": 0.75}, seq_len=32, batch_size=4, block_size=1000)
+    note = cfg.short_run_note(train_steps=10)
+    assert "40 rows per data shard" in note and "block_size = 1000" in note and "block_size = 4 " in note
+    assert cfg.short_run_note(train_steps=250) is None  # 1000 rows: a whole block
+    assert cfg.short_run_note(train_steps=5, process_count=2) is not None  # 2 rows per shard and step
+    assert mixture(corpus, {"short": 0.0, "long": 1.0}, batch_size=4).short_run_note(10) is None  # nothing mixed
+    assert dataclasses.replace(cfg, block_size=4).short_run_note(train_steps=10) is None
+    assert {short_rows(seed, 1000) for seed in range(4)} != {10}
+    assert {short_rows(seed, 4) for seed in range(4)} == {10}
+
+
 def test_schedule_rejects_weight_below_one_row_per_block():
     with pytest.raises(ValueError, match="'b'.*0 of the 100 rows.*block_size"):
         Schedule.from_weights([(0, [0.996, 0.004])], block_size=100, seed=0, shard=0, names=["a", "b"])

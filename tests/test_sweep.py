@@ -48,13 +48,24 @@ pairs = ["eval/probe_sets/animal_welfare.jsonl"]
 
 
 def _plan_rows(out: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if not line.startswith("warning:")}
+
+
+def _warnings(out: str) -> dict[str, str]:
+    return dict(line.removeprefix("warning: ").split(": ", 1) for line in out.splitlines() if line.startswith("warning:"))
 
 
 def test_dry_run_fixed_total_tokens(corpus, tmp_path, capsys):
     _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_total_tokens", "train_steps = 25")
     assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 0
-    rows = _plan_rows(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    rows = _plan_rows(out)
+    # 200 rows per run are half of one of the demo mixture's 400-row blocks: every mixed arm is warned, once.
+    warnings = _warnings(out)
+    assert set(warnings) == {f"model-wel-n{n}-w{w}-t25-s*" for n in (5, 10) for w in (0.05, 0.25)}
+    assert "200 rows per data shard" in warnings["model-wel-n5-w0.05-t25-s*"]
+    assert "block_size = 20 " in warnings["model-wel-n5-w0.05-t25-s*"]
+    assert "block_size = 4 " in warnings["model-wel-n10-w0.25-t25-s*"]
     # 25 steps x 8 rows x 128 tokens = 25,600 tokens; 10 documents x 40 tokens = 400 corpus tokens.
     # columns: share docs seed steps total synthetic corpus_tokens epochs baseline
     assert rows["model-wel-n10-w0.25-t25-s1"] == ["0.25", "10", "1", "25", "25600", "6400", "400", "16.0000",
@@ -71,7 +82,10 @@ def test_dry_run_fixed_total_tokens(corpus, tmp_path, capsys):
 def test_dry_run_fixed_synthetic_exposure(corpus, tmp_path, capsys):
     _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_synthetic_exposure", "synthetic_epochs = 4")
     assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 0
-    rows = _plan_rows(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    rows = _plan_rows(out)
+    assert set(_warnings(out)) == {name.rsplit("-s", 1)[0] + "-s*" for name in rows
+                                   if "-w" in name and int(name.split("-t")[1].split("-")[0]) * 8 < 400}
     # 10 docs: 4 epochs x 400 = 1,600 synthetic tokens. At 25%: 6,400 total -> ceil(6400 / 1024) = 7 steps = 7,168
     # tokens, 1,792 synthetic, 4.48 epochs. At 5%: 32,000 -> 32 steps = 32,768 tokens, 1,638 synthetic, 4.096 epochs.
     assert rows["model-wel-n10-w0.25-t7-s0"][3:8] == ["7", "7168", "1792", "400", "4.4800"]

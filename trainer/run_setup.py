@@ -46,6 +46,9 @@ class Setup:
         mesh = sharding.make_mesh(**t.mesh)
         program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
         check_vocab(run.mixture.tokenizer, run.model.vocab_size)
+        short = run.mixture.short_run_note(t.train_steps, jax.process_count())
+        if short and jax.process_index() == 0:
+            log.warning("%s", short)
         with consensus.together("opening its data shards"):  # bad input can be in one host's shards only
             pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
                                        process_count=jax.process_count())
