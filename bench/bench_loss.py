@@ -12,7 +12,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -20,6 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.gpu_check import median_seconds  # noqa: E402
 from trainer import loss as loss_lib  # noqa: E402
 
 SHAPES = {"demo": (8, 128, 128, 6000), "smollm2_135m": (4, 256, 576, 49152), "llama3_2_1b": (1, 2048, 2048, 128256)}
@@ -27,13 +27,8 @@ SHAPES = {"demo": (8, 128, 128, 6000), "smollm2_135m": (4, 256, 576, 49152), "ll
 
 def measure(fn, args, steps: int) -> dict:
     compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(steps):
-        tick = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - tick)
-    return {"step_s": float(np.median(times)), "temp_MiB": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20}
+    return {"step_s": median_seconds(compiled, *args, repeats=steps),
+            "temp_MiB": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20}
 
 
 def main() -> None:
