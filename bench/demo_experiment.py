@@ -12,7 +12,7 @@ prepare: for every (arm, seed) the run config is loaded exactly as train.py load
     control  (--matched_control) the same share of matched urban-density documents (mixtures/demo_control.gin)
   with SEED = s (model init and data order) and TRAIN_STEPS = STEPS; plus held-out batches (KJV chapters the replay
   never used; welfare documents rendered with an unused seed), the tokenizer and the probe sets -> PREP_DIR.
-analyze: rebuilds run directories (metrics.jsonl, config.gin, hf/probes-*.json, hf/heldout.json) from the device
+analyze: rebuilds run directories (metrics.jsonl, config.gin, eval/hf/probes-*.json, eval/hf/heldout.json) from the device
   results, compares welfare against base (and control) with `eval.probes.report` (paired by seed, with the
   neutral-control set) and runs `eval.report` -> OUT (committed: summary.json, comparisons, report table and plots).
 """
@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 from data import demo  # noqa: E402
 from data import pipeline as data_pipeline  # noqa: E402
-from eval import heldout, probes, report  # noqa: E402
+from eval import heldout, loading, probes, report, stats  # noqa: E402
 from trainer import config as trainer_config  # noqa: E402
 
 SETS = REPO / "eval" / "probe_sets"
-VALUE_SETS = ("animal_welfare", "human_compassion")
+VALUE_SETS = ("animal_welfare", "human_compassion", "animal_welfare_lexical")
 CONTROL_SET = "neutral_control"
 HELDOUT_KJV_CHAPTERS = (900, 940)  # the demo replay uses the first 400
 HELDOUT_BATCHES = 8
@@ -123,18 +123,22 @@ def heldout_sources(prep: pathlib.Path) -> dict[str, pathlib.Path]:
 def write_run_dir(root: pathlib.Path, run: dict, res: dict, pair_sets: dict) -> pathlib.Path:
     """A run directory in the layout eval.report reads (docs/eval.md), from one device result."""
     run_dir = root / run["name"]
-    (run_dir / "hf").mkdir(parents=True, exist_ok=True)
+    results = run_dir / loading.RESULTS / "hf"  # where eval.report reads the final export's results
+    results.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in res["metrics"]))
     (run_dir / "config.gin").write_text(run["config_gin"])
     for name, pairs in pair_sets.items():
         out = probes.report(pairs, np.asarray(res["margins"][name]))
         out["config"] = {"pairs": f"eval/probe_sets/{name}.jsonl", "models": [run["name"]]}
-        (run_dir / "hf" / f"probes-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (run_dir / "hf" / "heldout.json").write_text(json.dumps({"components": res["heldout"]}, indent=1) + "\n")
+        (results / f"probes-{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results / "heldout.json").write_text(json.dumps({"components": res["heldout"]}, indent=1) + "\n")
     return run_dir
 
 
-def compare(results: dict, runs: list[dict], treat: str, base: str, pair_sets: dict) -> dict:
+ARM_PAIRS = (("welfare", "base"), ("welfare", "control"), ("control", "base"))
+
+
+def compare(results: dict, runs: list[dict], treat: str, base: str, pair_sets: dict, comparisons: int) -> dict:
     tag = runs[0]["tag"]
     seeds = sorted({r["seed"] for r in runs if r["arm"] == treat} & {r["seed"] for r in runs if r["arm"] == base})
     margins = {arm: {s: np.stack([results[f"{tag}{arm}_s{seed}"]["margins"][s] for seed in seeds]) for s in pair_sets}
@@ -143,7 +147,8 @@ def compare(results: dict, runs: list[dict], treat: str, base: str, pair_sets: d
     for value_set in VALUE_SETS:
         out[value_set] = probes.report(
             pair_sets[value_set], margins[treat][value_set], baseline=margins[base][value_set],
-            control=(margins[treat][CONTROL_SET], margins[base][CONTROL_SET]), paired_runs=True)
+            control=(margins[treat][CONTROL_SET], margins[base][CONTROL_SET]), paired_runs=True,
+            adjusted_level=stats.bonferroni_level(comparisons))
     return out
 
 
@@ -162,22 +167,26 @@ def analyze(args: argparse.Namespace) -> None:
                                     "final_loss": results[r["name"]]["metrics"][-1]["loss"],
                                     "heldout": results[r["name"]]["heldout"]} for r in runs}}
     arms = {r["arm"] for r in runs}
-    for treat, base in (("welfare", "base"), ("welfare", "control"), ("control", "base")):
-        if {treat, base} <= arms:
-            full = compare(results, runs, treat, base, pair_sets)
-            (args.out / f"probes-{treat}_vs_{base}.json").write_text(json.dumps(full, indent=1) + "\n")
-            summary[f"{treat}_vs_{base}"] = {"seeds": full["seeds"], **{
-                s: {k: full[s]["vs_baseline"][k] for k in ("margin_diff", "margin_diff_ci95", "accuracy_diff",
-                                                           "accuracy_diff_ci95", "frac_toward_chosen")}
-                | {"treatment": {k: full[s]["overall"][k] for k in ("accuracy", "margin", "ci95")},
-                   "baseline": {k: full[s]["vs_baseline"]["baseline"][k] for k in ("accuracy", "margin", "ci95")},
-                   "control_shift": full[s]["vs_baseline"]["control"]["control_shift"],
-                   "control_shift_ci95": full[s]["vs_baseline"]["control"]["paired"]["margin_diff_ci95"],
-                   "difference": full[s]["vs_baseline"]["control"]["difference"],
-                   "difference_ci95": full[s]["vs_baseline"]["control"]["difference_ci95"]}
-                for s in VALUE_SETS}}
+    made = [(treat, base) for treat, base in ARM_PAIRS if {treat, base} <= arms]
+    summary["comparisons"] = len(made) * len(VALUE_SETS)  # reported together: each also gets a Bonferroni CI
+    for treat, base in made:
+        full = compare(results, runs, treat, base, pair_sets, summary["comparisons"])
+        (args.out / f"probes-{treat}_vs_{base}.json").write_text(json.dumps(full, indent=1) + "\n")
+        summary[f"{treat}_vs_{base}"] = {"seeds": full["seeds"], **{
+            s: {k: full[s]["vs_baseline"][k] for k in ("margin_diff", "margin_diff_ci95", "accuracy_diff",
+                                                       "accuracy_diff_ci95", "frac_toward_chosen")}
+            | {"treatment": {k: full[s]["overall"][k] for k in ("accuracy", "margin", "ci95")},
+               "baseline": {k: full[s]["vs_baseline"]["baseline"][k] for k in ("accuracy", "margin", "ci95")},
+               "control_shift": full[s]["vs_baseline"]["control"]["control_shift"],
+               "control_shift_ci95": full[s]["vs_baseline"]["control"]["paired"]["margin_diff_ci95"],
+               "difference": full[s]["vs_baseline"]["control"]["difference"],
+               "difference_ci95": full[s]["vs_baseline"]["control"]["difference_ci95"],
+               "difference_ci_adjusted": full[s]["vs_baseline"]["control"]["difference_ci_adjusted"]}
+            for s in VALUE_SETS}}
     report.main([str(d) for d in run_dirs] + ["--out", str(args.out / "report")])
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"{summary['comparisons']} comparisons (arm pairs x value sets); Bonferroni CIs at "
+          f"{stats.bonferroni_level(summary['comparisons']):.2%} each")
     for name, comp in summary.items():
         if "_vs_" not in name:
             continue
@@ -185,7 +194,8 @@ def analyze(args: argparse.Namespace) -> None:
             c = comp[s]
             print(f"{name} {s} (seeds {comp['seeds']}): shift {c['margin_diff']:+.4f} {fmt(c['margin_diff_ci95'])}; "
                   f"neutral shift {c['control_shift']:+.4f} {fmt(c['control_shift_ci95'])}; difference "
-                  f"{c['difference']:+.4f} {fmt(c['difference_ci95'])}; toward chosen {c['frac_toward_chosen']:.2f}")
+                  f"{c['difference']:+.4f} {fmt(c['difference_ci95'])} (Bonferroni "
+                  f"{fmt(c['difference_ci_adjusted'])}); toward chosen {c['frac_toward_chosen']:.2f}")
 
 
 def fmt(ci: list[float]) -> str:
