@@ -62,7 +62,7 @@ def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     assert "stopped without saving" in proc.stderr
     assert f"last good checkpoint is {model_dir}/checkpoints/{saved} " in proc.stderr, proc.stderr[-3000:]
     assert f"Checkpoints [{bad}] hold the parameters that gave this loss" in proc.stderr
-    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == [str(saved), str(bad)]
+    assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == [saved, bad]
     assert tree_digest(good, skip=RECORD) == digest
     verdict = lambda step: json.loads((model_dir / "checkpoints" / str(step) / RECORD).read_text())["verdict"]  # noqa
     assert (verdict(saved), verdict(bad)) == ("good", "nonfinite")
