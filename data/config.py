@@ -207,20 +207,29 @@ class MixtureConfig:
 
     def short_run_note(self, train_steps: int, process_count: int = 1) -> str | None:
         """Why the configured shares will not be realized, if a run of `train_steps` steps reads fewer rows per data
-        shard than one mixture block while several components share it: shares are exact per whole block only, and
-        the rows of a partial block are a draw from its permutation (a 40-row run in 1000-row blocks at weight 0.25
-        realized 6 to 12 synthetic rows over three seeds, not 10). None when the shares hold."""
-        rows = train_steps * (self.batch_size // self.shards(process_count))
-        mixed = [n for n, w in self.weights.items() if 0 < w < 1]
-        if rows >= self.block_size or not mixed:
+        shard than one mixture block in some stage (step 0's weights or a later stage, each laying out its own block
+        grid) while several components share it: shares are exact per whole block only, and the rows of a partial
+        block are a draw from its permutation (a 40-row run in 1000-row blocks at weight 0.25 realized 6 to 12
+        synthetic rows over three seeds, not 10). None when the shares hold."""
+        per_step = self.batch_size // self.shards(process_count)
+        schedule = [(start, w) for start, w in self.weight_schedule() if start < train_steps]
+        ends = [start for start, _ in schedule[1:]] + [train_steps]
+        segments = [(start, end, (end - start) * per_step, [n for n, x in w.items() if 0 < x < 1])
+                    for (start, w), end in zip(schedule, ends)]
+        short = [(start, end, rows, mixed) for start, end, rows, mixed in segments if mixed and rows < self.block_size]
+        if not short:
             return None
-        whole = next((b for b in range(1, rows + 1)
-                      if all(abs(w * b - round(w * b)) < 1e-6 for w in self.weights.values())), None)
-        fix = (f"set MixtureConfig.block_size = {whole} (every weight is a whole number of its rows)" if whole else
-               f"the run is too short to realize them: {rows} rows cannot hold them as whole rows")
-        return (f"the run reads {rows} rows per data shard, fewer than one mixture block (MixtureConfig.block_size = "
-                f"{self.block_size}), so the shares of {mixed} are a draw from one block's permutation, not the "
-                f"configured weights; {fix}")
+        weights = [x for _, w in schedule for x in w.values()]
+        whole = next((b for b in range(1, min(rows for _, _, rows, _ in short) + 1)
+                      if all(rows % b == 0 for _, _, rows, _ in short)
+                      and all(abs(x * b - round(x * b)) < 1e-6 for x in weights)), None)
+        fix = (f"set MixtureConfig.block_size = {whole} (whole blocks in which every weight is a whole number of rows)"
+               if whole else "the run is too short to realize them: its rows cannot hold them as whole rows")
+        said = [f"{'the run' if len(schedule) == 1 else f'the stage of steps {start}-{end}'} reads {rows} rows per "
+                f"data shard, fewer than one mixture block (MixtureConfig.block_size = {self.block_size}), so the shares "
+                f"of {mixed} are a draw from one block's permutation, not the configured weights"
+                for start, end, rows, mixed in short]
+        return "; ".join(said + [fix])
 
     def shards(self, process_count: int) -> int:
         """Number of data shards for a run with `process_count` JAX processes."""

@@ -264,6 +264,25 @@ def test_a_run_shorter_than_one_block_is_warned_and_the_suggested_block_is_exact
     assert {short_rows(seed, 4) for seed in range(4)} == {10}
 
 
+def test_a_later_stage_shorter_than_one_block_is_warned_and_the_suggested_block_is_exact(corpus):
+    """A stage lays out its own block grid: replay only for 8 steps, then 2 steps (8 rows) at 25%. The warning names
+    that stage and a block size that divides its rows; with it every seed gets exactly 2 of the stage's 8 rows."""
+    def cfg(block: int, seed: int = 0) -> MixtureConfig:
+        return mixture(corpus, {"short": 0.0, "long": 1.0}, seq_len=32, batch_size=4, block_size=block, seed=seed,
+                       stages=((8, {"short": 0.25, "long": 0.75}),))
+
+    note = cfg(1000).short_run_note(train_steps=10)
+    assert "the stage of steps 8-10 reads 8 rows per data shard" in note and "block_size = 4 " in note
+    assert "steps 0-8" not in note  # step 0's weights mix nothing
+    assert cfg(1000).short_run_note(train_steps=8) is None  # the stage never starts
+    assert cfg(4).short_run_note(train_steps=10) is None
+    # 10 rows at 25% are not whole rows: no block size can make them exact, and the note says so.
+    odd = mixture(corpus, {"short": 0.25, "long": 0.75}, batch_size=2, block_size=1000).short_run_note(train_steps=5)
+    assert "cannot hold them as whole rows" in odd
+    stage_rows = lambda c: int(sum((b["component"] == 0).sum() for b in take(build(c), 10)[8:]))  # noqa: E731
+    assert {stage_rows(cfg(4, seed)) for seed in range(4)} == {2}
+
+
 def test_schedule_rejects_weight_below_one_row_per_block():
     with pytest.raises(ValueError, match="'b'.*0 of the 100 rows.*block_size"):
         Schedule.from_weights([(0, [0.996, 0.004])], block_size=100, seed=0, shard=0, names=["a", "b"])
