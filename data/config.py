@@ -216,18 +216,25 @@ class MixtureConfig:
         ends = [start for start, _ in schedule[1:]] + [train_steps]
         segments = [(start, end, (end - start) * per_step, [n for n, x in w.items() if 0 < x < 1])
                     for (start, w), end in zip(schedule, ends)]
-        short = [(start, end, rows, mixed) for start, end, rows, mixed in segments if mixed and rows < self.block_size]
+        short = [(start, end, rows, mixed) for start, end, rows, mixed in segments
+                 if mixed and rows < self.block_size]
         if not short:
             return None
         weights = [x for _, w in schedule for x in w.values()]
-        whole = next((b for b in range(1, min(rows for _, _, rows, _ in short) + 1)
-                      if all(rows % b == 0 for _, _, rows, _ in short)
-                      and all(abs(x * b - round(x * b)) < 1e-6 for x in weights)), None)
-        fix = (f"set MixtureConfig.block_size = {whole} (whole blocks in which every weight is a whole number of rows)"
-               if whole else "the run is too short to realize them: its rows cannot hold them as whole rows")
+        short_rows = [rows for _, _, rows, _ in short]
+        whole = [b for b in range(1, min(short_rows) + 1) if all(abs(x * b - round(x * b)) < 1e-6 for x in weights)]
+        exact = [b for b in whole if all(rows % b == 0 for rows in short_rows)]
+        if exact:
+            fix = (f"set MixtureConfig.block_size = {exact[0]} (whole blocks in which every weight is a whole number "
+                   "of rows)")
+        elif whole:
+            fix = (f"MixtureConfig.block_size = {whole[0]} makes every weight a whole number of a block's rows, but "
+                   f"{short_rows} rows cannot hold the shares as whole rows: a partial block stays")
+        else:
+            fix = "the run is too short to realize them: its rows cannot hold them as whole rows"
         said = [f"{'the run' if len(schedule) == 1 else f'the stage of steps {start}-{end}'} reads {rows} rows per "
-                f"data shard, fewer than one mixture block (MixtureConfig.block_size = {self.block_size}), so the shares "
-                f"of {mixed} are a draw from one block's permutation, not the configured weights"
+                f"data shard, fewer than one mixture block (MixtureConfig.block_size = {self.block_size}), so the "
+                f"shares of {mixed} are a draw from one block's permutation, not the configured weights"
                 for start, end, rows, mixed in short]
         return "; ".join(said + [fix])
 

@@ -276,9 +276,11 @@ def test_a_later_stage_shorter_than_one_block_is_warned_and_the_suggested_block_
     assert "steps 0-8" not in note  # step 0's weights mix nothing
     assert cfg(1000).short_run_note(train_steps=8) is None  # the stage never starts
     assert cfg(4).short_run_note(train_steps=10) is None
-    # 10 rows at 25% are not whole rows: no block size can make them exact, and the note says so.
-    odd = mixture(corpus, {"short": 0.25, "long": 0.75}, batch_size=2, block_size=1000).short_run_note(train_steps=5)
-    assert "cannot hold them as whole rows" in odd
+    # 10 rows at 25% are not whole rows: no block size makes them exact; the note names the nearest and says so.
+    odd = mixture(corpus, {"short": 0.25, "long": 0.75}, batch_size=2, block_size=1000)
+    assert "block_size = 4 makes every weight a whole number of a block's rows, but [10] rows cannot hold the " \
+        "shares as whole rows" in odd.short_run_note(train_steps=5)
+    assert "too short to realize them" in odd.short_run_note(train_steps=1)  # 2 rows: 25% is no whole row
     stage_rows = lambda c: int(sum((b["component"] == 0).sum() for b in take(build(c), 10)[8:]))  # noqa: E731
     assert {stage_rows(cfg(4, seed)) for seed in range(4)} == {2}
 
