@@ -12,6 +12,7 @@ import jax
 import storage
 
 RESULTS = "eval"
+EXPORTS = "exports"  # MODEL_DIR/exports/<step>: the periodic HF exports train.py writes
 
 
 def is_hf_folder(path: storage.Path) -> bool:
@@ -45,11 +46,16 @@ def results_dir(path: str | pathlib.Path) -> storage.Path:
     Results live outside what training writes, so neither checkpoint garbage collection nor the next export removes
     them or is blocked by them: a step directory MODEL_DIR/checkpoints/N (or a run directory, meaning its latest
     committed step) keeps them in MODEL_DIR/eval/N/, a run's HF export MODEL_DIR/hf (an HF folder beside
-    MODEL_DIR/checkpoints) in MODEL_DIR/eval/hf/. Any other HF folder keeps them inside itself. Local or gs://.
+    MODEL_DIR/checkpoints) in MODEL_DIR/eval/hf/, a periodic export MODEL_DIR/exports/N (CheckpointConfig.export_every)
+    in MODEL_DIR/eval/exports/N/. Any other HF folder keeps them inside itself. Local or gs://.
     """
     path = storage.absolute(path)
     if is_hf_folder(path):
-        return path.parent / RESULTS / path.name if (path.parent / "checkpoints").is_dir() else path
+        if (path.parent / "checkpoints").is_dir():
+            return path.parent / RESULTS / path.name
+        if path.parent.name == EXPORTS and path.name.isdigit() and (path.parent.parent / "checkpoints").is_dir():
+            return path.parent.parent / RESULTS / EXPORTS / path.name
+        return path
     from trainer import checkpoint
 
     run_dir, _, step, _ = checkpoint.read_metadata(path)

@@ -3,10 +3,11 @@
     python -m eval.report RUN_DIR... [--out DIR] [--share_component synthetic]
 
 For every run directory it reads metrics.jsonl (training log), config.gin (the mixture weights) and the eval results
-saved beside each checkpoint (docs/eval.md): MODEL_DIR/eval/<step>/{probes-*.json, heldout.json, anima.json} and,
-for the final export MODEL_DIR/hf, MODEL_DIR/eval/hf/{probes-*.json, heldout.json, anima.json}. It writes DIR/report.csv and
-DIR/report.json (one row per run x checkpoint) and PNG plots: probe score and held-out loss against step (one line
-per run) and against the mixture share of `--share_component` across runs (final checkpoints), with 95% CIs.
+saved beside each checkpoint (docs/eval.md): MODEL_DIR/eval/<step>/{probes-*.json, heldout.json, anima.json}; for
+the periodic exports MODEL_DIR/exports/<step>, MODEL_DIR/eval/exports/<step>/; for the final export MODEL_DIR/hf,
+MODEL_DIR/eval/hf/. It writes DIR/report.csv and DIR/report.json (one row per run x checkpoint) and PNG plots:
+probe score and held-out loss against step (one line per run) and against the mixture share of `--share_component`
+across runs (final checkpoints), with 95% CIs.
 """
 from __future__ import annotations
 
@@ -65,12 +66,14 @@ def mixture_weights(run_dir: pathlib.Path) -> dict[str, float]:
 
 
 def _checkpoints(run_dir: pathlib.Path, last_step: int | None) -> list[tuple[str, int | None, pathlib.Path]]:
-    """(label, step, results folder) for every checkpoint with saved results: eval/<step>/ and the hf export."""
-    found = []
+    """(label, step, results folder) for every checkpoint with saved results: eval/<step>/, the periodic exports'
+    eval/exports/<step>/ (labelled exports/<step>) and the hf export."""
     eval_dir = run_dir / loading.RESULTS
-    if eval_dir.is_dir():
-        found += [(d.name, int(d.name), d) for d in eval_dir.iterdir() if d.is_dir() and d.name.isdigit()]
-    found.sort(key=lambda x: x[1])
+    found = []
+    for prefix, folder in (("", eval_dir), (f"{loading.EXPORTS}/", eval_dir / loading.EXPORTS)):
+        if folder.is_dir():
+            found += [(prefix + d.name, int(d.name), d) for d in folder.iterdir() if d.is_dir() and d.name.isdigit()]
+    found.sort(key=lambda x: (x[1], x[0]))
     if (eval_dir / HF).is_dir():
         found.append((HF, last_step, eval_dir / HF))
     return found

@@ -11,11 +11,12 @@ Arms (each with every seed of the file):
 - instruction: the base arm, instruction-tuned on QA pairs of the same spec (`[instruction]`, `data.synth qa`);
 - preservation (when `[sft] preservation_share` > 0): the document arm, whose later SFT keeps that share of
   synthetic documents in its mixture (t5x_configs/mixtures/sft_with_synthetic.gin).
-Then every arm is fine-tuned on the general instruction data (`[sft]`). Checkpoints every `eval_every` samples
+Then every arm is fine-tuned on the general instruction data (`[sft]`). HF exports every `eval_every` samples
 (converted to steps by replaying the SFT data pipeline, which counts the conversations each step starts; the curve's
-x values are those measured counts) are scored with the probes (eval.probes); the report plots each arm's margin and
-its shift against the base arm at the same point (paired by seed, minus the neutral set's shift) against SFT samples,
-with CIs. Finished stages are skipped and interrupted ones resume, as in sweep.py.
+x values are those measured counts) are scored with the probes (eval.probes): parameters only, in the stage's
+CheckpointConfig.export_dtype, while train.py keeps its usual latest checkpoints to resume from. The report plots each
+arm's margin and its shift against the base arm at the same point (paired by seed, minus the neutral set's shift)
+against SFT samples, with CIs. Finished stages are skipped and interrupted ones resume, as in sweep.py.
 """
 from __future__ import annotations
 
@@ -115,12 +116,11 @@ def _sft_stage(c: Config, table: Table, name: str, init: str, data: pathlib.Path
                  tuple(table.get_list("gin", str, [])) + bindings + extra, steps, init)
 
 
-def _job(c: Config, s: Stage, checkpoint_every: int | None = None) -> runner.Job:
+def _job(c: Config, s: Stage, eval_every: int | None = None) -> runner.Job:
     args = [f"--gin_file={f}" for f in s.gin_files] + [f"--gin_bindings={b}" for b in s.bindings]
     args += [f"--gin_bindings=MODEL_DIR = {str(c.run_dir(s.name))!r}", f"--gin_bindings=TRAIN_STEPS = {s.train_steps}"]
-    if checkpoint_every:  # keep every evaluation point's checkpoint
-        args += [f"--gin_bindings=CHECKPOINT_EVERY = {checkpoint_every}",
-                 f"--gin_bindings=CheckpointConfig.keep_every = {checkpoint_every}"]
+    if eval_every:  # an HF export at every evaluation point; checkpoints (full train states) only to resume from
+        args.append(f"--gin_bindings=CheckpointConfig.export_every = {eval_every}")
     return runner.Job(s.name, c.run_dir(s.name), s.train_steps, tuple(args))
 
 
@@ -161,12 +161,9 @@ def pre_sft_stages(c: Config, seed: int) -> dict[str, Stage | None]:
     return stages
 
 
-def start_model(c: Config, stage: Stage | None) -> tuple[pathlib.Path, str]:
-    """(checkpoint to score before SFT, HF folder the SFT starts from) of an arm."""
-    if stage is None:
-        base = c.midtrain.get("base_model", str)
-        return pathlib.Path(base), base
-    return c.run_dir(stage.name), _hf(c, stage.name)
+def start_model(c: Config, stage: Stage | None) -> str:
+    """The HF folder an arm's SFT starts from, also its point before SFT: the base model or the stage's export."""
+    return c.midtrain.get("base_model", str) if stage is None else _hf(c, stage.name)
 
 
 def sft_stage(c: Config, arm: str, seed: int, init: str, steps: int) -> Stage:
@@ -181,8 +178,8 @@ def sft_stage(c: Config, arm: str, seed: int, init: str, steps: int) -> Stage:
 
 
 def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
-    """Trains every stage that is not finished, evaluates every point, returns {"status", "points"}:
-    points[arm][seed] = [(samples, checkpoint path), ...] with samples 0 for the arm before SFT."""
+    """Trains every stage that is not finished, returns {"status", "points", "schedules"}: points[arm][seed] =
+    [(samples, HF folder, cache key), ...], samples 0 being the arm before SFT."""
     pre = {seed: pre_sft_stages(c, seed) for seed in c.seeds}
     status: dict[str, dict] = {}
     midtrain = {s.name: s for seed in c.seeds for arm, s in pre[seed].items() if s and arm != "instruction"}
@@ -193,7 +190,7 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
     for seed in c.seeds:
         for arm in c.arms:
             stage = pre[seed][arm]
-            before, init = start_model(c, stage)
+            init = start_model(c, stage)
             if stage is not None and status.get(stage.name, {}).get("status") != "done":
                 status[f"{arm}-sft-s{seed}"] = {"status": f"not run ({stage.name} did not finish)"}
                 continue
@@ -201,27 +198,36 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
             per_eval, steps, samples = sample_schedule(c, probe)
             schedules[probe.name] = {"steps_per_eval": per_eval, "steps": steps, "samples": samples}
             stage_sft = dataclasses.replace(probe, train_steps=steps[-1])
-            sft_jobs.append(_job(c, stage_sft, checkpoint_every=per_eval))
-            ckpts = c.run_dir(stage_sft.name) / "checkpoints"
-            points[arm][seed] = [(0, before)] + [(n, ckpts / str(step)) for step, n in zip(steps, samples)]
+            sft_jobs.append(_job(c, stage_sft, eval_every=per_eval))
+            run_dir = c.run_dir(stage_sft.name)
+            folder = lambda step: run_dir / (f"exports/{step}" if step % per_eval == 0 else "hf")  # noqa: E731
+            points[arm][seed] = [(0, pathlib.Path(init), f"{arm}-before-s{seed}")] + \
+                [(n, folder(step), f"{stage_sft.name}-{step}") for step, n in zip(steps, samples)]
     (c.out_dir / "schedules.json").write_text(json.dumps(schedules, indent=2) + "\n")
     status |= runner.run_all(sft_jobs, c.out_dir, launcher=launcher)
     return {"status": status, "points": points, "schedules": schedules}
 
 
-def evaluate_points(c: Config, points: dict[str, dict[int, list]], s: EvalSettings
+def _finished(c: Config, folder: pathlib.Path, status: dict[str, dict]) -> bool:
+    """A point counts once the stage that wrote it finished: an export of a stage that stopped (e.g. on a non-finite
+    loss) may hold parameters no finite loss came from. Folders outside the runs (the base model) count as they are."""
+    runs = c.out_dir / "runs"
+    if not folder.is_relative_to(runs):
+        return folder.exists()
+    return status.get(folder.relative_to(runs).parts[0], {}).get("status") == "done" and folder.exists()
+
+
+def evaluate_points(c: Config, points: dict[str, dict[int, list]], s: EvalSettings, status: dict[str, dict]
                     ) -> dict[str, dict[int, list[tuple[int, dict]]]]:
-    """Probe margins of every point whose checkpoint exists: {arm: {seed: [(samples, margins by set), ...]}}."""
+    """Probe margins of every point of a finished stage: {arm: {seed: [(samples, margins by set), ...]}}."""
     out: dict[str, dict[int, list]] = {}
     for arm, seeds in points.items():
         for seed, pts in seeds.items():
-            for samples, ckpt in pts:
-                if not ckpt.exists():
+            for samples, folder, key in pts:
+                if not _finished(c, folder, status):
                     continue
-                key = f"{ckpt.parent.parent.name}-{ckpt.name}" if ckpt.parent.name == "checkpoints" else \
-                    f"{arm}-before-s{seed}"
                 print(f"evaluating {arm} seed {seed} at {samples} SFT samples", flush=True)
-                result = evaluate(ckpt, s, c.out_dir / "eval" / f"{key}.json")
+                result = evaluate(folder, s, c.out_dir / "eval" / f"{key}.json")
                 out.setdefault(arm, {}).setdefault(seed, []).append((samples, result["margins"]))
     return out
 
@@ -242,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     from experiments import durability_report
 
     done = run(c, args.launcher)
-    s = dataclasses.replace(c.eval, heldout=False)  # SFT checkpoints' held-out loss: run eval.heldout on them
-    results = evaluate_points(c, done["points"], s)
+    s = dataclasses.replace(c.eval, heldout=False)  # SFT points' held-out loss: run eval.heldout on their exports
+    results = evaluate_points(c, done["points"], s, done["status"])
     report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report")
     print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
     missing = [n for n, st in done["status"].items() if st["status"] != "done"]

@@ -42,13 +42,16 @@ def test_documented_durability_run_produces_its_curve(tmp_path, monkeypatch, cap
     samples_cfg, every = c.sft.get("samples", int), c.sft.get("eval_every", int)
     for name, sched in schedules.items():
         # evenly spaced points, the first after >= eval_every conversations, the last after >= samples; every
-        # point's checkpoint kept
+        # point exported as an HF folder (parameters only), the checkpoints (full train states) left to retention
         per, steps, samples = sched["steps_per_eval"], sched["steps"], sched["samples"]
         assert steps[:-1] == list(range(per, steps[-1], per)) and len(steps) >= 2
         assert samples[0] >= every and samples[-1] >= samples_cfg and samples[-2] < samples_cfg
         assert samples == sorted(samples)
-        kept = {int(p.name) for p in (out / "runs" / name / "checkpoints").iterdir() if p.name.isdigit()}
-        assert set(steps) <= kept
+        run = out / "runs" / name
+        exported = {int(p.name) for p in (run / "exports").iterdir()}
+        assert exported == {s for s in steps if s % per == 0} and (run / "hf" / "config.json").is_file()
+        kept = {int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()}
+        assert max(kept) == steps[-1] and len(kept) <= 3  # CheckpointConfig.keep_latest (default)
     # The preservation arm's SFT mixes in the documents: its config binds them at the configured share.
     gin = (out / "runs" / "preservation-sft-s0" / "config.gin").read_text()
     assert f"'synthetic': {c.sft.get('preservation_share', float)}" in gin and "welfare" in gin
@@ -109,3 +112,21 @@ def test_every_shipped_durability_file_loads_and_plans_its_stages(path, monkeypa
         stages = durability.pre_sft_stages(c, seed)
         assert set(stages) == set(c.arms) and stages["instruction"] is not None
         assert all(s is None or s.name.endswith(f"-s{seed}") for s in stages.values())
+
+
+def test_points_of_a_stage_that_did_not_finish_are_not_scored(tmp_path, monkeypatch):
+    """An export of a stage that stopped (a non-finite loss, a crash) may hold parameters no finite loss came from:
+    only finished stages' points are scored; the base model's folder, outside the runs, is scored as it is."""
+    c = durability.load(scaled_doc_file(tmp_path / "out", tmp_path / "durability.toml"))
+    base = tmp_path / "base_model"
+    folders = {name: c.run_dir(name) / "exports" / "4" for name in ("document-sft-s0", "control-sft-s0")}
+    for folder in [base, *folders.values()]:
+        folder.mkdir(parents=True)
+    scored = []
+    monkeypatch.setattr(durability, "evaluate", lambda folder, s, cache: scored.append(folder) or {"margins": {}})
+    points = {arm: {0: [(0, base, f"{arm}-before-s0"), (8, folders[f"{arm}-sft-s0"], f"{arm}-sft-s0-4")]}
+              for arm in ("document", "control")}
+    status = {"document-sft-s0": {"status": "done"}, "control-sft-s0": {"status": "failed"}}
+    results = durability.evaluate_points(c, points, c.eval, status)
+    assert scored == [base, folders["document-sft-s0"], base]
+    assert [n for n, _ in results["document"][0]] == [0, 8] and [n for n, _ in results["control"][0]] == [0]

@@ -193,6 +193,11 @@ def test_run_directory_scores_like_its_hf_folder_and_saves_under_eval(tiny_model
     assert (tmp_path / "run" / "eval" / "hf" / "probes-set.json").is_file()
     assert not list((tmp_path / "run" / "hf").glob("probes-*"))
     export.check_target(tmp_path / "run" / "hf", overwrite=True)
+    # A periodic export MODEL_DIR/exports/<step> likewise keeps them in MODEL_DIR/eval/exports/<step>/.
+    convert.orbax_to_hf(tmp_path / "run", tmp_path / "run" / "exports" / "7")
+    probes.main(["--model", str(tmp_path / "run" / "exports" / "7"), "--pairs", str(pairs_file)])
+    assert (tmp_path / "run" / "eval" / "exports" / "7" / "probes-set.json").is_file()
+    export.check_target(tmp_path / "run" / "exports" / "7", overwrite=True)
 
 
 @pytest.mark.slow  # ~20 s on an idle 2-core machine: one 135M model in JAX and in torch

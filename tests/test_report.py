@@ -71,6 +71,16 @@ def _colored_pixels(path: pathlib.Path) -> int:
     return int((spread > 60).sum())
 
 
+def test_periodic_exports_results_are_rows_at_their_step(runs, tmp_path):
+    """MODEL_DIR/eval/exports/<step>/ (eval.loading.results_dir of MODEL_DIR/exports/<step>) is a row at that step."""
+    d = runs[1] / "eval" / "exports" / "50"
+    d.mkdir(parents=True)
+    (d / "probes-welfare.json").write_text(json.dumps(probes.report(PAIRS, np.array([0.7, 0.8, 0.9]), n_boot=200)))
+    rows = report.collect([runs[1]], "synthetic")
+    assert [(r["checkpoint"], r["step"]) for r in rows] == [("exports/50", 50), ("100", 100)]
+    assert rows[0]["probe/welfare/margin"] == pytest.approx(0.8)
+
+
 def test_plots_hold_the_data(runs, tmp_path):
     out = tmp_path / "out"
     result = report.main([str(r) for r in runs] + ["--out", str(out)])
