@@ -169,3 +169,14 @@ def test_longer_run_is_refused_until_it_starts_a_new_schedule_phase(reference, t
     assert [r["step"] for r in recs] == list(range(1, 2 * STEPS + 1))
     # A new phase over the remaining 8 steps: warmup and cosine as the first 8 steps had (not the old cosine's tail).
     assert [r["lr"] for r in recs[STEPS:]] == pytest.approx([r["lr"] for r in recs[:STEPS]], rel=1e-6)
+
+    # Its data preview reads this run's mixture (the tiny config's rows), and the demo's share hint is not offered.
+    text = train.format_summary(summary, argv)
+    preview = shlex.split(next(line for line in text.splitlines() if "# look at the training data" in line)
+                          .split("#")[0])
+    assert preview[:3] == ["python", "-m", "data.preview"] and "demo_5pct" not in text
+    proc = subprocess.run([sys.executable, *preview[1:], "--json"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["rows"] == 4 * 4  # BATCH_SIZE=4 of the tiny config, 4 batches
+    assert "demo_5pct" in train.format_summary(summary, ["--gin.TRAIN_STEPS=3"])  # the embedded demo
