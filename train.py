@@ -108,6 +108,9 @@ def shell_line(args: list[str]) -> str:
 
 def format_summary(s, argv: list[str]) -> str:
     """The end-of-run report: losses, throughput, where things are, what to run next."""
+    from trainer import config
+
+    gin, _ = config.add_gin_flags(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
     again = shell_line(["python", "train.py", *argv])  # quoted: pasting it into bash runs it as given
     # A longer run changes the learning-rate schedule: continue as a new schedule phase (docs/training.md).
     replaced = ("--gin.TRAIN_STEPS=", "--gin.OptimizerConfig.schedule_start=")
@@ -134,26 +137,20 @@ def format_summary(s, argv: list[str]) -> str:
               "  " + shell_line(["python", "-m", "eval.generate", "--model", str(model),
                                  "--prompt", "The committee reviewed the farm report and"]),
               "  " + shell_line(["python", "-m", "eval.heldout", "--model", str(s.model_dir)]),
-              "  " + shell_line(["python", "-m", "data.preview", *config_args(argv), "--num_batches", "4"])
+              "  " + shell_line(["python", "-m", "data.preview", *config_args(gin), "--num_batches", "4"])
               + "    # look at the training data"]
-    if not config_args(argv, files_only=True):  # the embedded demo (no gin file given): its share is one binding
+    if not gin.gin_file:  # the embedded demo (no gin file given): its share is one binding
         lines.append("  " + shell_line(["python", "train.py", "--gin.MODEL_DIR=./runs/demo_5pct",
                                         "--gin.MIXTURE_WEIGHTS={'replay': 0.95, 'synthetic': 0.05}"])
                      + "    # another synthetic share")
     return "\n".join(lines)
 
 
-def config_args(argv: list[str], files_only: bool = False) -> list[str]:
-    """The run's gin files (and, unless files_only, search paths and bindings) from train.py's argv, as the entry
-    points that read a run's config (data.preview) take them."""
-    from trainer import config
-
-    known, _ = config.add_gin_flags(argparse.ArgumentParser(add_help=False)).parse_known_args(argv)
-    files = [f"--gin_file={f}" for f in known.gin_file]
-    if files_only:
-        return files
-    paths = [f"--gin_search_paths={','.join(known.gin_search_paths)}"] if known.gin_search_paths else []
-    return paths + files + [f"--gin_bindings={b}" for b in known.gin_bindings]
+def config_args(gin: argparse.Namespace) -> list[str]:
+    """The run's gin search paths, files and bindings (parsed from train.py's argv) as the entry points that read a
+    run's config (data.preview) take them."""
+    paths = [f"--gin_search_paths={','.join(gin.gin_search_paths)}"] if gin.gin_search_paths else []
+    return paths + [f"--gin_file={f}" for f in gin.gin_file] + [f"--gin_bindings={b}" for b in gin.gin_bindings]
 
 
 if __name__ == "__main__":
