@@ -28,8 +28,9 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 
 
 def write_lock(path, **holder):
-    (path / run_lock.LOCK_NAME).write_text(json.dumps({"started": 0, "heartbeat": time.time(), "command": "train.py",
-                                                       **holder}))
+    """Writes the lock as another run's renewal would: atomically (a reader never sees it half written)."""
+    record = {"started": 0, "heartbeat": time.time(), "command": "train.py", "token": "theirs", **holder}
+    run_lock.LocalStore().overwrite(str(path / run_lock.LOCK_NAME), json.dumps(record).encode())
 
 
 def dead_pid() -> int:
@@ -64,6 +65,17 @@ def test_live_lock_of_another_host_is_not_broken_nor_released_by_us(tmp_path):
         renewer.join()
     run_lock.RunLock(str(tmp_path)).release()
     assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == "tpu-vm-7"
+
+
+def test_unreadable_lock_is_refused_by_name_and_creation_leaves_no_temporary_files(tmp_path):
+    (tmp_path / run_lock.LOCK_NAME).write_bytes(b"")       # not written by a RunLock: never broken, never removed
+    with pytest.raises(run_lock.RunLocked, match="an unreadable lock record.*delete .*writer.lock"):
+        run_lock.RunLock(str(tmp_path)).acquire()
+    assert (tmp_path / run_lock.LOCK_NAME).read_bytes() == b""
+    (tmp_path / run_lock.LOCK_NAME).unlink()
+    store = run_lock.LocalStore()
+    assert store.create_exclusive(str(tmp_path / "x"), b"1") and not store.create_exclusive(str(tmp_path / "x"), b"2")
+    assert [p.name for p in tmp_path.iterdir()] == ["x"] and (tmp_path / "x").read_bytes() == b"1"
 
 
 def test_lock_of_a_vanished_host_is_broken_after_the_lease(tmp_path, caplog):

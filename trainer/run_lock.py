@@ -50,15 +50,17 @@ class LockStore(Protocol):
 
 
 class LocalStore:
-    """LockStore on a local or NFS path (O_CREAT | O_EXCL is atomic on both)."""
+    """LockStore on a local or NFS path. Create-if-absent is a hard link of a finished temporary file: atomic on both,
+    and a reader never sees the lock created but still empty (as it would with O_CREAT | O_EXCL and then a write)."""
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
+        tmp = self._write_tmp(path, data)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            os.remove(tmp)
         return True
 
     def read(self, path: str) -> bytes | None:
@@ -75,10 +77,14 @@ class LocalStore:
             pass
 
     def overwrite(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        os.replace(self._write_tmp(path, data), path)
+
+    @staticmethod
+    def _write_tmp(path: str, data: bytes) -> str:
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        return tmp
 
 
 class ObjectStore:
@@ -133,6 +139,8 @@ def _parse(raw: bytes) -> dict:
 
 
 def _describe(holder: dict) -> str:
+    if not holder:
+        return "an unreadable lock record (not JSON with host, pid and heartbeat)"
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("started", 0)))
     heartbeat = holder.get("heartbeat", holder.get("started", 0))
     return (f"host {holder.get('host')!r} pid {holder.get('pid')} since {started}, last heartbeat "
@@ -156,6 +164,7 @@ class RunLock:
         self._renewer: threading.Thread | None = None
 
     def acquire(self) -> None:
+        holder: dict = {}
         for _ in range(3):  # another try only after breaking a stale lock or seeing it released
             if self.store.create_exclusive(self.path, self._data):
                 self._renewer = threading.Thread(target=self._renew, name="docmix-run-lock", daemon=True)
@@ -166,8 +175,9 @@ class RunLock:
                 continue  # released between our two calls
             holder = _parse(raw)
             if not self._stale(holder):
-                verdict = self._watch(raw, holder)
+                verdict, seen = self._watch(raw, holder)
                 if verdict == "alive":
+                    holder = seen or holder
                     break
                 if verdict == "changed":
                     continue
@@ -175,27 +185,28 @@ class RunLock:
                         "renewed the lock for %.0fs)", self.path, _describe(holder), self.lease_s)
             if self.store.read(self.path) == raw:  # unchanged: nobody else broke and retook it meanwhile
                 self.store.delete(self.path)
-        holder = _parse(self.store.read(self.path) or b"{}")
         raise RunLocked(f"{self.path}: another run is writing to this MODEL_DIR: {_describe(holder)}. Wait for it "
                         f"to finish, or use another MODEL_DIR. If that run is no longer running (e.g. its machine is "
                         f"gone), the next run breaks the lock once its heartbeat is {self.lease_s:.0f}s old; or "
                         f"delete {self.path} and rerun.")
 
-    def _watch(self, raw: bytes, holder: dict) -> str:
+    def _watch(self, raw: bytes, holder: dict) -> tuple[str, dict]:
         """A lock held on another host cannot be judged by its pid: watch it until its holder renews it ("alive"),
         it changes otherwise ("changed": released or retaken) or its heartbeat is LEASE_S old ("gone": e.g. a
-        preempted VM; a relaunch then waits for the lease instead of failing). Same-host holders are "alive"."""
+        preempted VM; a relaunch then waits for the lease instead of failing). Same-host holders are "alive".
+        Returns the verdict and the holder's record as last read."""
         heartbeat = holder.get("heartbeat")
         if holder.get("host") == self.record["host"] or not isinstance(heartbeat, (int, float)):
-            return "alive"
+            return "alive", holder
         log.warning("%s is held by %s; waiting up to %.0fs for it to renew the lock", self.path, _describe(holder),
                     max(0.0, heartbeat + self.lease_s - time.time()))
         while time.time() - heartbeat <= self.lease_s:
             time.sleep(max(0.01, min(self.renew_s / 4, heartbeat + self.lease_s - time.time())))
             now = self.store.read(self.path)
             if now != raw:
-                return "alive" if now is not None and _parse(now).get("token") == holder.get("token") else "changed"
-        return "gone"
+                renewed = now is not None and _parse(now).get("token") == holder.get("token")
+                return ("alive", _parse(now)) if renewed else ("changed", {})
+        return "gone", holder
 
     def _stale(self, holder: dict) -> bool:
         if (holder.get("host") == self.record["host"] and isinstance(holder.get("pid"), int)
