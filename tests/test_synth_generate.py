@@ -23,8 +23,9 @@ STAMP = "2026-01-01T00:00:00Z"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(spec, out, url, *, model="fake", timeout_s=0.5, max_retries=6, **kw):
-    """One in-process generation run against `url` with fast backoff; kw go to GenerateConfig."""
+def _run(spec, out, url, *, model="fake", timeout_s=2.0, max_retries=6, **kw):
+    """One in-process generation run against `url` with fast backoff; kw go to GenerateConfig. The timeout leaves a
+    loaded CI machine room to answer an ordinary request (a timed-out "ok" would count as an extra attempt)."""
     client = ClientConfig(base_url=url, model=model, api_key_env=None, timeout_s=timeout_s, max_retries=max_retries,
                           backoff_base_s=0.01, backoff_max_s=0.05)
     config = GenerateConfig(out=out, created=STAMP, **{"count": 6, "seed": 0, **kw})
@@ -49,7 +50,7 @@ def test_flaky_server_every_failure_kind_is_retried(tmp_path):
         keys.setdefault(key, len(keys))
         return kinds[keys[key] % len(kinds)]
 
-    app = FlakyApp(script, retry_after="1", stall_s=1.0)
+    app = FlakyApp(script, retry_after="1", stall_s=3.0)
     with serve(app) as url:
         summary = _run(load_spec("animal_welfare"), tmp_path / "out.jsonl", url, concurrency=3)
     assert (summary.written, summary.failed, summary.already_done) == (6, 0, 0) and summary.complete
@@ -131,7 +132,7 @@ def test_token_budget_stops_and_resume_finishes(tmp_path):
 
 
 def test_concurrency_is_bounded(tmp_path):
-    app = FlakyApp(delay_s=0.1)
+    app = FlakyApp(delay_s=0.3)
     with serve(app) as url:
         summary = _run(load_spec("animal_welfare"), tmp_path / "o.jsonl", url, count=8, concurrency=3)
     assert summary.written == 8 and app.max_in_flight == 3
@@ -194,7 +195,7 @@ def _generate_cmd(url, out, *extra):
 
 def test_killed_generator_subprocess_resumes_exactly_once(tmp_path):
     out = tmp_path / "o.jsonl"
-    app = FlakyApp(delay_s=0.15)
+    app = FlakyApp(delay_s=0.3)   # 16 items take 2.4 s: time to see 4 done and kill before all are
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with serve(app) as url:
         proc = subprocess.Popen(_generate_cmd(url, out, "--count", "16", "--concurrency", "2"), cwd=REPO, env=env,
