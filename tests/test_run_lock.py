@@ -93,7 +93,9 @@ def test_lock_of_a_vanished_host_is_broken_after_the_lease(tmp_path, caplog):
 
 
 def test_holder_renews_its_heartbeat_and_notices_a_lost_lock(tmp_path, caplog):
-    lock = run_lock.RunLock(str(tmp_path), renew_s=0.05)
+    # The other run's write lands right after a renewal, well before the next one reads the lock (a check-then-write
+    # store has no compare-and-swap: a write between the renewer's read and its write would be overwritten).
+    lock = run_lock.RunLock(str(tmp_path), renew_s=0.3)
     with lock:
         first = json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["heartbeat"]
         deadline = time.time() + 30
