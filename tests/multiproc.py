@@ -123,6 +123,8 @@ class Cluster:
             if condition():
                 return
             if any(p.poll() is not None for p in self.procs):
+                if condition():  # met just before the exit, between our two looks
+                    return
                 message = self.report(f"a process exited before {what}")
                 self.kill(signal.SIGKILL)
                 raise AssertionError(message)

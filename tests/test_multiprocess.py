@@ -10,6 +10,7 @@ import argparse
 import json
 import pathlib
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -150,16 +151,26 @@ def test_sigterm_to_one_process_stops_all_then_sigkill_all_resumes_exactly(two, 
         assert cluster.wait(TIMEOUT) == [0, 0], cluster.report("SIGTERM to process 1")
         (saved, reason), other = stop_lines(cluster)
         assert other == (saved, reason) and reason == "preempted"
-    assert 2 <= saved < STEPS - 2
+    assert 2 <= saved < STEPS - 1
     assert saved_by(model_dir, saved) == ["process_0-of-2.json", "process_1-of-2.json"]
     assert max(losses(model_dir)) == saved
 
-    with Cluster(2, 2, cmd, tmp_path / "logs_kill") as cluster:
-        cluster.wait_until(lambda: max(losses(model_dir), default=0) >= saved + 2, TIMEOUT, f"step {saved + 2}")
-        cluster.kill(signal.SIGKILL)
-        cluster.wait(60)
-    killed_at = max(losses(model_dir))
-    assert killed_at < STEPS
+    # SIGKILL both once a step past the checkpoint is logged. The last steps take ~0.2 s each, and a loaded CI worker
+    # can be off the CPU longer than that: a relaunch that got to its end before the kill is redone from the preempted
+    # state.
+    preempted = tmp_path / "preempted"
+    shutil.copytree(model_dir, preempted)
+    for attempt in range(3):
+        with Cluster(2, 2, cmd, tmp_path / f"logs_kill{attempt}") as cluster:
+            cluster.wait_until(lambda: max(losses(model_dir), default=0) > saved, TIMEOUT, f"step {saved + 1}")
+            cluster.kill(signal.SIGKILL)
+            cluster.wait(60)
+        killed_at = max(losses(model_dir))
+        if killed_at < STEPS:
+            break
+        shutil.rmtree(model_dir)
+        shutil.copytree(preempted, model_dir)
+    assert killed_at < STEPS, f"3 relaunches all finished before the kill (preempted at step {saved})"
 
     cluster = multiproc.run(2, 2, cmd, tmp_path / "logs_resume", TIMEOUT)
     assert re.search(r"resuming from \S+/checkpoints/\d+", cluster.stderr(0)), cluster.stderr(0)[-3000:]
