@@ -78,6 +78,19 @@ def test_unreadable_lock_is_refused_by_name_and_creation_leaves_no_temporary_fil
     assert [p.name for p in tmp_path.iterdir()] == ["x"] and (tmp_path / "x").read_bytes() == b"1"
 
 
+def test_lock_works_on_a_mount_without_hard_links(tmp_path, monkeypatch):
+    """gcsfuse (a bucket mounted on a TPU VM) refuses link(): the lock falls back to an exclusive create."""
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted", src)
+
+    monkeypatch.setattr(run_lock.os, "link", no_links)
+    with run_lock.RunLock(str(tmp_path)) as lock:
+        assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["token"] == lock.record["token"]
+        with pytest.raises(run_lock.RunLocked, match=f"pid {os.getpid()}"):
+            run_lock.RunLock(str(tmp_path)).acquire()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_lock_of_a_vanished_host_is_broken_after_the_lease(tmp_path, caplog):
     """A run on a machine that vanished (a preempted TPU VM) cannot be asked whether its pid runs: a lock not renewed
     for LEASE_S is stale, at once when it is already that old, else after watching it that long."""

@@ -51,7 +51,8 @@ class LockStore(Protocol):
 
 class LocalStore:
     """LockStore on a local or NFS path. Create-if-absent is a hard link of a finished temporary file: atomic on both,
-    and a reader never sees the lock created but still empty (as it would with O_CREAT | O_EXCL and then a write)."""
+    and a reader never sees the lock created but still empty. Mounts without hard links (gcsfuse, some FUSE and SMB
+    mounts) get O_CREAT | O_EXCL and then a write, where a reader can see the lock empty for a moment."""
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         tmp = self._write_tmp(path, data)
@@ -59,8 +60,20 @@ class LocalStore:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except OSError:  # no hard links on this filesystem
+            return self._create_then_write(path, data)
         finally:
             os.remove(tmp)
+        return True
+
+    @staticmethod
+    def _create_then_write(path: str, data: bytes) -> bool:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         return True
 
     def read(self, path: str) -> bytes | None:
