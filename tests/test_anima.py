@@ -4,10 +4,15 @@ import re
 
 import pytest
 import torch
-from inspect_ai.log import read_eval_log
-from inspect_ai.model import ModelOutput, ModelUsage, get_model
 
-from eval import anima
+from tests import extras
+
+pytestmark = extras.require("eval")
+
+from inspect_ai.log import read_eval_log  # noqa: E402
+from inspect_ai.model import ModelOutput, ModelUsage, get_model  # noqa: E402
+
+from eval import anima  # noqa: E402
 
 
 def _output(text):

@@ -4,6 +4,9 @@ import json
 import pytest
 
 from eval import anima_data
+from tests import extras
+
+pytestmark = extras.require("eval")  # Inspect samples and dimensions
 
 
 def _target(sample):

@@ -1,30 +1,20 @@
 """Optional-extra sources: TFDS through tfds.data_source (a tiny ArrayRecord dataset written here) and seqio.
 
-These need TensorFlow (requirements-seqio.txt). They skip when it is absent, unless DOCMIX_REQUIRE_SEQIO=1 (CI with
-the extra installed), where a missing import fails.
+These need the seqio extra (requirements-seqio.txt, with TensorFlow): tests/extras.py.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 
-import pytest
+from tests import extras
 
+pytestmark = extras.require("seqio")
 from data.config import Component, MixtureConfig
 from data.pipeline import build
 from tests.test_data_util import word_tokenizer
 
 TEXTS = ["a b c", "d e", "", "f g h i"]
-
-
-def require(module: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if os.environ.get("DOCMIX_REQUIRE_SEQIO") == "1":
-            pytest.fail(f"DOCMIX_REQUIRE_SEQIO=1 but {module} does not import: {e}")
-        pytest.skip(f"{module} not installed (optional extra requirements-seqio.txt)")
 
 
 def texts_of(tok, comp, seq_len):
@@ -35,8 +25,7 @@ def texts_of(tok, comp, seq_len):
 
 
 def test_tfds_array_record_data_source(tmp_path):
-    require("tensorflow")
-    tfds = require("tensorflow_datasets")
+    tfds = importlib.import_module("tensorflow_datasets")
 
     class TinyText(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
@@ -61,8 +50,8 @@ def test_tfds_array_record_data_source(tmp_path):
 
 
 def test_seqio_task_and_mixture_adapter(tmp_path):
-    tf = require("tensorflow")
-    seqio = require("seqio")
+    tf = importlib.import_module("tensorflow")
+    seqio = importlib.import_module("seqio")
 
     def dataset_fn(split, shuffle_files, seed=None):
         return tf.data.Dataset.from_tensor_slices({"text": TEXTS})

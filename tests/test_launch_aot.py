@@ -8,14 +8,9 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
+from tests import extras
 
-try:
-    import libtpu  # noqa: F401
-except ImportError as e:  # CI sets DOCMIX_REQUIRE_TPU=1 so a missing extra fails instead of skipping
-    if os.environ.get("DOCMIX_REQUIRE_TPU") == "1":
-        pytest.fail(f"DOCMIX_REQUIRE_TPU=1 but libtpu does not import: {e}", pytrace=False)
-    pytest.skip("launch.aot needs the TPU extra: pip install -r requirements-tpu.txt", allow_module_level=True)
+pytestmark = extras.require("tpu")  # libtpu gives the compile-only TPU devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,14 @@ import json
 import time
 import urllib.request
 
-import openai
 import pytest
 
-from eval import anima
+from tests import extras
+
+pytestmark = extras.require("eval")
+
+import openai  # noqa: E402
+from eval import anima  # noqa: E402
 from tests.test_anima import check_real_run, one_torch_thread  # noqa: F401 (a fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

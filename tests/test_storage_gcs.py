@@ -3,7 +3,6 @@ there (nothing to the working directory), and a "fresh machine" resumes from the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,11 +11,9 @@ import sys
 
 import pytest
 
-# CI (requirements-test.txt installs both) sets DOCMIX_REQUIRE_GCS=1, so a missing install fails instead of skipping.
-if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("gcp_storage_emulator") is None:
-    if os.environ.get("DOCMIX_REQUIRE_GCS") == "1":
-        raise ImportError("DOCMIX_REQUIRE_GCS=1 but gcsfs or gcp-storage-emulator is not installed")
-    pytest.skip("the gs:// extra is not installed: pip install -r requirements-test.txt", allow_module_level=True)
+from tests import extras
+
+pytestmark = extras.require("gcs")
 
 import storage  # noqa: E402
 from tests import gcs_emulator  # noqa: E402
