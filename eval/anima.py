@@ -17,14 +17,22 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import exit_codes
+
 try:
     import inspect_ai
-except ImportError as err:  # an optional extra: say how to get it instead of a bare traceback
-    raise SystemExit("eval.anima needs the eval extra: pip install -r requirements-eval.txt") from err
+    import inspect_evals.anima  # noqa: F401
+except ImportError as err:  # an optional extra: one line and exit 3 (exit_codes), not a traceback
+    MISSING_EXTRA = f"needs the eval extra ({err.name} is not installed): pip install -r requirements-eval.txt"
+    if __name__ == "__main__":
+        print(f"python -m eval.anima: error: {MISSING_EXTRA}", file=sys.stderr)
+        sys.exit(exit_codes.UNAVAILABLE)
+    raise ImportError(f"eval.anima {MISSING_EXTRA}", name=err.name) from err
 from inspect_ai.log import EvalLog
 from inspect_ai.model import GenerateConfig, Model, get_model
 from inspect_ai.solver import generate
@@ -67,6 +75,11 @@ class ModelSpec:
     name: str  # Inspect model name, e.g. "hf/<abs dir>" or "openai-api/docmix/<served id>"
     base_url: str | None = None
     hf_dir: pathlib.Path | None = None
+
+    @property
+    def local(self) -> bool:
+        """Inspect's hf provider: the weights are loaded into this process."""
+        return self.name.startswith("hf/")
 
     def model(self, config: GenerateConfig = GenerateConfig(), role: str | None = None, memoize: bool = True
               ) -> Model:
@@ -160,11 +173,15 @@ def check_reachable(spec: ModelSpec, flag: str, timeout_s: int = 60) -> None:
                               f"({type(cause).__name__}: {cause})") from None
 
 
-def _as_model(model: str | Model, config: GenerateConfig, role: str | None = None) -> tuple[Model, pathlib.Path | None]:
-    if isinstance(model, Model):
-        return model, None
-    spec = resolve_model(model)
-    return spec.model(config, role), spec.hf_dir
+def _build(spec: ModelSpec, config: GenerateConfig, flag: str, role: str | None) -> Model:
+    try:
+        return spec.model(config, role)
+    except Exception as e:  # Inspect's PrerequisiteError: an API key or a provider package missing (rich markup)
+        if type(e).__name__ != "PrerequisiteError":
+            raise
+        paragraphs = re.sub(r"\[/?[a-z ]+\]", "", str(e)).removeprefix("ERROR: ").split("\n\n")
+        text = ": ".join(" ".join(p.split()) for p in paragraphs if p.strip())
+        raise exit_codes.ServiceUnavailable(f"{flag} {spec.name}: {text}") from None
 
 
 def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.Path | None = None, epochs: int = 5,
@@ -173,18 +190,27 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
         grader_temperature: float | None = None, log_dir: str | pathlib.Path | None = None,
         out: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Runs ANIMA on `model` graded by `grader` (specs as in `resolve_model`, or Inspect Models), writes the result
-    JSON (`out`, default `anima.json` where eval.loading.results_dir puts the HF folder's results) and returns it."""
-    target, hf_dir = _as_model(model, GenerateConfig(max_tokens=max_tokens, temperature=temperature))
+    JSON (`out`, default `anima.json` where eval.loading.results_dir puts the HF folder's results) and returns it.
+
+    The cheap checks come first, so that bad input, a missing API key or extra and an unreachable service are each
+    one error before a local model is loaded: the arguments and the dataset copy, then hosted models (built and asked
+    for one token), then HF folders."""
+    given = {"--model": model, "--grader": grader}
+    configs = {"--model": GenerateConfig(max_tokens=max_tokens, temperature=temperature),
+               "--grader": GenerateConfig(max_tokens=grader_max_tokens, temperature=grader_temperature)}
+    specs = {flag: resolve_model(m) for flag, m in given.items() if isinstance(m, str)}
+    hf_dir = specs["--model"].hf_dir if "--model" in specs else None
     if out is None and hf_dir is None:
         raise ValueError(f"--out is required when --model is not an HF folder (got {model!r})")
     out_path = pathlib.Path(out) if out else pathlib.Path(loading.results_dir(hf_dir)) / RESULT_FILE
-    grader_model, _ = _as_model(grader, GenerateConfig(max_tokens=grader_max_tokens, temperature=grader_temperature),
-                                 role="grader")
-    for flag, spec in (("--model", model), ("--grader", grader)):
-        if isinstance(spec, str) and not resolve_model(spec).name.startswith("hf/"):
-            check_reachable(resolve_model(spec), flag)
-    if dataset_dir:
-        data = anima_data.load(dataset_dir, languages)
+    data = anima_data.load(dataset_dir, languages) if dataset_dir else None
+    built = {flag: m for flag, m in given.items() if isinstance(m, Model)}
+    for flag in sorted(specs, key=lambda f: specs[f].local):  # hosted models first
+        built[flag] = _build(specs[flag], configs[flag], flag, role="grader" if flag == "--grader" else None)
+        if not specs[flag].local:
+            check_reachable(specs[flag], flag)
+    target, grader_model = built["--model"], built["--grader"]
+    if data is not None:
         revision = f"local-{data.files_sha256['questions.jsonl'][:12]}"
         task = build_local_task(data, revision, grader_model)
         dataset = {"source": "local", "dir": str(pathlib.Path(dataset_dir).resolve()), "sha256": data.files_sha256,
@@ -234,6 +260,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import exit_codes
-
     sys.exit(exit_codes.run(main, "python -m eval.anima"))

@@ -14,13 +14,14 @@ import pytest
 
 import exit_codes
 import train
+from tests import extras
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run(args: list[str], tmp: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    env.pop("DOCMIX_TRACEBACK", None)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "DOCMIX_TRACEBACK"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -64,9 +65,19 @@ CASES = [  # (id, argv with {placeholders}, exit code, words the one error line 
                                "--out", "{dir}/x.jsonl"], 2, ["--target-tokens", "must be >= 1, got 0"]),
     ("synth-target-tokens-negative", ["-m", "data.synth", "render", "--spec", "animal_welfare", "--target-tokens",
                                       "-5", "--out", "{dir}/x.jsonl"], 2, ["--target-tokens", "must be >= 1, got -5"]),
-    ("anima-unreachable-grader", ["-m", "eval.anima", "--model", "http://127.0.0.1:9/v1", "--grader",
-                                  "openai/gpt-4o-mini", "--dataset_dir", "{dir}"], 3, ["cannot reach http://127.0.0.1:9/v1/models"]),
 ]
+if extras.missing("eval"):  # without the eval extra, eval.anima says so (its own test below checks it with the extra)
+    CASES.append(("anima-without-the-extra", ["-m", "eval.anima", "--model", "m", "--grader", "g"], 3,
+                  ["needs the eval extra", "requirements-eval.txt"]))
+else:
+    CASES += [
+        ("anima-unreachable-grader", ["-m", "eval.anima", "--model", "http://127.0.0.1:9/v1", "--grader",
+                                      "openai/gpt-4o-mini"], 3, ["cannot reach http://127.0.0.1:9/v1/models"]),
+        # No key: one line, exit 3, before loading the model (this folder's weights are unreadable, which loading
+        # would report instead).
+        ("anima-no-api-key", ["-m", "eval.anima", "--model", "{header}", "--grader", "openai/gpt-4o-mini"], 3,
+         ["--grader openai/gpt-4o-mini: ", "OPENAI_API_KEY", "defined in the environment"]),
+    ]
 if importlib.util.find_spec("gcsfs") is None:  # without the client a gs:// corpus cannot be read
     CASES.append(("preview-gs-without-client", ["-m", "data.preview", "--gin.REPLAY_FILES=('gs://b/x.jsonl',)",
                                                 "--gin_file=runs/demo.gin", "--gin_file=mixtures/replay_synthetic.gin",
@@ -82,8 +93,18 @@ def test_bad_input_is_one_line_and_the_documented_exit_code(case, bad):
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert ": error: " in lines[-1], lines[-1]
+    assert "[bold]" not in proc.stderr, proc.stderr  # no console markup in a plain-text error
     for word in words:
         assert word.format(**bad) in lines[-1], lines[-1]
+
+
+def test_anima_without_the_eval_extra_is_one_line_and_exit_3():
+    """As if Inspect were not installed: the import fails and the command says which extra to install."""
+    code = "import runpy, sys; sys.modules['inspect_ai'] = None; runpy.run_module('eval.anima', run_name='__main__')"
+    proc = run(["-c", code, "--model", "m", "--grader", "g"], REPO)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["python -m eval.anima: error: needs the eval extra (inspect_ai is not "
+                                                "installed): pip install -r requirements-eval.txt"]
 
 
 def test_internal_errors_are_exit_4_with_the_traceback(capsys):
