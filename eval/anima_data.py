@@ -1,23 +1,44 @@
-"""A local copy of the ANIMA dataset (questions.jsonl + dimensions.jsonl) as Inspect samples and dimensions.
+"""The ANIMA dataset (questions.jsonl + dimensions.jsonl): fetched once from the Hugging Face Hub into a local copy, and
+read from a local copy as Inspect samples and dimensions.
+
+    python -m eval.anima_data fetch [--out DIR]
+
+`fetch` downloads the `questions` and `dimensions` configs of `CompassioninMachineLearning/anima` at the revision
+inspect_evals pins (ANIMA-2.2) into DIR (default `~/.cache/docmix/anima`, under `$XDG_CACHE_HOME` when set) as
+questions.jsonl and dimensions.jsonl, with `source.json` saying where they came from. A copy already there is used
+as is (no network). The Hub's base URL is `$HF_ENDPOINT` (default https://huggingface.co), as for huggingface_hub.
+Where the network does not reach it, `fetch` fails at once (one request, a short timeout) with exit 3 and the URL.
+The data is CC-BY-NC-4.0: it is fetched by the user, never shipped in the repository.
 
 Releases spell dimension names differently (AHB 2.x "Trade-off Transparency", ANIMA-2.2 "Trade-Off Transparency"),
 one question in AHB 2.x has an empty tag, and `variables` may carry spaces after the colon. The stock Hub loader drops
 any question with an unrecognised tag; here tags are normalised to ANIMA-2.2 spelling, empty tags are skipped, tags
 naming no dimension are reported (logged and returned), and a question left with nothing to score is an error.
+Reading a copy as Inspect samples needs the eval extra (requirements-eval.txt); fetching does not.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import fnmatch
 import hashlib
+import io
 import json
 import logging
+import os
 import pathlib
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from inspect_ai.dataset import Sample
-from inspect_evals.anima.dataset import record_to_sample
-from inspect_evals.anima.types import AnimaDimension
+import storage
+
+if TYPE_CHECKING:
+    from inspect_ai.dataset import Sample
+    from inspect_evals.anima.types import AnimaDimension
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +91,8 @@ def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
 
 
 def load_dimensions(path: pathlib.Path) -> tuple[AnimaDimension, ...]:
+    from inspect_evals.anima.types import AnimaDimension
+
     dims = []
     for lineno, row in _read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -103,6 +126,9 @@ def parse_variables(text: str | None, where: str) -> str | None:
 
 def load(dataset_dir: str | pathlib.Path, languages: Sequence[str] | None = None) -> LocalAnima:
     """Reads `dataset_dir`/{questions,dimensions}.jsonl. `languages` keeps only those languages (null -> "English")."""
+    from inspect_ai.dataset import Sample
+    from inspect_evals.anima.dataset import record_to_sample
+
     root = pathlib.Path(dataset_dir)
     dimensions = load_dimensions(root / "dimensions.jsonl")
     known = {d.name for d in dimensions}
@@ -136,3 +162,122 @@ def load(dataset_dir: str | pathlib.Path, languages: Sequence[str] | None = None
                for name in ("questions.jsonl", "dimensions.jsonl")}
     return LocalAnima(dimensions=dimensions, samples=tuple(samples), ignored_tags=ignored, files_sha256=digests)
 
+
+
+HUB_REPO = "CompassioninMachineLearning/anima"
+HUB_REVISION = "c658f00e80529c8b2d81bb89d95df6af4d4b5bf6"  # ANIMA-2.2: inspect_evals' DATASET_DEFAULT_REVISION
+CONFIGS = ("questions", "dimensions")  # the dataset's configs, each written as NAME.jsonl (split "train")
+SOURCE_FILE = "source.json"
+TIMEOUT_S = 15
+
+
+def default_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "docmix" / "anima"
+
+
+def _get(url: str) -> bytes:
+    """One GET with a short timeout and no retries; any failure is a ConnectionError naming the URL (exit 3)."""
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        raise ConnectionError(f"cannot fetch {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:  # no route, DNS, refused, timed out
+        raise ConnectionError(f"cannot fetch {url}: {getattr(e, 'reason', e)}") from None
+
+
+def _train_files(card: dict[str, Any], config: str, files: Sequence[str]) -> list[str]:
+    """The repository files of `config`'s train split, from the dataset card's `configs` (data_files: a pattern, a
+    list of patterns, or a list of {split, path}), or else files named after the config."""
+    entry = next((c for c in card.get("configs") or [] if c.get("config_name") == config), None)
+    data_files = entry.get("data_files") if entry else [f"{config}.*", f"{config}/*", f"data/{config}[-_.]*"]
+    items = data_files if isinstance(data_files, list) else [data_files]
+    patterns = []
+    for item in items:
+        if isinstance(item, dict):
+            if item.get("split", "train") == "train":
+                paths = item.get("path")
+                patterns += paths if isinstance(paths, list) else [paths]
+        elif isinstance(item, str):
+            patterns.append(item)
+    matched = sorted({f for pattern in patterns for f in files if fnmatch.fnmatch(f, pattern)})
+    if not matched:
+        raise ValueError(f"config {config!r}: no file matches {patterns}")
+    return matched
+
+
+def _rows(name: str, data: bytes) -> list[dict[str, Any]]:
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    text = data.decode("utf-8")
+    if name.endswith(".json") and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _check(config: str, rows: list[dict[str, Any]], where: str) -> None:
+    needed = {"questions": ("id", "question", "tags"), "dimensions": ("dimension", "guiding_question", "scoring")}
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    for i, row in enumerate(rows):
+        _require(row, needed[config], f"{where}: row {i}")
+
+
+def fetch(out: str | os.PathLike | None = None, *, endpoint: str | None = None) -> storage.Path:
+    """Writes questions.jsonl, dimensions.jsonl and source.json of ANIMA at `HUB_REVISION` into `out` (default
+    `default_dir()`) and returns it. A copy of this revision already there is kept without a request. Refuses a folder
+    holding these files that fetch did not write (nothing of the user's is overwritten)."""
+    out = storage.Path(out if out is not None else default_dir())
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    names = [f"{config}.jsonl" for config in CONFIGS]
+    if (out / SOURCE_FILE).exists():
+        source = json.loads((out / SOURCE_FILE).read_text())
+        if source.get("revision") == HUB_REVISION and all((out / n).exists() for n in names):
+            return out
+    elif any((out / n).exists() for n in names):
+        raise FileExistsError(f"{out} holds {' / '.join(names)} not written by `fetch` (no {SOURCE_FILE}); choose "
+                              "another --out")
+    api = f"{endpoint}/api/datasets/{HUB_REPO}/revision/{HUB_REVISION}"
+    info = json.loads(_get(api))
+    files = [s["rfilename"] for s in info.get("siblings", [])]
+    source = {"repo": HUB_REPO, "revision": HUB_REVISION, "license": "cc-by-nc-4.0", "files": {}}
+    contents = {}
+    for config, name in zip(CONFIGS, names):
+        rows, raw = [], []
+        for path in _train_files(info.get("cardData") or {}, config, files):
+            url = f"{endpoint}/datasets/{HUB_REPO}/resolve/{HUB_REVISION}/{urllib.parse.quote(path)}"
+            data = _get(url)
+            rows += _rows(path, data)
+            raw.append((path, data))
+            source["files"].setdefault(name, []).append(url)
+        _check(config, rows, f"{HUB_REPO}@{HUB_REVISION[:12]} {config}")
+        single_jsonl = len(raw) == 1 and raw[0][0].endswith(".jsonl")  # kept byte for byte
+        contents[name] = raw[0][1] if single_jsonl else "".join(
+            json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        source.setdefault("sha256", {})[name] = hashlib.sha256(contents[name]).hexdigest()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        (out / name).write_bytes(data)
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")  # last: marks a complete copy
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.anima_data", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch", help=f"download the ANIMA questions and dimensions ({HUB_REPO}) once")
+    f.add_argument("--out", help=f"folder for the copy (default: {default_dir()})")
+    args = parser.parse_args(argv)
+    out = fetch(args.out)
+    print(f"ANIMA ({HUB_REPO}@{HUB_REVISION[:12]}, CC-BY-NC-4.0) in {out}: "
+          + ", ".join(f"{out / name}" for name in ("questions.jsonl", "dimensions.jsonl")))
+    return 0
+
+
+if __name__ == "__main__":
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m eval.anima_data"))

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m data.synth render --spec animal_welfare --count 2500 --out welfare.jsonl\n"
                "  python -m data.synth generate --spec animal_welfare --model MODEL --base-url URL --out llm.jsonl\n"
                "  python -m data.synth filter welfare.jsonl --out welfare.clean.jsonl\n"
-               "  python -m data.synth contamination welfare.clean.jsonl --eval questions.jsonl\n"
+               "  python -m eval.anima_data fetch    # ANIMA's questions, once, into ~/.cache/docmix/anima\n"
+               "  python -m data.synth contamination welfare.clean.jsonl --eval ~/.cache/docmix/anima/questions.jsonl\n"
                "  python -m data.synth stats welfare.clean.jsonl")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("render", help="render documents offline from templates (no model)",
@@ -272,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("contamination", help="n-gram overlap between a corpus and evaluation prompts",
                        description="Report documents that share word n-grams (13 by default, case and punctuation "
-                                   "ignored) with evaluation prompts, e.g. ANIMA's questions.jsonl; optionally write "
-                                   "the corpus without them.")
+                                   "ignored) with evaluation prompts, e.g. ANIMA's questions.jsonl (`python -m "
+                                   "eval.anima_data fetch` puts it in ~/.cache/docmix/anima); optionally write the "
+                                   "corpus without them.")
     p.add_argument("input", help="corpus JSONL")
     p.add_argument("--eval", required=True, action="append",
                    help="eval JSONL of prompts (repeatable); prompt field: --field or question/prompt/input/...")
