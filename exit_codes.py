@@ -43,7 +43,11 @@ def code_for(error: BaseException) -> int:
 
 
 def run(main: Callable[[Sequence[str] | None], Any], prog: str, argv: Sequence[str] | None = None) -> int:
-    """Calls `main(argv)` and turns what escapes it into an exit code from the table (a None or non-int result is 0)."""
+    """Calls `main(argv)` and turns what escapes it into an exit code from the table (a None or non-int result is 0).
+    First, on a machine without a TPU, JAX is told not to probe for one (platforms.py)."""
+    import platforms
+
+    platforms.skip_tpu_probe()
     try:
         result = main(argv)
     except KeyboardInterrupt:

@@ -154,8 +154,9 @@ class _BlockMixIterator(grain.DatasetIterator):
                 raise ComponentExhausted(f"component {name!r} ran out of documents after max_epochs="
                                          f"{self._ds.max_epochs[c]} at mixture row {self._row} of shard "
                                          f"{sched.shard}") from None
-            log.info("component %r exhausted (max_epochs=%s) at row %d: stopping", name, self._ds.max_epochs[c],
-                     self._row)
+            if len(self._ds.names) > 1:  # one component's end stops the others; a lone stream simply ends
+                log.info("component %r exhausted (max_epochs=%s) at row %d: stopping", name, self._ds.max_epochs[c],
+                         self._row)
             raise
         self._row += 1
         element["component"] = c

@@ -37,6 +37,18 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 
 
+class _ReadOnlyNotice(logging.Filter):
+    """Orbax warns each time a CheckpointManager is opened read-only ("Given directory is read only=DIR"); docmix opens
+    them read-only on purpose, to read a run without touching it (probes, export, resume checks), several times per
+    command. Only that message is dropped (tests/test_quiet.py fails if Orbax changes its wording)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())  # Orbax logs through absl's logger
+
+
 class NoResumableCheckpoint(RuntimeError):
     """Every committed checkpoint in MODEL_DIR failed to restore (nothing was moved)."""
 
@@ -51,7 +63,7 @@ def _manager(directory: storage.Path, config: CheckpointConfig | None, read_only
         policies.append(keep)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=config.async_save and not read_only,
+        enable_async_checkpointing=config.async_save and not read_only, save_interval_steps=0 if read_only else 1,
         cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(storage.absolute(directory), options=options)
 
