@@ -168,7 +168,7 @@ def main() -> None:
                "torch_mfu": tokens / t["step_s"] * flops / peak, "torch_threads": t["threads"],
                "jax_over_torch": t["step_s"] / j["step_s"], **c}
         results["models"][name] = row
-        print(f"{name}: {row['params'] / 1e6:.1f}M params, batch {batch}x{seq}: docmix {row['jax_tokens_per_s']:,.0f} "
+        print(f"{name}: {row['params'] / 1e6:.2f}M params, batch {batch}x{seq}: docmix {row['jax_tokens_per_s']:,.0f} "
               f"tok/s (MFU {row['jax_mfu']:.1%}, compile {row['jax_compile_s']:.1f}s) vs PyTorch "
               f"{row['torch_tokens_per_s']:,.0f} tok/s (MFU {row['torch_mfu']:.1%}) -> {row['jax_over_torch']:.2f}x; "
               f"checkpoint save blocks {c['save2_blocks_s']:.2f}s of {c['save2_total_s']:.2f}s "
