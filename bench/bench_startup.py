@@ -1,7 +1,7 @@
 """Data start-up of one host: wall time and peak RSS of process 0 of 8 building its pipeline and first batch, for
 generated JSONL corpora of growing size, with this checkout's code and (optionally) another checkout's (e.g. main).
 
-    .venv/bin/python bench/bench_startup.py [--docs 10000 100000 1000000] [--other_repo /path/to/main] [--json OUT]
+    python bench/bench_startup.py [--docs 10000 100000 1000000] [--other_repo /path/to/main] [--json OUT]
 
 Each measurement runs in a fresh subprocess (peak RSS = its ru_maxrss). Documents are ~60 words (~400 bytes of JSON);
 the mixture has one JSONL component of `--files` files, 8 data shards, process 0 of 8.

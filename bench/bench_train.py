@@ -97,7 +97,7 @@ def interleaved_medians(sides: dict[str, dict[str, Callable[[], object]]], reps:
     """Median seconds of every part of every side, `reps` rounds in which each part runs once per side, alternating;
     each timed call follows `settle` untimed calls of the same part and side.
 
-    This VM's speed drifts by 20-40% over minutes: timing one framework after the other measured the drift (stop 17:
+    This VM's speed drifts by 20-40% over minutes: timing one framework after the other measured the drift (one run:
     PyTorch's SmolLM2 body took 5.5 s in one run, 14.7 s in the next); alternating puts both under the same load. But
     the first call after the other framework ran is not a steady-state step: it re-faults the memory the other
     side's step just used and freed (SmolLM2's docmix step right after a PyTorch step: 4.8-8.0 s, of which 3-6 s in

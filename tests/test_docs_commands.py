@@ -18,7 +18,7 @@ bucket/synth/, and alpaca.jsonl.
 The allow-list (`EXTERNAL`) is every command that needs something a CI machine does not have, each with its
 scaled-down substitute: installing from PyPI (CI did), a hosted LLM (a local OpenAI-compatible server that answers in
 the expected format), real 8B weights (the demo run's export), a TPU slice and a bucket (one local process, local
-files), a hosted grader (SmolLM2-135M through Inspect's hf provider) and the lent GPU's 300-step runs (`--help`).
+files), a hosted grader (SmolLM2-135M through Inspect's hf provider) and the H100's 300-step runs (`--help`).
 One entry is the documented demo experiments (sweep and durability), which their own tests run from the
 documented files (`COVERED_BY`, checked below). A command that matches no entry runs unchanged apart from `scale`.
 """
@@ -90,7 +90,7 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
     (r"^(python -m experiments\.durability sweeps/durability_demo|python sweep\.py sweeps/demo)\.toml$",
      "run as documented, scaled alike, by the test that checks its report (COVERED_BY)", lambda c, ctx: "true"),
     (r"bench/demo_device\.py |bench/demo_experiment\.py analyze ",
-     "the lent GPU's 300-step runs (the script loads and parses its flags: --help)",
+     "the H100's 300-step runs (the script loads and parses its flags: --help)",
      lambda c, ctx: c.split(" ", 2)[0] + " " + c.split(" ", 2)[1] + (" analyze" if " analyze " in c else "") + " --help"),
 ]
 SCALE = [(r"--count \d+", "--count 12"), (r"--num_batches \d+", "--num_batches 2"), (r"--epochs \d+", "--epochs 1"),
