@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -285,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", type=pathlib.Path,
                         default=pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("libtpu") is None:  # the optional TPU extra: one line, exit 3 (exit_codes)
+        print("python -m launch.aot: error: needs the TPU extra (libtpu is not installed): "
+              "pip install -r requirements-tpu.txt", file=sys.stderr)
+        return 3
     try:
         if args.all:
             return run_all(args.gin_bindings, args.benchmarks)

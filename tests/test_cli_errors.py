@@ -98,6 +98,16 @@ def test_bad_input_is_one_line_and_the_documented_exit_code(case, bad):
         assert word.format(**bad) in lines[-1], lines[-1]
 
 
+def test_launch_aot_without_the_tpu_extra_is_one_line_and_exit_3():
+    """As if libtpu were not installed (the README's test command installs no TPU extra)."""
+    code = "import runpy, sys; sys.modules['libtpu'] = None; runpy.run_module('launch.aot', run_name='__main__')"
+    proc = run(["-c", code, "--gin_file=runs/midtrain.gin", "--gin_file=models/tiny.gin", "--topology=v5p:2x2x1"],
+               REPO)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["python -m launch.aot: error: needs the TPU extra (libtpu is not "
+                                                "installed): pip install -r requirements-tpu.txt"]
+
+
 def test_anima_without_the_eval_extra_is_one_line_and_exit_3():
     """As if Inspect were not installed: the import fails and the command says which extra to install."""
     code = "import runpy, sys; sys.modules['inspect_ai'] = None; runpy.run_module('eval.anima', run_name='__main__')"
