@@ -1,7 +1,7 @@
 """Data pipeline throughput: non-padding tokens/s from raw JSONL to packed batches (in-process, 1 and 2 Grain worker
 processes) and from pre-tokenized ArrayRecord shards, on the demo corpus (KJV replay + synthetic welfare, 0.9/0.1).
 
-    .venv/bin/python bench/bench_data.py [--seconds 8] [--tokenizer demo|smollm2] [--seq_len 1024] [--json OUT]
+    python bench/bench_data.py [--seconds 8] [--tokenizer demo|smollm2] [--seq_len 1024] [--json OUT]
 """
 from __future__ import annotations
 

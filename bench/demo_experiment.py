@@ -1,9 +1,9 @@
 """Demonstration: does a 25% token share of synthetic welfare documents move the demo model's probe margins beyond
 the neutral-control shift, against a 0% twin (same seed, same steps), over several seeds per arm?
 
-    .venv/bin/python bench/demo_experiment.py prepare [--seeds 0 1 2] [--steps 300] [--share 0.25] [--matched_control]
-    .venv/bin/python bench/demo_device.py .demo/prep .demo/out     # any JAX device (CPU works, slowly)
-    .venv/bin/python bench/demo_experiment.py analyze .demo/out/results.json --prep .demo/prep
+    python bench/demo_experiment.py prepare [--seeds 0 1 2] [--steps 300] [--share 0.25] [--matched_control]
+    python bench/demo_device.py .demo/prep .demo/out     # any JAX device (CPU works, slowly)
+    python bench/demo_experiment.py analyze .demo/out/results.json --prep .demo/prep
 
 prepare: for every (arm, seed) the run config is loaded exactly as train.py loads it (`trainer.config.load` of
   runs/demo.gin plus --gin bindings) and its first STEPS global batches are drawn from `data.pipeline.build`:

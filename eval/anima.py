@@ -2,10 +2,10 @@
 
     python -m eval.anima --model runs/x/hf --grader openai/gpt-4o-mini [--dataset_dir DIR] [--epochs N] [--limit N]
     python -m eval.anima --model http://127.0.0.1:8000/v1 --grader hf/ABS/PATH --out results/anima.json
-    python -m eval.anima --model runs/x/hf --grader hf/ABS/PATH --dataset_dir ../shared/data/anima --limit 3 --epochs 1
+    python -m eval.anima --model runs/x/hf --grader hf/ABS/PATH --dataset_dir ~/.cache/docmix/anima --limit 3 --epochs 1
 
 Runs `inspect_evals`' ANIMA scorer and metrics unchanged. The dataset comes from the Hugging Face Hub at the task's
-pinned revision, or from a local copy (`--dataset_dir`, see eval.anima_data). Results go to `anima.json` beside the
+pinned revision, or from a local copy (`--dataset_dir`: `python -m eval.anima_data fetch` makes one). Results go to `anima.json` beside the
 checkpoint (or `--out`); higher is better, a grade C counts 1.
 """
 from __future__ import annotations

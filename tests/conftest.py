@@ -2,7 +2,7 @@ import pathlib
 
 import pytest
 
-from tests import assets
+from tests import assets, extras
 
 ANIMA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "anima"
 
@@ -18,3 +18,12 @@ def anima_dir() -> pathlib.Path:
     if not (ANIMA_DIR / "questions.jsonl").exists():
         pytest.fail(f"local ANIMA copy missing at {ANIMA_DIR}")
     return ANIMA_DIR
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked with an optional extra (`@pytest.mark.tpu`, pytest.ini) is skipped without it (tests/extras.py)."""
+    for extra in extras.EXTRAS:
+        if item.get_closest_marker(extra):
+            reason = extras.why_missing(extra)
+            if reason:
+                pytest.skip(reason)

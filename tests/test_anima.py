@@ -3,12 +3,12 @@ import json
 import re
 
 import pytest
-import torch
 
 from tests import extras
 
 pytestmark = extras.require("eval")
 
+import torch  # noqa: E402
 from inspect_ai.log import read_eval_log  # noqa: E402
 from inspect_ai.model import ModelOutput, ModelUsage, get_model  # noqa: E402
 

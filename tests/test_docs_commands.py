@@ -1,26 +1,28 @@
-"""Every command in README.md and docs/*.md runs as written, scaled down, in a fresh checkout-like directory.
+"""Every command in README.md and docs/*.md runs as written, scaled down, in a fresh checkout, in the shell the quick
+start leaves the user in, and so does every command the demo's summary prints ("next:").
 
-Which commands: every line of every ```bash block (continuation lines joined, comments dropped), read in the order
-README.md, then docs/*.md alphabetically, all run one after another in ONE working directory, like a new user
-following the docs (the README's demo run and corpora are there for the docs' examples). ```text blocks are synopses
-(placeholders, [optional] flags) and are not run; a runnable example follows each. A new command in a ```bash block
-is covered automatically and must work as written.
-
-The directory is a copy of the repository's files (`git ls-files`, as a clone would have them) beside a link to
-`../shared` (the local ANIMA copy the docs point at); `python`, `python3`, `python3.11` and `.venv/bin/python` run
-this interpreter (CI has installed the requirements already, see .ci/run).
+Which commands: every line of every ```bash block (tests/doc_commands.py), in the order README.md, then docs/*.md
+alphabetically, all in ONE checkout and ONE shell (tests/doc_commands.Shell), like a new user following the docs: the
+README's demo run and corpora are there for the docs' examples, and what a line activates or exports stays for the
+next. Nothing here puts `python` on PATH: the shell starts without any virtual environment, and only the quick start's
+`. .venv/bin/activate` provides one (the checkout's .venv links to the venv the tests run in, which has what the
+quick start installs; tests/test_fresh_machine.py runs the quick start itself in a clean venv). The commands the demo
+prints after its summary run right after it. A new command in a ```bash block is covered automatically.
 
 Scaled down (`scale`): --count 12, --num_batches 2, --epochs 1, train.py with TRAIN_STEPS=2, BATCH_SIZE=8,
 SEQ_LEN=64 and 2 held-out batches; bench scripts with one seed and 2 steps. Inputs the docs say the user brings are
 made first (`user_files`): a gzipped replay corpus at replay/ and bucket/replay/, synthetic documents at
 bucket/synth/, and alpaca.jsonl.
 
-The allow-list (`EXTERNAL`) is every command that needs something a CI machine does not have, each with its
-scaled-down substitute: installing from PyPI (CI did), a hosted LLM (a local OpenAI-compatible server that answers in
-the expected format), real 8B weights (the demo run's export), a TPU slice and a bucket (one local process, local
-files), a hosted grader (SmolLM2-135M through Inspect's hf provider) and the H100's 300-step runs (`--help`).
-One entry is the documented demo experiments (sweep and durability), which their own tests run from the
-documented files (`COVERED_BY`, checked below). A command that matches no entry runs unchanged apart from `scale`.
+`EXTERNAL` lists every command that needs something a CI machine does not have, each with why and its scaled-down
+substitute: creating the venv and installing from PyPI, a hosted LLM (a local OpenAI-compatible server that answers
+in the expected format), the Hugging Face Hub (a local server with the shared ANIMA copy), real 8B weights (the demo
+run's export), a TPU slice and a bucket (one local process, local files), a hosted grader (SmolLM2-135M through
+Inspect's hf provider) and the H100's 300-step runs (`--help`). The documented demo experiments (sweep and
+durability) are run by their own tests from the documented files (`COVERED_BY`, checked below). `NEEDS_EXTRA` lists
+the commands that need an optional extra: without it they must fail at once with one line naming the requirements
+file (exit 3); with the TPU extra, `test_documented_commands_that_need_the_tpu_extra` runs them (CI's second pass).
+A command that matches no entry runs unchanged apart from `scale`.
 """
 from __future__ import annotations
 
@@ -31,47 +33,36 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
+from tests import extras
+from tests.doc_commands import DOCS, REPO, Shell, checkout, doc_commands, readme_command, user_env, venv_link
+from tests.hub_server import serve_dataset
 from tests.synth_servers import FlakyApp, serve
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
-
-
-def doc_commands(path: pathlib.Path) -> list[str]:
-    """The commands of a markdown file's ```bash blocks, one per line after joining `\\` continuations."""
-    commands = []
-    for match in FENCE.finditer(path.read_text()):
-        if match.group(2) != "bash":
-            continue
-        for line in match.group(3).replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#.*$", "", line.strip())  # trailing comments (none of the commands quote a '#')
-            if line and not line.startswith("#"):
-                commands.append(re.sub(r"\s+", " ", line))
-    return commands
-
+CREATE_VENV = r"^python3\.11 -m venv \.venv && (\. \.venv/bin/activate && )((pip install [^&]+) && )+"
 
 # (pattern, why it cannot run on CI, substitute). Substitutes are applied in order to a command matching `pattern`.
 Substitute = Callable[[str, dict], str]
 EXTERNAL: list[tuple[str, str, Substitute]] = [
-    (r"^python3\.11 -m venv \.venv && .*pip install -r requirements\.txt && \.venv/bin/python train\.py$",
-     "installs from PyPI (CI has: .ci/run)", lambda c, ctx: ".venv/bin/python train.py"),
-    (r"^python3\.11 -m venv \.venv && .*pytest -n 2 tests$", "installs from PyPI and is the whole suite (pytest, "
-     "with xdist for -n, collects this file)",
-     lambda c, ctx: ".venv/bin/python -m pytest -q -n 0 -p no:cacheprovider --collect-only "
-                    "tests/test_docs_commands.py"),
-    (r"^pip install -r requirements-\w+\.txt$", "installs from PyPI (CI has: .ci/run; --no-index checks the file is "
-     "satisfied by what is installed)", lambda c, ctx: c.replace("pip install", "python -m pip install --no-index", 1)),
+    (CREATE_VENV, "creates the venv and installs from PyPI: the checkout's .venv is the tests' venv, which has those "
+     "packages (.ci/run runs the test command as written, tests/test_fresh_machine.py the quick start)",
+     lambda c, ctx: re.sub(CREATE_VENV, r"\1", c)),
+    (r"-m pytest -n 2 tests$", "the whole suite, which collects this file (collecting it "
+     "checks pytest and xdist are there)",
+     lambda c, ctx: c.replace("-m pytest -n 2 tests", "-m pytest -q -n 0 -p no:cacheprovider --collect-only "
+                                                      "tests/test_docs_commands.py")),
+    (r"^pip install (--no-deps )?-r requirements-\w+\.txt$", "installs from PyPI (--no-index checks that what is "
+     "installed satisfies the file)", lambda c, ctx: c.replace("pip install", "python -m pip install --no-index", 1)),
     (r"^export OPENAI_API_KEY=", "a real API key", lambda c, ctx: "export OPENAI_API_KEY=test-key"),
     (r"^vllm serve ", "a GPU LLM server (the local test server stands in)", lambda c, ctx: "true"),
     (r"data\.synth generate ", "a hosted or GPU LLM (the local test server answers instead)",
      lambda c, ctx: re.sub(r"--base-url \S+", f"--base-url {ctx['llm_url']}", c)),
+    (r"^python -m eval\.anima_data fetch", "the Hugging Face Hub (a local server with the shared ANIMA copy)",
+     lambda c, ctx: f"HF_ENDPOINT={ctx['hub']} {c}"),
     (r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b", "real 8B weights (the demo run's export instead)",
      lambda c, ctx: re.sub(r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b", "runs/demo/hf", c)),
     (r"^(?!python -m launch\.tpu ).*gs://BUCKET/", "a Cloud Storage bucket (a local folder instead; launch.tpu's dry "
@@ -80,11 +71,11 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      lambda c, ctx: c.replace(" --distributed", "")),
     (r"eval\.anima .*--grader (google|openai)/", "a hosted grader (SmolLM2-135M through Inspect's hf provider)",
      lambda c, ctx: re.sub(r"--grader \S+", f"--grader hf/{ctx['grader']}", c)
-     + " --dataset_dir ../shared/data/anima --limit 1 --max_tokens 8 --grader_max_tokens 8"),
+     + " --limit 1 --max_tokens 8 --grader_max_tokens 8"),
     (r"launch\.aot .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
      lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
-    (r"^python sweep\.py sweeps/smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU; its INIT_FROM is the test "
-     "cache's SmolLM2 folder, not the checkout's (--help)", lambda c, ctx: "python sweep.py --help"),
+    (r"^python sweep\.py sweeps/smollm2(_cpu)?\.toml$", "hours of SmolLM2 training on a CPU (--help)",
+     lambda c, ctx: "python sweep.py --help"),
     (r"experiments\.durability sweeps/durability_smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU (--help)",
      lambda c, ctx: "python -m experiments.durability --help"),
     (r"^(python -m experiments\.durability sweeps/durability_demo|python sweep\.py sweeps/demo)\.toml$",
@@ -93,6 +84,11 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      "the H100's 300-step runs (the script loads and parses its flags: --help)",
      lambda c, ctx: c.split(" ", 2)[0] + " " + c.split(" ", 2)[1] + (" analyze" if " analyze " in c else "") + " --help"),
 ]
+# (pattern, extra, what the command does without it): "error" = exit 3 and one line naming the requirements file;
+# "install" = it is the line that installs the extra (CI's second pass does).
+NEEDS_EXTRA = [(r"^python -m launch\.aot ", "tpu", "error"), (r"^pip install -r requirements-tpu\.txt$", "tpu", "install"),
+               (r"^pip install -r requirements-seqio\.txt$", "seqio", "install"), (r"eval\.anima ", "eval", "error")]
+RUN_BY_ITS_OWN_TEST = {"tpu"}  # with the extra, these run in test_documented_commands_that_need_the_tpu_extra
 SCALE = [(r"--count \d+", "--count 12"), (r"--num_batches \d+", "--num_batches 2"), (r"--epochs \d+", "--epochs 1"),
          (r"--seeds( \d+)+", "--seeds 0"), (r"--steps \d+", "--steps 2")]
 TRAIN_SCALE = (" --gin.TRAIN_STEPS=2 --gin.BATCH_SIZE=8 --gin.SEQ_LEN=64 --gin.CHECKPOINT_EVERY=2"
@@ -120,6 +116,21 @@ def substitute(command: str, ctx: dict) -> tuple[str, list[str]]:
     return scale(command), reasons
 
 
+def needs_extra(command: str) -> tuple[str, str] | None:
+    return next(((extra, without) for pattern, extra, without in NEEDS_EXTRA if re.search(pattern, command)), None)
+
+
+def printed_next_commands(output: str) -> list[str]:
+    """The commands train.py's summary prints under "next:" (each on its own line, an optional `    # why` after)."""
+    _, sep, rest = output.partition("\nnext:\n")
+    commands = []
+    for line in rest.splitlines() if sep else []:
+        if not line.startswith("  "):
+            break
+        commands.append(line.strip().split("    # ", 1)[0])
+    return commands
+
+
 def user_files(root: pathlib.Path) -> None:
     """What the docs tell the user to bring: a replay corpus (JSONL.gz), synthetic documents in a bucket and
     Alpaca-format SFT data."""
@@ -139,32 +150,41 @@ def user_files(root: pathlib.Path) -> None:
         for a in range(40)))
 
 
-def checkout(tmp: pathlib.Path) -> pathlib.Path:
-    """A copy of the repository's files as a fresh clone has them, beside ../shared, with `python` on PATH."""
-    root = tmp / "docmix"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    if (REPO.parent / "shared").is_dir():
-        (tmp / "shared").symlink_to(REPO.parent / "shared")
-    for folder in (tmp / "bin", root / ".venv" / "bin"):
-        folder.mkdir(parents=True)
-        for name in ("python", "python3", "python3.11"):
-            (folder / name).write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
-            (folder / name).chmod(0o755)
-    return root
+def user_shell(tmp: pathlib.Path) -> tuple[pathlib.Path, Shell]:
+    """A fresh checkout with the user's inputs, and the shell of a user who has not activated anything yet. The
+    machine's settings the whole suite runs with stay: CPU JAX with 8 fake devices, no hub, the shared caches."""
+    root = checkout(tmp)
+    venv_link(root)
+    user_files(root)
+    env = user_env(tmp / "home", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", INSPECT_LOG_DIR=str(tmp / "inspect_logs"),
+                   DOCMIX_CACHE=os.environ.get("DOCMIX_CACHE", str(REPO / "cache")))
+    return root, Shell(root, env)
 
 
-def env(tmp: pathlib.Path) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "OPENAI"))}
-    out.update(PATH=f"{tmp / 'bin'}:{out.get('PATH', '/usr/bin:/bin')}", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", INSPECT_LOG_DIR=str(tmp / "inspect_logs"),
-               DOCMIX_CACHE=os.environ.get("DOCMIX_CACHE", str(REPO / "cache")))
-    return out
+def hub_dataset() -> tuple[str, str, dict[str, str]]:
+    """ANIMA on the stand-in Hub: the repository and revision eval.anima_data fetches, the card's configs."""
+    from eval import anima_data
+
+    return anima_data.HUB_REPO, anima_data.HUB_REVISION, {"questions": "questions.jsonl",
+                                                          "dimensions": "dimensions.jsonl"}
+
+
+def timed(shell: Shell, line: str) -> subprocess.CompletedProcess:
+    start = time.monotonic()
+    proc = shell.run(line)
+    print(f"[{time.monotonic() - start:5.0f}s exit {proc.returncode}] {line}", flush=True)
+    return proc
+
+
+def without_extra(proc: subprocess.CompletedProcess, extra: str) -> str | None:
+    """None if the command failed as it must without `extra`: exit 3, one line naming the requirements file."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    wanted = extras.EXTRAS[extra][1]
+    if proc.returncode == 3 and len(lines) == 1 and ": error: " in lines[0] and wanted in lines[0]:
+        return None
+    return f"without the {extra} extra: expected exit 3 and one line naming {wanted}, got exit {proc.returncode}"
 
 
 def test_every_doc_command_is_found():
@@ -174,36 +194,86 @@ def test_every_doc_command_is_found():
                for c in readme)
     training = doc_commands(REPO / "docs" / "training.md")
     assert any(c.startswith("python -m models.convert orbax-to-hf") for c in training)  # an indented block
-    assert not any("[--" in c for doc in DOCS for c in doc_commands(REPO / doc))  # synopses live in text blocks
+    assert not any("[--" in c for doc in DOCS for c in doc_commands(doc))  # synopses live in text blocks
     assert scale("python train.py --gin.TRAIN_STEPS=300").endswith("--gin.TRAIN_STEPS=300" + TRAIN_SCALE)
+    # The quick start activates its venv, so the commands after it say `python`; none reaches for .venv/bin.
+    assert ". .venv/bin/activate && " in readme_command("train.py")
+    assert not [c for doc in DOCS for c in doc_commands(doc) if ".venv/bin/" in c.replace(". .venv/bin/activate", "")]
+    assert substitute(readme_command("train.py"), {})[0] == ". .venv/bin/activate && python train.py" + TRAIN_SCALE
     # The documented experiment runs are left to their tests, which must run exactly those files.
-    ctx = {"llm_url": "http://127.0.0.1:1/v1", "grader": "unused"}
-    covered = [c for doc in DOCS for c in doc_commands(REPO / doc) if substitute(c, ctx)[0] == "true"
+    ctx = {"llm_url": "http://127.0.0.1:1/v1", "grader": "unused", "hub": "http://127.0.0.1:1"}
+    covered = [c for doc in DOCS for c in doc_commands(doc) if substitute(c, ctx)[0] == "true"
                and any(f in c for f in COVERED_BY)]
     assert {f for f in COVERED_BY if any(f in c for c in covered)} == set(COVERED_BY)
     for doc_file, test_file in COVERED_BY.items():
         assert f'DOC_FILE = "{doc_file}"' in (REPO / test_file).read_text()
+    summary = "== docmix run runs/demo ==\nnext:\n  python a    # why\n  python -m b --x 'c d'\nmetrics ...\n"
+    assert printed_next_commands(summary) == ["python a", "python -m b --x 'c d'"]
 
-@pytest.mark.slow  # ~8 min on an idle 2-core machine: every documented command, scaled down, in order
-def test_docs_commands_run_as_written(tmp_path, smollm2_dir):
-    root = checkout(tmp_path)
-    user_files(root)
-    run_env = env(tmp_path)
+
+def test_ci_runs_the_readme_test_command_first_then_only_the_extras_tests():
+    """.ci/run reads the README's test command (as written) and runs it before installing any extra; the extras then
+    only add the tests marked with them."""
+    ci = (REPO / ".ci" / "run").read_text()
+    readme_tests = readme_command("-m pytest")
+    assert "requirements-seqio" not in readme_tests and "requirements-tpu" not in readme_tests
+    assert 'readme_command("-m pytest")' in ci and 'bash -c "$readme_tests"' in ci
+    first, second = ci.split('bash -c "$readme_tests"')
+    assert "requirements-seqio" not in first and "requirements-tpu" not in first and "pip install" not in first
+    assert "-r requirements-seqio.txt -r requirements-tpu.txt" in second and '-m "seqio or tpu"' in second
+
+
+@pytest.mark.slow  # ~9 min on an idle 2-core machine: every documented command, scaled down, in order
+def test_docs_commands_run_as_written(tmp_path, smollm2_dir, anima_dir):
+    root, shell = user_shell(tmp_path)
     failures = []
-    with serve(FlakyApp()) as llm_url:
-        ctx = {"llm_url": llm_url, "grader": smollm2_dir}
+    quick_start = readme_command("train.py")
+    with serve(FlakyApp()) as llm_url, serve_dataset(anima_dir, *hub_dataset()) as hub:
+        ctx = {"llm_url": llm_url, "grader": smollm2_dir, "hub": hub["endpoint"]}
         for doc in DOCS:
-            for command in doc_commands(REPO / doc):
+            for command in doc_commands(doc):
                 line, reasons = substitute(command, ctx)
-                if line.startswith("export "):
-                    key, value = line[len("export "):].split("=", 1)
-                    run_env[key] = value
+                extra = needs_extra(command)
+                reason = extras.missing(extra[0]) if extra else None
+                if extra and not reason and extra[0] in RUN_BY_ITS_OWN_TEST:
                     continue
-                start = time.monotonic()
-                proc = subprocess.run(["bash", "-c", line], cwd=root, env=run_env, capture_output=True, text=True,
-                                      timeout=900)
-                print(f"[{time.monotonic() - start:5.0f}s exit {proc.returncode}] {line}", flush=True)
+                if extra and reason and extra[1] == "install":
+                    continue  # installs the extra this run is without
+                proc = timed(shell, line)
+                if extra and reason:
+                    problem = without_extra(proc, extra[0])
+                    if problem:
+                        failures.append(f"{doc.name}: {command}\n  ran: {line}\n  {problem}: {proc.stderr[-1500:]}")
+                    continue
                 if proc.returncode != 0:
-                    failures.append(f"{doc}: {command}\n  ran: {line} ({'; '.join(reasons) or 'as written'})\n"
+                    failures.append(f"{doc.name}: {command}\n  ran: {line} ({'; '.join(reasons) or 'as written'})\n"
                                     f"  exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}")
+                if command == quick_start:
+                    printed = printed_next_commands(proc.stdout)
+                    if len(printed) < 4:
+                        failures.append(f"the demo printed {len(printed)} next commands:\n{proc.stdout[-2000:]}")
+                    for hint in printed:  # from a scaled run: only a new train.py run needs scaling
+                        hint_line = hint if "--gin.TRAIN_STEPS=" in hint else scale(hint)
+                        hint_proc = timed(shell, hint_line)
+                        if hint_proc.returncode != 0:
+                            failures.append(f"printed by the demo: {hint}\n  ran: {hint_line}\n  exit "
+                                            f"{hint_proc.returncode}: {hint_proc.stderr[-1500:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.tpu
+def test_documented_commands_that_need_the_tpu_extra(tmp_path):
+    """What the main test leaves out when libtpu is installed: the documented commands that need it, as written (the
+    8B compiles scaled down), after the quick start's activation."""
+    root, shell = user_shell(tmp_path)
+    shell.run(". .venv/bin/activate")
+    commands = [c for doc in DOCS for c in doc_commands(doc) if (needs_extra(c) or ("",))[0] == "tpu"]
+    assert any(c.startswith("python -m launch.aot ") for c in commands)
+    failures = []
+    for command in commands:
+        line, reasons = substitute(command, {})
+        proc = timed(shell, line)
+        if proc.returncode != 0:
+            failures.append(f"{command}\n  ran: {line} ({'; '.join(reasons) or 'as written'})\n"
+                            f"  exit {proc.returncode}: {proc.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)

@@ -16,7 +16,6 @@ import pytest
 
 from data.config import Component, single_component_mixture
 from data.pipeline import build
-from tests import extras
 from tests.test_data_pipeline import corpus, mixture  # noqa: F401 (a fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -62,12 +61,10 @@ def test_reading_a_run_logs_no_read_only_notice(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == []
 
 
+@pytest.mark.tpu  # libtpu is what would probe
 def test_a_command_on_a_machine_without_a_tpu_does_not_probe_for_one(tmp_path):
     """JAX_PLATFORMS unset, libtpu installed, no TPU or GPU: a command (anything run through exit_codes.run) starts
     the CPU backend without libtpu's warnings."""
-    reason = extras.why_missing("tpu")
-    if reason:
-        pytest.skip(reason)
     import platforms
 
     if platforms._has_accelerator():
