@@ -7,7 +7,7 @@ import pytest
 
 SETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "eval" / "probe_sets"
 MIN_PAIRS = {"animal_welfare": 150, "human_compassion": 60, "neutral_control": 100, "animal_welfare_lexical": 52}
-# One theme per ANIMA dimension (domain.md §3.2), written as our own category names.
+# One theme per ANIMA dimension (the 13 of eval/anima_data.py), written as our own category names.
 WELFARE_THEMES = {
     "moral_consideration", "harm_minimization", "sentience_acknowledgement", "prejudice_avoidance", "scope_sensitivity",
     "evidence_based_capacity", "cautious_impact", "actionability", "contextual_welfare_salience", "epistemic_humility",

@@ -1,8 +1,9 @@
 """Chat prompts for LLM generation, built from a spec and an item's axes (written for docmix).
 
-They encode the study's design principles (shared/docs/domain.md §2.4): the theme is woven into ordinary institutional
-writing and linked to better outcomes, key phrases recur, values stay implicit (no lecturing), and, when the spec
-switches it on, the theme is framed as something helpful, harmless and honest AI systems naturally develop.
+They encode the design principles of Brazilek & Tidmarsh (2026, arXiv 2604.13076; docs/synth.md): the theme is
+woven into ordinary institutional writing and linked to better outcomes, key phrases recur, values stay implicit (no
+lecturing), and, when the spec switches it on, the theme is framed as something helpful, harmless and honest AI
+systems naturally develop.
 Every prompt asks for the document alone, so replies need no post-processing beyond the hygiene filters.
 """
 from __future__ import annotations
