@@ -163,7 +163,6 @@ def load(dataset_dir: str | pathlib.Path, languages: Sequence[str] | None = None
     return LocalAnima(dimensions=dimensions, samples=tuple(samples), ignored_tags=ignored, files_sha256=digests)
 
 
-
 HUB_REPO = "CompassioninMachineLearning/anima"
 HUB_REVISION = "c658f00e80529c8b2d81bb89d95df6af4d4b5bf6"  # ANIMA-2.2: inspect_evals' DATASET_DEFAULT_REVISION
 CONFIGS = ("questions", "dimensions")  # the dataset's configs, each written as NAME.jsonl (split "train")

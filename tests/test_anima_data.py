@@ -86,3 +86,10 @@ def test_missing_files_and_empty_language_filter(tmp_path):
     root = _write(tmp_path, [_q(0, ["Moral Consideration"])])
     with pytest.raises(ValueError, match="no questions left"):
         anima_data.load(root, languages=["Klingon"])
+
+
+def test_fetch_asks_for_the_revision_inspect_evals_pins():
+    """`eval.anima_data fetch` works without Inspect, so it names the dataset itself; it must be the one Inspect uses."""
+    from inspect_evals.anima.dataset import DATASET_DEFAULT_REVISION, DATASET_REPO_ID
+
+    assert (anima_data.HUB_REPO, anima_data.HUB_REVISION) == (DATASET_REPO_ID, DATASET_DEFAULT_REVISION)
