@@ -128,23 +128,47 @@ def _hf(c: Config, name: str) -> str:
     return str(c.run_dir(name) / "hf")
 
 
-def sample_schedule(c: Config, stage: Stage, component: str = "sft") -> tuple[int, list[int], list[int]]:
-    """(steps between evaluations, evaluation steps, conversations of `component` started by each) for an SFT stage,
-    from the same data pipeline train.py builds for it (same config, tokenizer, seed). Checkpoints are evenly spaced
-    (train.py checkpoints every CHECKPOINT_EVERY steps): every = the first step by which `eval_every` conversations
-    have started; the run ends at the first step by which `samples` have, which is also the last point."""
+@dataclasses.dataclass(frozen=True)
+class SampleSchedule:
+    """An SFT stage's evaluation points: steps between them, their steps (the last one ends the run), the
+    conversations of the SFT component started by each, and every component's epochs over the run."""
+    steps_per_eval: int
+    steps: list[int]
+    samples: list[int]
+    epochs: dict[str, float]
+
+
+def sample_schedule(c: Config, stage: Stage, component: str = "sft") -> SampleSchedule:
+    """The evaluation points of an SFT stage, from the same data pipeline train.py builds for it (same config,
+    tokenizer, seed). Checkpoints are evenly spaced (train.py checkpoints every CHECKPOINT_EVERY steps): every = the
+    first step by which `eval_every` conversations have started; the run ends at the first step by which `samples`
+    have, which is also the last point. The counts are those of the run's own layout (its last mixture blocks end
+    with the run: MixtureConfig.train_steps)."""
     from data.pipeline import build
     from trainer import config as trainer_config
 
     samples, every = c.sft.get("samples", int), c.sft.get("eval_every", int)
-    pipe = build(trainer_config.load(stage.gin_files, stage.bindings + ("MODEL_DIR = 'unused'",)).mixture)
-    counts: list[int] = []
-    while not counts or counts[-1] < samples:
-        next(pipe.iterator)  # the SFT component repeats, so the stream does not end
-        counts.append(pipe.stats()["components"][component]["documents"])
+    mixture = trainer_config.load(stage.gin_files, stage.bindings + ("MODEL_DIR = 'unused'",)).mixture
+
+    def started(steps: int | None) -> tuple[list[int], dict[str, Any]]:
+        """Conversations started by each step of a run of `steps` steps (None: open-ended, until `samples`)."""
+        pipe = build(dataclasses.replace(mixture, train_steps=steps, allow_unrealized_shares=True))  # counting only
+        counts: list[int] = []
+        while len(counts) < steps if steps else not counts or counts[-1] < samples:
+            next(pipe.iterator)  # the SFT component repeats, so the stream does not end
+            counts.append(pipe.stats()["components"][component]["documents"])
+        pipe.iterator.close()
+        return counts, pipe.stats()
+
+    run_steps = len(started(None)[0])
+    counts, stats = started(run_steps)
+    while counts[-1] < samples:  # the run's own last blocks may start fewer conversations than an open-ended layout
+        run_steps += 1
+        counts, stats = started(run_steps)
     per_eval = next(i + 1 for i, n in enumerate(counts) if n >= every)
     steps = [s for s in range(per_eval, len(counts), per_eval)] + [len(counts)]
-    return per_eval, steps, [counts[s - 1] for s in steps]
+    return SampleSchedule(per_eval, steps, [counts[s - 1] for s in steps],
+                          {n: s["epochs"] for n, s in stats["components"].items()})
 
 
 def pre_sft_stages(c: Config, seed: int) -> dict[str, Stage | None]:
@@ -195,7 +219,8 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
                 status[f"{arm}-sft-s{seed}"] = {"status": f"not run ({stage.name} did not finish)"}
                 continue
             probe = sft_stage(c, arm, seed, init, 1)
-            per_eval, steps, samples = sample_schedule(c, probe)
+            sched = sample_schedule(c, probe)
+            per_eval, steps, samples = sched.steps_per_eval, sched.steps, sched.samples
             schedules[probe.name] = {"steps_per_eval": per_eval, "steps": steps, "samples": samples}
             stage_sft = dataclasses.replace(probe, train_steps=steps[-1])
             sft_jobs.append(_job(c, stage_sft, eval_every=per_eval))

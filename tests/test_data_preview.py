@@ -52,3 +52,17 @@ def test_preview_cli_json(files, tmp_path):
     res = subprocess.run(cmd[:-2] + ["--gin.MIXTURE_WEIGHTS={'a': 0.5, 'zz': 0.5}"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode != 0 and "zz" in res.stderr
+
+
+def test_a_short_run_of_the_demo_at_5_percent_gets_its_rows():
+    """The demo run scaled down to 20 steps of 8 rows (160 rows, less than one of its 400-row mixture blocks) at 5%:
+    the run's layout ends its last block with the run, so every seed trains on exactly 8 synthetic rows (5% of 160),
+    as train.py would read them (the run's gin config, TRAIN_STEPS included)."""
+    from trainer import config as trainer_config
+
+    for seed in range(3):
+        run = trainer_config.load([], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 20", f"SEED = {seed}",
+                                       "MIXTURE_WEIGHTS = {'replay': 0.95, 'synthetic': 0.05}"])
+        assert run.mixture.block_size == 400 and run.mixture.train_steps == 20
+        out = preview(run.mixture, 20)
+        assert (out["rows"], out["components"]["synthetic"]["rows"]) == (160, 8), seed

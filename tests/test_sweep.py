@@ -51,8 +51,13 @@ def _plan_rows(out: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if not line.startswith("warning:")}
 
 
-def _warnings(out: str) -> dict[str, str]:
-    return dict(line.removeprefix("warning: ").split(": ", 1) for line in out.splitlines() if line.startswith("warning:"))
+def _warnings(out: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line.startswith("warning:"):
+            arm, note = line.removeprefix("warning: ").split(": ", 1)
+            found.setdefault(arm, []).append(note)
+    return found
 
 
 def test_dry_run_fixed_total_tokens(corpus, tmp_path, capsys):
@@ -60,12 +65,9 @@ def test_dry_run_fixed_total_tokens(corpus, tmp_path, capsys):
     assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 0
     out = capsys.readouterr().out
     rows = _plan_rows(out)
-    # 200 rows per run are half of one of the demo mixture's 400-row blocks: every mixed arm is warned, once.
-    warnings = _warnings(out)
-    assert set(warnings) == {f"model-wel-n{n}-w{w}-t25-s*" for n in (5, 10) for w in (0.05, 0.25)}
-    assert "200 rows per data shard" in warnings["model-wel-n5-w0.05-t25-s*"]
-    assert "block_size = 20 " in warnings["model-wel-n5-w0.05-t25-s*"]
-    assert "block_size = 4 " in warnings["model-wel-n10-w0.25-t25-s*"]
+    # 200 rows per run are half of one of the demo mixture's 400-row blocks, cut to the run: 5% and 25% of them are
+    # whole rows (10 and 50), so no run is warned.
+    assert _warnings(out) == {}
     # 25 steps x 8 rows x 128 tokens = 25,600 tokens; 10 documents x 40 tokens = 400 corpus tokens.
     # columns: share docs seed steps total synthetic corpus_tokens epochs baseline
     assert rows["model-wel-n10-w0.25-t25-s1"] == ["0.25", "10", "1", "25", "25600", "6400", "400", "16.0000",
@@ -84,8 +86,15 @@ def test_dry_run_fixed_synthetic_exposure(corpus, tmp_path, capsys):
     assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 0
     out = capsys.readouterr().out
     rows = _plan_rows(out)
-    assert set(_warnings(out)) == {name.rsplit("-s", 1)[0] + "-s*" for name in rows
-                                   if "-w" in name and int(name.split("-t")[1].split("-")[0]) * 8 < 400}
+    warnings = _warnings(out)
+    # Runs shorter than the demo's 20-step warm-up are warned; so are the 5% runs, whose rows hold 5% only roughly:
+    # 256 rows (32 steps of 8) hold it as 13 rows, 128 rows as 6.
+    steps = {name.rsplit("-s", 1)[0] + "-s*": int(name.split("-t")[1].split("-")[0]) for name in rows}
+    assert {arm for arm, notes in warnings.items() if any("warm-up" in n for n in notes)} == {
+        arm for arm, n in steps.items() if n < 20}
+    assert {arm for arm, notes in warnings.items() if any("whole rows" in n for n in notes)} == {
+        "model-wel-n10-w0.05-t32-s*", "model-wel-n5-w0.05-t16-s*"}
+    assert "'synthetic' 0.05 as 13 rows (0.05078)" in " ".join(warnings["model-wel-n10-w0.05-t32-s*"])
     # 10 docs: 4 epochs x 400 = 1,600 synthetic tokens. At 25%: 6,400 total -> ceil(6400 / 1024) = 7 steps = 7,168
     # tokens, 1,792 synthetic, 4.48 epochs. At 5%: 32,000 -> 32 steps = 32,768 tokens, 1,638 synthetic, 4.096 epochs.
     assert rows["model-wel-n10-w0.25-t7-s0"][3:8] == ["7", "7168", "1792", "400", "4.4800"]
@@ -102,6 +111,24 @@ def test_bad_sweep_file_names_the_key(corpus, tmp_path, capsys):
     _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_total_tokens", "train_steps = 25\nsheds = [1]")
     assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 2
     assert "unknown key(s) ['sheds']" in capsys.readouterr().err
+
+
+def test_a_share_that_gets_no_row_fails_before_anything_runs(corpus, tmp_path, capsys):
+    """1% of a 2-step run (16 rows) is no row at all: the sweep file is refused (exit 2, one line naming the arm and
+    the binding that allows it) before any run is planned or trained; the binding in the file's gin list allows it."""
+    _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_total_tokens", "train_steps = 2")
+    text = (tmp_path / "s.toml").read_text().replace("[0.0, 0.05, 0.25]", "[0.0, 0.01]")
+    (tmp_path / "s.toml").write_text(text)
+    assert sweep.main([str(tmp_path / "s.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs model-wel-n5-w0.01-t2-s*" in err
+    assert "'synthetic' 0.01 gets no row in the run: 16 rows per data shard" in err
+    assert "MixtureConfig.allow_unrealized_shares = True" in err
+    assert not (tmp_path / "out" / "runs").exists()
+    (tmp_path / "s.toml").write_text(text.replace('"SEQ_LEN = 128"]', '"SEQ_LEN = 128", '
+                                                  '"MixtureConfig.allow_unrealized_shares = True"]'))
+    assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 0
+    assert "'synthetic' 0.01 as 0 rows (0)" in " ".join(_warnings(capsys.readouterr().out)["model-wel-n5-w0.01-t2-s*"])
 
 
 def test_launcher_template_is_an_argument_list():
