@@ -1,6 +1,7 @@
 """The durability pipeline: midtrain -> general instruction tuning for N samples, evaluated every k samples, for
 several arms side by side, and one report with the decay curves. One config, one command:
 
+    python -m experiments.durability sweeps/durability_demo.toml --dry_run   # every stage, its budget and time
     python -m experiments.durability sweeps/durability_demo.toml
 
 Arms (each with every seed of the file):
@@ -27,6 +28,7 @@ import logging
 import math
 import pathlib
 import sys
+import tempfile
 from typing import Any
 
 from experiments import corpora, runner
@@ -262,14 +264,33 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("config", help="durability config (TOML)")
     parser.add_argument("--launcher", help="command template for each stage, as in sweep.py")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print every stage with its steps, tokens, synthetic tokens, epochs and estimated wall "
+                             "time; train nothing")
+    parser.add_argument("--no_measure", action="store_true",
+                        help="with --dry_run: estimate wall time only from step times that stages in OUT_DIR logged; "
+                             "do not time the configs on this machine")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from experiments import durability_plan, estimate
+
     try:
         c = load(args.config)
-    except SettingsError as e:
+        with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
+            planned, runs = durability_plan.stages(c, pathlib.Path(scratch))
+            est = estimate.estimate(runs, measure_here=not args.no_measure,
+                                    progress=lambda line: print(line, file=sys.stderr, flush=True)) \
+                if args.dry_run else None
+    except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
         print(f"experiments.durability: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(durability_plan.format_plan(c, planned, est))
+        return 0
+    for p in planned:
+        for note in p.notes:
+            print(f"warning: {p.name}: {note}", file=sys.stderr)
     from experiments import durability_report
 
     done = run(c, args.launcher)

@@ -66,6 +66,7 @@ class Sweep:
     share_component: str
     runs: tuple[Run, ...]
     eval: Table
+    configs: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # model name -> RunConfig
 
     def run_dir(self, run: Run) -> pathlib.Path:
         return self.out_dir / "runs" / run.name
@@ -117,6 +118,7 @@ def load(path: str | pathlib.Path) -> Sweep:
                for name, spec in corpus_table.data.items()}
     placeholder = corpus_binding(synth, macro, next(iter(sources.values()), "unused"))
     runs: list[Run] = []
+    configs: dict[str, Any] = {}
     for model_name, model_spec in models.items():
         model = Table(model_spec, f"{path} [models.{model_name}]", ("gin_file", "gin"))
         files = tuple(base_files + model.get_list("gin_file", str, []))
@@ -132,6 +134,7 @@ def load(path: str | pathlib.Path) -> Sweep:
             raise SettingsError(f"{path}: share_component {synth!r} and replay_component {replay!r} must be "
                                 f"components of the mixture, which has {names}")
         component = next(c for c in mixture.components if c.name == synth)
+        configs[model_name] = run_config
         try:
             runs += _model_runs(model_name, files, bindings, run_config, component, sources, doc_counts, shares,
                                 seeds, budget, steps, epochs, synth, replay, corpus_dir, macro, placeholder)
@@ -141,7 +144,7 @@ def load(path: str | pathlib.Path) -> Sweep:
             raise SettingsError(f"{path} [models.{model_name}]: {e}") from e
     return Sweep(path=path, out_dir=out_dir, budget=budget, seeds=tuple(seeds), shares=tuple(shares),
                  share_component=synth, runs=tuple(_link_baselines(runs)),
-                 eval=top.table("eval", EVAL_KEYS))
+                 eval=top.table("eval", EVAL_KEYS), configs=configs)
 
 
 def run_notes(run_config: Any, weights: Mapping[str, float], steps: int) -> tuple[str, ...]:
@@ -211,21 +214,36 @@ def train_args(sweep: Sweep, run: Run) -> list[str]:
                f"--gin_bindings=TRAIN_STEPS = {run.train_steps}", f"--gin_bindings=SEED = {run.seed}"])
 
 
-def format_plan(sweep: Sweep) -> str:
-    """The dry-run table: every run with its token budget, synthetic tokens and epochs per document."""
+def planned(sweep: Sweep) -> list[Any]:
+    """Every run as experiments.estimate plans it (its model's RunConfig, steps and run directory)."""
+    from experiments import estimate
+
+    return [estimate.Planned(r.name, sweep.configs[r.model], r.train_steps, sweep.run_dir(r)) for r in sweep.runs]
+
+
+def format_plan(sweep: Sweep, est: Any = None) -> str:
+    """The dry-run table: every run with its token budget, synthetic tokens, epochs per document and, given an
+    experiments.estimate.Estimate, its estimated wall time (and the estimate's footer)."""
+    from experiments.estimate import duration
+
     header = (f"{'run':<44} {'share':>6} {'docs':>6} {'seed':>5} {'steps':>7} {'total_tokens':>13} "
-              f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15}  baseline")
+              f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15} {'est_time':>9}  baseline")
     lines = [f"sweep {sweep.path} ({sweep.budget}): {len(sweep.runs)} runs -> {sweep.out_dir}", header]
     for r in sweep.runs:
+        seconds = est.runs[r.name][1] if est else None
         lines.append(f"{r.name:<44} {r.share:>6g} {r.docs if r.docs is not None else '-':>6} {r.seed:>5} "
                      f"{r.train_steps:>7} {r.total_tokens:>13} {r.synthetic_tokens:>17} "
                      f"{r.corpus_tokens if r.corpus_tokens is not None else '-':>14} "
-                     f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15}  "
-                     f"{r.baseline or '-'}")
+                     f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15} "
+                     f"{duration(seconds):>9}  {r.baseline or '-'}")
     notes = {r.arm: r.notes for r in sweep.runs if r.notes}
     lines += [f"warning: {arm}-s*: {note}" for arm, arm_notes in notes.items() for note in arm_notes]
-    return "\n".join(lines)
+    return "\n".join(lines + (est.lines() if est else []))
 
 
-def as_dict(run: Run) -> dict[str, Any]:
-    return dataclasses.asdict(run)
+def as_dict(run: Run, est: Any = None) -> dict[str, Any]:
+    """A run as JSON, with its estimated seconds and config shape when an estimate is given."""
+    out = dataclasses.asdict(run)
+    if est:
+        out["step_time_shape"], out["estimated_seconds"] = est.runs[run.name]
+    return out
