@@ -309,12 +309,10 @@ def _score_all(models: Sequence[str], pair_sets: Sequence[Sequence[Pair]], batch
                ) -> dict[str, tuple[list[np.ndarray], str]]:
     """{path: (margins per pair set, parameter digest)} of every model (a path given twice is scored once), with a
     progress bar over all pairs on a terminal (none otherwise)."""
-    from tqdm import tqdm
+    import progress
 
     unique = list(dict.fromkeys(models))
-    total = len(unique) * sum(len(p) for p in pair_sets)
-    with tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, file=sys.stderr,
-              disable=not sys.stderr.isatty()) as bar:
+    with progress.bar(len(unique) * sum(len(p) for p in pair_sets), "scoring", "pair") as bar:
         out = {}
         for path in unique:
             bar.set_postfix_str(pathlib.Path(path).name or str(path))

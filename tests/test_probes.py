@@ -264,3 +264,17 @@ def test_identical_models_are_named_as_such(tiny_models, tmp_path, capsys):
                           "--bootstrap", "200"])
     out = capsys.readouterr().out
     assert result["vs_baseline"]["identical_models"] == [] and "identical" not in out and "margin diff" in out
+
+
+def test_scoring_shows_a_bar_on_a_terminal_only(tiny_models, tmp_path, capsys, monkeypatch):
+    import progress
+
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    args = ["--model", str(tiny_models[0]), "--baseline", str(tiny_models[1]), "--pairs", str(pairs_file),
+            "--bootstrap", "100"]
+    probes.main(args)
+    assert "scoring" not in capsys.readouterr().err  # a pipe (CI, logs): no bar
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    probes.main(args)
+    err = capsys.readouterr().err
+    assert "scoring: 100%" in err and "6/6" in err  # 3 pairs of each of the 2 models
