@@ -162,7 +162,8 @@ def test_sweep_plots_with_one_and_several_document_counts(tmp_path, saved, doc_c
         for ax in docs.values():
             lo, hi = ax.get_xlim()
             assert lo < 100 and hi > 300 and has_zero_line(ax)
-        assert [t.get_text() for t in saved["report/vs_docs.png"].legends[0].get_texts()] == ["share 0.05", "share 0.25"]
+        legend = saved["report/vs_docs.png"].legends[0]
+        assert [t.get_text() for t in legend.get_texts()] == ["share 0.05", "share 0.25"]
         assert "Plots: vs_share.png, vs_docs.png" in md
 
 
