@@ -14,7 +14,7 @@ Arms (each with every seed of the file):
   synthetic documents in its mixture (t5x_configs/mixtures/sft_with_synthetic.gin).
 Then every arm is fine-tuned on the general instruction data (`[sft]`). HF exports every `eval_every` samples
 (converted to steps by replaying the SFT data pipeline, which counts the conversations each step starts; the curve's
-x values are those measured counts) are scored with the probes (eval.probes): parameters only, in the stage's
+x values are the base arm's measured counts at each point) are scored with the probes (eval.probes): parameters only, in the stage's
 CheckpointConfig.export_dtype, while train.py keeps its usual latest checkpoints to resume from. The report plots each
 arm's margin and its shift against the base arm at the same point (paired by seed, minus the neutral set's shift)
 against SFT samples, with CIs. Finished stages are skipped and interrupted ones resume, as in sweep.py.
