@@ -1,6 +1,7 @@
 """docmix sweeps: a grid of midtraining runs from one sweep file, trained, evaluated and reported in one command.
 
     python sweep.py sweeps/demo.toml --dry_run        # every run with its token budget, synthetic tokens, epochs/doc
+                                                      # and estimated wall time (step time measured per config)
     python sweep.py sweeps/demo.toml                  # train what is not finished, evaluate, write OUT_DIR/report/
     python sweep.py sweeps/demo.toml --launcher 'python -m launch.tpu --name={name} --zone=ZONE --accelerator_type=v5p-8 -- {args}'
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_file", help="sweep file (TOML)")
     parser.add_argument("--dry_run", action="store_true", help="print every run and its token budget; train nothing")
     parser.add_argument("--json", action="store_true", help="with --dry_run: print the runs as JSON")
+    parser.add_argument("--no_measure", action="store_true",
+                        help="with --dry_run: estimate wall time only from step times that runs in OUT_DIR logged; "
+                             "do not time the configs on this machine")
     parser.add_argument("--launcher", help="command template to run each run through, e.g. "
                                            "'python -m launch.tpu --name={name} --zone=ZONE --accelerator_type=v5p-8 -- {args}'")
     parser.add_argument("--no_train", action="store_true", help="only evaluate finished runs and write the report")
@@ -44,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep.py: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(json.dumps([plan.as_dict(r) for r in sweep.runs]) if args.json else plan.format_plan(sweep))
+        from experiments import estimate
+
+        est = estimate.estimate(plan.planned(sweep), measure_here=not args.no_measure,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps([plan.as_dict(r, est) for r in sweep.runs]) if args.json else plan.format_plan(sweep, est))
         return 0
     from experiments import runner, sweep_report
     from experiments.evaluate import evaluate

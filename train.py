@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: no coordinator within the timeout
             print(f"train.py: --distributed: jax.distributed.initialize({given}) failed: {e}", file=sys.stderr)
             return 2
+    run.mixture.check_run(jax.process_count())  # before MODEL_DIR is touched: a share the run's rows cannot hold
     from data.mixture import ComponentExhausted
     from trainer import checkpoint, consensus, export, loop, run_lock, run_metadata
 

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from data.blocks import block_rows, stretch_rows
+
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("jsonl", "parquet", "array_record", "tfds", "hf_disk", "seqio", "pretokenized")
@@ -123,7 +125,14 @@ class MixtureConfig:
     weights: component name -> share of training TOKENS (normalized; 0 removes the component).
     stages: ((start_step, weights), ...): from training step `start_step` on, these weights apply.
     seq_len: row length in tokens; batch_size: GLOBAL batch in rows (all processes together).
-    block_size: rows per mixture block; in each block every component gets exactly its largest-remainder share.
+    block_size: rows per mixture block; in each block every component gets exactly its largest-remainder share. When
+      some share is not a whole number of block_size rows, a stage uses the smallest block in which all are, if one
+      is smaller (data.blocks).
+    train_steps: the run's length in optimizer steps (base.gin binds TRAIN_STEPS; None: open-ended). The last stage's
+      blocks end with the run, so the run's rows hold every share as whole rows whatever its length, a run shorter
+      than one block included.
+    allow_unrealized_shares: accept a run in which a component with a positive share gets no row (a share too small
+      for the run's rows); otherwise that is an error before anything is read (`check_run`).
     tokenizer: a tokenizer.json file or a folder with tokenizer.json (+ tokenizer_config.json, chat template).
     add_bos/add_eos: None = the tokenizer's own policy (see data.tokenize); bos_token/eos_token override the tokens.
     max_bad_records: per component, malformed records skipped (and reported) before the run stops with an error.
@@ -143,6 +152,8 @@ class MixtureConfig:
     batch_size: int = 8
     seed: int = 0
     block_size: int = 1024
+    train_steps: int | None = None
+    allow_unrealized_shares: bool = False
     stages: tuple[tuple[int, Mapping[str, float]], ...] = ()
     add_bos: bool | None = None
     add_eos: bool | None = None
@@ -168,6 +179,9 @@ class MixtureConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MixtureConfig.{field} must be a positive int, got {value!r}")
+        if self.train_steps is not None and (isinstance(self.train_steps, bool) or not isinstance(self.train_steps, int)
+                                             or self.train_steps < 1):
+            raise ValueError(f"MixtureConfig.train_steps must be None or a positive int, got {self.train_steps!r}")
         if self.block_size >= 2**31:
             raise ValueError(f"MixtureConfig.block_size too large: {self.block_size}")
         if self.max_bad_records < 0:
@@ -205,38 +219,48 @@ class MixtureConfig:
         names = [c.name for c in self.active_components]
         return tuple((start, {n: w[n] for n in names}) for start, w in ((0, self.weights),) + self.stages)
 
-    def short_run_note(self, train_steps: int, process_count: int = 1) -> str | None:
-        """Why the configured shares will not be realized, if a run of `train_steps` steps reads fewer rows per data
-        shard than one mixture block in some stage (step 0's weights or a later stage, each laying out its own block
-        grid) while several components share it: shares are exact per whole block only, and the rows of a partial
-        block are a draw from its permutation (a 40-row run in 1000-row blocks at weight 0.25 realized 6 to 12
-        synthetic rows over three seeds, not 10). None when the shares hold."""
+    def stage_rows(self, process_count: int = 1) -> list[tuple[int, int, dict[str, int]]]:
+        """[(first step, end step, {active component: rows per data shard}), ...] for every stage of the run (those
+        starting before `train_steps`), laid out as data.mixture lays out rows (data.blocks) from the token shares:
+        exact for concat-then-split components, whose rows are full (data.pipeline turns first-fit components' token
+        shares into row shares by their measured fill)."""
+        if self.train_steps is None:
+            raise ValueError("MixtureConfig.stage_rows needs MixtureConfig.train_steps (the run's length)")
         per_step = self.batch_size // self.shards(process_count)
-        schedule = [(start, w) for start, w in self.weight_schedule() if start < train_steps]
-        ends = [start for start, _ in schedule[1:]] + [train_steps]
-        segments = [(start, end, (end - start) * per_step, [n for n, x in w.items() if 0 < x < 1])
-                    for (start, w), end in zip(schedule, ends)]
-        short = [(start, end, rows, mixed) for start, end, rows, mixed in segments
-                 if mixed and rows < self.block_size]
-        if not short:
+        schedule = [(start, w) for start, w in self.weight_schedule() if start < self.train_steps]
+        ends = [start for start, _ in schedule[1:]] + [self.train_steps]
+        out = []
+        for (start, weights), end in zip(schedule, ends):
+            shares = list(weights.values())
+            rows = stretch_rows(shares, (end - start) * per_step, block_rows(shares, self.block_size))
+            out.append((start, end, {name: int(n) for name, n in zip(weights, rows)}))
+        return out
+
+    def check_run(self, process_count: int = 1) -> str | None:
+        """Checks the shares against the run's rows before any data is read: a component with a positive share that
+        gets no row in a stage of the run is a ValueError naming it and the bindings that fix it (unless
+        `allow_unrealized_shares`). Returns a note when a stage's rows hold a share more than 1% (relative) away from
+        its weight (16 rows at 10% hold 2 rows, 12.5%), else None. Open-ended mixtures (train_steps None) pass."""
+        if self.train_steps is None:
             return None
-        weights = [x for _, w in schedule for x in w.values()]
-        short_rows = [rows for _, _, rows, _ in short]
-        whole = [b for b in range(1, min(short_rows) + 1) if all(abs(x * b - round(x * b)) < 1e-6 for x in weights)]
-        exact = [b for b in whole if all(rows % b == 0 for rows in short_rows)]
-        if exact:
-            fix = (f"set MixtureConfig.block_size = {exact[0]} (whole blocks in which every weight is a whole number "
-                   "of rows)")
-        elif whole:
-            fix = (f"MixtureConfig.block_size = {whole[0]} makes every weight a whole number of a block's rows, but "
-                   f"{short_rows} rows cannot hold the shares as whole rows: a partial block stays")
-        else:
-            fix = "the run is too short to realize them: its rows cannot hold them as whole rows"
-        said = [f"{'the run' if len(schedule) == 1 else f'the stage of steps {start}-{end}'} reads {rows} rows per "
-                f"data shard, fewer than one mixture block (MixtureConfig.block_size = {self.block_size}), so the "
-                f"shares of {mixed} are a draw from one block's permutation, not the configured weights"
-                for start, end, rows, mixed in short]
-        return "; ".join(said + [fix])
+        stages = self.stage_rows(process_count)
+        per_step = self.batch_size // self.shards(process_count)
+        notes = []
+        for (start, end, rows), (_, weights) in zip(stages, self.weight_schedule()):
+            where = "the run" if len(stages) == 1 else f"the stage of steps {start}-{end}"
+            total = sum(rows.values())
+            held = f"{total} rows per data shard ({end - start} steps x {per_step} rows)"
+            empty = [n for n, r in rows.items() if weights[n] > 0 and r == 0]
+            if empty and not self.allow_unrealized_shares:
+                shares = ", ".join(f"{n!r} {weights[n]:.4g}" for n in empty)
+                raise ValueError(f"MixtureConfig: the token share of {shares} gets no row in {where}: {held} hold "
+                                 f"{rows}; raise TRAIN_STEPS or BATCH_SIZE, or bind "
+                                 "MixtureConfig.allow_unrealized_shares = True to train without it")
+            off = [f"{n!r} {weights[n]:.4g} as {r} rows ({r / total:.4g})" for n, r in rows.items()
+                   if weights[n] > 0 and abs(r / total - weights[n]) > 0.01 * weights[n]]
+            if off:
+                notes.append(f"{where}'s {held} hold the shares only as whole rows: {', '.join(off)}")
+        return "; ".join(notes) or None
 
     def shards(self, process_count: int) -> int:
         """Number of data shards for a run with `process_count` JAX processes."""
@@ -254,4 +278,5 @@ def single_component_mixture(mixture: MixtureConfig, component: Component, batch
     how held-out loss is read, both during training (trainer.loop) and by eval.heldout, so the two agree."""
     return dataclasses.replace(
         mixture, components=(dataclasses.replace(component, max_epochs=1, on_exhausted="stop", shuffle=False),),
-        weights={component.name: 1.0}, stages=(), batch_size=batch_size, num_shards=None, worker_count=0)
+        weights={component.name: 1.0}, stages=(), batch_size=batch_size, num_shards=None, worker_count=0,
+        train_steps=None)

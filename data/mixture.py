@@ -1,14 +1,17 @@
 """Block-deterministic token-share mixture of packed rows (Levanter-style), as a checkpointable Grain IterDataset.
 
-Every row holds one component's tokens. Rows are grouped in blocks of `block_size`; in each block a component gets
-exactly `largest_remainder(weight * block_size)` rows, in an order permuted with a seed derived from
-(seed, shard, block anchor, block index). A component's rows are consumed in its own order, so the schedule (which
-component fills global row r) is a pure function of the weights and r: it needs no data and never drifts.
+Every row holds one component's tokens. Rows are grouped in blocks (data.blocks): a block of n rows gives each
+component exactly `largest_remainder(shares, n)` rows, in an order permuted with a seed derived from (seed, shard,
+stretch start, block index). A component's rows are consumed in its own order, so the schedule (which component fills
+row r) is a pure function of the shares and r: it needs no data and never drifts.
 
-Stages and resume: a schedule is a list of segments `(start_row, counts)`; blocks are laid out from the start of each
-segment. When a checkpoint made under other weights is restored, the new weights take effect at the restored row as
-a fresh segment (a new block grid anchored there); every component continues from its own saved position and
-components new to the mixture start from their beginning.
+Stages, run end and resume: a schedule is a list of segments `(start_row, block, shares)`, each running to the next
+segment's start; blocks are laid out from the start of each segment, and the last block of a segment is cut short by
+the next one. Stages start segments, and so does the run's end (`end`), so the rows of every stage of the run, and of
+a run shorter than one block, hold their shares whole. When a checkpoint made under another layout (other weights,
+stages, block size or run length) is restored, the new layout takes effect at the restored row as a fresh segment (a
+new block grid anchored there); every component continues from its own saved position and components new to the
+mixture start from their beginning.
 """
 from __future__ import annotations
 
@@ -22,84 +25,104 @@ from typing import Any
 import grain
 import numpy as np
 
+from data.blocks import block_rows, largest_remainder, stretch_rows
+
 log = logging.getLogger(__name__)
+
+Segment = tuple[int, int, tuple[float, ...]]  # (start row, rows per full block, row share of each component)
 
 
 class ComponentExhausted(RuntimeError):
     """A component with `on_exhausted="error"` ran past its `max_epochs`."""
 
 
-def largest_remainder(weights: Sequence[float], total: int) -> np.ndarray:
-    """Integer counts summing to `total`, proportional to `weights` (Hamilton's method; ties go to the earlier index).
-
-    weights: [C] non-negative, summing to 1. Returns int64 [C].
-    """
-    exact = np.asarray(weights, dtype=np.float64) * total
-    counts = np.floor(exact).astype(np.int64)
-    short = total - int(counts.sum())
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[:short]] += 1
-    return counts
-
-
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Which component fills each row of one data shard.
 
-    segments: ((start_row, counts [C]), ...) with increasing start rows, the first at 0.
+    segments: ((start_row, block, shares [C]), ...) with increasing start rows, the first at 0; segment i covers
+      rows [start_i, start_{i+1}) (the last: every row after its start).
     """
 
-    segments: tuple[tuple[int, tuple[int, ...]], ...]
-    block_size: int
+    segments: tuple[Segment, ...]
     seed: int
     shard: int
 
     @classmethod
     def from_weights(cls, stages: Sequence[tuple[int, Sequence[float]]], *, block_size: int, seed: int, shard: int,
-                     names: Sequence[str] = ()) -> "Schedule":
-        """stages: ((start_row, weights over the components), ...). Errors when a positive weight gets 0 rows/block."""
+                     end: int | None = None, names: Sequence[str] = (), allow_empty: bool = False) -> "Schedule":
+        """stages: ((start_row, row shares over the components), ...), the first at row 0. end: the row the run ends
+        at (None: open-ended); it starts a segment of its own, so the run's last stretch holds its shares (rows read
+        past it go on under the same shares, in a new grid). Each segment's block is `block_rows(shares,
+        block_size)`. Errors when a positive share gets 0 rows of a full block, or (unless `allow_empty`) of a
+        stretch of the run."""
+        starts = [int(start) for start, _ in stages]
+        bounds = sorted(set(starts) | ({int(end)} if end is not None else set()))
         segments = []
-        for start, weights in stages:
-            counts = largest_remainder(weights, block_size)
-            for i, (w, n) in enumerate(zip(weights, counts)):
-                name = names[i] if names else i
-                if w > 0 and n == 0:
-                    raise ValueError(f"component {name!r} has weight {w:.3g} but gets 0 of the {block_size} rows in "
-                                     f"a mixture block; increase MixtureConfig.block_size to >= {int(np.ceil(1 / w))}")
-                if w > 0 and abs(n / block_size - w) > 0.01 * w:
-                    log.warning("component %r: weight %.4g realizes as %d/%d rows per block = %.4g of the rows; pick "
-                                "a block_size that makes weight * block_size a whole number (e.g. 1000 for "
-                                "percentages)", name, w, n, block_size, n / block_size)
-            segments.append((int(start), tuple(int(n) for n in counts)))
-        return cls(tuple(segments), block_size, seed, shard)
+        for i, start in enumerate(bounds):
+            shares = tuple(float(s) for s in stages[max(j for j, s in enumerate(starts) if s <= start)][1])
+            block = block_rows(shares, block_size)
+            _check_block(shares, block, names)
+            stop = bounds[i + 1] if i + 1 < len(bounds) else None
+            if end is not None and stop is not None and stop <= end and not allow_empty:
+                rows = stretch_rows(shares, stop - start, block)
+                empty = [_name(names, c) for c, (w, n) in enumerate(zip(shares, rows)) if w > 0 and n == 0]
+                if empty:
+                    raise ValueError(f"component(s) {empty} have a positive share but get none of the {stop - start} "
+                                     f"rows of data shard {shard} from row {start} to row {stop}; raise TRAIN_STEPS "
+                                     "or BATCH_SIZE, or bind MixtureConfig.allow_unrealized_shares = True to train "
+                                     "without them")
+            segments.append((start, block, shares))
+        return cls(tuple(segments), seed, shard)
 
     def for_worker(self, worker: int, workers: int, rows_per_step: int) -> "Schedule":
         """The schedule of Grain worker `worker` of `workers`, which builds every `workers`-th batch of the shard
-        (global step k * workers + worker is its k-th): a stage starting at global step S starts at the worker's
+        (global step k * workers + worker is its k-th): a segment starting at global step S starts at the worker's
         first batch at or after S, so stages fire at their step whatever the worker count."""
-        segments: dict[int, tuple[int, ...]] = {}
-        for start, counts in self.segments:
+        segments: dict[int, Segment] = {}
+        for start, block, shares in self.segments:
             step = start // rows_per_step
-            segments[max(0, -(-(step - worker) // workers)) * rows_per_step] = counts  # later stage wins a tie
-        return dataclasses.replace(self, segments=tuple(sorted(segments.items())))
+            row = max(0, -(-(step - worker) // workers)) * rows_per_step
+            segments[row] = (row, block, shares)  # a later segment wins a tie
+        return dataclasses.replace(self, segments=tuple(sorted(segments.values())))
 
     def rebased(self, row: int) -> "Schedule":
-        """The same weights, with the segment in force at `row` restarting its block grid at `row`."""
+        """The same layout, with the segment in force at `row` restarting its block grid at `row`."""
         keep = [s for s in self.segments if s[0] > row]
-        current = [s for s in self.segments if s[0] <= row][-1]
-        return dataclasses.replace(self, segments=((row, current[1]),) + tuple(keep))
+        _, block, shares = [s for s in self.segments if s[0] <= row][-1]
+        return dataclasses.replace(self, segments=((row, block, shares),) + tuple(keep))
 
     def fingerprint(self) -> str:
-        blob = json.dumps([self.segments, self.block_size, self.seed, self.shard])
+        blob = json.dumps([self.segments, self.seed, self.shard])
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def block(self, row: int) -> tuple[int, np.ndarray]:
-        """(first row of the block holding `row`, component index of every row in that block [block_size])."""
-        anchor, counts = [s for s in self.segments if s[0] <= row][-1]
-        index = (row - anchor) // self.block_size
-        rng = np.random.default_rng([self.seed, self.shard, anchor, index])
-        order = rng.permutation(np.repeat(np.arange(len(counts), dtype=np.int32), counts))
-        return anchor + index * self.block_size, order
+        """(first row of the block holding `row`, component index of every row in that block [its rows])."""
+        i = max(i for i, s in enumerate(self.segments) if s[0] <= row)
+        start, block, shares = self.segments[i]
+        index = (row - start) // block
+        first = start + index * block
+        stop = first + block if i + 1 == len(self.segments) else min(first + block, self.segments[i + 1][0])
+        rng = np.random.default_rng([self.seed, self.shard, start, index])
+        counts = largest_remainder(shares, stop - first)
+        return first, rng.permutation(np.repeat(np.arange(len(shares), dtype=np.int32), counts))
+
+
+def _name(names: Sequence[str], c: int) -> str | int:
+    return names[c] if names else c
+
+
+def _check_block(shares: Sequence[float], block: int, names: Sequence[str]) -> None:
+    """A positive share must get a row in every full block; a share that rounds far off is logged."""
+    counts = largest_remainder(shares, block)
+    for c, (w, n) in enumerate(zip(shares, counts)):
+        if w > 0 and n == 0:
+            raise ValueError(f"component {_name(names, c)!r} has weight {w:.3g} but gets 0 of the {block} rows in a "
+                             f"mixture block; increase MixtureConfig.block_size to >= {int(np.ceil(1 / w))}")
+        if w > 0 and abs(n / block - w) > 0.01 * w:
+            log.warning("component %r: weight %.4g realizes as %d/%d rows per block = %.4g of the rows; pick a "
+                        "block_size that makes weight * block_size a whole number (e.g. 1000 for percentages)",
+                        _name(names, c), w, n, block, n / block)
 
 
 class BlockMixIterDataset(grain.IterDataset):
@@ -128,7 +151,7 @@ class BlockMixIterDataset(grain.IterDataset):
         return _BlockMixIterator(self, [iter(p) for p in self._parents])
 
     def __str__(self) -> str:
-        return f"BlockMixIterDataset(names={self.names}, block_size={self.schedule.block_size})"
+        return f"BlockMixIterDataset(names={self.names}, segments={len(self.schedule.segments)})"
 
 
 class _BlockMixIterator(grain.DatasetIterator):
@@ -142,8 +165,7 @@ class _BlockMixIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, Any]:
         sched = self._schedule
-        if not (self._block_start <= self._row < self._block_start + sched.block_size) or \
-                any(self._block_start < s[0] <= self._row for s in sched.segments):
+        if not self._block_start <= self._row < self._block_start + len(self._order):  # blocks end at segments
             self._block_start, self._order = sched.block(self._row)
         c = int(self._order[self._row - self._block_start])
         try:
@@ -164,22 +186,22 @@ class _BlockMixIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {"row": self._row, "schedule": self._schedule.fingerprint(),
-                "segments": [[s, list(c)] for s, c in self._schedule.segments],
+                "segments": [[s, b, list(w)] for s, b, w in self._schedule.segments],
                 "parents": {n: p.get_state() for n, p in zip(self._ds.names, self._parents)}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._row = int(state["row"])
-        self._block_start = -1
-        saved = Schedule(tuple((int(s), tuple(c)) for s, c in state["segments"]), self._ds.schedule.block_size,
-                         self._ds.schedule.seed, self._ds.schedule.shard)
-        if state["schedule"] == self._ds.schedule.fingerprint():
-            self._schedule = self._ds.schedule
-        elif saved.fingerprint() == state["schedule"] and _same_future(saved, self._ds.schedule, self._row):
+        self._block_start, self._order = -1, np.zeros(0, np.int32)
+        configured = self._ds.schedule
+        saved = _saved_schedule(state["segments"], configured)
+        if state["schedule"] == configured.fingerprint():
+            self._schedule = configured
+        elif saved and saved.fingerprint() == state["schedule"] and _same_future(saved, configured, self._row):
             self._schedule = saved  # restored a rebased schedule under the config it was rebased for
         else:
-            log.warning("mixture weights differ from the checkpoint's: the new weights apply from row %d on, "
-                        "with a new block grid starting there", self._row)
-            self._schedule = self._ds.schedule.rebased(self._row)
+            log.warning("the mixture's layout (weights, stages, block size or run length) differs from the "
+                        "checkpoint's: it applies from row %d on, with a new block grid starting there", self._row)
+            self._schedule = configured.rebased(self._row)
         for name, parent in zip(self._ds.names, self._parents):
             if name in state["parents"]:
                 parent.set_state(state["parents"][name])
@@ -192,5 +214,13 @@ class _BlockMixIterator(grain.DatasetIterator):
 
 def _same_future(saved: Schedule, configured: Schedule, row: int) -> bool:
     """Whether `saved` is `configured` rebased at some row <= `row` (so a second resume keeps the rebased grid)."""
-    anchors = [s for s, _ in saved.segments if s <= row]
+    anchors = [s[0] for s in saved.segments if s[0] <= row]
     return bool(anchors) and configured.rebased(anchors[-1]).segments == saved.segments
+
+
+def _saved_schedule(segments: list, configured: Schedule) -> Schedule | None:
+    """The schedule a checkpoint's state was saved under (None: a state of another layout format)."""
+    if not all(len(s) == 3 for s in segments):
+        return None
+    return dataclasses.replace(configured, segments=tuple((int(s), int(b), tuple(float(x) for x in w))
+                                                          for s, b, w in segments))

@@ -266,7 +266,9 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
             docs = EpochMapDataset(source, fn, seed=seed, epochs=c.max_epochs, shuffle=c.shuffle)
             per_epoch[c.name] += docs.documents_per_epoch
             row_streams.append(PackedRowsIterDataset(docs, c, config.seq_len))
-        schedule = Schedule.from_weights(stages, block_size=config.block_size, seed=config.seed, shard=j, names=names)
+        schedule = Schedule.from_weights(stages, block_size=config.block_size, seed=config.seed, shard=j, names=names,
+                                         end=config.train_steps and config.train_steps * rows_per_shard,
+                                         allow_empty=config.allow_unrealized_shares)
         shard_streams.append(BlockMixIterDataset(row_streams, names=names, schedule=schedule,
                                                  on_exhausted=[c.on_exhausted for c in components],
                                                  max_epochs=[c.max_epochs for c in components],

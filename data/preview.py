@@ -30,20 +30,27 @@ from data.pipeline import Pipeline, build
 
 
 def preview(config: MixtureConfig, num_batches: int, *, samples: int = 0) -> dict[str, Any]:
-    """Reads `num_batches` global batches (one process); `samples` decoded rows per component go under "samples"."""
+    """Reads `num_batches` global batches (one process); `samples` decoded rows per component go under "samples".
+    On a terminal, a line while the corpora are opened and a bar over the batches (progress)."""
+    import progress
+
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    progress.note("data.preview: opening the corpora (every record of each is checked once)")
     pipeline = build(config)
     shown: dict[str, list[str]] = {n: [] for n in pipeline.component_names}
-    for _ in range(num_batches):
-        try:
-            batch = next(pipeline.iterator)
-        except StopIteration:
-            break
-        for i, c in enumerate(batch["component"]):
-            name = pipeline.component_names[c]
-            if len(shown[name]) < samples:
-                shown[name].append(render_row(pipeline, batch, i))
+    with progress.bar(num_batches, "data.preview", "batch") as bar:
+        for _ in range(num_batches):
+            try:
+                batch = next(pipeline.iterator)
+            except StopIteration:
+                break
+            bar.update()
+            for i, c in enumerate(batch["component"]):
+                name = pipeline.component_names[c]
+                if len(shown[name]) < samples:
+                    shown[name].append(render_row(pipeline, batch, i))
+    pipeline.iterator.close()  # stops the prefetch thread
     stats = pipeline.stats()
     weights = config.weights
     out = {"components": {n: {"weight": weights[n], "token_share": s["token_share"], "rows": s["rows"],

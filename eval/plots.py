@@ -1,7 +1,10 @@
 """PNG plots of the report table (eval.report): metrics against step per run, and against mixture share across runs.
 
 Each function draws one figure and returns what it plotted ({panel: {series: [[x, y, lo, hi], ...]}}), which
-eval.report saves as plots.json, so the figures can be checked and re-drawn without parsing images.
+eval.report saves as plots.json, so the figures can be checked and re-drawn without parsing images. `draw` is the one
+place figures are made (the sweep and durability reports use it too): a y=0 line on signed panels, one colour per
+series across panels, the legend outside the axes, sensible axes for a single x value, and no figure at all for a
+plot across runs whose x axis would hold one value.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Series = dict[str, list[list[float]]]
 
@@ -49,24 +53,78 @@ def _panels(metrics: list[tuple[str, str, str | None, str | None]], rows: Sequen
     return panels
 
 
-def draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: bool) -> None:
-    """One PNG: a panel per title, a series per label, points [x, y, lo, hi] with (lo, hi) as error bars."""
+SIGNED = ("probe margin", "margin", "shift")  # titles of panels whose zero means "no preference" / "no change"
+
+
+def x_values(panels: dict[str, Series]) -> list[float]:
+    """The distinct x values of every point of every panel, sorted."""
+    return sorted({p[0] for series in panels.values() for pts in series.values() for p in pts})
+
+
+def draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: bool, integer_x: bool = False,
+         min_x_values: int = 1, dodge: bool = False) -> bool:
+    """One PNG: a panel per title (sharing the x axis), a series per label (one colour per label in every panel),
+    points [x, y, lo, hi] with (lo, hi) as error bars. Panels of signed quantities (titles starting with SIGNED) get a
+    y=0 line; the legend sits below the panels, outside every axes, so it never covers a point; integer_x: integer x
+    ticks; a single x value is one tick in a padded axis; dodge: series that share x values are drawn side by side
+    (each shifted by a fixed small fraction of the x range; plots.json keeps the true x). Draws nothing and returns
+    False when the figure has fewer than `min_x_values` distinct x values (a plot across runs that all share one x
+    value says nothing); else True."""
+    xs = x_values(panels)
+    if panels and len(xs) < min_x_values:
+        return False
+    labels = list(dict.fromkeys(label for series in panels.values() for label in series))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    step = _dodge_step(xs, integer_x, len(labels)) if dodge else 0.0
+    ncols = min(len(labels), 3) or 1
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4 + 0.2 * -(-len(labels) // ncols)), squeeze=False,
+                             sharex=True, layout="constrained")
     for ax, (title, series) in zip(axes[0], panels.items()):
+        if title.startswith(SIGNED):
+            ax.axhline(0.0, color="0.35", linewidth=0.9, zorder=1)
         for label, pts in series.items():
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            shift = (labels.index(label) - (len(labels) - 1) / 2) * step
+            px, ys = [p[0] + shift for p in pts], [p[1] for p in pts]
             err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, linestyle="-" if lines else "none")
+            ax.errorbar(px, ys, yerr=err, marker="o", capsize=3, label=label, color=colors[label], zorder=2,
+                        linestyle="-" if lines else "none")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _x_axis(ax, xs, integer_x)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    if labels:
+        handles = {}
+        for ax in axes[0]:
+            handles |= dict(zip(*ax.get_legend_handles_labels()[::-1]))
+        fig.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=ncols, fontsize=7)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no data", ha="center", va="center")
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return True
+
+
+def _pad(x: float, integer: bool) -> float:
+    return max(abs(x) * 0.1, 1.0 if integer else 0.05)
+
+
+def _x_axis(ax: plt.Axes, xs: list[float], integer: bool) -> None:
+    """Integer ticks when asked; one x value: that value as the only tick, padded on both sides."""
+    if integer:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(xs) == 1:
+        ax.set_xlim(xs[0] - _pad(xs[0], integer), xs[0] + _pad(xs[0], integer))
+        ax.set_xticks(xs)
+
+
+def _dodge_step(xs: list[float], integer: bool, series: int) -> float:
+    """x distance between neighbouring series: together they span 4% of the x range (40% of one value's pad)."""
+    if series < 2 or not xs:
+        return 0.0
+    span = 0.04 * (xs[-1] - xs[0]) if len(xs) > 1 else 0.4 * _pad(xs[0], integer)
+    return span / (series - 1)
 
 
 def _metrics(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str | None, str | None]]:
@@ -84,7 +142,7 @@ def against_step(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> dict[str
     # The hf export repeats the final step; use it only for runs without numbered checkpoints.
     use = [r for r in rows if r["checkpoint"] != "hf" or r["run"] not in numbered]
     panels = _panels(_metrics(use), use, lambda r: r["step"], lambda r: r["run"])
-    draw(panels, "step", path, lines=True)
+    draw(panels, "step", path, lines=True, integer_x=True)
     return panels
 
 
@@ -93,9 +151,10 @@ def arm_name(run: str) -> str:
     return re.sub(r"[_-](s|seed)\d+$", "", run)
 
 
-def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pathlib.Path) -> dict[str, Series]:
+def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pathlib.Path
+                  ) -> dict[str, Series] | None:
     """Each run's final checkpoint against its mixture share of `share_component`: one series per arm (runs named
-    alike up to a seed suffix), seeds as separate points."""
+    alike up to a seed suffix), seeds as separate points. None (nothing drawn) when every run has the same share."""
     final_step: dict[str, int] = {}
     for r in rows:
         if r.get("share") is not None and r["step"] is not None:
@@ -107,13 +166,13 @@ def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pa
             final.setdefault(r["run"], {}).update(r)
     last = list(final.values())
     panels = _panels(_metrics(last), last, lambda r: r["share"], lambda r: arm_name(r["run"]))
-    draw(panels, f"mixture share of '{share_component}'", path, lines=False)
-    return panels
+    drawn = draw(panels, f"mixture share of '{share_component}'", path, lines=False, min_x_values=2)
+    return panels if drawn else None
 
 
 def training_curves(curves: dict[str, list[tuple[int, float]]], path: pathlib.Path) -> dict[str, Series]:
     """Training loss from metrics.jsonl against step, one line per run."""
     panels = {"training loss": {run: [[float(s), float(v), float(v), float(v)] for s, v in pts]
                                 for run, pts in curves.items() if pts}}
-    draw(panels if panels["training loss"] else {}, "step", path, lines=True)
+    draw(panels if panels["training loss"] else {}, "step", path, lines=True, integer_x=True)
     return panels

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import pathlib
 import sys
@@ -117,6 +118,14 @@ def score_model(path: str | pathlib.Path, pair_sets: Sequence[Sequence[Pair]], *
                 mesh: jax.sharding.Mesh | None = None, chat_mode: bool = False) -> list[np.ndarray]:
     """Loads one model and returns, per pair set, the `[pairs]` margins (chosen - rejected, nats/token).
     chat_mode: score in the chat template (every pair must be chat-style; see `chat_pairs`)."""
+    return score_and_digest(path, pair_sets, batch_size=batch_size, mesh=mesh, chat_mode=chat_mode)[0]
+
+
+def score_and_digest(path: str | pathlib.Path, pair_sets: Sequence[Sequence[Pair]], *, batch_size: int = 16,
+                     mesh: jax.sharding.Mesh | None = None, chat_mode: bool = False,
+                     progress: Any = None) -> tuple[list[np.ndarray], str]:
+    """`score_model`'s margins and the `param_digest` of the model scored (to tell identical models apart from
+    models that merely score alike). progress: a tqdm-like bar told the number of pairs of each set scored."""
     model, config, tokenizer_dir = loading.load_model(path, mesh=mesh)
     tokenizer = chat.load(tokenizer_dir)
     out = []
@@ -126,7 +135,28 @@ def score_model(path: str | pathlib.Path, pair_sets: Sequence[Sequence[Pair]], *
             scores = continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size,
                                          chat_mode=chat_mode)
             out.append(scores[: len(pairs)] - scores[len(pairs):])
-    return out
+            if progress is not None:
+                progress.update(len(pairs))
+    return out, param_digest(model)
+
+
+def param_digest(model: nnx.Module) -> str:
+    """sha256 over the model's parameters (path, dtype, shape and bytes of every Param, in path order): equal
+    digests are the same parameters."""
+    digest = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))
+    for path, value in sorted(leaves, key=lambda leaf: jax.tree_util.keystr(leaf[0])):
+        array = np.asarray(jax.device_get(value))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def identical_pairs(models: Sequence[str], baselines: Sequence[str], digests: dict[str, str], *,
+                    paired_runs: bool) -> list[list[str]]:
+    """[[model, baseline], ...] with the same parameters: the i-th of each with paired runs, else any two."""
+    pairs = zip(models, baselines) if paired_runs else ((m, b) for m in models for b in baselines)
+    return [[m, b] for m, b in pairs if digests[m] == digests[b]]
 
 
 def _by_category(pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
@@ -173,12 +203,17 @@ def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, 
 
 
 def result_config(pairs: str, models: Sequence[str], *, baseline: Sequence[str] = (), control_pairs: str | None = None,
-                  paired_seeds: bool = False, n_boot: int, chat: dict | None = None) -> dict:
+                  paired_seeds: bool = False, n_boot: int, chat: dict | None = None,
+                  digests: dict[str, str] | None = None) -> dict:
     """The "config" entry of a saved result: what was compared, on which pairs, with how many resamples; `chat`
-    (chat mode only): how many pairs were scored and how many document-style pairs were left out, per pair set."""
-    return {"pairs": str(pairs), "models": list(models), "baseline": list(baseline), "control_pairs": control_pairs,
-            "paired_seeds": paired_seeds, "bootstrap": n_boot, "chat": chat,
-            "unit": "mean log-prob per continuation token (nats)"}
+    (chat mode only): how many pairs were scored and how many document-style pairs were left out, per pair set;
+    `parameters_sha256`: each model's `param_digest`, when known."""
+    out = {"pairs": str(pairs), "models": list(models), "baseline": list(baseline), "control_pairs": control_pairs,
+           "paired_seeds": paired_seeds, "bootstrap": n_boot, "chat": chat,
+           "unit": "mean log-prob per continuation token (nats)"}
+    if digests:
+        out["parameters_sha256"] = {m: digests[m] for m in dict.fromkeys([*models, *baseline])}
+    return out
 
 
 def comparison_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
@@ -188,7 +223,8 @@ def comparison_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Pa
 
 
 def save_each_model(models: Sequence[str], scores: Sequence[Sequence[np.ndarray]], pair_sets: Sequence[Sequence[Pair]],
-                    pair_files: Sequence[str], n_boot: int, *, chat_info: dict | None = None) -> list[pathlib.Path]:
+                    pair_files: Sequence[str], n_boot: int, *, chat_info: dict | None = None,
+                    digests: dict[str, str] | None = None) -> list[pathlib.Path]:
     """Saves every scored model's own result on every pair set beside its checkpoint (what eval.report reads);
     returns the paths. `scores[i][j]`: margins of model i on pair set j."""
     paths = []
@@ -196,7 +232,7 @@ def save_each_model(models: Sequence[str], scores: Sequence[Sequence[np.ndarray]
         for pairs, m, file in zip(pair_sets, margins, pair_files):
             path = result_path(model, file, chat_mode=chat_info is not None)
             result = {**report(pairs, m, n_boot=n_boot),
-                      "config": result_config(file, [model], n_boot=n_boot, chat=chat_info)}
+                      "config": result_config(file, [model], n_boot=n_boot, chat=chat_info, digests=digests)}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
             paths.append(path)
@@ -239,18 +275,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pairs = pair_sets[0]
     if args.control_pairs and not args.baseline:
         p.error("--control_pairs needs --baseline")
-    treat = [score_model(m, pair_sets, batch_size=args.batch_size, chat_mode=args.chat) for m in args.model]
-    base = [score_model(m, pair_sets, batch_size=args.batch_size, chat_mode=args.chat) for m in args.baseline]
+    scored = _score_all(args.model + args.baseline, pair_sets, args.batch_size, args.chat)
+    treat, base = [scored[m][0] for m in args.model], [scored[m][0] for m in args.baseline]
+    digests = {m: digest for m, (_, digest) in scored.items()}
     result = report(
         pairs, np.stack([t[0] for t in treat]),
         baseline=np.stack([b[0] for b in base]) if base else None,
         control=(np.stack([t[1] for t in treat]), np.stack([b[1] for b in base])) if args.control_pairs else None,
         paired_runs=args.paired_seeds, n_boot=args.bootstrap)
     result["config"] = result_config(args.pairs, args.model, baseline=args.baseline, control_pairs=args.control_pairs,
-                                     paired_seeds=args.paired_seeds, n_boot=args.bootstrap, chat=chat_info)
+                                     paired_seeds=args.paired_seeds, n_boot=args.bootstrap, chat=chat_info,
+                                     digests=digests)
+    if args.baseline:
+        result["vs_baseline"]["identical_models"] = identical_pairs(args.model, args.baseline, digests,
+                                                                    paired_runs=args.paired_seeds)
     pair_files = [args.pairs] + ([args.control_pairs] if args.control_pairs else [])
     saved = save_each_model(args.model + args.baseline, treat + base, pair_sets, pair_files, args.bootstrap,
-                            chat_info=chat_info)
+                            chat_info=chat_info, digests=digests)
     if args.out or len(saved) > 1:  # a comparison or several seeds: the combined result too
         out = storage.Path(args.out) if args.out else comparison_path(args.model[0], args.pairs, chat_mode=args.chat)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +305,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
+def _score_all(models: Sequence[str], pair_sets: Sequence[Sequence[Pair]], batch_size: int, chat_mode: bool
+               ) -> dict[str, tuple[list[np.ndarray], str]]:
+    """{path: (margins per pair set, parameter digest)} of every model (a path given twice is scored once), with a
+    progress bar over all pairs on a terminal (none otherwise)."""
+    import progress
+
+    unique = list(dict.fromkeys(models))
+    with progress.bar(len(unique) * sum(len(p) for p in pair_sets), "scoring", "pair") as bar:
+        out = {}
+        for path in unique:
+            bar.set_postfix_str(pathlib.Path(path).name or str(path))
+            out[path] = score_and_digest(path, pair_sets, batch_size=batch_size, chat_mode=chat_mode, progress=bar)
+    return out
+
+
 def _print_table(result: dict) -> None:
     def line(name: str, s: dict) -> str:
         ci = s["ci95"]
@@ -274,7 +330,13 @@ def _print_table(result: dict) -> None:
     for name, s in result["categories"].items():
         print(line("  " + name, s))
     vs = result.get("vs_baseline")
-    if vs:
+    same = (vs or {}).get("identical_models", [])
+    for model, baseline in same:
+        print(f"identical models: {model} and {baseline} have the same parameters (sha256 "
+              f"{result['config']['parameters_sha256'][model][:12]}): a difference between them is 0 by construction")
+    if vs and {m for m, _ in same} == set(result["config"]["models"]):
+        print("vs baseline: every model is identical to a baseline; there is no difference to measure")
+    elif vs:
         print(f"vs baseline: margin diff {vs['margin_diff']:+.4f} {vs['margin_diff_ci95']}, accuracy diff "
               f"{vs['accuracy_diff']:+.3f} {vs['accuracy_diff_ci95']}, toward chosen {vs['frac_toward_chosen']:.3f}")
         if "control" in vs:

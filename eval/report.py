@@ -2,7 +2,8 @@
 
     python -m eval.report RUN_DIR... [--out DIR] [--share_component synthetic]
 
-For every run directory it reads metrics.jsonl (training log), config.gin (the mixture weights) and the eval results
+For every run directory it reads metrics.jsonl (training log), config.gin (the mixture weights; a run trained
+without `--share_component`, e.g. an SFT run, takes the share of the run its INIT_FROM came from) and the eval results
 saved beside each checkpoint (docs/eval.md): MODEL_DIR/eval/<step>/{probes-*.json, heldout.json, anima.json}; for
 the periodic exports MODEL_DIR/exports/<step>, MODEL_DIR/eval/exports/<step>/; for the final export MODEL_DIR/hf,
 MODEL_DIR/eval/hf/. It writes DIR/report.csv and DIR/report.json (one row per run x checkpoint) and PNG plots:
@@ -41,28 +42,67 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["step"])
 
 
-def mixture_weights(run_dir: pathlib.Path) -> dict[str, float]:
-    """The normalized MIXTURE_WEIGHTS macro of the run's operative config.gin ({} when absent)."""
+def gin_macro(run_dir: pathlib.Path, name: str) -> Any:
+    """The value of macro `name` in the run's operative config.gin (None when the file or the macro is absent); a
+    dict literal may span lines."""
     path = run_dir / "config.gin"
     if not path.is_file():
-        return {}
+        return None
     text = path.read_text()
-    match = re.search(r"^MIXTURE_WEIGHTS\s*=\s*", text, re.MULTILINE)
+    match = re.search(rf"^{name}\s*=\s*(\\\n\s*)?", text, re.MULTILINE)
     if not match:
-        return {}
-    start, depth = text.find("{", match.end()), 0
-    if start < 0 or text[match.end():start].strip() not in ("", "\\"):
-        raise ValueError(f"{path}: MIXTURE_WEIGHTS is not a dict literal")
-    for end in range(start, len(text)):  # the dict literal may span lines: read to its closing brace
-        depth += {"{": 1, "}": -1}.get(text[end], 0)
-        if depth == 0:
-            break
+        return None
+    start, end = match.end(), text.find("\n", match.end())
+    if text.startswith("{", start):  # read to the closing brace
+        depth = 0
+        for end in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                end += 1
+                break
     try:
-        weights = ast.literal_eval(text[start:end + 1])
+        return ast.literal_eval(text[start:end if end >= 0 else len(text)].strip())
     except (ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read MIXTURE_WEIGHTS: {e}") from e
+        raise ValueError(f"{path}: cannot read {name}: {e}") from e
+
+
+def mixture_weights(run_dir: pathlib.Path) -> dict[str, float]:
+    """The normalized MIXTURE_WEIGHTS macro of the run's operative config.gin ({} when absent)."""
+    weights = gin_macro(run_dir, "MIXTURE_WEIGHTS")
+    if weights is None:
+        return {}
+    if not isinstance(weights, dict):
+        raise ValueError(f"{run_dir / 'config.gin'}: MIXTURE_WEIGHTS is not a dict literal")
     total = sum(weights.values())
     return {k: v / total for k, v in weights.items()} if total else {}
+
+
+def parent_run(run_dir: pathlib.Path) -> pathlib.Path | None:
+    """The docmix run a run started from: its INIT_FROM when that is a run directory, or the run's hf/,
+    exports/<step>/ or checkpoints/<step>/ folder; None when it started from anything else (or from scratch)."""
+    init = gin_macro(run_dir, "INIT_FROM")
+    if not isinstance(init, str) or not init:
+        return None
+    path = pathlib.Path(init).resolve()
+    options = [path] + [path.parent] * (path.name == HF) + \
+        [path.parent.parent] * (path.parent.name in (loading.EXPORTS, "checkpoints"))
+    return next((c for c in options if c != run_dir and (c / "config.gin").is_file()), None)
+
+
+def run_share(run_dir: pathlib.Path, component: str) -> tuple[float | None, pathlib.Path]:
+    """(share of `component` in the training of the run's model, the run that gave it): the run's own weight when
+    positive, else that of the run it started from (`parent_run`, followed back), else 0.0 (an SFT run of a 5% model
+    is at 0.05, not 0). None when the run's config.gin has no MIXTURE_WEIGHTS."""
+    weights = mixture_weights(run_dir)
+    if not weights:
+        return None, run_dir
+    chain, current = [run_dir], run_dir
+    while weights.get(component, 0.0) <= 0 and (parent := parent_run(current)) and parent not in chain:
+        chain.append(parent)
+        current, parent_weights = parent, mixture_weights(parent)
+        if parent_weights.get(component, 0.0) > 0:
+            return parent_weights[component], parent
+    return weights.get(component, 0.0), run_dir
 
 
 def _checkpoints(run_dir: pathlib.Path, last_step: int | None) -> list[tuple[str, int | None, pathlib.Path]]:
@@ -126,14 +166,14 @@ def collect(run_dirs: Sequence[str | pathlib.Path], share_component: str) -> lis
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
         metrics = read_metrics(run_dir)
-        weights = mixture_weights(run_dir)
         last_step = metrics[-1]["step"] if metrics else None
         checkpoints = _checkpoints(run_dir, last_step)
         if not checkpoints and not metrics:
             raise ValueError(f"{run_dir}: neither metrics.jsonl nor saved eval results (see docs/eval.md)")
+        share, source = run_share(run_dir, share_component)
         for label, step, results in checkpoints:
             rows.append({"run": run_dir.name, "run_dir": str(run_dir), "checkpoint": label, "step": step,
-                         "share": weights.get(share_component, 0.0) if weights else None,
+                         "share": share, **({"share_from": source.name} if source != run_dir else {}),
                          **_train_metrics(metrics, step), **checkpoint_row(results)})
     return rows
 
@@ -181,13 +221,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                 if isinstance(m.get(args.loss_key), (int, float))
                                                 and math.isfinite(m[args.loss_key])]
               for r in args.run_dirs}
-    plotted = {
+    drawn = {
         "vs_step.png": plots.against_step(rows, out / "vs_step.png"),
         "vs_share.png": plots.against_share(rows, args.share_component, out / "vs_share.png"),
         "training_loss.png": plots.training_curves(curves, out / "training_loss.png"),
     }
+    plotted = {name: panels for name, panels in drawn.items() if panels is not None}
     (out / "plots.json").write_text(json.dumps(plotted, indent=2) + "\n")
-    for warning in missing_data(rows, plotted, out):
+    warnings = [f"{out / name} not drawn: every run plotted has the same {args.share_component!r} share (one value "
+                "on its x axis)" for name, panels in drawn.items() if panels is None]
+    for warning in warnings + missing_data(rows, plotted, out):
         print(f"python -m eval.report: warning: {warning}", file=sys.stderr)
     print(f"{len(rows)} rows -> {csv_path}, {json_path}; plots: {', '.join(str(out / k) for k in plotted)}")
     return {"rows": rows, "plots": plotted}

@@ -1,6 +1,7 @@
 """The durability pipeline: midtrain -> general instruction tuning for N samples, evaluated every k samples, for
 several arms side by side, and one report with the decay curves. One config, one command:
 
+    python -m experiments.durability sweeps/durability_demo.toml --dry_run   # every stage, its budget and time
     python -m experiments.durability sweeps/durability_demo.toml
 
 Arms (each with every seed of the file):
@@ -13,7 +14,7 @@ Arms (each with every seed of the file):
   synthetic documents in its mixture (t5x_configs/mixtures/sft_with_synthetic.gin).
 Then every arm is fine-tuned on the general instruction data (`[sft]`). HF exports every `eval_every` samples
 (converted to steps by replaying the SFT data pipeline, which counts the conversations each step starts; the curve's
-x values are those measured counts) are scored with the probes (eval.probes): parameters only, in the stage's
+x values are the base arm's measured counts at each point) are scored with the probes (eval.probes): parameters only, in the stage's
 CheckpointConfig.export_dtype, while train.py keeps its usual latest checkpoints to resume from. The report plots each
 arm's margin and its shift against the base arm at the same point (paired by seed, minus the neutral set's shift)
 against SFT samples, with CIs. Finished stages are skipped and interrupted ones resume, as in sweep.py.
@@ -27,6 +28,7 @@ import logging
 import math
 import pathlib
 import sys
+import tempfile
 from typing import Any
 
 from experiments import corpora, runner
@@ -128,23 +130,47 @@ def _hf(c: Config, name: str) -> str:
     return str(c.run_dir(name) / "hf")
 
 
-def sample_schedule(c: Config, stage: Stage, component: str = "sft") -> tuple[int, list[int], list[int]]:
-    """(steps between evaluations, evaluation steps, conversations of `component` started by each) for an SFT stage,
-    from the same data pipeline train.py builds for it (same config, tokenizer, seed). Checkpoints are evenly spaced
-    (train.py checkpoints every CHECKPOINT_EVERY steps): every = the first step by which `eval_every` conversations
-    have started; the run ends at the first step by which `samples` have, which is also the last point."""
+@dataclasses.dataclass(frozen=True)
+class SampleSchedule:
+    """An SFT stage's evaluation points: steps between them, their steps (the last one ends the run), the
+    conversations of the SFT component started by each, and every component's epochs over the run."""
+    steps_per_eval: int
+    steps: list[int]
+    samples: list[int]
+    epochs: dict[str, float]
+
+
+def sample_schedule(c: Config, stage: Stage, component: str = "sft") -> SampleSchedule:
+    """The evaluation points of an SFT stage, from the same data pipeline train.py builds for it (same config,
+    tokenizer, seed). Checkpoints are evenly spaced (train.py checkpoints every CHECKPOINT_EVERY steps): every = the
+    first step by which `eval_every` conversations have started; the run ends at the first step by which `samples`
+    have, which is also the last point. The counts are those of the run's own layout (its last mixture blocks end
+    with the run: MixtureConfig.train_steps)."""
     from data.pipeline import build
     from trainer import config as trainer_config
 
     samples, every = c.sft.get("samples", int), c.sft.get("eval_every", int)
-    pipe = build(trainer_config.load(stage.gin_files, stage.bindings + ("MODEL_DIR = 'unused'",)).mixture)
-    counts: list[int] = []
-    while not counts or counts[-1] < samples:
-        next(pipe.iterator)  # the SFT component repeats, so the stream does not end
-        counts.append(pipe.stats()["components"][component]["documents"])
+    mixture = trainer_config.load(stage.gin_files, stage.bindings + ("MODEL_DIR = 'unused'",)).mixture
+
+    def started(steps: int | None) -> tuple[list[int], dict[str, Any]]:
+        """Conversations started by each step of a run of `steps` steps (None: open-ended, until `samples`)."""
+        pipe = build(dataclasses.replace(mixture, train_steps=steps, allow_unrealized_shares=True))  # counting only
+        counts: list[int] = []
+        while len(counts) < steps if steps else not counts or counts[-1] < samples:
+            next(pipe.iterator)  # the SFT component repeats, so the stream does not end
+            counts.append(pipe.stats()["components"][component]["documents"])
+        pipe.iterator.close()
+        return counts, pipe.stats()
+
+    run_steps = len(started(None)[0])
+    counts, stats = started(run_steps)
+    while counts[-1] < samples:  # the run's own last blocks may start fewer conversations than an open-ended layout
+        run_steps += 1
+        counts, stats = started(run_steps)
     per_eval = next(i + 1 for i, n in enumerate(counts) if n >= every)
     steps = [s for s in range(per_eval, len(counts), per_eval)] + [len(counts)]
-    return per_eval, steps, [counts[s - 1] for s in steps]
+    return SampleSchedule(per_eval, steps, [counts[s - 1] for s in steps],
+                          {n: s["epochs"] for n, s in stats["components"].items()})
 
 
 def pre_sft_stages(c: Config, seed: int) -> dict[str, Stage | None]:
@@ -195,7 +221,8 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
                 status[f"{arm}-sft-s{seed}"] = {"status": f"not run ({stage.name} did not finish)"}
                 continue
             probe = sft_stage(c, arm, seed, init, 1)
-            per_eval, steps, samples = sample_schedule(c, probe)
+            sched = sample_schedule(c, probe)
+            per_eval, steps, samples = sched.steps_per_eval, sched.steps, sched.samples
             schedules[probe.name] = {"steps_per_eval": per_eval, "steps": steps, "samples": samples}
             stage_sft = dataclasses.replace(probe, train_steps=steps[-1])
             sft_jobs.append(_job(c, stage_sft, eval_every=per_eval))
@@ -237,14 +264,33 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("config", help="durability config (TOML)")
     parser.add_argument("--launcher", help="command template for each stage, as in sweep.py")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print every stage with its steps, tokens, synthetic tokens, epochs and estimated wall "
+                             "time; train nothing")
+    parser.add_argument("--no_measure", action="store_true",
+                        help="with --dry_run: estimate wall time only from step times that stages in OUT_DIR logged; "
+                             "do not time the configs on this machine")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from experiments import durability_plan, estimate
+
     try:
         c = load(args.config)
-    except SettingsError as e:
+        with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
+            planned, runs = durability_plan.stages(c, pathlib.Path(scratch))
+            est = estimate.estimate(runs, measure_here=not args.no_measure,
+                                    progress=lambda line: print(line, file=sys.stderr, flush=True)) \
+                if args.dry_run else None
+    except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
         print(f"experiments.durability: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(durability_plan.format_plan(c, planned, est))
+        return 0
+    for p in planned:
+        for note in p.notes:
+            print(f"warning: {p.name}: {note}", file=sys.stderr)
     from experiments import durability_report
 
     done = run(c, args.launcher)

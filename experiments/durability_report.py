@@ -62,18 +62,22 @@ def rows(planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Mappin
 
 
 def curve_panels(table: list[dict[str, Any]], has_control: bool) -> dict[str, plots.Series]:
+    """{panel: {arm: [[samples, y, lo, hi], ...]}}: per probe set each arm's margin, and each arm's shift against the
+    base arm (which is 0 by definition: the panel's zero line). Arms are compared at the same point index, so every
+    arm is drawn at the base arm's sample count of that point (the preservation arm's SFT mixes in documents, so its
+    j-th point comes after a few more steps; the table keeps its own count)."""
     shift = "shift - neutral shift vs base arm" if has_control else "shift vs base arm"
+    base_x = {r["point"]: r["samples"] for r in table if r["arm"] == "base" and r["status"] == "evaluated"}
     panels: dict[str, plots.Series] = {}
     for r in table:
         if r["status"] != "evaluated":
             continue
+        x = base_x.get(r["point"], r["samples"])
         panels.setdefault(f"margin: {r['set']} (nats/token)", {}).setdefault(r["arm"], []).append(
-            [r["samples"], r["margin"], r["margin_lo"], r["margin_hi"]])
-        if r["arm"] == "base":  # the reference itself, at 0 by definition (keeps one colour per arm in every panel)
-            panels.setdefault(f"{shift}: {r['set']}", {}).setdefault("base", []).append([r["samples"], 0.0, 0.0, 0.0])
+            [x, r["margin"], r["margin_lo"], r["margin_hi"]])
         if "vs_base" in r:
             panels.setdefault(f"{shift}: {r['set']}", {}).setdefault(r["arm"], []).append(
-                [r["samples"], r["vs_base"], r["lo"], r["hi"]])
+                [x, r["vs_base"], r["lo"], r["hi"]])
     return {t: {a: sorted(p) for a, p in series.items()} for t, series in panels.items()}
 
 
@@ -83,7 +87,8 @@ def write(c, planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Ma
     table, family, level = rows(planned, results, s, c.arms, c.seeds)
     eval_report.write_table(table, out, "durability")
     panels = curve_panels(table, s.control_pairs is not None)
-    plots.draw(panels, "general SFT samples", out / "curve.png", lines=True)
+    plots.draw(panels, "general SFT samples (the base arm's count at each point)", out / "curve.png", lines=True,
+               integer_x=True, dodge=True)
     (out / "plots.json").write_text(json.dumps({"curve.png": panels}, indent=2) + "\n")
     note = compare.family_note(family, s.set_names, level)
 

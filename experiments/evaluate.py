@@ -66,11 +66,16 @@ def evaluate(checkpoint: pathlib.Path, s: EvalSettings, cache: pathlib.Path, *,
     directory's latest checkpoint, a step directory or an HF folder), read from `cache` when already computed.
 
     Each set's probe summary is also saved beside the checkpoint (probes-<set>.json), where eval.report reads it.
+    On a terminal a bar shows the pairs scored.
     """
     if cache.is_file():
         return json.loads(cache.read_text())
+    import progress
+
     sets = s.read_sets()
-    margins = probes.score_model(checkpoint, list(sets.values()), batch_size=s.batch_size, chat_mode=s.chat)
+    with progress.bar(sum(len(p) for p in sets.values()), f"probes {checkpoint.name}", "pair") as bar:
+        margins, _ = probes.score_and_digest(checkpoint, list(sets.values()), batch_size=s.batch_size,
+                                             chat_mode=s.chat, progress=bar)
     result: dict[str, Any] = {"checkpoint": str(checkpoint),
                               "margins": {name: m.tolist() for name, m in zip(sets, margins)}}
     for (name, pairs), m in zip(sets.items(), margins):

@@ -5,17 +5,19 @@ Budget modes (per run, with tokens_per_step = BATCH_SIZE x SEQ_LEN token slots):
   synthetic document grow with the share and shrink with the document count.
 - fixed_synthetic_exposure: every document is seen `synthetic_epochs` times; a run trains the fewest steps whose
   synthetic tokens (share x total) reach synthetic_epochs x corpus tokens, so total tokens vary.
-Token numbers are the mixture's nominal shares of the token slots (the pipeline realises them to within one row per
-whole mixture block; a run shorter than one block gets a warning, as its shares are a draw; `python -m data.preview`
-measures them). Corpus tokens are counted with the run's own tokenizer and
-document format. A share-0 run has no synthetic component, so it does not depend on the corpus or document count:
-one share-0 run per (model, seed, steps) is the baseline of every run with those.
+Token numbers are the mixture's nominal shares of the token slots (the pipeline lays its last mixture blocks out to
+end with the run, so every run holds its shares as whole rows; a run whose rows hold a share more than 1% off gets a
+warning, and a positive share that gets no row at all is an error; `python -m data.preview` measures them). Corpus
+tokens are counted with the run's own tokenizer and document format. A share-0 run has no synthetic component, so it
+does not depend on the corpus or document count: one share-0 run per (model, seed, steps) is the baseline of every
+run with those.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 from experiments import corpora
@@ -46,7 +48,7 @@ class Run:
     gin_files: tuple[str, ...]
     bindings: tuple[str, ...]
     baseline: str | None        # the share-0 run of the same model, seed and steps, if the sweep has it
-    share_note: str | None = None  # why the mixture will not realize `share` (MixtureConfig.short_run_note)
+    notes: tuple[str, ...] = ()  # what the run will not do as configured (MixtureConfig.check_run, warm-up)
 
     @property
     def arm(self) -> str:
@@ -64,6 +66,7 @@ class Sweep:
     share_component: str
     runs: tuple[Run, ...]
     eval: Table
+    configs: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # model name -> RunConfig
 
     def run_dir(self, run: Run) -> pathlib.Path:
         return self.out_dir / "runs" / run.name
@@ -115,6 +118,7 @@ def load(path: str | pathlib.Path) -> Sweep:
                for name, spec in corpus_table.data.items()}
     placeholder = corpus_binding(synth, macro, next(iter(sources.values()), "unused"))
     runs: list[Run] = []
+    configs: dict[str, Any] = {}
     for model_name, model_spec in models.items():
         model = Table(model_spec, f"{path} [models.{model_name}]", ("gin_file", "gin"))
         files = tuple(base_files + model.get_list("gin_file", str, []))
@@ -130,17 +134,33 @@ def load(path: str | pathlib.Path) -> Sweep:
             raise SettingsError(f"{path}: share_component {synth!r} and replay_component {replay!r} must be "
                                 f"components of the mixture, which has {names}")
         component = next(c for c in mixture.components if c.name == synth)
-        tokens_per_step = run_config.train.batch_size * run_config.train.seq_len
-        runs += _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, sources,
-                            doc_counts, shares, seeds, budget, steps, epochs, synth, replay, corpus_dir, macro,
-                            placeholder)
+        configs[model_name] = run_config
+        try:
+            runs += _model_runs(model_name, files, bindings, run_config, component, sources, doc_counts, shares,
+                                seeds, budget, steps, epochs, synth, replay, corpus_dir, macro, placeholder)
+        except SettingsError:
+            raise
+        except ValueError as e:  # a share the run's rows cannot hold (MixtureConfig.check_run)
+            raise SettingsError(f"{path} [models.{model_name}]: {e}") from e
     return Sweep(path=path, out_dir=out_dir, budget=budget, seeds=tuple(seeds), shares=tuple(shares),
                  share_component=synth, runs=tuple(_link_baselines(runs)),
-                 eval=top.table("eval", EVAL_KEYS))
+                 eval=top.table("eval", EVAL_KEYS), configs=configs)
 
 
-def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component, sources, doc_counts, shares,
-                seeds, budget, steps, epochs, synth, replay, corpus_dir, macro, placeholder) -> list[Run]:
+def run_notes(run_config: Any, weights: Mapping[str, float], steps: int) -> tuple[str, ...]:
+    """What a run of `steps` steps at `weights` will not do as configured: shares its rows hold only approximately
+    (a positive share that gets no row raises ValueError: MixtureConfig.check_run), a warm-up longer than the run."""
+    from trainer.optimizer import warmup_note
+
+    mixture = dataclasses.replace(run_config.mixture, weights={**run_config.mixture.weights, **weights},
+                                  train_steps=steps)
+    return tuple(n for n in (mixture.check_run(), warmup_note(run_config.optimizer, steps)) if n)
+
+
+def _model_runs(model_name, files, bindings, run_config, component, sources, doc_counts, shares, seeds, budget,
+                steps, epochs, synth, replay, corpus_dir, macro, placeholder) -> list[Run]:
+    mixture = run_config.mixture
+    tokens_per_step = run_config.train.batch_size * run_config.train.seq_len
     runs, baselines = [], set()
     for corpus_name, source in sources.items():
         for docs in doc_counts:
@@ -155,20 +175,25 @@ def _model_runs(model_name, files, bindings, tokens_per_step, mixture, component
                 arm = f"{model_name}-{corpus_name}-n{n_docs}-w{_share_label(share)}-t{run_steps}"
                 weights = {replay: 1 - share, synth: share}
                 run_bindings = bindings + (f"MIXTURE_WEIGHTS = {weights!r}", corpus_binding(synth, macro, path))
-                note = dataclasses.replace(mixture, weights={**mixture.weights, **weights}).short_run_note(run_steps)
+                try:
+                    notes = run_notes(run_config, weights, run_steps)
+                except ValueError as e:
+                    raise ValueError(f"runs {arm}-s*: {e}") from None
                 for seed in seeds:
                     runs.append(Run(f"{arm}-s{seed}", model_name, corpus_name, n_docs, share, seed, run_steps,
                                     tokens_per_step, total, synthetic, corpus_tokens, share * total / corpus_tokens,
-                                    files, run_bindings, None, note))
+                                    files, run_bindings, None, notes))
                 if 0 in shares:
                     baselines.add(run_steps)
     if 0 in shares and budget == "fixed_total_tokens":
         baselines.add(steps)
     for run_steps in sorted(baselines):
+        weights = {replay: 1.0, synth: 0.0}
+        notes = run_notes(run_config, weights, run_steps)
         for seed in seeds:
             runs.append(Run(f"{model_name}-base-t{run_steps}-s{seed}", model_name, None, None, 0.0, seed, run_steps,
                             tokens_per_step, run_steps * tokens_per_step, 0, None, None, files,
-                            bindings + (f"MIXTURE_WEIGHTS = {({replay: 1.0, synth: 0.0})!r}", placeholder), None))
+                            bindings + (f"MIXTURE_WEIGHTS = {weights!r}", placeholder), None, notes))
     return runs
 
 
@@ -189,21 +214,36 @@ def train_args(sweep: Sweep, run: Run) -> list[str]:
                f"--gin_bindings=TRAIN_STEPS = {run.train_steps}", f"--gin_bindings=SEED = {run.seed}"])
 
 
-def format_plan(sweep: Sweep) -> str:
-    """The dry-run table: every run with its token budget, synthetic tokens and epochs per document."""
+def planned(sweep: Sweep) -> list[Any]:
+    """Every run as experiments.estimate plans it (its model's RunConfig, steps and run directory)."""
+    from experiments import estimate
+
+    return [estimate.Planned(r.name, sweep.configs[r.model], r.train_steps, sweep.run_dir(r)) for r in sweep.runs]
+
+
+def format_plan(sweep: Sweep, est: Any = None) -> str:
+    """The dry-run table: every run with its token budget, synthetic tokens, epochs per document and, given an
+    experiments.estimate.Estimate, its estimated wall time (and the estimate's footer)."""
+    from experiments.estimate import duration
+
     header = (f"{'run':<44} {'share':>6} {'docs':>6} {'seed':>5} {'steps':>7} {'total_tokens':>13} "
-              f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15}  baseline")
+              f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15} {'est_time':>9}  baseline")
     lines = [f"sweep {sweep.path} ({sweep.budget}): {len(sweep.runs)} runs -> {sweep.out_dir}", header]
     for r in sweep.runs:
+        seconds = est.runs[r.name][1] if est else None
         lines.append(f"{r.name:<44} {r.share:>6g} {r.docs if r.docs is not None else '-':>6} {r.seed:>5} "
                      f"{r.train_steps:>7} {r.total_tokens:>13} {r.synthetic_tokens:>17} "
                      f"{r.corpus_tokens if r.corpus_tokens is not None else '-':>14} "
-                     f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15}  "
-                     f"{r.baseline or '-'}")
-    notes = {r.arm: r.share_note for r in sweep.runs if r.share_note}
-    lines += [f"warning: {arm}-s*: {note}" for arm, note in notes.items()]
-    return "\n".join(lines)
+                     f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15} "
+                     f"{duration(seconds):>9}  {r.baseline or '-'}")
+    notes = {r.arm: r.notes for r in sweep.runs if r.notes}
+    lines += [f"warning: {arm}-s*: {note}" for arm, arm_notes in notes.items() for note in arm_notes]
+    return "\n".join(lines + (est.lines() if est else []))
 
 
-def as_dict(run: Run) -> dict[str, Any]:
-    return dataclasses.asdict(run)
+def as_dict(run: Run, est: Any = None) -> dict[str, Any]:
+    """A run as JSON, with its estimated seconds and config shape when an estimate is given."""
+    out = dataclasses.asdict(run)
+    if est:
+        out["step_time_shape"], out["estimated_seconds"] = est.runs[run.name]
+    return out

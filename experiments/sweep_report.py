@@ -2,8 +2,9 @@
 the share-0 arm of the same seeds, plots of score vs share and vs document count with CIs, and a markdown summary.
 
 Files in OUT: runs.csv/json (a row per run), arms.csv/json (a row per arm and probe set), plots.json (what the PNGs
-show, as {panel: {series: [[x, y, lo, hi], ...]}}), vs_share.png, vs_docs.png, report.md; checkpoints/ holds
-eval.report's per-checkpoint table and training curves of the finished runs.
+show, as {panel: {series: [[x, y, lo, hi], ...]}}), vs_share.png, vs_docs.png (each only when its x axis holds more
+than one value; report.md says which were not drawn), report.md; checkpoints/ holds eval.report's per-checkpoint
+table and training curves of the finished runs.
 """
 from __future__ import annotations
 
@@ -91,20 +92,28 @@ def _score_key(rows: list[dict[str, Any]]) -> str:
 
 
 def panels(rows: list[dict[str, Any]], x: str, series_keys: tuple[str, ...]) -> dict[str, plots.Series]:
-    """{panel: {series: [[x, y, lo, hi]]}}: per probe set, the arm's margin (CI) and its shift vs share 0 (CI)."""
+    """{panel: {series: [[x, y, lo, hi]]}}: per probe set, the arm's margin (CI) and its shift vs share 0 (CI); a
+    series per distinct value of `series_keys` (`series_label`)."""
     key = _score_key(rows)
+    rows = [r for r in rows if r[x] is not None]
+    label = series_label(rows, series_keys)
     out: dict[str, plots.Series] = {}
     for r in rows:
-        if r[x] is None:
-            continue
-        label = "/".join(f"{k}={r[k]}" for k in series_keys)
         if "margin" in r:
-            out.setdefault(f"margin: {r['set']} (nats/token)", {}).setdefault(label, []).append(
+            out.setdefault(f"margin: {r['set']} (nats/token)", {}).setdefault(label(r), []).append(
                 [float(r[x]), r["margin"], r["margin_lo"], r["margin_hi"]])
         if key in r:
             title = f"{'shift - neutral shift' if key == 'shift_minus_neutral' else 'shift'} vs 0%: {r['set']}"
-            out.setdefault(title, {}).setdefault(label, []).append([float(r[x]), r[key], r["lo"], r["hi"]])
+            out.setdefault(title, {}).setdefault(label(r), []).append([float(r[x]), r[key], r["lo"], r["hi"]])
     return {t: {k: sorted(v) for k, v in series.items()} for t, series in out.items()}
+
+
+def series_label(rows: list[dict[str, Any]], keys: tuple[str, ...]):
+    """row -> its series' legend label: the values of the keys that vary among `rows` ("welfare, 300 docs"), or, when
+    none varies, of all but the model (so one series is "welfare, 300 docs", never "model=model")."""
+    shown = [k for k in keys if len({r[k] for r in rows}) > 1] or [k for k in keys if k != "model"]
+    words = {"docs": "{} docs", "share": "share {}"}
+    return lambda r: ", ".join(words.get(k, "{}").format(r[k]) for k in shown if r[k] not in (None, ""))
 
 
 def _with_baselines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -119,7 +128,8 @@ def _with_baselines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _markdown(run_table: list[dict[str, Any]], arm_table: list[dict[str, Any]], note: str, sweep: Sweep) -> str:
+def _markdown(run_table: list[dict[str, Any]], arm_table: list[dict[str, Any]], note: str, sweep: Sweep,
+              drawn: list[str], not_drawn: list[str]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:+.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 
@@ -135,6 +145,7 @@ def _markdown(run_table: list[dict[str, Any]], arm_table: list[dict[str, Any]], 
         adj = f"[{fmt(r['adjusted_lo'])}, {fmt(r['adjusted_hi'])}]" if key in r else "-"
         lines.append(f"| {r['arm']} | {r['set']} | {r['seeds_evaluated']}/{r['seeds_planned']} | {margin} | {shift} "
                      f"| {adj} |")
+    lines += ["", f"Plots: {', '.join(drawn) or 'none'} (plots.json holds what they show).", *not_drawn]
     lines += ["", "## Every configured run", "", "| run | status | share | docs | seed | steps | total tokens | "
               "synthetic tokens | epochs/doc |", "|---|---|---|---|---|---|---|---|---|"]
     for r in run_table:
@@ -152,14 +163,20 @@ def write(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, Map
     eval_report.write_table(run_table, out, "runs")
     eval_report.write_table(arm_table, out, "arms")
     with_base = _with_baselines(arm_table)
-    plotted = {"vs_share.png": panels(with_base, "share", ("model", "corpus", "docs")),
-               "vs_docs.png": panels([r for r in arm_table if r["share"] > 0], "docs", ("model", "corpus", "share"))}
-    plots.draw(plotted["vs_share.png"], f"share of '{sweep.share_component}' in training tokens",
-               out / "vs_share.png", lines=True)
-    plots.draw(plotted["vs_docs.png"], "synthetic documents", out / "vs_docs.png", lines=True)
+    figures = {"vs_share.png": (panels(with_base, "share", ("model", "corpus", "docs")),
+                                f"share of '{sweep.share_component}' in training tokens", False),
+               "vs_docs.png": (panels([r for r in arm_table if r["share"] > 0], "docs", ("model", "corpus", "share")),
+                               "synthetic documents", True)}
+    plotted, not_drawn = {}, []
+    for name, (figure, xlabel, integer) in figures.items():
+        if plots.draw(figure, xlabel, out / name, lines=True, integer_x=integer, min_x_values=2, dodge=True):
+            plotted[name] = figure
+        else:
+            not_drawn.append(f"{name} is not drawn: every arm has the same {xlabel} "
+                             f"({plots.x_values(figure)[0]:g}), one value on its x axis.")
     (out / "plots.json").write_text(json.dumps(plotted, indent=2) + "\n")
     note = compare.family_note(family, s.set_names, level)
-    (out / "report.md").write_text(_markdown(run_table, arm_table, note, sweep))
+    (out / "report.md").write_text(_markdown(run_table, arm_table, note, sweep, list(plotted), not_drawn))
     finished = [str(sweep.run_dir(r)) for r in sweep.runs if r.name in results]
     if finished:
         eval_report.main([*finished, "--out", str(out / "checkpoints"), "--share_component", sweep.share_component])

@@ -52,6 +52,9 @@ CASES = [  # (id, argv with {placeholders}, exit code, words the one error line 
     ("preview-gin-typo", ["-m", "data.preview", "--gin.TrainConfig.trian_steps=3"], 2, ["trian_steps", "gin: "]),
     ("train-model-dir-is-a-file", [str(REPO / "train.py"), "--gin.MODEL_DIR={file}"], 2,
      ["MODEL_DIR={file} is a file"]),
+    ("train-share-without-rows", [str(REPO / "train.py"), "--gin.MODEL_DIR={dir}/never_made", "--gin.TRAIN_STEPS=2",
+                                  "--gin.BATCH_SIZE=8", "--gin.MIXTURE_WEIGHTS={{'replay': 0.99, 'synthetic': 0.01}}"],
+     2, ["'synthetic' 0.01 gets no row in the run: 16 rows per data shard", "MixtureConfig.allow_unrealized_shares"]),
     ("probes-missing-model", ["-m", "eval.probes", "--model", "{dir}/nope", "--pairs", "{good_pairs}"], 2,
      ["{dir}/nope does not exist"]),
     ("probes-bad-pairs", ["-m", "eval.probes", "--model", "{dir}", "--pairs", "{pairs}"], 2, ["pairs.jsonl:2"]),
@@ -96,6 +99,7 @@ def test_bad_input_is_one_line_and_the_documented_exit_code(case, bad):
     assert "[bold]" not in proc.stderr, proc.stderr  # no console markup in a plain-text error
     for word in words:
         assert word.format(**bad) in lines[-1], lines[-1]
+    assert not (bad["dir"] / "never_made").exists()  # found before the run's directory is made
 
 
 def test_launch_aot_without_the_tpu_extra_is_one_line_and_exit_3():

@@ -36,8 +36,8 @@ def test_flags_rewrite_and_override():
     ("TrainConfg.train_steps = 3", ["TrainConfg"]),                       # unknown configurable
     ("TrainConfig.train_step = 3", ["train_step"]),                        # unknown parameter
     ("TRAIN_STEP = 3", ["TRAIN_STEP"]),                                    # misspelled macro
-    ("TRAIN_STEPS = -1", ["TrainConfig.train_steps", "TRAIN_STEPS"]),      # invalid value
-    ("TRAIN_STEPS = 'ten'", ["TrainConfig.train_steps", "TRAIN_STEPS"]),   # wrong type
+    ("TRAIN_STEPS = -1", ["Config.train_steps", "TRAIN_STEPS"]),           # invalid value (Train- or MixtureConfig)
+    ("TRAIN_STEPS = 'ten'", ["Config.train_steps", "TRAIN_STEPS"]),        # wrong type
     ("BATCH_SIZE = 0", ["batch_size", "BATCH_SIZE"]),
     ("CHECKPOINT_EVERY = 0", ["CheckpointConfig.every", "CHECKPOINT_EVERY"]),
     ("MIXTURE_WEIGHTS = {'replay': 0.5, 'synthtic': 0.5}", ["synthtic", "MIXTURE_WEIGHTS"]),

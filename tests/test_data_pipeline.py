@@ -246,43 +246,57 @@ def test_epoch_cap_stop_and_error(corpus):
             next(p.iterator)
 
 
-def test_a_run_shorter_than_one_block_is_warned_and_the_suggested_block_is_exact(corpus):
-    """40 rows of 1000-row blocks realize a draw, not 25% (the warning says so and names a block size); with the
-    suggested 4-row blocks every seed gets exactly 10 of the 40 rows."""
-    def short_rows(seed: int, block: int) -> int:
-        cfg = mixture(corpus, {"short": 0.25, "long": 0.75}, seq_len=32, batch_size=4, block_size=block, seed=seed)
+def test_a_run_shorter_than_one_block_holds_its_shares(corpus):
+    """40 rows (10 steps of 4) in 1000-row blocks: the run's end cuts the block short, so every seed gets exactly its
+    largest-remainder share of the run (10 rows at 25%, 2 at 5%); an open-ended layout draws them from one block."""
+    def short_rows(seed: int, share: float, steps: int | None) -> int:
+        cfg = mixture(corpus, {"short": share, "long": 1 - share}, seq_len=32, batch_size=4, block_size=1000,
+                      seed=seed, train_steps=steps)
         return int(sum((b["component"] == 0).sum() for b in take(build(cfg), 10)))
 
-    cfg = mixture(corpus, {"short": 0.25, "long": 0.75}, seq_len=32, batch_size=4, block_size=1000)
-    note = cfg.short_run_note(train_steps=10)
-    assert "40 rows per data shard" in note and "block_size = 1000" in note and "block_size = 4 " in note
-    assert cfg.short_run_note(train_steps=250) is None  # 1000 rows: a whole block
-    assert cfg.short_run_note(train_steps=5, process_count=2) is not None  # 2 rows per shard and step
-    assert mixture(corpus, {"short": 0.0, "long": 1.0}, batch_size=4).short_run_note(10) is None  # nothing mixed
-    assert dataclasses.replace(cfg, block_size=4).short_run_note(train_steps=10) is None
-    assert {short_rows(seed, 1000) for seed in range(4)} != {10}
-    assert {short_rows(seed, 4) for seed in range(4)} == {10}
+    assert {short_rows(seed, 0.25, 10) for seed in range(4)} == {10}
+    assert {short_rows(seed, 0.05, 10) for seed in range(4)} == {2}
+    assert {short_rows(seed, 0.25, None) for seed in range(4)} != {10}  # a draw from a 1000-row block
+    # A longer run: whole 1000-row blocks, then one cut to the run's last 200 rows (300 steps of 4 rows).
+    cfg = mixture(corpus, {"short": 0.05, "long": 0.95}, seq_len=32, batch_size=4, block_size=1000, train_steps=300)
+    p = build(cfg)
+    comp = np.concatenate([b["component"] for b in take(p, 300)])
+    assert [int((comp[a:a + 1000] == 0).sum()) for a in (0, 1000)] == [50, 10]
+    assert cfg.check_run() is None
 
 
-def test_a_later_stage_shorter_than_one_block_is_warned_and_the_suggested_block_is_exact(corpus):
-    """A stage lays out its own block grid: replay only for 8 steps, then 2 steps (8 rows) at 25%. The warning names
-    that stage and a block size that divides its rows; with it every seed gets exactly 2 of the stage's 8 rows."""
-    def cfg(block: int, seed: int = 0) -> MixtureConfig:
-        return mixture(corpus, {"short": 0.0, "long": 1.0}, seq_len=32, batch_size=4, block_size=block, seed=seed,
-                       stages=((8, {"short": 0.25, "long": 0.75}),))
+def test_a_later_stage_shorter_than_one_block_holds_its_shares(corpus):
+    """A stage lays out its own blocks, the last one cut by the run's end: replay only for 8 steps, then 2 steps
+    (8 rows) at 25% give every seed exactly 2 of the stage's 8 rows."""
+    def cfg(seed: int) -> MixtureConfig:
+        return mixture(corpus, {"short": 0.0, "long": 1.0}, seq_len=32, batch_size=4, block_size=1000, seed=seed,
+                       stages=((8, {"short": 0.25, "long": 0.75}),), train_steps=10)
 
-    note = cfg(1000).short_run_note(train_steps=10)
-    assert "the stage of steps 8-10 reads 8 rows per data shard" in note and "block_size = 4 " in note
-    assert "steps 0-8" not in note  # step 0's weights mix nothing
-    assert cfg(1000).short_run_note(train_steps=8) is None  # the stage never starts
-    assert cfg(4).short_run_note(train_steps=10) is None
-    # 10 rows at 25% are not whole rows: no block size makes them exact; the note names the nearest and says so.
-    odd = mixture(corpus, {"short": 0.25, "long": 0.75}, batch_size=2, block_size=1000)
-    assert "block_size = 4 makes every weight a whole number of a block's rows, but [10] rows cannot hold the " \
-        "shares as whole rows" in odd.short_run_note(train_steps=5)
-    assert "too short to realize them" in odd.short_run_note(train_steps=1)  # 2 rows: 25% is no whole row
     stage_rows = lambda c: int(sum((b["component"] == 0).sum() for b in take(build(c), 10)[8:]))  # noqa: E731
-    assert {stage_rows(cfg(4, seed)) for seed in range(4)} == {2}
+    assert {stage_rows(cfg(seed)) for seed in range(4)} == {2}
+    assert cfg(0).stage_rows() == [(0, 8, {"short": 0, "long": 32}), (8, 10, {"short": 2, "long": 6})]
+
+
+def test_a_share_that_gets_no_row_in_the_run_is_an_error_unless_allowed(corpus):
+    """1% of a 40-row run is 0.4 rows: no row at all. That is an error naming the share and the bindings that fix it,
+    before anything is read (check_run) and when the pipeline is built; MixtureConfig.allow_unrealized_shares trains
+    without the component. Rows that hold a share only roughly (16 rows at 10%: 2 rows) are noted."""
+    cfg = mixture(corpus, {"short": 0.01, "long": 0.99}, seq_len=32, batch_size=4, block_size=1000, train_steps=10)
+    with pytest.raises(ValueError, match=r"share of 'short' 0\.01 gets no row in the run: 40 rows per data shard "
+                                         r"\(10 steps x 4 rows\).*TRAIN_STEPS or BATCH_SIZE.*"
+                                         r"MixtureConfig\.allow_unrealized_shares = True"):
+        cfg.check_run()
+    with pytest.raises(ValueError, match=r"\['short'\].*none of the 40 rows.*allow_unrealized_shares"):
+        build(cfg)
+    allowed = dataclasses.replace(cfg, allow_unrealized_shares=True)
+    assert "'short' 0.01 as 0 rows (0)" in allowed.check_run()  # allowed, and still said
+    p = build(allowed)
+    take(p, 10)
+    assert p.stats()["components"]["short"]["rows"] == 0
+    assert dataclasses.replace(cfg, train_steps=50).check_run() is None  # 200 rows: 2 of them
+    rough = mixture(corpus, {"short": 0.1, "long": 0.9}, batch_size=2, block_size=1000, train_steps=8)
+    assert "'short' 0.1 as 2 rows (0.125)" in rough.check_run()
+    assert mixture(corpus, {"short": 0.01, "long": 0.99}, batch_size=4).check_run() is None  # open-ended
 
 
 def test_schedule_rejects_weight_below_one_row_per_block():

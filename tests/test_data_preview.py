@@ -52,3 +52,53 @@ def test_preview_cli_json(files, tmp_path):
     res = subprocess.run(cmd[:-2] + ["--gin.MIXTURE_WEIGHTS={'a': 0.5, 'zz': 0.5}"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode != 0 and "zz" in res.stderr
+
+
+def test_a_short_run_of_the_demo_at_5_percent_gets_its_rows():
+    """The demo run scaled down to 20 steps of 8 rows (160 rows, less than one of its 400-row mixture blocks) at 5%:
+    the run's layout ends its last block with the run, so every seed trains on exactly 8 synthetic rows (5% of 160),
+    as train.py would read them (the run's gin config, TRAIN_STEPS included)."""
+    from trainer import config as trainer_config
+
+    for seed in range(3):
+        run = trainer_config.load([], ["MODEL_DIR = 'unused'", "TRAIN_STEPS = 20", f"SEED = {seed}",
+                                       "MIXTURE_WEIGHTS = {'replay': 0.95, 'synthetic': 0.05}"])
+        assert run.mixture.block_size == 400 and run.mixture.train_steps == 20
+        out = preview(run.mixture, 20)
+        assert (out["rows"], out["components"]["synthetic"]["rows"]) == (160, 8), seed
+
+
+def _stderr(cmd: list[str], terminal: bool) -> str:
+    """stderr of `cmd` run with stderr on a pseudo-terminal (as in an interactive shell) or on a pipe (as in CI)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    if not terminal:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stderr
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_on_a_terminal_and_quiet_otherwise():
+    cmd = [sys.executable, "-m", "data.preview", "--num_batches", "3", "--samples", "0"]
+    shown = _stderr(cmd, terminal=True)
+    assert "data.preview: opening the corpora" in shown and "3/3" in shown
+    quiet = _stderr(cmd, terminal=False)
+    assert "opening the corpora" not in quiet and "3/3" not in quiet

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eval import probes, stats
-from experiments import durability
+from experiments import durability, durability_plan
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOC_FILE = "sweeps/durability_demo.toml"
@@ -90,7 +90,7 @@ def test_documented_durability_run_produces_its_curve(tmp_path, monkeypatch, cap
     # The curve: probe shift vs SFT samples with CIs, one series per arm, exactly the table's numbers.
     curve = json.loads((out / "report" / "plots.json").read_text())["curve.png"]
     shift = curve[f"shift - neutral shift vs base arm: {welfare}"]
-    assert sorted(shift) == sorted(ARMS)
+    assert sorted(shift) == sorted(a for a in ARMS if a != "base")  # the base arm is the panel's zero line
     assert shift["document"][last] == pytest.approx([row["samples"], row["vs_base"], row["lo"], row["hi"]])
     margin = curve[f"margin: {welfare} (nats/token)"]["instruction"]
     assert [p[1] for p in margin] == pytest.approx([by[("instruction", j)]["margin"]
@@ -130,3 +130,50 @@ def test_points_of_a_stage_that_did_not_finish_are_not_scored(tmp_path, monkeypa
     results = durability.evaluate_points(c, points, c.eval, status)
     assert scored == [base, folders["document-sft-s0"], base]
     assert [n for n, _ in results["document"][0]] == [0, 8] and [n for n, _ in results["control"][0]] == [0]
+
+
+def test_dry_run_plans_every_stage_and_writes_nothing(tmp_path, capsys):
+    """--dry_run: every stage of every arm with its steps, tokens, synthetic tokens, epochs and SFT points (from the
+    data pipeline the stage will build, with stand-ins for exports not made yet), estimated from the step time a
+    partial stage of the same shape logged; no run, schedule, evaluation or report is written."""
+    out = tmp_path / "out"
+    config = scaled_doc_file(out, tmp_path / "durability.toml")
+    partial = out / "runs" / "base-midtrain-s0"
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "step_time_s": t}) + "\n"
+                                                   for s, t in ((1, 0.25), (2, 2.0), (3, 1.5))))
+    before = {p for p in out.rglob("*") if "corpora" not in p.parts}
+    assert durability.main([str(config), "--dry_run", "--no_measure"]) == 0
+    text = capsys.readouterr().out
+    assert {p for p in out.rglob("*") if "corpora" not in p.parts} == before
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:] if line.split()[0].endswith("-s0")}
+    assert list(rows) == ["base-midtrain-s0", "document-midtrain-s0", "control-midtrain-s0", "instruction-qa-s0",
+                          *[f"{a}-sft-s0" for a in ARMS]]
+    # columns: arm seed steps tokens synthetic_tokens est_time epochs...; 2 steps x 8 rows x 128 tokens, 25% documents
+    assert rows["document-midtrain-s0"][:6] == ["document", "0", "2", "2048", "512", "3s"]  # 2 x the median 1.5 s
+    assert rows["base-midtrain-s0"][:6] == ["base", "0", "2", "2048", "0", "3s"]
+    c = durability.load(config)
+    midtrain = durability.pre_sft_stages(c, 0)["document"]
+    init = durability_plan.stand_in(durability.start_model(c, midtrain), durability_plan.load_stage(midtrain),
+                                    tmp_path / "stand_in")
+    sched = durability.sample_schedule(c, durability.sft_stage(c, "document", 0, init, 1))
+    sft = rows["document-sft-s0"]
+    assert sft[2] == str(sched.steps[-1]) and f"points {[0, *sched.samples]}" in " ".join(sft)
+    assert int(rows["preservation-sft-s0"][4]) == round(0.1 * int(rows["preservation-sft-s0"][3]))
+    assert "1.5 s/step, metrics: median of 3 logged windows of 1 run(s)" in text
+    assert "warning: instruction-qa-s0: the run's 2 steps are shorter than its learning-rate warm-up" in text
+
+
+def test_a_stage_whose_share_gets_no_row_fails_before_training(tmp_path, capsys):
+    """1% documents in the preservation arm's SFT (1000-row blocks) get no row in its few steps: the pipeline stops
+    with one line naming the stage before any stage trains."""
+    out = tmp_path / "out"
+    config = scaled_doc_file(out, tmp_path / "durability.toml")
+    text = config.read_text()
+    assert "preservation_share = 0.1\n" in text and '"MixtureConfig.block_size = 10"]' in text
+    text = text.replace("preservation_share = 0.1", "preservation_share = 0.01")
+    config.write_text(text.replace('"MixtureConfig.block_size = 10"]', '"MixtureConfig.block_size = 1000"]'))
+    assert durability.main([str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage preservation-sft-s0: MixtureConfig: the token share of 'synthetic' 0.01" in err[0]
+    assert not (out / "runs").exists()

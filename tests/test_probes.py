@@ -241,3 +241,40 @@ def test_cli_chat_mode_reports_what_it_left_out(tiny_models, tmp_path, capsys):
     assert (tiny_models[0] / "probes-set-chat.json").is_file()
     margins = probes.score_model(tiny_models[0], [probes.chat_pairs(PAIRS)], chat_mode=True)[0]
     assert result["overall"]["margin"] == pytest.approx(margins.mean(), abs=1e-6)
+
+
+def test_identical_models_are_named_as_such(tiny_models, tmp_path, capsys):
+    """A model compared with a copy of itself (what a mixture share that got no synthetic row produced) is named as
+    identical, by a digest of its parameters, instead of reported as a difference of 0.0 [0, 0]; a model that
+    differs is compared as usual."""
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    copy = shutil.copytree(tiny_models[0], tmp_path / "copy")
+    result = probes.main(["--model", str(tiny_models[0]), "--baseline", str(copy), "--pairs", str(pairs_file),
+                          "--bootstrap", "200"])
+    out = capsys.readouterr().out
+    assert result["vs_baseline"]["identical_models"] == [[str(tiny_models[0]), str(copy)]]
+    assert result["vs_baseline"]["margin_diff"] == 0.0  # what used to be printed as if it were a measurement
+    assert f"identical models: {tiny_models[0]} and {copy} have the same parameters" in out
+    assert "every model is identical to a baseline; there is no difference to measure" in out
+    assert "margin diff" not in out
+    digests = result["config"]["parameters_sha256"]
+    assert digests[str(copy)] == digests[str(tiny_models[0])] != probes.param_digest(
+        probes.loading.load_model(tiny_models[1])[0])
+    result = probes.main(["--model", str(tiny_models[1]), "--baseline", str(copy), "--pairs", str(pairs_file),
+                          "--bootstrap", "200"])
+    out = capsys.readouterr().out
+    assert result["vs_baseline"]["identical_models"] == [] and "identical" not in out and "margin diff" in out
+
+
+def test_scoring_shows_a_bar_on_a_terminal_only(tiny_models, tmp_path, capsys, monkeypatch):
+    import progress
+
+    pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
+    args = ["--model", str(tiny_models[0]), "--baseline", str(tiny_models[1]), "--pairs", str(pairs_file),
+            "--bootstrap", "100"]
+    probes.main(args)
+    assert "scoring" not in capsys.readouterr().err  # a pipe (CI, logs): no bar
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    probes.main(args)
+    err = capsys.readouterr().err
+    assert "scoring: 100%" in err and "6/6" in err  # 3 pairs of each of the 2 models

@@ -23,8 +23,10 @@ DATA = f"gs://{gcs_emulator.BUCKET}/data"
 TINY = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32",
         "--gin.CHECKPOINT_EVERY=2", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=None",
         "--gin.RunConfig.eval_mixture=None", "--gin.TrainConfig.peak_flops=1e12", "--gin.TrainConfig.progress_bar=False",
-        # constant: the learning rate of a step does not depend on TRAIN_STEPS, so 2 steps then 4 == 4 steps
+        # constant schedule and open-ended mixture layout: neither the learning rate nor the rows of a step depend on
+        # TRAIN_STEPS, so 2 steps then 4 == 4 steps
         "--gin.OptimizerConfig.schedule='constant'", "--gin.OptimizerConfig.warmup_steps=0",
+        "--gin.MixtureConfig.train_steps=None",
         f"--gin.replay/Component.paths=('{DATA}/replay.jsonl',)",
         f"--gin.synthetic/Component.paths=('{DATA}/welfare*.jsonl',)",
         f"--gin.MixtureConfig.tokenizer='{DATA}/tokenizer'"]

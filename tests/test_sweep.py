@@ -48,28 +48,32 @@ pairs = ["eval/probe_sets/animal_welfare.jsonl"]
 
 
 def _plan_rows(out: str) -> dict[str, list[str]]:
-    return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if not line.startswith("warning:")}
+    lines = out.split("\nestimated wall time:")[0].splitlines()[2:]
+    return {line.split()[0]: line.split()[1:] for line in lines if not line.startswith("warning:")}
 
 
-def _warnings(out: str) -> dict[str, str]:
-    return dict(line.removeprefix("warning: ").split(": ", 1) for line in out.splitlines() if line.startswith("warning:"))
+def _warnings(out: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line.startswith("warning:"):
+            arm, note = line.removeprefix("warning: ").split(": ", 1)
+            found.setdefault(arm, []).append(note)
+    return found
 
 
 def test_dry_run_fixed_total_tokens(corpus, tmp_path, capsys):
     _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_total_tokens", "train_steps = 25")
-    assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 0
+    assert sweep.main([str(tmp_path / "s.toml"), "--dry_run", "--no_measure"]) == 0
     out = capsys.readouterr().out
     rows = _plan_rows(out)
-    # 200 rows per run are half of one of the demo mixture's 400-row blocks: every mixed arm is warned, once.
-    warnings = _warnings(out)
-    assert set(warnings) == {f"model-wel-n{n}-w{w}-t25-s*" for n in (5, 10) for w in (0.05, 0.25)}
-    assert "200 rows per data shard" in warnings["model-wel-n5-w0.05-t25-s*"]
-    assert "block_size = 20 " in warnings["model-wel-n5-w0.05-t25-s*"]
-    assert "block_size = 4 " in warnings["model-wel-n10-w0.25-t25-s*"]
+    # 200 rows per run are half of one of the demo mixture's 400-row blocks, cut to the run: 5% and 25% of them are
+    # whole rows (10 and 50), so no run is warned.
+    assert _warnings(out) == {}
     # 25 steps x 8 rows x 128 tokens = 25,600 tokens; 10 documents x 40 tokens = 400 corpus tokens.
-    # columns: share docs seed steps total synthetic corpus_tokens epochs baseline
-    assert rows["model-wel-n10-w0.25-t25-s1"] == ["0.25", "10", "1", "25", "25600", "6400", "400", "16.0000",
+    # columns: share docs seed steps total synthetic corpus_tokens epochs est_time baseline
+    assert rows["model-wel-n10-w0.25-t25-s1"] == ["0.25", "10", "1", "25", "25600", "6400", "400", "16.0000", "-",
                                                   "model-base-t25-s1"]
+    assert "no estimate: no run of this shape has logged a step time yet and measuring here is off" in out
     assert rows["model-wel-n10-w0.05-t25-s0"][4:7] == ["25600", "1280", "400"]
     assert rows["model-wel-n10-w0.05-t25-s0"][7] == "3.2000"
     assert rows["model-wel-n5-w0.25-t25-s0"][5:8] == ["6400", "200", "32.0000"]
@@ -81,11 +85,18 @@ def test_dry_run_fixed_total_tokens(corpus, tmp_path, capsys):
 
 def test_dry_run_fixed_synthetic_exposure(corpus, tmp_path, capsys):
     _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_synthetic_exposure", "synthetic_epochs = 4")
-    assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 0
+    assert sweep.main([str(tmp_path / "s.toml"), "--dry_run", "--no_measure"]) == 0
     out = capsys.readouterr().out
     rows = _plan_rows(out)
-    assert set(_warnings(out)) == {name.rsplit("-s", 1)[0] + "-s*" for name in rows
-                                   if "-w" in name and int(name.split("-t")[1].split("-")[0]) * 8 < 400}
+    warnings = _warnings(out)
+    # Runs shorter than the demo's 20-step warm-up are warned; so are the 5% runs, whose rows hold 5% only roughly:
+    # 256 rows (32 steps of 8) hold it as 13 rows, 128 rows as 6.
+    steps = {name.rsplit("-s", 1)[0] + "-s*": int(name.split("-t")[1].split("-")[0]) for name in rows}
+    assert {arm for arm, notes in warnings.items() if any("warm-up" in n for n in notes)} == {
+        arm for arm, n in steps.items() if n < 20}
+    assert {arm for arm, notes in warnings.items() if any("whole rows" in n for n in notes)} == {
+        "model-wel-n10-w0.05-t32-s*", "model-wel-n5-w0.05-t16-s*"}
+    assert "'synthetic' 0.05 as 13 rows (0.05078)" in " ".join(warnings["model-wel-n10-w0.05-t32-s*"])
     # 10 docs: 4 epochs x 400 = 1,600 synthetic tokens. At 25%: 6,400 total -> ceil(6400 / 1024) = 7 steps = 7,168
     # tokens, 1,792 synthetic, 4.48 epochs. At 5%: 32,000 -> 32 steps = 32,768 tokens, 1,638 synthetic, 4.096 epochs.
     assert rows["model-wel-n10-w0.25-t7-s0"][3:8] == ["7", "7168", "1792", "400", "4.4800"]
@@ -93,7 +104,7 @@ def test_dry_run_fixed_synthetic_exposure(corpus, tmp_path, capsys):
     # 5 docs: 800 synthetic tokens -> 25%: ceil(3200 / 1024) = 4 steps (4,096 tokens, 1,024 synthetic, 5.12 epochs).
     assert rows["model-wel-n5-w0.25-t4-s1"][3:8] == ["4", "4096", "1024", "200", "5.1200"]
     # A share-0 twin for every distinct step count, so each arm is compared at equal total tokens.
-    assert rows["model-wel-n5-w0.25-t4-s1"][8] == "model-base-t4-s1"
+    assert rows["model-wel-n5-w0.25-t4-s1"][8:] == ["-", "model-base-t4-s1"]  # no step time: no estimate
     assert {n for n in rows if n.startswith("model-base")} == {
         f"model-base-t{t}-s{s}" for t in (4, 7, 16, 32) for s in (0, 1)}
 
@@ -102,6 +113,24 @@ def test_bad_sweep_file_names_the_key(corpus, tmp_path, capsys):
     _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_total_tokens", "train_steps = 25\nsheds = [1]")
     assert sweep.main([str(tmp_path / "s.toml"), "--dry_run"]) == 2
     assert "unknown key(s) ['sheds']" in capsys.readouterr().err
+
+
+def test_a_share_that_gets_no_row_fails_before_anything_runs(corpus, tmp_path, capsys):
+    """1% of a 2-step run (16 rows) is no row at all: the sweep file is refused (exit 2, one line naming the arm and
+    the binding that allows it) before any run is planned or trained; the binding in the file's gin list allows it."""
+    _write(tmp_path / "s.toml", tmp_path / "out", corpus, "fixed_total_tokens", "train_steps = 2")
+    text = (tmp_path / "s.toml").read_text().replace("[0.0, 0.05, 0.25]", "[0.0, 0.01]")
+    (tmp_path / "s.toml").write_text(text)
+    assert sweep.main([str(tmp_path / "s.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs model-wel-n5-w0.01-t2-s*" in err
+    assert "'synthetic' 0.01 gets no row in the run: 16 rows per data shard" in err
+    assert "MixtureConfig.allow_unrealized_shares = True" in err
+    assert not (tmp_path / "out" / "runs").exists()
+    (tmp_path / "s.toml").write_text(text.replace('"SEQ_LEN = 128"]', '"SEQ_LEN = 128", '
+                                                  '"MixtureConfig.allow_unrealized_shares = True"]'))
+    assert sweep.main([str(tmp_path / "s.toml"), "--dry_run", "--no_measure"]) == 0
+    assert "'synthetic' 0.01 as 0 rows (0)" in " ".join(_warnings(capsys.readouterr().out)["model-wel-n5-w0.01-t2-s*"])
 
 
 def test_launcher_template_is_an_argument_list():
@@ -185,18 +214,18 @@ def test_documented_sweep_end_to_end(tmp_path, capsys):
     assert "4 comparisons are reported together" in md and "Bonferroni" in md
     assert all(n in md for n in names)
 
-    # Plots: score vs share with CIs, one point per arm (share 0 included); the PNGs exist.
+    # Plots: score vs share with CIs, one point per arm (share 0 included); the PNG exists. One document count is one
+    # value on vs_docs.png's x axis: it is not drawn, and report.md says so.
     plotted = json.loads((report / "plots.json").read_text())
-    series = plotted["vs_share.png"][f"margin: {welfare} (nats/token)"]["model=model/corpus=welfare/docs=300"]
+    series = plotted["vs_share.png"][f"margin: {welfare} (nats/token)"]["welfare, 300 docs"]
     assert [p[0] for p in series] == [0.0, 0.05, 0.25]
     assert [p[1] for p in series] == pytest.approx([margins[n][welfare].mean() for n in
                                                     (names[2], names[0], names[1])], abs=1e-6)
-    shift = plotted["vs_share.png"][f"shift - neutral shift vs 0%: {lexical}"]["model=model/corpus=welfare/docs=300"]
+    shift = plotted["vs_share.png"][f"shift - neutral shift vs 0%: {lexical}"]["welfare, 300 docs"]
     assert shift[-1][1:] == pytest.approx([row["shift_minus_neutral"], row["lo"], row["hi"]], abs=1e-9)
-    by_docs = plotted["vs_docs.png"][f"shift - neutral shift vs 0%: {lexical}"]
-    assert by_docs["model=model/corpus=welfare/share=0.25"][0][0] == 300.0
-    for png in ("vs_share.png", "vs_docs.png"):
-        assert (report / png).stat().st_size > 5000
+    assert "vs_docs.png" not in plotted and not (report / "vs_docs.png").exists()
+    assert "vs_docs.png is not drawn: every arm has the same synthetic documents (300)" in md
+    assert (report / "vs_share.png").stat().st_size > 5000
 
     # Rerun: every run is finished, nothing trains; with a second seed added, the unrun configurations are listed.
     capsys.readouterr()
@@ -215,6 +244,6 @@ def test_documented_sweep_end_to_end(tmp_path, capsys):
 def test_every_shipped_sweep_file_dry_runs(path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     s = plan.load(path)
-    assert sweep.main([path, "--dry_run"]) == 0
+    assert sweep.main([path, "--dry_run", "--no_measure"]) == 0
     out = capsys.readouterr().out
     assert s.runs and all(run.name in out for run in s.runs)

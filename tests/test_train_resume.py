@@ -145,9 +145,9 @@ def test_train_steps_below_the_checkpoint_warns(reference, tmp_path):
     shutil.copytree(reference, model_dir)
     proc = run_train(model_dir, "--gin.TRAIN_STEPS=4")
     assert f"nothing was trained: {model_dir} is at step {STEPS}, beyond TRAIN_STEPS=4" in proc.stderr, proc.stderr
-    # 4 steps of 4 rows are less than one of the demo mixture's 400-row blocks: its 10% share would be a draw.
-    assert "16 rows per data shard, fewer than one mixture block (MixtureConfig.block_size = 400)" in proc.stderr
-    assert "MixtureConfig.block_size = 10 makes every weight a whole number" in proc.stderr  # 16 rows hold no 10%
+    # 4 steps of 4 rows hold the demo mixture's 10% only as whole rows: 2 of 16, and the run says so.
+    assert "the run's 16 rows per data shard (4 steps x 4 rows) hold the shares only as whole rows: 'replay' 0.9 as " \
+        "14 rows (0.875), 'synthetic' 0.1 as 2 rows (0.125)" in proc.stderr
     assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["4", "6", "8"]
 
 

@@ -81,6 +81,18 @@ def test_schedules():
     assert float(const(0)) == float(const(99)) == 0.5
 
 
+def test_a_run_shorter_than_its_warmup_is_warned():
+    """5 steps of a 20-step warm-up: the warm-up is cut to the run, so the learning rate only rises, to 80% of the
+    peak at the last step (the schedule's own value); a phase started by schedule_start counts from that step."""
+    cfg = OptimizerConfig(learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=20)
+    note = optimizer.warmup_note(cfg, 5)
+    assert "the run's 5 steps are shorter than its learning-rate warm-up (OptimizerConfig.warmup_steps = 20)" in note
+    assert "to 80% of OptimizerConfig.learning_rate" in note
+    assert float(optimizer.schedule(cfg, 5)(4)) == pytest.approx(0.8e-3)
+    assert optimizer.warmup_note(cfg, 20) is None and optimizer.warmup_note(cfg, 400) is None
+    assert "run's 10 steps" in optimizer.warmup_note(OptimizerConfig(warmup_steps=20, schedule_start=90), 100)
+
+
 def test_decay_mask_excludes_norms_and_embeddings():
     model = nnx.eval_shape(lambda: state_lib.Transformer(TINY, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)

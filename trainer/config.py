@@ -31,7 +31,8 @@ KNOWN_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "BATCH_SIZE", "SEQ_LEN", "SEED", "CH
 FIELD_MACROS = {"TrainConfig.model_dir": "MODEL_DIR", "TrainConfig.train_steps": "TRAIN_STEPS",
                 "TrainConfig.batch_size": "BATCH_SIZE", "TrainConfig.seq_len": "SEQ_LEN", "TrainConfig.seed": "SEED",
                 "CheckpointConfig.every": "CHECKPOINT_EVERY", "MixtureConfig.weights": "MIXTURE_WEIGHTS",
-                "MixtureConfig.seq_len": "SEQ_LEN", "MixtureConfig.batch_size": "BATCH_SIZE"}
+                "MixtureConfig.seq_len": "SEQ_LEN", "MixtureConfig.batch_size": "BATCH_SIZE",
+                "MixtureConfig.train_steps": "TRAIN_STEPS"}
 
 
 class ConfigError(ValueError):
@@ -225,10 +226,12 @@ def _name_macros(message: str) -> str:
 def _check_consistent(run: RunConfig) -> None:
     """Cross-object checks that no single dataclass can make."""
     t, m = run.train, run.mixture
-    if (t.batch_size, t.seq_len, t.seed) != (m.batch_size, m.seq_len, m.seed):
-        raise ConfigError(f"TrainConfig (batch_size={t.batch_size}, seq_len={t.seq_len}, seed={t.seed}) and "
-                          f"MixtureConfig (batch_size={m.batch_size}, seq_len={m.seq_len}, seed={m.seed}) disagree; "
-                          "bind BATCH_SIZE, SEQ_LEN and SEED instead of the fields")
+    steps = m.train_steps or t.train_steps  # None: a mixture laid out open-ended
+    if (t.batch_size, t.seq_len, t.seed, t.train_steps) != (m.batch_size, m.seq_len, m.seed, steps):
+        raise ConfigError(f"TrainConfig (batch_size={t.batch_size}, seq_len={t.seq_len}, seed={t.seed}, train_steps="
+                          f"{t.train_steps}) and MixtureConfig (batch_size={m.batch_size}, seq_len={m.seq_len}, "
+                          f"seed={m.seed}, train_steps={m.train_steps}) disagree; bind BATCH_SIZE, SEQ_LEN, SEED and "
+                          "TRAIN_STEPS instead of the fields")
     e = run.eval_mixture
     if e is not None and ((e.batch_size, e.seq_len) != (t.batch_size, t.seq_len) or e.tokenizer != m.tokenizer):
         # The eval step is compiled for the training batch shape and scores with the training tokenizer.

@@ -40,6 +40,18 @@ def _schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, rest], [warmup]) if warm is not None else rest
 
 
+def warmup_note(config: OptimizerConfig, total_steps: int) -> str | None:
+    """A warning when the run's schedule phase (TRAIN_STEPS - schedule_start steps) is shorter than its warm-up: the
+    warm-up is then cut to the phase, so the learning rate only rises and never reaches its peak. None otherwise."""
+    phase = total_steps - config.schedule_start
+    if config.warmup_steps <= phase:
+        return None
+    return (f"the run's {phase} steps are shorter than its learning-rate warm-up (OptimizerConfig.warmup_steps = "
+            f"{config.warmup_steps}): the warm-up is cut to {phase} steps, so the learning rate only rises, to "
+            f"{(phase - 1) / phase:.0%} of OptimizerConfig.learning_rate, and never follows the "
+            f"{config.schedule!r} shape; lower OptimizerConfig.warmup_steps or raise TRAIN_STEPS")
+
+
 def decay_mask(params: Any, exclude: tuple[str, ...]) -> Any:
     """A pytree of bools like `params`: True where weight decay applies (path contains none of `exclude`)."""
     def keep(path, _):

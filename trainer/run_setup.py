@@ -18,7 +18,7 @@ from data.config import single_component_mixture
 from data.tokenize import check_vocab
 from models import sharding
 from storage import Path
-from trainer import (checkpoint, consensus, export, initialize, program as program_lib, run_metadata,
+from trainer import (checkpoint, consensus, export, initialize, optimizer, program as program_lib, run_metadata,
                      state as state_lib)
 from trainer.config import RunConfig, write_operative_config
 
@@ -43,12 +43,13 @@ class Setup:
         """Checks that the batch fits the mesh and the tokenizer the model before reading any corpus."""
         t = run.train
         _check_export_targets(run, Path(t.model_dir))
+        notes = [run.mixture.check_run(jax.process_count()), optimizer.warmup_note(run.optimizer, t.train_steps)]
         mesh = sharding.make_mesh(**t.mesh)
         program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
         check_vocab(run.mixture.tokenizer, run.model.vocab_size)
-        short = run.mixture.short_run_note(t.train_steps, jax.process_count())
-        if short and jax.process_index() == 0:
-            log.warning("%s", short)
+        for note in notes:
+            if note and jax.process_index() == 0:
+                log.warning("%s", note)
         with consensus.together("opening its data shards"):  # bad input can be in one host's shards only
             pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
                                        process_count=jax.process_count())
