@@ -47,7 +47,7 @@ def bad(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 CASES = [  # (id, argv with {placeholders}, exit code, words the one error line must contain)
-    ("preview-binding", ["-m", "data.preview", "--gin.TRAIN_STEPS=-1"], 2, ["TrainConfig.train_steps", "TRAIN_STEPS"]),
+    ("preview-binding", ["-m", "data.preview", "--gin.TRAIN_STEPS=-1"], 2, ["train_steps must be", "TRAIN_STEPS"]),
     ("preview-no-init-from", ["-m", "data.preview", "--gin_file=runs/midtrain.gin"], 2, ["INIT_FROM is not set"]),
     ("preview-gin-typo", ["-m", "data.preview", "--gin.TrainConfig.trian_steps=3"], 2, ["trian_steps", "gin: "]),
     ("train-model-dir-is-a-file", [str(REPO / "train.py"), "--gin.MODEL_DIR={file}"], 2,
