@@ -1,10 +1,11 @@
 """train.py as several real JAX processes on localhost (jax.distributed, gloo CPU collectives), the mesh spanning
-processes: the same losses and exports as one process, each host parsing only its own documents, exact resume after SIGKILL, and SIGTERM to one process, a data
-cap on one host and a NaN loss each stopping every process at the same step (with 2 and 4 processes).
+processes: the same losses and exports as one process, each host parsing only its own documents, exact resume after
+SIGKILL, a checkpoint of 2 processes resumed by 1 and the reverse, and SIGTERM to one process, a data cap on one host
+and a NaN loss each stopping every process at the same step (with 2 and 4 processes).
 
-All runs use the tiny model with the global batch split into 4 data shards (MixtureConfig.num_shards=4), so 1 process x
-4 devices, 2 x 2 and 4 x 1 train on the same global batches. The runs share the suite's persistent compilation cache
-(conftest.py).
+All runs use the tiny model with a 32-row global batch, which MixtureConfig splits into 4 data shards by default
+(data.config.default_num_shards, whatever the process count), so 1 process x 4 devices, 2 x 2 and 4 x 1 train on the
+same global batches. The runs share the suite's persistent compilation cache (conftest.py).
 """
 import argparse
 import json
@@ -21,8 +22,8 @@ from tests.multiproc import Cluster, logged_steps, losses
 
 pytestmark = pytest.mark.slow
 STEPS = 8
-ARGS = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32",
-        f"--gin.TRAIN_STEPS={STEPS}", "--gin.CHECKPOINT_EVERY=2", "--gin.MixtureConfig.num_shards=4",
+ARGS = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=32", "--gin.SEQ_LEN=32",
+        f"--gin.TRAIN_STEPS={STEPS}", "--gin.CHECKPOINT_EVERY=2",
         "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=None", "--gin.TrainConfig.peak_flops=1e12",
         "--gin.OptimizerConfig.warmup_steps=2", "--gin.CheckpointConfig.export_every=3",
         "--gin.CheckpointConfig.export_dtype='float32'"]
@@ -140,6 +141,34 @@ def test_two_processes_match_one_process_and_export_loads_in_transformers(single
         with torch.no_grad():
             theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
         np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0, err_msg=export)
+
+
+def copy_until(run: pathlib.Path, to: pathlib.Path, step: int) -> None:
+    """`run` as it was after `step` (its checkpoints, exports and metrics up to there): a run preempted at `step`."""
+    shutil.copytree(run, to)
+    for folder in [*(to / "checkpoints").iterdir(), *(to / "exports").iterdir(), to / "hf"]:
+        if not folder.name.isdigit() or int(folder.name) > step:
+            shutil.rmtree(folder)
+    records = [line for line in (to / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (to / "metrics.jsonl").write_text("\n".join(records) + "\n")
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(single, two, tmp_path, before, after):
+    """Preempted at step 6 with `before` processes (its newest checkpoint but one), resumed with `after`: the same
+    global data (the realized token counts per component equal the uninterrupted run's at every step), and losses and
+    exports as the uninterrupted run's to RTOL (the gradient sums cross processes in another order after the
+    resume)."""
+    model_dir = tmp_path / "run"
+    copy_until(two if before == 2 else single, model_dir, 6)
+    assert len(saved_by(model_dir, 6)) == before
+    cluster = multiproc.run(after, 4 // after, args(model_dir), tmp_path / "logs", TIMEOUT)
+    assert re.search(r"resuming from \S+/checkpoints/6", cluster.stderr(0)), cluster.stderr(0)[-3000:]
+    assert_same_run(model_dir, single, RTOL)
+    tokens = lambda run: [{k: v for k, v in r.items() if k.startswith("tokens/")}  # noqa: E731
+                          for r in multiproc.metrics(run)]
+    assert tokens(model_dir) == tokens(single) and tokens(model_dir)[-1]
+    assert len(saved_by(model_dir, STEPS)) == after
 
 
 def test_sigterm_to_one_process_stops_all_then_sigkill_all_resumes_exactly(two, tmp_path):

@@ -14,6 +14,7 @@ fallback past checkpoints that cannot be resumed are in trainer.checkpoint_healt
 """
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import storage
+from data.pipeline import DataStateMismatch, merge_process_states
 from models import layout
 from models.config import ModelConfig
 from models.sharding import make_mesh
@@ -125,12 +127,13 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState, mesh: Mesh,
                 iterator: grain.DatasetIterator) -> TrainState:
-        """Restores step `step` onto `mesh` (any mesh shape) and sets `iterator` to the saved data position."""
+        """Restores step `step` onto `mesh` (any mesh shape) and sets `iterator` to the saved data position (saved
+        by any number of processes: restore_data). Raises DataStateMismatch when the data position does not fit."""
         target = checkpoint_tree.abstract_tree(abstract_state, self.model_config, mesh)
+        restore_data(self.directory / str(step) / "data", iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target["params"]),
-            opt_state=ocp.args.StandardRestore({"opt_state": target["opt_state"], "step": target["step"]}),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
+            opt_state=ocp.args.StandardRestore({"opt_state": target["opt_state"], "step": target["step"]})))
         tree = {"params": restored["params"], **restored["opt_state"]}
         return checkpoint_tree.from_tree(tree, abstract_state, self.model_config)
 
@@ -141,8 +144,9 @@ class Checkpointer:
 
         Skips checkpoints marked non-finite and ones that fail to restore (damaged), newest first, and sets them
         aside with a warning once an older one has restored. `check(metadata, step)` raises when the run's config
-        does not fit the checkpoint; that is not damage and propagates at once. When every checkpoint fails to
-        restore, the cause is more likely this machine than the files: NoResumableCheckpoint, nothing moved.
+        does not fit the checkpoint, and restoring raises DataStateMismatch when its data position does not fit
+        this run's data shards; that is not damage and propagates at once. When every checkpoint fails to restore,
+        the cause is more likely this machine than the files: NoResumableCheckpoint, nothing moved.
         """
         skipped: list[tuple[int, str]] = []
         first_error: Exception | None = None
@@ -159,6 +163,8 @@ class Checkpointer:
             check(meta, step)
             try:
                 state = self.restore(step, abstract_state, mesh, iterator)
+            except DataStateMismatch:
+                raise
             except Exception as e:  # noqa: BLE001
                 skipped.append((step, f"damaged: {health.short_error(e)}"))
                 first_error = first_error or e
@@ -191,6 +197,26 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self._record()
         self.manager.close()
+
+
+def restore_data(directory: storage.Path, iterator: grain.DatasetIterator) -> None:
+    """Sets `iterator` to the position in a checkpoint's `data` item, where Grain wrote each process's iterator state
+    as process_<i>-of-<n>.json. Saved by as many processes as this run has: this process's own state. Saved by
+    another number: all of them merged (data.pipeline.merge_process_states), from which this process's pipeline takes
+    its data shards; DataStateMismatch when the shards do not fit."""
+    found = {}
+    for f in directory.glob("process_*-of-*.json"):
+        index, _, count = f.stem.removeprefix("process_").partition("-of-")
+        found[int(index)] = (int(count), f)
+    counts = {count for count, _ in found.values()}
+    if len(counts) != 1 or sorted(found) != list(range(next(iter(counts)))):
+        names = sorted(f.name for _, f in found.values())
+        raise FileNotFoundError(f"{directory}: the data iterator states are incomplete ({names})")
+    states = [json.loads(found[i][1].read_text()) for i in sorted(found)]
+    if len(states) == jax.process_count():
+        iterator.set_state(states[jax.process_index()])
+    else:
+        iterator.set_state(merge_process_states(states))
 
 
 def save_params(model_dir: str | pathlib.Path, model: Transformer, metadata: dict[str, Any], step: int = 0
