@@ -6,7 +6,8 @@
 | 1 | stopped on the numbers or the data: a non-finite loss, a component exhausted with `on_exhausted='error'`, |
 |   | `data.synth generate` items that failed for good, `contamination --fail-on-hit` hits |
 | 2 | usage, configuration or input error, found before any expensive work (a flag, gin binding, file, model folder) |
-| 3 | an external service or client is missing or unreachable (LLM server, grader, `gs://` filesystem client) |
+| 3 | an external service or client is missing or unreachable (LLM server, grader, `gs://` filesystem client), or |
+|   | another process of a multi-host `train.py` run stopped answering (lost) |
 | 4 | internal error (a bug): the traceback is printed; please report it |
 | 130 | interrupted (Ctrl-C) |
 

@@ -22,11 +22,14 @@ from typing import Any
 import grain
 import numpy as np
 
+import exit_codes
+
 log = logging.getLogger(__name__)
 
 
 class ComponentExhausted(RuntimeError):
     """A component with `on_exhausted="error"` ran past its `max_epochs`."""
+    exit_code = exit_codes.STOPPED
 
 
 def largest_remainder(weights: Sequence[float], total: int) -> np.ndarray:

@@ -276,15 +276,17 @@ def test_data_cap_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     assert saved_by(model_dir, batches[1]) == ["process_0-of-2.json", "process_1-of-2.json"]
 
     # The same cap with on_exhausted='error', resumed from there: process 1 raises at once, process 0 (with data
-    # left) is told so by the vote, and both exit 1 without a step.
+    # left) is told so by the vote, naming process 1's error, and both exit 1 without a step.
     with Cluster(2, 1, [*cmd, "--gin.capped/Component.on_exhausted='error'"], tmp_path / "logs_error") as cluster:
         assert cluster.wait(TIMEOUT) == [1, 1], cluster.report("on_exhausted='error'")
         assert "component 'capped' ran out of documents" in cluster.stderr(1)
-        assert f"another process failed to read its next batch for step {batches[1] + 1}" in cluster.stderr(0)
+        assert (f"process 1 of 2 failed while reading its next batch for step {batches[1] + 1}: component 'capped' "
+                "ran out of documents") in cluster.stderr(0)
     assert max(losses(model_dir)) == batches[1]
 
     # Bad input in process 1's byte range only: it fails while opening its shards, and process 0 (whose shards are
-    # fine) is told so by the set-up vote instead of waiting in the first collective for a peer that never comes.
+    # fine) is told so by the set-up vote instead of waiting in the first collective for a peer that never comes;
+    # both exit with process 1's code.
     bad = tmp_path / "bad.jsonl"
     with bad.open("w") as f:
         for i in range(120):
@@ -293,5 +295,6 @@ def test_data_cap_on_one_host_stops_every_host_at_the_same_step(tmp_path):
                         "--gin.MixtureConfig.max_bad_records=5"], tmp_path / "logs_bad") as cluster:
         codes = cluster.wait(TIMEOUT)
         assert "component 'capped': " in cluster.stderr(1) and "bad records" in cluster.stderr(1), cluster.report("")
-        assert "another process failed while opening its data shards" in cluster.stderr(0), cluster.report("bad")
-        assert codes == [1, 2], cluster.report("bad input on one host")
+        assert ("process 1 of 2 failed while checking the run and opening its data shards: component 'capped': "
+                in cluster.stderr(0)), cluster.report("bad")
+        assert codes == [2, 2], cluster.report("bad input on one host")

@@ -25,13 +25,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+import exit_codes
 import storage
 from data.pipeline import DataStateMismatch, merge_process_states
 from models import layout
 from models.config import ModelConfig
 from models.sharding import make_mesh
 from models.transformer import Transformer
-from trainer import checkpoint_health as health, checkpoint_tree, run_metadata
+from trainer import checkpoint_health as health, checkpoint_tree, consensus, run_metadata
 from trainer.run_config import CheckpointConfig
 from trainer.state import TrainState
 
@@ -41,6 +42,7 @@ CHECKPOINTS = "checkpoints"
 
 class NoResumableCheckpoint(RuntimeError):
     """Every committed checkpoint in MODEL_DIR failed to restore (nothing was moved)."""
+    exit_code = exit_codes.USAGE
 
 
 def _manager(directory: storage.Path, config: CheckpointConfig | None, read_only: bool = False,
@@ -147,27 +149,27 @@ class Checkpointer:
         does not fit the checkpoint, and restoring raises DataStateMismatch when its data position does not fit
         this run's data shards; that is not damage and propagates at once. When every checkpoint fails to restore,
         the cause is more likely this machine than the files: NoResumableCheckpoint, nothing moved.
+
+        With several processes every choice is common: process 0 lists the steps and their verdicts, and a step one
+        process cannot read is skipped by all (trainer.consensus), so no two processes resume different steps.
         """
+        listed = consensus.from_process_0("listing MODEL_DIR's checkpoints",
+                                          lambda: [[s, self.verdicts.get(s)] for s in self.all_steps()])
+        self.verdicts = {s: v for s, v in listed if v is not None}
         skipped: list[tuple[int, str]] = []
         first_error: Exception | None = None
-        for step in sorted(self.all_steps(), reverse=True):
+        for step in sorted((s for s, _ in listed), reverse=True):
             if self.verdicts.get(step) == health.NONFINITE:
                 skipped.append((step, "a non-finite loss was computed from its parameters"))
                 continue
-            try:
-                meta = self.metadata(step)
-            except Exception as e:  # noqa: BLE001 - any read failure of one checkpoint means: try the previous one
-                skipped.append((step, f"damaged: {health.short_error(e)}"))
-                first_error = first_error or e
-                continue
-            check(meta, step)
-            try:
-                state = self.restore(step, abstract_state, mesh, iterator)
-            except DataStateMismatch:
-                raise
-            except Exception as e:  # noqa: BLE001
-                skipped.append((step, f"damaged: {health.short_error(e)}"))
-                first_error = first_error or e
+            meta, damage = consensus.outcome(lambda: self.metadata(step), health.short_error)
+            if damage is None:
+                check(meta, step)
+                state, damage = consensus.outcome(lambda: self.restore(step, abstract_state, mesh, iterator),
+                                                  health.short_error, reraise=(DataStateMismatch,))
+            if damage is not None:  # any read failure of one checkpoint means: try the previous one
+                skipped.append((step, f"damaged: {damage}"))
+                first_error = first_error or RuntimeError(damage)
                 continue
             self._set_aside(skipped)
             return step, meta, state
@@ -180,13 +182,14 @@ class Checkpointer:
         return None
 
     def _set_aside(self, skipped: list[tuple[int, str]]) -> None:
-        for step, why in skipped:
-            where = self.directory / str(step)
-            if jax.process_index() == 0:
-                where = health.set_aside(self.directory, step, f"step {step} was not resumed: {why}")
-            log.warning("not resuming from checkpoint %s/%d (%s); it is kept, moved to %s", self.directory, step,
-                        why, where)
-            self.verdicts.pop(step, None)
+        with consensus.together("setting aside checkpoints it does not resume"):  # moved by process 0, then seen by all
+            for step, why in skipped:
+                where = self.directory / str(step)
+                if jax.process_index() == 0:
+                    where = health.set_aside(self.directory, step, f"step {step} was not resumed: {why}")
+                log.warning("not resuming from checkpoint %s/%d (%s); it is kept, moved to %s", self.directory, step,
+                            why, where)
+                self.verdicts.pop(step, None)
         if skipped:
             self.manager.reload()
 
