@@ -116,3 +116,28 @@ def test_global_batch_sharding():
     both = global_batch(local, mesh, PartitionSpec(("data", "model")))
     assert both["tokens"].sharding.spec == PartitionSpec(("data", "model"), None)
     assert len(both["tokens"].addressable_shards) == 8
+
+
+def test_a_checkpoint_of_another_shard_count_is_refused_naming_the_fix_not_set_aside(tmp_path):
+    """Resuming with another MixtureConfig.num_shards cannot continue the data order: one line naming the fix
+    (exit 2), and the checkpoint is not taken for damage (it stays where it is)."""
+    from tests.test_checkpoint_health import INITIAL, MESH, TINY, TX
+    from trainer import checkpoint, state as state_lib
+    from trainer.run_config import CheckpointConfig
+
+    tok = word_tokenizer(tmp_path / "tok")
+    a = write_jsonl(tmp_path / "a.jsonl", [words_doc(5 + i % 7, i) for i in range(40)])
+    cfg = MixtureConfig(components=(Component("a", paths=(str(a),)),), weights={"a": 1.0}, tokenizer=str(tok),
+                        seq_len=16, batch_size=8, num_shards=2)
+    saved = build(cfg)
+    next(saved.iterator)
+    ckpt = checkpoint.Checkpointer(tmp_path / "run", CheckpointConfig(async_save=False), TINY)
+    ckpt.save(INITIAL, saved.iterator, {"step": 1})
+    ckpt.close()
+
+    ckpt = checkpoint.Checkpointer(tmp_path / "run", CheckpointConfig(), TINY)
+    with pytest.raises(DataStateMismatch, match=r"saved with 2 data shards, .*num_shards=2 to continue"):
+        ckpt.restore_resumable(state_lib.abstract(TINY, TX), MESH,
+                               build(dataclasses.replace(cfg, num_shards=None)).iterator, lambda meta, step: None)
+    ckpt.close()
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()

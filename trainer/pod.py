@@ -126,12 +126,11 @@ class _Watch:
 
     def end(self, code: int, message: str) -> NoReturn:
         """Ends this process from the watch: one line, cleanups, then os._exit (see the module docstring)."""
-        if self.failure is not None:  # this process failed first and could not stop by itself: its own error counts
+        own = self.failure is not None  # this process failed first and could not stop by itself: its error counts
+        if own:
             code, message = self.failure["code"], self.failure["message"]
-        else:
-            message += "; this process stops too"
-        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
-        self._publish(ENDED, code, message, cause=self.failure is not None)
+        print(f"{self.prog}: error: {message}{'' if own else '; this process stops too'}", file=sys.stderr, flush=True)
+        self._publish(ENDED, code, message, cause=own and self.failure["cause"])
         done = threading.Thread(target=self._clean_up, daemon=True)
         done.start()
         done.join(CLEANUP_S)
@@ -141,8 +140,8 @@ class _Watch:
         """Ends this process after main() returned `code`: published for the others; with an error, process 0 first
         waits for the others to leave; then os._exit (an exit with 0 goes through JAX's own orderly shutdown)."""
         self.leaving = True
-        message = self.failure["message"] if self.failure and code else ""
-        self._publish(ENDED, code, message, cause=bool(self.failure and self.failure["cause"]))
+        message = self.failure["message"] if self.failure else f"it exited with code {code}"
+        self._publish(ENDED, code, message, cause=self.failure["cause"] if self.failure else True)
         if code == exit_codes.OK:
             self._stop.set()
             self._thread.join(timeout=self.interval + 5)
