@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         elif exit_codes.code_for(e) == exit_codes.STOPPED:
             print(f"train.py: {e}", file=sys.stderr)  # the last checkpoint is kept as is
         else:
-            raise  # exit_codes.run: one line and the exit code from the table (a traceback for a bug)
+            return exit_codes.report(e, "train.py")  # one line and the code from the table (a traceback for a bug)
         return exit_codes.code_for(e)
 
 
