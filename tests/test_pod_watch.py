@@ -45,6 +45,8 @@ def test_a_silent_process_is_lost_only_after_the_bound_and_beats_of_this_watch(w
     for k in range(2, 14):
         assert beat(watch, k, {**frozen, f"{pod.PULSE}2": f"{k} {k}"}) is None
     assert beat(watch, 14, frozen) == (3, "process 1 of 3 stopped answering (lost) at step 1")
+    watch.step = 9  # this process is further on than the lost one's last pulse said
+    assert beat(watch, 15, frozen) == (3, "process 1 of 3 stopped answering (lost) at step 9")
 
 
 def test_a_stalled_watch_does_not_blame_the_others(watch):

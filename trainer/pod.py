@@ -115,7 +115,8 @@ class _Watch:
                 self._seen[j] = (pulse, now, beats)
             elif now - moved > self.lost_after and beats - at_beat >= 3:
                 self._lost.add(j)
-                step = pulse.split()[1] if pulse else "start-up"
+                # Processes step together; a pulse is up to one interval old, so the later of the two steps is nearer.
+                step = max(int(pulse.split()[1]), self.step) if pulse else "start-up"
                 if j in ended:
                     return exit_codes.UNAVAILABLE, (f"process {j} of {self.n} left (exit 0) at step {step} while this "
                                                     "process was still running")
