@@ -6,7 +6,8 @@
 | 1 | stopped on the numbers or the data: a non-finite loss, a component exhausted with `on_exhausted='error'`, |
 |   | `data.synth generate` items that failed for good, `contamination --fail-on-hit` hits |
 | 2 | usage, configuration or input error, found before any expensive work (a flag, gin binding, file, model folder) |
-| 3 | an external service or client is missing or unreachable (LLM server, grader, `gs://` filesystem client) |
+| 3 | an external service or client is missing or unreachable (LLM server, grader, `gs://` filesystem client), or |
+|   | another process of a multi-host `train.py` run stopped answering (lost) |
 | 4 | internal error (a bug): the traceback is printed; please report it |
 | 130 | interrupted (Ctrl-C) |
 
@@ -54,13 +55,19 @@ def run(main: Callable[[Sequence[str] | None], Any], prog: str, argv: Sequence[s
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
     except Exception as e:  # noqa: BLE001 -- the one place a command line turns exceptions into exit codes
-        code = code_for(e)
-        if code == INTERNAL or os.environ.get("DOCMIX_TRACEBACK"):
-            traceback.print_exc()
-        kind = "internal error (a bug; please report it with the traceback above)" if code == INTERNAL else "error"
-        print(f"{prog}: {kind}: {message(e)}", file=sys.stderr)
-        return code
+        return report(e, prog)
     return result if isinstance(result, int) and not isinstance(result, bool) else OK
+
+
+def report(error: Exception, prog: str) -> int:
+    """Prints `error` as `run` does (one line; the traceback too for a bug or with DOCMIX_TRACEBACK; call it while
+    handling the error) and returns its exit code."""
+    code = code_for(error)
+    if code == INTERNAL or os.environ.get("DOCMIX_TRACEBACK"):
+        traceback.print_exc()
+    kind = "internal error (a bug; please report it with the traceback above)" if code == INTERNAL else "error"
+    print(f"{prog}: {kind}: {message(error)}", file=sys.stderr)
+    return code
 
 
 def message(error: BaseException) -> str:

@@ -7,7 +7,8 @@
 Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status (the table in exit_codes.py
 and the README): 0 done or preempted (SIGTERM saves a checkpoint first), 1 stopped on a non-finite loss or exhausted
 data, 2 configuration, input or resume-mismatch error, another run holding MODEL_DIR, or an export folder that is not
-an earlier export, 4 internal error.
+an earlier export, 3 another process of a multi-host run stopped answering, 4 internal error. In a multi-host run a
+process that stops because another failed exits with that process's code.
 """
 from __future__ import annotations
 
@@ -38,49 +39,88 @@ def main(argv: list[str] | None = None) -> int:
                             "$JAX_COORDINATOR_ADDRESS or the cluster's)")
     group.add_argument("--num_processes", type=int, metavar="N", help="number of processes in the run")
     group.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0 <= I < N")
+    group.add_argument("--failure_timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="when a process fails or stops answering, every process ends within this many seconds "
+                            "(default 120; every process must join within it too)")
     args = parser.parse_args(argv)
     cluster = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
                "process_id": args.process_id}
     given = {k: v for k, v in cluster.items() if v is not None}
     if given and not args.distributed:
         parser.error(f"--{', --'.join(given)}: only with --distributed")
+    if args.failure_timeout < 4:
+        parser.error(f"--failure_timeout={args.failure_timeout:g}: give at least 4 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import exit_codes
+    from trainer import pod
+
+    try:
+        return train(args, given, argv)
+    except Exception as e:
+        pod.settle(e)  # a collective that failed because another process is gone: the watch names that one
+        pod.report_failure(e)  # the other processes name this error (a no-op in a run of one process)
+        if isinstance(e, config.ConfigError):
+            print(f"train.py: configuration error: {e}", file=sys.stderr)
+        elif isinstance(e, pod.OtherProcessFailed):  # its log has the traceback, if any
+            print(f"train.py: error: {e}", file=sys.stderr)
+        elif exit_codes.code_for(e) == exit_codes.STOPPED:
+            print(f"train.py: {e}", file=sys.stderr)  # the last checkpoint is kept as is
+        else:
+            return exit_codes.report(e, "train.py")  # one line and the code from the table (a traceback for a bug)
+        return exit_codes.code_for(e)
+
+
+def train(args: argparse.Namespace, cluster: dict, argv: list[str] | None) -> int:
+    """Joins the other processes (--distributed), loads and checks the configuration (agreed between processes),
+    trains, and prints the summary."""
+    from trainer import config
+
+    processes = 1
+    if args.distributed:
+        processes = join(cluster, args.failure_timeout)
+    run, error = None, None
     try:
         run = config.load(args.gin_file, args.gin_bindings, args.gin_search_paths)
-    except config.ConfigError as e:
-        print(f"train.py: configuration error: {e}", file=sys.stderr)
-        return 2
-    check_model_dir(run.model_dir)
+        run.mixture.check_run(processes)  # a share the run's rows cannot hold, before MODEL_DIR is touched
+        check_model_dir(run.model_dir)
+    except (config.ConfigError, OSError, ValueError) as e:
+        error = e
     import jax
 
-    if args.distributed:
-        try:
-            jax.distributed.initialize(**given)
-        except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: no coordinator within the timeout
-            print(f"train.py: --distributed: jax.distributed.initialize({given}) failed: {e}", file=sys.stderr)
-            return 2
-    run.mixture.check_run(jax.process_count())  # before MODEL_DIR is touched: a share the run's rows cannot hold
-    from data.mixture import ComponentExhausted
-    from trainer import checkpoint, consensus, export, loop, run_lock, run_metadata
+    if jax.process_count() > 1:  # every process stops on any process's error, or on a difference between them
+        from trainer import pod_start, run_metadata
 
-    try:
-        summary = loop.train(run)
-    except (loop.NonFiniteLoss, ComponentExhausted, consensus.OtherProcessFailed) as e:  # last checkpoint kept as is
-        print(f"train.py: {e}", file=sys.stderr)
-        return 1
-    except (run_metadata.CheckpointMismatch, run_lock.RunLocked, export.UnsafeExportTarget,
-            checkpoint.NoResumableCheckpoint, FileNotFoundError, ValueError) as e:
-        print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        flags = {"failure_timeout": args.failure_timeout}
+        pod_start.same_config(run and pod_start.operative(run.gin_text, flags, run_metadata.code_version()), error)
+        pod_start.shared_model_dir(run.model_dir)
+    elif error is not None:
+        raise error
+    from trainer import loop
+
+    summary = loop.train(run)
     if jax.process_index() == 0:
         print(format_summary(summary, argv if argv is not None else sys.argv[1:]))
         if summary.step > run.train_steps:
             log.warning("nothing was trained: %s is at step %d, beyond TRAIN_STEPS=%d; to continue, raise "
                         "--gin.TRAIN_STEPS", summary.model_dir, summary.step, run.train_steps)
     return 0
+
+
+def join(cluster: dict, failure_timeout: float) -> int:
+    """jax.distributed.initialize and this process's watch over the others (trainer.pod.join); returns the number
+    of processes."""
+    import jax
+
+    from trainer import pod
+
+    try:
+        pod.join("train.py", failure_timeout, cluster)
+    except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: JAX was used before, or initialized twice
+        raise ValueError(f"--distributed: jax.distributed.initialize({cluster}) failed: {e}") from None
+    return jax.process_count()
 
 
 def check_model_dir(model_dir: str) -> None:
@@ -157,6 +197,7 @@ def config_args(gin: argparse.Namespace) -> list[str]:
 if __name__ == "__main__":
     import exit_codes
     import host_memory
+    from trainer import pod
 
     host_memory.use_huge_pages()
-    sys.exit(exit_codes.run(main, "train.py"))
+    pod.leave(exit_codes.run(main, "train.py"))  # in a run of several processes, the others learn how this one ended

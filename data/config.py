@@ -136,9 +136,10 @@ class MixtureConfig:
     tokenizer: a tokenizer.json file or a folder with tokenizer.json (+ tokenizer_config.json, chat template).
     add_bos/add_eos: None = the tokenizer's own policy (see data.tokenize); bos_token/eos_token override the tokens.
     max_bad_records: per component, malformed records skipped (and reported) before the run stops with an error.
-    num_shards: data shards (None = the process count). Each shard is packed and mixed independently and fills
-      batch_size/num_shards contiguous rows of every global batch; keep it fixed to get the same global stream from
-      any number of processes that divides it.
+    num_shards: data shards. Each shard is packed and mixed independently and fills batch_size/num_shards contiguous
+      rows of every global batch; the global stream depends on the shard count only, so a run resumes with the same
+      data order on any number of processes that divides it. None = `default_num_shards(batch_size)` (raised to a
+      multiple of the process count where that does not divide it).
     worker_count: Grain worker processes per JAX process (0 = in-process).
     prefetch: batches a background thread prepares ahead of the training loop (0 = none), so tokenizing and packing
       overlap the train step. The iterator's state (what checkpoints save) stays the position after the batches
@@ -264,13 +265,26 @@ class MixtureConfig:
 
     def shards(self, process_count: int) -> int:
         """Number of data shards for a run with `process_count` JAX processes."""
-        shards = self.num_shards or process_count
+        shards = self.num_shards or math.lcm(default_num_shards(self.batch_size), process_count)
         if shards % process_count:
             raise ValueError(f"MixtureConfig.num_shards={shards} is not a multiple of the process count "
                              f"{process_count}")
         if self.batch_size % shards:
             raise ValueError(f"MixtureConfig.batch_size={self.batch_size} must be divisible by the {shards} data shards")
         return shards
+
+
+MAX_DEFAULT_SHARDS = 64      # hosts of the largest pod whose resumes need no MixtureConfig.num_shards
+MIN_ROWS_PER_SHARD = 8       # rows of each global batch a default shard fills (so its mixture blocks fill quickly)
+
+
+def default_num_shards(batch_size: int) -> int:
+    """The data shards of a run that does not set MixtureConfig.num_shards: the most, up to MAX_DEFAULT_SHARDS, that
+    divide `batch_size` and leave each at least MIN_ROWS_PER_SHARD rows of every batch (1 below 2 * that). A
+    function of the batch alone, so any process count dividing it reads the same global stream (batch 8 -> 1,
+    16 -> 2, 64 -> 8, 1024 -> 64)."""
+    return max(d for d in range(1, min(MAX_DEFAULT_SHARDS, batch_size) + 1)
+               if batch_size % d == 0 and (d == 1 or batch_size // d >= MIN_ROWS_PER_SHARD))
 
 
 def single_component_mixture(mixture: MixtureConfig, component: Component, batch_size: int) -> MixtureConfig:

@@ -25,6 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 
+import exit_codes
 from data.blocks import block_rows, largest_remainder, stretch_rows
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ Segment = tuple[int, int, tuple[float, ...]]  # (start row, rows per full block,
 
 class ComponentExhausted(RuntimeError):
     """A component with `on_exhausted="error"` ran past its `max_epochs`."""
+    exit_code = exit_codes.STOPPED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,26 +70,28 @@ class EpochMapDataset(grain.MapDataset):
         return self._fn(self._source[int(k)])
 
 
+class DataStateMismatch(ValueError):
+    """A saved data iterator state does not fit this pipeline (another shard count, or a state kept per process)."""
+
+
 class _ShardBatchIterDataset(grain.IterDataset):
     """Stacks `rows` rows from each shard's row stream, shard after shard: batch arrays [len(shards) * rows, ...]."""
 
-    def __init__(self, shards: Sequence[grain.IterDataset], rows: int, layout: dict[str, Any]):
+    def __init__(self, shards: Sequence[grain.IterDataset], rows: int, num_shards: int, ids: Sequence[int]):
         super().__init__(list(shards))
-        self._rows = rows
-        self._layout = layout
+        self._rows, self._num_shards, self._ids = rows, num_shards, tuple(ids)
 
     def __iter__(self) -> "_ShardBatchIterator":
-        return _ShardBatchIterator([iter(p) for p in self._parents], self._rows, self._layout)
+        return _ShardBatchIterator([iter(p) for p in self._parents], self._rows, self._num_shards, self._ids)
 
 
 class _ShardBatchIterator(grain.DatasetIterator):
-    """layout: {"num_shards": S, "shards": [this process's shard ids]}, checked on restore (a state only fits the
-    shards it was saved from)."""
+    """State: {"num_shards": S, "shards": {shard id: that shard's state}}. set_state takes any state holding this
+    process's shards (e.g. every process's shards merged: merge_process_states)."""
 
-    def __init__(self, parents: list[grain.DatasetIterator], rows: int, layout: dict[str, Any]):
+    def __init__(self, parents: list[grain.DatasetIterator], rows: int, num_shards: int, ids: tuple[int, ...]):
         super().__init__(parents)
-        self._rows = rows
-        self._layout = layout
+        self._rows, self._num_shards, self._ids = rows, num_shards, ids
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [next(p) for p in self._parents for _ in range(self._rows)]
@@ -99,33 +101,58 @@ class _ShardBatchIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"layout": self._layout, "shards": [p.get_state() for p in self._parents]}
+        return {"num_shards": self._num_shards,
+                "shards": {str(j): p.get_state() for j, p in zip(self._ids, self._parents)}}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state["layout"] != self._layout:
-            raise ValueError(f"data iterator state was saved for data shards {state['layout']} but this process "
-                             f"builds {self._layout}; restore with the MixtureConfig.num_shards and process index it "
-                             "was saved with")
-        for p, s in zip(self._parents, state["shards"]):
-            p.set_state(s)
+        if state["num_shards"] != self._num_shards:
+            raise DataStateMismatch(
+                f"the data iterator state was saved with {state['num_shards']} data shards, but this run splits its "
+                f"batches into {self._num_shards} (MixtureConfig.num_shards, by default data.config.default_num_shards"
+                f" of the batch size); set --gin.MixtureConfig.num_shards={state['num_shards']} to continue its data "
+                "order (on a number of processes that divides it)")
+        missing = [j for j in self._ids if str(j) not in state["shards"]]
+        if missing:
+            raise DataStateMismatch(f"the data iterator state holds data shards {sorted(map(int, state['shards']))}, "
+                                    f"not this process's {missing}")
+        for j, p in zip(self._ids, self._parents):
+            p.set_state(state["shards"][str(j)])
+
+
+def merge_process_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One pipeline iterator state holding every data shard of `states` (what each process of a run saved): a
+    pipeline built for any process count that divides the shard count restores it, each process taking its shards.
+    Raises DataStateMismatch for states kept per process (Grain worker processes, MixtureConfig.worker_count > 0)."""
+    try:
+        (num_shards,) = {s["parent"]["num_shards"] for s in states}
+        shards = {j: st for s in states for j, st in s["parent"]["shards"].items()}
+        counts = {j: c for s in states for j, c in s["counts"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DataStateMismatch(
+            f"the data iterator state was saved per process by {len(states)} processes (Grain worker processes, "
+            "MixtureConfig.worker_count > 0, keep their positions per process): resume it on "
+            f"{len(states)} processes") from None
+    return {"parent": {"num_shards": num_shards, "shards": shards}, "counts": counts}
 
 
 class _StatsIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, names: Sequence[str]):
+    def __init__(self, parent: grain.IterDataset, names: Sequence[str], ids: Sequence[int], rows: int):
         super().__init__(parent)
-        self._names = tuple(names)
+        self._names, self._ids, self._rows = tuple(names), tuple(ids), rows
 
     def __iter__(self) -> "StatsIterator":
-        return StatsIterator(iter(self._parent), self._names)
+        return StatsIterator(iter(self._parent), self._names, self._ids, self._rows)
 
 
 class StatsIterator(grain.DatasetIterator):
-    """The pipeline's iterator: yields the batch dict and counts what it yielded (counts are part of its state)."""
+    """The pipeline's iterator: yields the batch dict and counts what it yielded, per data shard (rows
+    [k * rows, (k + 1) * rows) of a batch are local shard k's), so the counts travel with their shards' positions
+    when another number of processes resumes (merge_process_states). Counts are part of its state."""
 
-    def __init__(self, parent: grain.DatasetIterator, names: Sequence[str]):
+    def __init__(self, parent: grain.DatasetIterator, names: Sequence[str], ids: Sequence[int], rows: int):
         super().__init__(parent)
-        self._names = names
-        self._counts = self._zero()
+        self._names, self._ids, self._rows = names, tuple(ids), rows
+        self._counts = {j: self._zero() for j in self._ids}
 
     def _zero(self) -> dict[str, Any]:
         per = {n: 0 for n in self._names}
@@ -134,32 +161,46 @@ class StatsIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._parent)
         docs = batch.pop("_documents")
-        comp = batch["component"]
         real = (batch["segment_ids"] > 0).sum(axis=1)
-        c = self._counts
+        c, k = len(self._names), len(self._ids)
+        slot = np.arange(len(real)) // self._rows * c + batch["component"]  # (local shard, component) of each row
         for key, values in (("rows", np.ones_like(real)), ("tokens", real), ("documents", docs)):
-            sums = np.bincount(comp, values, minlength=len(self._names))
-            for name, v in zip(self._names, sums):
-                c[key][name] += int(v)
-        c["padding"] += int(batch["segment_ids"].size - real.sum())
-        c["batches"] += 1
+            sums = np.bincount(slot, values, minlength=k * c).reshape(k, c)
+            for j, row in zip(self._ids, sums):
+                for name, v in zip(self._names, row):
+                    self._counts[j][key][name] += int(v)
+        padding = self._rows * batch["segment_ids"].shape[1] - real.reshape(k, self._rows).sum(axis=1)
+        for j, pad in zip(self._ids, padding):
+            self._counts[j]["padding"] += int(pad)
+            self._counts[j]["batches"] += 1
         return batch
 
     def counts(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._counts.items()}
+        """This process's counts: the sums over its shards (`batches` is the batches it yielded)."""
+        total = self._zero()
+        for shard in self._counts.values():
+            for key in ("rows", "tokens", "documents"):
+                for name, v in shard[key].items():
+                    total[key][name] += v
+            total["padding"] += shard["padding"]
+        total["batches"] = next(iter(self._counts.values()))["batches"]
+        return total
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "counts": self.counts()}
+        return {"parent": self._parent.get_state(),
+                "counts": {str(j): {k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()}
+                           for j, c in self._counts.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        saved = state["counts"]
-        self._counts = self._zero()
-        for key in ("padding", "batches"):
-            self._counts[key] = int(saved[key])
-        for key in ("rows", "tokens", "documents"):  # by name, so counts survive a change of components
-            for name in self._names:
-                self._counts[key][name] = int(saved[key].get(name, 0))
+        for j in self._ids:
+            saved, mine = state["counts"][str(j)], self._zero()
+            for key in ("padding", "batches"):
+                mine[key] = int(saved[key])
+            for key in ("rows", "tokens", "documents"):  # by name, so counts survive a change of components
+                for name in self._names:
+                    mine[key][name] = int(saved[key].get(name, 0))
+            self._counts[j] = mine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +314,7 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
                                                  on_exhausted=[c.on_exhausted for c in components],
                                                  max_epochs=[c.max_epochs for c in components],
                                                  rows_per_step=rows_per_shard))
-    dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard, {"num_shards": shards, "shards": list(local)})
+    dataset = _ShardBatchIterDataset(shard_streams, rows_per_shard, shards, local)
     if config.worker_count:
         from absl import flags
 
@@ -282,7 +323,7 @@ def build(config: MixtureConfig, *, process_index: int = 0, process_count: int =
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     if config.prefetch:  # below the stats iterator, so its counts are of the batches handed out
         dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=config.prefetch)
-    dataset = _StatsIterDataset(dataset, names)
+    dataset = _StatsIterDataset(dataset, names, local, rows_per_shard)
     reports = {n: functools.reduce(ScanReport.merge, (opened[n, j][2] for j in local)) for n in names}
     return Pipeline(config=config, component_names=tuple(names), iterator=iter(dataset), dataset=dataset,
                     reports=reports, documents_per_epoch=per_epoch, encoder=encoder, data_shards=tuple(local),

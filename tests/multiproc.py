@@ -43,18 +43,22 @@ def distributed_flags(port: int, num_processes: int, process_id: int) -> list[st
 
 class Cluster:
     """`num_processes` train.py processes with `devices` CPU devices each, all given `args` (plus the distributed
-    flags when there is more than one process). Use as a context manager."""
+    flags when there is more than one process, and process i its `extra[i]`), each started in `cwds[i]` (default: the
+    repository). Use as a context manager."""
 
     def __init__(self, num_processes: int, devices: int, args: Sequence[str], log_dir: pathlib.Path,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, extra: Sequence[Sequence[str]] | None = None,
+                 cwds: Sequence[pathlib.Path] | None = None):
         self.num_processes, self.devices, self.args = num_processes, devices, list(args)
         self.log_dir, self.env = pathlib.Path(log_dir), env
+        self.extra = [list(e) for e in extra] if extra else [[] for _ in range(num_processes)]
+        self.cwds = list(cwds) if cwds else [REPO] * num_processes
         self.procs: list[subprocess.Popen] = []
         self._files: list = []
 
     def command(self, process_id: int, port: int) -> list[str]:
         flags = distributed_flags(port, self.num_processes, process_id) if self.num_processes > 1 else []
-        return [sys.executable, str(REPO / "train.py"), *self.args, *flags]
+        return [sys.executable, str(REPO / "train.py"), *self.args, *self.extra[process_id], *flags]
 
     def __enter__(self) -> "Cluster":
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -63,8 +67,9 @@ class Cluster:
             out = open(self.log_dir / f"process_{i}.out", "w")
             err = open(self.log_dir / f"process_{i}.err", "w")
             self._files += [out, err]
-            self.procs.append(subprocess.Popen(self.command(i, port), cwd=REPO, env=process_env(self.devices, self.env),
-                                               stdout=out, stderr=err, start_new_session=True))
+            self.procs.append(subprocess.Popen(self.command(i, port), cwd=self.cwds[i],
+                                               env=process_env(self.devices, self.env), stdout=out, stderr=err,
+                                               start_new_session=True))
         return self
 
     def __exit__(self, *exc) -> None:

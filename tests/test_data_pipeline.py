@@ -51,8 +51,9 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.parametrize("share", [0.01, 0.1, 0.5])
 def test_exact_token_share_short_vs_long_documents(corpus, share):
-    block = 1000
-    cfg = mixture(corpus, {"short": share, "long": 1 - share}, seq_len=128, batch_size=100, block_size=block)
+    block = 1000  # one data shard: its blocks are 10 whole batches (each shard lays out its own blocks)
+    cfg = mixture(corpus, {"short": share, "long": 1 - share}, seq_len=128, batch_size=100, block_size=block,
+                  num_shards=1)
     p = build(cfg)
     batches = take(p, 100)  # 10,000 rows = 10 blocks
     comp = np.concatenate([b["component"] for b in batches])

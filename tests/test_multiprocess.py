@@ -1,10 +1,11 @@
 """train.py as several real JAX processes on localhost (jax.distributed, gloo CPU collectives), the mesh spanning
-processes: the same losses and exports as one process, each host parsing only its own documents, exact resume after SIGKILL, and SIGTERM to one process, a data
-cap on one host and a NaN loss each stopping every process at the same step (with 2 and 4 processes).
+processes: the same losses and exports as one process, each host parsing only its own documents, exact resume after
+SIGKILL, a checkpoint of 2 processes resumed by 1 and the reverse, and SIGTERM to one process, a data cap on one host
+and a NaN loss each stopping every process at the same step (with 2 and 4 processes).
 
-All runs use the tiny model with the global batch split into 4 data shards (MixtureConfig.num_shards=4), so 1 process x
-4 devices, 2 x 2 and 4 x 1 train on the same global batches. The runs share the suite's persistent compilation cache
-(conftest.py).
+All runs use the tiny model with a 32-row global batch, which MixtureConfig splits into 4 data shards by default
+(data.config.default_num_shards, whatever the process count), so 1 process x 4 devices, 2 x 2 and 4 x 1 train on the
+same global batches. The runs share the suite's persistent compilation cache (conftest.py).
 """
 import argparse
 import json
@@ -21,8 +22,8 @@ from tests.multiproc import Cluster, logged_steps, losses
 
 pytestmark = pytest.mark.slow
 STEPS = 8
-ARGS = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=32",
-        f"--gin.TRAIN_STEPS={STEPS}", "--gin.CHECKPOINT_EVERY=2", "--gin.MixtureConfig.num_shards=4",
+ARGS = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_SIZE=32", "--gin.SEQ_LEN=32",
+        f"--gin.TRAIN_STEPS={STEPS}", "--gin.CHECKPOINT_EVERY=2",
         "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=None", "--gin.TrainConfig.peak_flops=1e12",
         "--gin.OptimizerConfig.warmup_steps=2", "--gin.CheckpointConfig.export_every=3",
         "--gin.CheckpointConfig.export_dtype='float32'"]
@@ -142,6 +143,34 @@ def test_two_processes_match_one_process_and_export_loads_in_transformers(single
         np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0, err_msg=export)
 
 
+def copy_until(run: pathlib.Path, to: pathlib.Path, step: int) -> None:
+    """`run` as it was after `step` (its checkpoints, exports and metrics up to there): a run preempted at `step`."""
+    shutil.copytree(run, to)
+    for folder in [*(to / "checkpoints").iterdir(), *(to / "exports").iterdir(), to / "hf"]:
+        if not folder.name.isdigit() or int(folder.name) > step:
+            shutil.rmtree(folder)
+    records = [line for line in (to / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (to / "metrics.jsonl").write_text("\n".join(records) + "\n")
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(single, two, tmp_path, before, after):
+    """Preempted at step 6 with `before` processes (its newest checkpoint but one), resumed with `after`: the same
+    global data (the realized token counts per component equal the uninterrupted run's at every step), and losses and
+    exports as the uninterrupted run's to RTOL (the gradient sums cross processes in another order after the
+    resume)."""
+    model_dir = tmp_path / "run"
+    copy_until(two if before == 2 else single, model_dir, 6)
+    assert len(saved_by(model_dir, 6)) == before
+    cluster = multiproc.run(after, 4 // after, args(model_dir), tmp_path / "logs", TIMEOUT)
+    assert re.search(r"resuming from \S+/checkpoints/6", cluster.stderr(0)), cluster.stderr(0)[-3000:]
+    assert_same_run(model_dir, single, RTOL)
+    tokens = lambda run: [{k: v for k, v in r.items() if k.startswith("tokens/")}  # noqa: E731
+                          for r in multiproc.metrics(run)]
+    assert tokens(model_dir) == tokens(single) and tokens(model_dir)[-1]
+    assert len(saved_by(model_dir, STEPS)) == after
+
+
 def test_sigterm_to_one_process_stops_all_then_sigkill_all_resumes_exactly(two, tmp_path):
     model_dir = tmp_path / "run"
     cmd = args(model_dir)
@@ -247,15 +276,17 @@ def test_data_cap_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     assert saved_by(model_dir, batches[1]) == ["process_0-of-2.json", "process_1-of-2.json"]
 
     # The same cap with on_exhausted='error', resumed from there: process 1 raises at once, process 0 (with data
-    # left) is told so by the vote, and both exit 1 without a step.
+    # left) is told so by the vote, naming process 1's error, and both exit 1 without a step.
     with Cluster(2, 1, [*cmd, "--gin.capped/Component.on_exhausted='error'"], tmp_path / "logs_error") as cluster:
         assert cluster.wait(TIMEOUT) == [1, 1], cluster.report("on_exhausted='error'")
         assert "component 'capped' ran out of documents" in cluster.stderr(1)
-        assert f"another process failed to read its next batch for step {batches[1] + 1}" in cluster.stderr(0)
+        assert (f"process 1 of 2 failed while reading its next batch for step {batches[1] + 1}: component 'capped' "
+                "ran out of documents") in cluster.stderr(0)
     assert max(losses(model_dir)) == batches[1]
 
     # Bad input in process 1's byte range only: it fails while opening its shards, and process 0 (whose shards are
-    # fine) is told so by the set-up vote instead of waiting in the first collective for a peer that never comes.
+    # fine) is told so by the set-up vote instead of waiting in the first collective for a peer that never comes;
+    # both exit with process 1's code.
     bad = tmp_path / "bad.jsonl"
     with bad.open("w") as f:
         for i in range(120):
@@ -264,5 +295,6 @@ def test_data_cap_on_one_host_stops_every_host_at_the_same_step(tmp_path):
                         "--gin.MixtureConfig.max_bad_records=5"], tmp_path / "logs_bad") as cluster:
         codes = cluster.wait(TIMEOUT)
         assert "component 'capped': " in cluster.stderr(1) and "bad records" in cluster.stderr(1), cluster.report("")
-        assert "another process failed while opening its data shards" in cluster.stderr(0), cluster.report("bad")
-        assert codes == [1, 2], cluster.report("bad input on one host")
+        assert ("process 1 of 2 failed while checking the run and opening its data shards: component 'capped': "
+                in cluster.stderr(0)), cluster.report("bad")
+        assert codes == [2, 2], cluster.report("bad input on one host")

@@ -14,6 +14,7 @@ fallback past checkpoints that cannot be resumed are in trainer.checkpoint_healt
 """
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any, Callable
@@ -24,12 +25,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+import exit_codes
 import storage
+from data.pipeline import DataStateMismatch, merge_process_states
 from models import layout
 from models.config import ModelConfig
 from models.sharding import make_mesh
 from models.transformer import Transformer
-from trainer import checkpoint_health as health, checkpoint_tree, run_metadata
+from trainer import checkpoint_health as health, checkpoint_tree, consensus, run_metadata
 from trainer.run_config import CheckpointConfig
 from trainer.state import TrainState
 
@@ -51,6 +54,7 @@ logging.getLogger("absl").addFilter(_ReadOnlyNotice())  # Orbax logs through abs
 
 class NoResumableCheckpoint(RuntimeError):
     """Every committed checkpoint in MODEL_DIR failed to restore (nothing was moved)."""
+    exit_code = exit_codes.USAGE
 
 
 def _manager(directory: storage.Path, config: CheckpointConfig | None, read_only: bool = False,
@@ -137,12 +141,13 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: TrainState, mesh: Mesh,
                 iterator: grain.DatasetIterator) -> TrainState:
-        """Restores step `step` onto `mesh` (any mesh shape) and sets `iterator` to the saved data position."""
+        """Restores step `step` onto `mesh` (any mesh shape) and sets `iterator` to the saved data position (saved
+        by any number of processes: restore_data). Raises DataStateMismatch when the data position does not fit."""
         target = checkpoint_tree.abstract_tree(abstract_state, self.model_config, mesh)
+        restore_data(self.directory / str(step) / "data", iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target["params"]),
-            opt_state=ocp.args.StandardRestore({"opt_state": target["opt_state"], "step": target["step"]}),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
+            opt_state=ocp.args.StandardRestore({"opt_state": target["opt_state"], "step": target["step"]})))
         tree = {"params": restored["params"], **restored["opt_state"]}
         return checkpoint_tree.from_tree(tree, abstract_state, self.model_config)
 
@@ -153,27 +158,30 @@ class Checkpointer:
 
         Skips checkpoints marked non-finite and ones that fail to restore (damaged), newest first, and sets them
         aside with a warning once an older one has restored. `check(metadata, step)` raises when the run's config
-        does not fit the checkpoint; that is not damage and propagates at once. When every checkpoint fails to
-        restore, the cause is more likely this machine than the files: NoResumableCheckpoint, nothing moved.
+        does not fit the checkpoint, and restoring raises DataStateMismatch when its data position does not fit
+        this run's data shards; that is not damage and propagates at once. When every checkpoint fails to restore,
+        the cause is more likely this machine than the files: NoResumableCheckpoint, nothing moved.
+
+        With several processes every choice is common: process 0 lists the steps and their verdicts, and a step one
+        process cannot read is skipped by all (trainer.consensus), so no two processes resume different steps.
         """
+        listed = consensus.from_process_0("listing MODEL_DIR's checkpoints",
+                                          lambda: [[s, self.verdicts.get(s)] for s in self.all_steps()])
+        self.verdicts = {s: v for s, v in listed if v is not None}
         skipped: list[tuple[int, str]] = []
         first_error: Exception | None = None
-        for step in sorted(self.all_steps(), reverse=True):
+        for step in sorted((s for s, _ in listed), reverse=True):
             if self.verdicts.get(step) == health.NONFINITE:
                 skipped.append((step, "a non-finite loss was computed from its parameters"))
                 continue
-            try:
-                meta = self.metadata(step)
-            except Exception as e:  # noqa: BLE001 - any read failure of one checkpoint means: try the previous one
-                skipped.append((step, f"damaged: {health.short_error(e)}"))
-                first_error = first_error or e
-                continue
-            check(meta, step)
-            try:
-                state = self.restore(step, abstract_state, mesh, iterator)
-            except Exception as e:  # noqa: BLE001
-                skipped.append((step, f"damaged: {health.short_error(e)}"))
-                first_error = first_error or e
+            meta, damage = consensus.outcome(lambda: self.metadata(step), health.short_error)
+            if damage is None:
+                check(meta, step)
+                state, damage = consensus.outcome(lambda: self.restore(step, abstract_state, mesh, iterator),
+                                                  health.short_error, reraise=(DataStateMismatch,))
+            if damage is not None:  # any read failure of one checkpoint means: try the previous one
+                skipped.append((step, f"damaged: {damage}"))
+                first_error = first_error or RuntimeError(damage)
                 continue
             self._set_aside(skipped)
             return step, meta, state
@@ -186,13 +194,14 @@ class Checkpointer:
         return None
 
     def _set_aside(self, skipped: list[tuple[int, str]]) -> None:
-        for step, why in skipped:
-            where = self.directory / str(step)
-            if jax.process_index() == 0:
-                where = health.set_aside(self.directory, step, f"step {step} was not resumed: {why}")
-            log.warning("not resuming from checkpoint %s/%d (%s); it is kept, moved to %s", self.directory, step,
-                        why, where)
-            self.verdicts.pop(step, None)
+        with consensus.together("setting aside checkpoints it does not resume"):  # moved by process 0, then seen by all
+            for step, why in skipped:
+                where = self.directory / str(step)
+                if jax.process_index() == 0:
+                    where = health.set_aside(self.directory, step, f"step {step} was not resumed: {why}")
+                log.warning("not resuming from checkpoint %s/%d (%s); it is kept, moved to %s", self.directory, step,
+                            why, where)
+                self.verdicts.pop(step, None)
         if skipped:
             self.manager.reload()
 
@@ -203,6 +212,26 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self._record()
         self.manager.close()
+
+
+def restore_data(directory: storage.Path, iterator: grain.DatasetIterator) -> None:
+    """Sets `iterator` to the position in a checkpoint's `data` item, where Grain wrote each process's iterator state
+    as process_<i>-of-<n>.json. Saved by as many processes as this run has: this process's own state. Saved by
+    another number: all of them merged (data.pipeline.merge_process_states), from which this process's pipeline takes
+    its data shards; DataStateMismatch when the shards do not fit."""
+    found = {}
+    for f in directory.glob("process_*-of-*.json"):
+        index, _, count = f.stem.removeprefix("process_").partition("-of-")
+        found[int(index)] = (int(count), f)
+    counts = {count for count, _ in found.values()}
+    if len(counts) != 1 or sorted(found) != list(range(next(iter(counts)))):
+        names = sorted(f.name for _, f in found.values())
+        raise FileNotFoundError(f"{directory}: the data iterator states are incomplete ({names})")
+    states = [json.loads(found[i][1].read_text()) for i in sorted(found)]
+    if len(states) == jax.process_count():
+        iterator.set_state(states[jax.process_index()])
+    else:
+        iterator.set_state(merge_process_states(states))
 
 
 def save_params(model_dir: str | pathlib.Path, model: Transformer, metadata: dict[str, Any], step: int = 0

@@ -22,9 +22,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+import exit_codes
 from data import multihost
 from storage import Path
-from trainer import (checkpoint, consensus, export, metrics, program as program_lib, run_lock, run_metadata,
+from trainer import (checkpoint, consensus, export, metrics, pod, program as program_lib, run_lock, run_metadata,
                      run_setup, state as state_lib)
 from trainer.config import RunConfig
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN/Inf; the run stopped without saving that state."""
+    exit_code = exit_codes.STOPPED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +74,24 @@ def train(run: RunConfig) -> Summary:
 
 @contextlib.contextmanager
 def _writer_lock(model_dir: str):
-    """MODEL_DIR's writer lock, taken by process 0 before any work (run_lock.RunLocked when another run holds it)."""
-    if jax.process_index() != 0:
+    """MODEL_DIR's writer lock, taken by process 0 before any work; every process stops when it cannot be taken
+    (run_lock.RunLocked on process 0, OtherProcessFailed naming it on the others). Released on any exit, also when
+    trainer.pod ends the process."""
+    lock = None
+    with consensus.together("taking MODEL_DIR's writer lock"):
+        if jax.process_index() == 0:
+            Path(model_dir).mkdir(parents=True, exist_ok=True)
+            lock = run_lock.RunLock(model_dir)
+            lock.acquire()
+    if lock is None:
         yield
         return
-    Path(model_dir).mkdir(parents=True, exist_ok=True)
-    with run_lock.RunLock(model_dir):
+    forget = pod.on_abort(lock.release)
+    try:
         yield
+    finally:
+        forget()
+        lock.release()
 
 
 # --- phase 4: the step loop ---------------------------------------------------------------------------------------
@@ -118,6 +131,7 @@ class StepLoop:
         self.names = setup.pipe.component_names
         self.state, self.tokens_seen = state, tokens_seen
         self.step = self.start = int(state.step)
+        pod.progress(self.start)
         self.pending: tuple[int, dict[str, jax.Array]] | None = None
         self.last_saved = self.start if setup.ckpt.latest_step() == self.start else None
         self.last_rec: dict[str, Any] = {}
@@ -176,15 +190,14 @@ class StepLoop:
             except Exception as e:  # noqa: BLE001 - e.g. ComponentExhausted, a read error: all stop, then it is raised
                 error = e
                 reasons.add("data_error")
+                pod.report_failure(e, f"reading its next batch for step {self.step + 1}")
         agreed = consensus.agree(reasons)
         if not agreed:
             return local, None
         if local is not None:
             iterator.set_state(before)
         if "data_error" in agreed:
-            raise error or consensus.OtherProcessFailed(
-                f"another process failed to read its next batch for step {self.step + 1} (its log has the error: "
-                "e.g. a component with on_exhausted='error' past its max_epochs, or a read error); this one stops too")
+            raise error or consensus.other_failed(f"reading its next batch for step {self.step + 1}")
         return None, "data_exhausted" if "data_exhausted" in agreed else "preempted"
 
     def _dispatch(self, local: dict[str, np.ndarray]) -> None:
@@ -192,6 +205,7 @@ class StepLoop:
         batch = multihost.global_batch(local, self.setup.mesh, self.steps.program.batch_spec)
         self.state, device_metrics = self.steps.train(self.state, batch)
         self.step += 1
+        pod.progress(self.step)
         self._finish_pending()
         self.pending = (self.step, device_metrics)
         if not self.config.train.async_metrics or self._due(self.step).needs_state:

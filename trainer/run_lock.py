@@ -25,6 +25,8 @@ import time
 import uuid
 from typing import Protocol
 
+import exit_codes
+
 log = logging.getLogger(__name__)
 LOCK_NAME = "writer.lock"
 RENEW_S = 60.0   # how often a holder rewrites its heartbeat
@@ -33,6 +35,7 @@ LEASE_S = 600.0  # a lock whose heartbeat is older than this is stale (10 missed
 
 class RunLocked(RuntimeError):
     """Another train.py process holds MODEL_DIR."""
+    exit_code = exit_codes.USAGE
 
 
 class LockStore(Protocol):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import exit_codes
 import storage
 from data import tokenize
 from data.config import MixtureConfig
@@ -38,6 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class CheckpointMismatch(RuntimeError):
     """The checkpoint in MODEL_DIR was written by a different model, tokenizer or data configuration."""
+    exit_code = exit_codes.USAGE
 
 
 def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path) -> storage.Path:

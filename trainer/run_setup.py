@@ -40,22 +40,23 @@ class Setup:
 
     @classmethod
     def create(cls, run: RunConfig) -> "Setup":
-        """Checks that the batch fits the mesh and the tokenizer the model before reading any corpus."""
+        """Checks that the batch fits the mesh and the tokenizer the model before reading any corpus. Every check can
+        fail on one host alone (its own files and data shards), so all of them end in one vote."""
         t = run.train
-        _check_export_targets(run, Path(t.model_dir))
-        notes = [run.mixture.check_run(jax.process_count()), optimizer.warmup_note(run.optimizer, t.train_steps)]
-        mesh = sharding.make_mesh(**t.mesh)
-        program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
-        check_vocab(run.mixture.tokenizer, run.model.vocab_size)
-        for note in notes:
-            if note and jax.process_index() == 0:
-                log.warning("%s", note)
-        with consensus.together("opening its data shards"):  # bad input can be in one host's shards only
+        with consensus.together("checking the run and opening its data shards"):
+            _check_export_targets(run, Path(t.model_dir))
+            notes = [run.mixture.check_run(jax.process_count()), optimizer.warmup_note(run.optimizer, t.train_steps)]
+            mesh = sharding.make_mesh(**t.mesh)
+            program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
+            check_vocab(run.mixture.tokenizer, run.model.vocab_size)
+            for note in notes:
+                if note and jax.process_index() == 0:
+                    log.warning("%s", note)
             pipe = data_pipeline.build(run.mixture, process_index=jax.process_index(),
                                        process_count=jax.process_count())
             _log_reads(pipe)
             eval_names, eval_batches = _eval_batches(run)
-        model_dir = Path(t.model_dir)
+        model_dir = Path(t.model_dir)  # the checkpoint manager's start-up waits for every process: after the vote
         return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
                    eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model))
 
@@ -97,10 +98,11 @@ def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.nd
 
 def write_run_files(run: RunConfig, model_dir: Path) -> Path:
     """Writes config.gin and the tokenizer copy into MODEL_DIR (process 0); returns the tokenizer folder."""
-    if jax.process_index() != 0:
-        return model_dir / "tokenizer"
-    write_operative_config(run, model_dir)
-    return run_metadata.copy_tokenizer(run.mixture.tokenizer, model_dir)
+    with consensus.together("writing config.gin and the tokenizer into MODEL_DIR"):
+        if jax.process_index() == 0:
+            write_operative_config(run, model_dir)
+            run_metadata.copy_tokenizer(run.mixture.tokenizer, model_dir)
+    return model_dir / "tokenizer"
 
 
 # --- phase 2: initial state ---------------------------------------------------------------------------------------
@@ -109,9 +111,11 @@ def effective_run(setup: Setup) -> RunConfig:
     """The run as it will train: a run that starts from TrainConfig.init_from (no checkpoint in MODEL_DIR yet) takes
     that folder's network fields in place of the gin model's (shape fields must agree; initialize.reconcile)."""
     run = setup.run
-    if setup.ckpt.latest_step() is not None or not run.train.init_from:
+    if not run.train.init_from or consensus.from_process_0("listing MODEL_DIR's checkpoints",
+                                                           lambda: setup.ckpt.latest_step() is not None):
         return run
-    model = initialize.resolve_config(run.train.init_from, run.model)
+    with consensus.together("reading INIT_FROM's config"):
+        model = initialize.resolve_config(run.train.init_from, run.model)
     setup.ckpt.model_config = model  # checkpoints record the effective model
     return dataclasses.replace(run, model=model)
 
@@ -139,7 +143,8 @@ def initial_state(setup: Setup, run: RunConfig, program: program_lib.Program
         raise ValueError(f"OptimizerConfig.schedule_start={run.optimizer.schedule_start} starts a new schedule phase "
                          f"when resuming, but {ckpt.directory} holds no checkpoint to resume; remove it")
     if run.train.init_from:
-        params, _ = initialize.load_params(run.train.init_from, run.model, mesh)
+        with consensus.together("loading INIT_FROM's parameters"):
+            params, _ = initialize.load_params(run.train.init_from, run.model, mesh)
         log.info("initialised from %s", run.train.init_from)
         return state_lib.from_params(run.model, program.tx, params, mesh), tokens_seen
     return state_lib.init_sharded(run.model, program.tx, run.train.seed, mesh), tokens_seen
