@@ -241,8 +241,15 @@ def test_documented_sweep_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "sweeps").glob("*.toml")
                                         if not p.name.startswith("durability_")))
-def test_every_shipped_sweep_file_dry_runs(path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
+def test_every_shipped_sweep_file_dry_runs(path, monkeypatch, capsys, tmp_path, request):
+    """Each shipped file plans, as its comments tell the user to run it: from the checkout, with the SmolLM2 folder
+    made first (`models.convert gguf-to-hf --out runs/smollm2-135m-instruct`; here the test cache's copy)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval").symlink_to(REPO / "eval")
+    if "runs/smollm2-135m-instruct" in (REPO / path).read_text():
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "smollm2-135m-instruct").symlink_to(request.getfixturevalue("smollm2_dir"))
+    path = str(REPO / path)
     s = plan.load(path)
     assert sweep.main([path, "--dry_run", "--no_measure"]) == 0
     out = capsys.readouterr().out
