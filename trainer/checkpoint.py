@@ -10,13 +10,16 @@ step to a temporary directory and renames it on commit, so a step directory that
 an interrupted save are removed when the manager opens.
 
 Which checkpoints are good (a finite loss was computed from them), retention of the newest good one, and the
-fallback past checkpoints that cannot be resumed are in trainer.checkpoint_health.
+fallback past checkpoints that cannot be resumed are in trainer.checkpoint_health. On gs://, a read that fails is
+first retried (RESTORE_ATTEMPTS, with backoff): a transient storage error that outlasted the clients' own retries does
+not make the newest checkpoint count as damaged.
 """
 from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any, Callable
+import time
+from typing import Any, Callable, TypeVar
 
 import grain
 import jax
@@ -29,12 +32,15 @@ from models import layout
 from models.config import ModelConfig
 from models.sharding import make_mesh
 from models.transformer import Transformer
-from trainer import checkpoint_health as health, checkpoint_tree, run_metadata
+from trainer import checkpoint_health as health, checkpoint_tree, consensus, run_metadata
 from trainer.run_config import CheckpointConfig
 from trainer.state import TrainState
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
+RESTORE_ATTEMPTS = 3     # reads of one checkpoint on gs:// before it counts as damaged
+RESTORE_BACKOFF_S = 5.0  # before the second attempt; doubled before each later one
+T = TypeVar("T")
 
 
 class NoResumableCheckpoint(RuntimeError):
@@ -151,14 +157,15 @@ class Checkpointer:
                 skipped.append((step, "a non-finite loss was computed from its parameters"))
                 continue
             try:
-                meta = self.metadata(step)
+                meta = self._retried(f"reading the metadata of {self.directory}/{step}", lambda: self.metadata(step))
             except Exception as e:  # noqa: BLE001 - any read failure of one checkpoint means: try the previous one
                 skipped.append((step, f"damaged: {health.short_error(e)}"))
                 first_error = first_error or e
                 continue
             check(meta, step)
             try:
-                state = self.restore(step, abstract_state, mesh, iterator)
+                state = self._retried(f"restoring {self.directory}/{step}",
+                                      lambda: self.restore(step, abstract_state, mesh, iterator))
             except Exception as e:  # noqa: BLE001
                 skipped.append((step, f"damaged: {health.short_error(e)}"))
                 first_error = first_error or e
@@ -172,6 +179,28 @@ class Checkpointer:
             ) from first_error
         self._set_aside(skipped)
         return None
+
+    def _retried(self, what: str, read: Callable[[], T]) -> T:
+        """`read()`, attempted up to RESTORE_ATTEMPTS times with backoff when the checkpoints are on an object store
+        (once locally). Every process votes each attempt's outcome, so all retry, or give up, together; the last
+        error is raised (another process's failure as consensus.OtherProcessFailed)."""
+        attempts = RESTORE_ATTEMPTS if storage.is_remote(self.directory) else 1
+        attempt = 1
+        while True:
+            error: Exception | None = None
+            try:
+                result = read()
+            except Exception as e:  # noqa: BLE001 - retried, then judged by restore_resumable
+                error = e
+            if not consensus.agree({"failed"} if error else set()):
+                return result
+            why = health.short_error(error) if error else "it failed on another process"
+            if attempt == attempts:
+                raise error or consensus.OtherProcessFailed(f"{what}: {why}")
+            wait = RESTORE_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s failed (attempt %d of %d: %s); retrying in %.0fs", what, attempt, attempts, why, wait)
+            time.sleep(wait)
+            attempt += 1
 
     def _set_aside(self, skipped: list[tuple[int, str]]) -> None:
         for step, why in skipped:
