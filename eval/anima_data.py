@@ -19,6 +19,8 @@ from inspect_ai.dataset import Sample
 from inspect_evals.anima.dataset import record_to_sample
 from inspect_evals.anima.types import AnimaDimension
 
+import storage
+
 logger = logging.getLogger(__name__)
 
 # ANIMA-2.2 spelling (CompassioninMachineLearning/anima @ the inspect_evals pinned revision).
@@ -49,7 +51,7 @@ class LocalAnima:
         return {d.name: d for d in self.dimensions}
 
 
-def _read_jsonl(path: pathlib.Path) -> list[tuple[int, dict[str, Any]]]:
+def _read_jsonl(path: storage.Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (an ANIMA dataset dir holds questions.jsonl and dimensions.jsonl)")
     rows = []
@@ -69,7 +71,7 @@ def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
         raise ValueError(f"{where}: missing field(s) {missing}")
 
 
-def load_dimensions(path: pathlib.Path) -> tuple[AnimaDimension, ...]:
+def load_dimensions(path: storage.Path) -> tuple[AnimaDimension, ...]:
     dims = []
     for lineno, row in _read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -103,7 +105,7 @@ def parse_variables(text: str | None, where: str) -> str | None:
 
 def load(dataset_dir: str | pathlib.Path, languages: Sequence[str] | None = None) -> LocalAnima:
     """Reads `dataset_dir`/{questions,dimensions}.jsonl. `languages` keeps only those languages (null -> "English")."""
-    root = pathlib.Path(dataset_dir)
+    root = storage.Path(dataset_dir)
     dimensions = load_dimensions(root / "dimensions.jsonl")
     known = {d.name for d in dimensions}
     convert = record_to_sample(known)

@@ -5,7 +5,7 @@ eval.report saves as plots.json, so the figures can be checked and re-drawn with
 """
 from __future__ import annotations
 
-import pathlib
+import io
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+import storage  # noqa: E402
 
 Series = dict[str, list[list[float]]]
 
@@ -49,8 +51,9 @@ def _panels(metrics: list[tuple[str, str, str | None, str | None]], rows: Sequen
     return panels
 
 
-def draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: bool) -> None:
-    """One PNG: a panel per title, a series per label, points [x, y, lo, hi] with (lo, hi) as error bars."""
+def draw(panels: dict[str, Series], xlabel: str, path: storage.PathLike, *, lines: bool) -> None:
+    """One PNG (local or gs://): a panel per title, a series per label, points [x, y, lo, hi] with (lo, hi) as error
+    bars."""
     n = max(len(panels), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels.items()):
@@ -65,8 +68,10 @@ def draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: b
     if not panels:
         axes[0][0].text(0.5, 0.5, "no data", ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
+    storage.Path(path).write_bytes(png.getvalue())
 
 
 def _metrics(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str | None, str | None]]:
@@ -78,7 +83,7 @@ def _metrics(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str | None,
     return probe + held + anima
 
 
-def against_step(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> dict[str, Series]:
+def against_step(rows: Sequence[dict[str, Any]], path: storage.PathLike) -> dict[str, Series]:
     """Probe margins (95% CI bars), held-out losses and ANIMA scores against step, one line per run."""
     numbered = {r["run"] for r in rows if r["checkpoint"] != "hf"}
     # The hf export repeats the final step; use it only for runs without numbered checkpoints.
@@ -93,7 +98,7 @@ def arm_name(run: str) -> str:
     return re.sub(r"[_-](s|seed)\d+$", "", run)
 
 
-def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pathlib.Path) -> dict[str, Series]:
+def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: storage.PathLike) -> dict[str, Series]:
     """Each run's final checkpoint against its mixture share of `share_component`: one series per arm (runs named
     alike up to a seed suffix), seeds as separate points."""
     final_step: dict[str, int] = {}
@@ -111,7 +116,7 @@ def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pa
     return panels
 
 
-def training_curves(curves: dict[str, list[tuple[int, float]]], path: pathlib.Path) -> dict[str, Series]:
+def training_curves(curves: dict[str, list[tuple[int, float]]], path: storage.PathLike) -> dict[str, Series]:
     """Training loss from metrics.jsonl against step, one line per run."""
     panels = {"training loss": {run: [[float(s), float(v), float(v), float(v)] for s, v in pts]
                                 for run, pts in curves.items() if pts}}

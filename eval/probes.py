@@ -169,7 +169,7 @@ def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray |
 def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
                 ) -> storage.Path:
     """Where one model's probe result is saved: beside the checkpoint (see docs/eval.md); `-chat` for chat mode."""
-    return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
+    return loading.results_dir(model_path) / f"probes-{storage.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
 
 def result_config(pairs: str, models: Sequence[str], *, baseline: Sequence[str] = (), control_pairs: str | None = None,
@@ -182,13 +182,13 @@ def result_config(pairs: str, models: Sequence[str], *, baseline: Sequence[str] 
 
 
 def comparison_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
-                    ) -> pathlib.Path:
+                    ) -> storage.Path:
     """Where a comparison (or several seeds) is saved by default: beside the first --model, not named probes-*."""
-    return loading.results_dir(model_path) / f"comparison-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
+    return loading.results_dir(model_path) / f"comparison-{storage.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
 
 def save_each_model(models: Sequence[str], scores: Sequence[Sequence[np.ndarray]], pair_sets: Sequence[Sequence[Pair]],
-                    pair_files: Sequence[str], n_boot: int, *, chat_info: dict | None = None) -> list[pathlib.Path]:
+                    pair_files: Sequence[str], n_boot: int, *, chat_info: dict | None = None) -> list[storage.Path]:
     """Saves every scored model's own result on every pair set beside its checkpoint (what eval.report reads);
     returns the paths. `scores[i][j]`: margins of model i on pair set j."""
     paths = []
