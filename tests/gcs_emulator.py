@@ -3,15 +3,106 @@
 Every client docmix uses is pointed at it and kept off the network: gcsfs (STORAGE_EMULATOR_HOST, anonymous token),
 tensorstore's gcs driver used by Orbax (TENSORSTORE_GCS_HTTP_URL, a fixed test token), google-auth (no metadata
 server probe), and gcsfs's experimental bucket-type lookup (off: it would call the real control API). Where the
-emulator differs from GCS in what these clients rely on, `behave_as_gcs` makes it behave as GCS does.
+emulator differs from GCS in what these clients rely on, `behave_as_gcs` makes it behave as GCS does. Tests see the
+requests it served (`recording`: which objects, bytes sent and served) and can make some of them fail (`failing`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 import os
 from collections.abc import Iterator
+from http import HTTPStatus
 
 BUCKET = "bucket"
+
+
+def skip_unless_installed() -> None:
+    """Skips the calling test module when gcsfs or the emulator is missing; CI (requirements-test.txt installs both)
+    sets DOCMIX_REQUIRE_GCS=1, so a missing install fails there instead."""
+    import pytest
+
+    if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("gcp_storage_emulator") is None:
+        if os.environ.get("DOCMIX_REQUIRE_GCS") == "1":
+            raise ImportError("DOCMIX_REQUIRE_GCS=1 but gcsfs or gcp-storage-emulator is not installed")
+        pytest.skip("the gs:// extra is not installed: pip install -r requirements-test.txt", allow_module_level=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """One request the emulator answered: its handler (insert, download, get, compose, delete, ...), the object's
+    name in the bucket, the bytes the client sent and those the answer carried."""
+    handler: str
+    name: str | None
+    sent: int
+    served: int
+
+
+@dataclasses.dataclass
+class Fault:
+    """The next `times` requests of `handlers` for objects whose name starts with `prefix` are answered `status`."""
+    prefix: str
+    times: int
+    handlers: tuple[str, ...]
+    status: HTTPStatus
+
+
+_LOG: list[Served] | None = None
+_FAULTS: list[Fault] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Served]]:
+    """Yields the list of requests the emulator answers while the block runs."""
+    global _LOG
+    _LOG = log = []
+    try:
+        yield log
+    finally:
+        _LOG = None
+
+
+@contextlib.contextmanager
+def failing(prefix: str, times: int, handlers: tuple[str, ...] = ("download", "get", "insert", "compose", "delete"),
+            status: HTTPStatus = HTTPStatus.FORBIDDEN) -> Iterator[Fault]:
+    """Makes the next `times` requests for objects under `prefix` fail with `status` while the block runs. The
+    default, 403, is an error that gcsfs and tensorstore do not retry themselves: what an error that outlasted their
+    retries looks like to docmix."""
+    fault = Fault(prefix, times, handlers, status)
+    _FAULTS.append(fault)
+    try:
+        yield fault
+    finally:
+        _FAULTS.remove(fault)
+
+
+def _object_name(request) -> str | None:
+    name = request.params.get("object_id") or (request.query.get("name") or [None])[0]
+    if name is None and isinstance(request.data, dict):
+        name = (request.data.get("meta") or request.data).get("name")
+    return name
+
+
+def _instrumented(handler):
+    def handle(request, response, storage, *args, **kwargs):
+        name = _object_name(request)
+        for fault in _FAULTS:
+            if fault.times > 0 and handler.__name__ in fault.handlers and (name or "").startswith(fault.prefix):
+                fault.times -= 1
+                response.status = fault.status
+                return None
+        result = handler(request, response, storage, *args, **kwargs)
+        if _LOG is not None:
+            data = request.data["content"] if isinstance(request.data, dict) and "content" in request.data \
+                else request.data
+            body = response._content  # noqa: SLF001 - the emulator's response has no public body accessor
+            _LOG.append(Served(handler.__name__, name, len(data) if isinstance(data, (bytes, str)) else 0,
+                               len(body) if isinstance(body, (bytes, str)) else 0))
+        return result
+
+    handle.__name__ = handler.__name__
+    return handle
 
 
 def client_env(url: str) -> dict[str, str]:
@@ -33,13 +124,13 @@ def client_env(url: str) -> dict[str, str]:
 
 
 def behave_as_gcs() -> None:
-    """Two things GCS does that the emulator does not, and that docmix's clients rely on:
-    - an upload with `ifGenerationMatch=0` (create only if absent: the writer lock, tensorstore's OCDBT manifests)
-      answers 412 Precondition Failed, writing nothing, when the object exists;
+    """What GCS does that the emulator does not, and that docmix's clients rely on (and every handler is
+    instrumented for `recording` and `failing`):
+    - an upload or delete with `ifGenerationMatch=G` acts only while the object is at generation G (G=0: absent;
+      create-if-absent for the writer lock and tensorstore's OCDBT manifests; G>0: the writer lock's compare-and-swap)
+      and answers 412 Precondition Failed otherwise, changing nothing;
     - a media download carries the object's generation in `x-goog-generation` (tensorstore reads it to make its next
       conditional write; without it, that write fails with "Malformed StorageGeneration")."""
-    from http import HTTPStatus
-
     from gcp_storage_emulator import server
     from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.handlers import objects
@@ -53,15 +144,27 @@ def behave_as_gcs() -> None:
         except NotFound:
             return None
 
+    def precondition_fails(request, storage, name: str | None) -> bool:
+        wanted = (request.query.get("ifGenerationMatch") or [None])[0]
+        if wanted is None:
+            return False
+        current = exists(storage, request.params["bucket_name"], name)
+        return current is not None if wanted == "0" else current is None or str(current["generation"]) != wanted
+
     def insert(request, response, storage, *args, **kwargs):
-        if request.query.get("ifGenerationMatch") == ["0"]:
-            name = (request.query.get("name") or [None])[0]
-            if name is None and isinstance(request.data, dict):
-                name = (request.data.get("meta") or request.data).get("name")
-            if exists(storage, request.params["bucket_name"], name) is not None:
-                response.status = HTTPStatus.PRECONDITION_FAILED
-                return None
+        name = (request.query.get("name") or [None])[0]
+        if name is None and isinstance(request.data, dict):
+            name = (request.data.get("meta") or request.data).get("name")
+        if precondition_fails(request, storage, name):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            return None
         return original["insert"](request, response, storage, *args, **kwargs)
+
+    def delete(request, response, storage, *args, **kwargs):
+        if precondition_fails(request, storage, request.params["object_id"]):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            return None
+        return original["delete"](request, response, storage, *args, **kwargs)
 
     def download(request, response, storage, *args, **kwargs):
         result = original["download"](request, response, storage, *args, **kwargs)
@@ -71,14 +174,15 @@ def behave_as_gcs() -> None:
             response["x-goog-metageneration"] = obj["metageneration"]
         return result
 
-    original = {"insert": objects.insert, "download": objects.download}
-    replacement = {original["insert"]: insert, original["download"]: download}
+    original = {"insert": objects.insert, "delete": objects.delete, "download": objects.download}
+    replacement = {original["insert"]: insert, original["delete"]: delete, original["download"]: download}
+    for name, handler in (("insert", insert), ("delete", delete), ("download", download)):
+        handler.__name__ = name
     insert.behaves_as_gcs = True
-    objects.insert, objects.download = insert, download  # server.py also looks them up here
+    objects.insert, objects.delete, objects.download = insert, delete, download  # server.py looks them up here too
     for _, handlers in server.HANDLERS:
         for method, handler in list(handlers.items()):
-            if handler in replacement:
-                handlers[method] = replacement[handler]
+            handlers[method] = _instrumented(replacement.get(handler, handler))
 
 
 @contextlib.contextmanager
