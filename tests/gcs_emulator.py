@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 
@@ -32,11 +33,13 @@ def skip_unless_installed() -> None:
 @dataclasses.dataclass(frozen=True)
 class Served:
     """One request the emulator answered: its handler (insert, download, get, compose, delete, ...), the object's
-    name in the bucket, the bytes the client sent and those the answer carried."""
+    name in the bucket, the bytes the client sent and those the answer carried, and the seconds its handler took
+    (the emulator's own work, e.g. concatenating a composed object in Python, which GCS does server-side)."""
     handler: str
     name: str | None
     sent: int
     served: int
+    seconds: float
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class Fault:
     status: HTTPStatus
 
 
+_RUNNING: str | None = None  # the URL of this process's emulator while one runs
 _LOG: list[Served] | None = None
 _FAULTS: list[Fault] = []
 
@@ -92,13 +96,15 @@ def _instrumented(handler):
                 fault.times -= 1
                 response.status = fault.status
                 return None
+        start = time.perf_counter()
         result = handler(request, response, storage, *args, **kwargs)
+        seconds = time.perf_counter() - start
         if _LOG is not None:
             data = request.data["content"] if isinstance(request.data, dict) and "content" in request.data \
                 else request.data
             body = response._content  # noqa: SLF001 - the emulator's response has no public body accessor
             _LOG.append(Served(handler.__name__, name, len(data) if isinstance(data, (bytes, str)) else 0,
-                               len(body) if isinstance(body, (bytes, str)) else 0))
+                               len(body) if isinstance(body, (bytes, str)) else 0, seconds))
         return result
 
     handle.__name__ = handler.__name__
@@ -187,7 +193,8 @@ def behave_as_gcs() -> None:
 
 @contextlib.contextmanager
 def emulator() -> Iterator[str]:
-    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL.
+    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL. Inside
+    a running one (tests/conftest.py's session fixture), yields that one's URL: one emulator per process.
 
     Call it before anything imports gcsfs: gcsfs picks its (experimental, gRPC) client at import from the environment.
     """
@@ -195,6 +202,10 @@ def emulator() -> Iterator[str]:
 
     import fsspec
 
+    global _RUNNING
+    if _RUNNING is not None:
+        yield _RUNNING
+        return
     assert "gcsfs" not in sys.modules, "gcsfs was imported before the emulator's environment was set"
     from gcp_storage_emulator.server import create_server
 
@@ -206,9 +217,11 @@ def emulator() -> Iterator[str]:
     os.environ.update(client_env(url))
     fsspec.config.conf.setdefault("gs", {})["token"] = "anon"  # fsspec read FSSPEC_* at import, before this
     fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+    _RUNNING = url
     try:
         yield url
     finally:
+        _RUNNING = None
         import gcsfs
 
         gcsfs.GCSFileSystem.clear_instance_cache()  # (no new instance: it would look for real credentials)

@@ -145,6 +145,7 @@ class Sinks:
 
     ATTEMPTS = 3
     BACKOFF_S = 1.0
+    CLOSE_TIMEOUT_S = 120.0  # `close` waits this long for the writer, then lets the run end without it
 
     def __init__(self, model_dir: str | pathlib.Path, *, resume_step: int, run_name: str,
                  wandb_project: str | None = None, config: dict | None = None, tb_sync_s: float = 60.0):
@@ -255,7 +256,11 @@ class Sinks:
             return
         self._discard = discard
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(self.CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():  # storage that stopped answering: the run ends all the same
+            log.error("%s: the metrics writer did not finish within %.0fs; the last records may be missing",
+                      self.path, self.CLOSE_TIMEOUT_S)
+            return
         if self.tb is not None:  # the writer thread's last sync did not happen (discard, or it failed)
             self.tb.close()
         if not discard:
