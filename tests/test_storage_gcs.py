@@ -159,12 +159,14 @@ def remote_files(root: str) -> dict[str, bytes]:
     return {name[len(path) + 1:]: fs.cat_file(name) for name in fs.find(path)}
 
 
-def test_damaged_gs_checkpoint_is_set_aside_whole_and_the_previous_one_resumes(bucket, tmp_path):
+def test_damaged_gs_checkpoint_is_set_aside_whole_and_the_previous_one_resumes(bucket, tmp_path, monkeypatch):
     """Object stores have no rename: the damaged step is copied to checkpoints_set_aside/ and then deleted, every
     object kept byte for byte, and the run resumes from the step before it. (The checkpoints are written locally and
     uploaded: saving through tensorstore's gcs driver is covered by the train.py test above.)"""
     from tests.test_checkpoint_health import resume, save_steps
-    from trainer import checkpoint_health
+    from trainer import checkpoint, checkpoint_health
+
+    monkeypatch.setattr(checkpoint, "RESTORE_BACKOFF_S", 0.01)  # a damaged step is read 3 times before it is judged
 
     model_dir = f"gs://{gcs_emulator.BUCKET}/damaged"
     mesh = save_steps(tmp_path, [2, 4])
