@@ -5,7 +5,8 @@
 | 0 | done; for `train.py` also: preempted (SIGTERM, after saving) or the data ran out with `on_exhausted='stop'` |
 | 1 | stopped on the numbers or the data: a non-finite loss, a component exhausted with `on_exhausted='error'`, |
 |   | `data.synth generate` items that failed for good, `contamination --fail-on-hit` hits |
-| 2 | usage, configuration or input error, found before any expensive work (a flag, gin binding, file, model folder) |
+| 2 | usage, configuration or input error, found before any expensive work (a flag, gin binding, file, model folder); |
+|   | for `train.py` also another run writing to MODEL_DIR (at start, or taking over this run's lock: this run stops) |
 | 3 | an external service or client is missing or unreachable (LLM server, grader, `gs://` filesystem client), or |
 |   | another process of a multi-host `train.py` run stopped answering (lost) |
 | 4 | internal error (a bug): the traceback is printed; please report it |

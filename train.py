@@ -6,9 +6,10 @@
 
 Rerunning the same command resumes from the latest checkpoint in MODEL_DIR. Exit status (the table in exit_codes.py
 and the README): 0 done or preempted (SIGTERM saves a checkpoint first), 1 stopped on a non-finite loss or exhausted
-data, 2 configuration, input or resume-mismatch error, another run holding MODEL_DIR, or an export folder that is not
-an earlier export, 3 another process of a multi-host run stopped answering, 4 internal error. In a multi-host run a
-process that stops because another failed exits with that process's code.
+data, 2 configuration, input or resume-mismatch error, another run holding MODEL_DIR (at start, or taking over this
+run's lock mid-run: this run stops, writing nothing more), or an export folder that is not an earlier export, 3 another
+process of a multi-host run stopped answering, 4 internal error. In a multi-host run a process that stops because
+another failed exits with that process's code.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from inspect_evals.anima.metrics import avg_by_dimension, dimension_normalized_a
 from inspect_evals.anima import scorer as anima_scorer_module
 from inspect_evals.anima.scorer import anima_scorer
 
+import storage
 from eval import anima_data, loading
 
 
@@ -74,7 +76,7 @@ class ModelSpec:
 
     name: str  # Inspect model name, e.g. "hf/<abs dir>" or "openai-api/docmix/<served id>"
     base_url: str | None = None
-    hf_dir: pathlib.Path | None = None
+    hf_dir: storage.Path | None = None
 
     @property
     def local(self) -> bool:
@@ -109,13 +111,14 @@ def resolve_model(spec: str) -> ModelSpec:
     if spec.startswith(("http://", "https://")):
         base_url = spec.rstrip("/")
         return ModelSpec(name=f"openai-api/docmix/{served_model_id(base_url)}", base_url=base_url)
-    path = pathlib.Path(spec).expanduser()
+    path = storage.absolute(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is a directory without config.json: pass an exported HF folder (MODEL_DIR/hf) "
                              "or serve a checkpoint with `python -m eval.serve` and pass its URL")
-        return ModelSpec(name=f"hf/{path.resolve()}", hf_dir=path.resolve())
-    if "/" not in spec or spec.startswith((".", "/", "~")):
+        # Inspect's hf provider (transformers) loads local folders only: a gs:// export is copied here first.
+        return ModelSpec(name=f"hf/{storage.local_dir(path)}", hf_dir=path)
+    if storage.is_remote(spec) or "/" not in spec or spec.startswith((".", "/", "~")):
         raise ValueError(f"{spec!r} is neither an existing HF folder, an http(s) URL nor an Inspect model name (provider/model)")
     return ModelSpec(name=spec)
 
@@ -202,7 +205,7 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
     hf_dir = specs["--model"].hf_dir if "--model" in specs else None
     if out is None and hf_dir is None:
         raise ValueError(f"--out is required when --model is not an HF folder (got {model!r})")
-    out_path = pathlib.Path(out) if out else pathlib.Path(loading.results_dir(hf_dir)) / RESULT_FILE
+    out_path = storage.Path(out) if out else loading.results_dir(hf_dir) / RESULT_FILE
     data = anima_data.load(dataset_dir, languages) if dataset_dir else None
     built = {flag: m for flag, m in given.items() if isinstance(m, Model)}
     for flag in sorted(specs, key=lambda f: specs[f].local):  # hosted models first
@@ -213,20 +216,26 @@ def run(model: str | Model, grader: str | Model, *, dataset_dir: str | pathlib.P
     if data is not None:
         revision = f"local-{data.files_sha256['questions.jsonl'][:12]}"
         task = build_local_task(data, revision, grader_model)
-        dataset = {"source": "local", "dir": str(pathlib.Path(dataset_dir).resolve()), "sha256": data.files_sha256,
+        dataset = {"source": "local", "dir": str(storage.absolute(dataset_dir)), "sha256": data.files_sha256,
                    "ignored_tags": {str(k): list(v) for k, v in data.ignored_tags.items()}}
     else:
         revision = DATASET_DEFAULT_REVISION
         task = hub_anima_task(grader_models=[grader_model], languages=list(languages) if languages else None)
         dataset = {"source": "hub", "repo_id": DATASET_REPO_ID, "revision": revision}
-    log_dir = pathlib.Path(log_dir) if log_dir else out_path.parent / "anima_logs"
-    (log,) = inspect_ai.eval(task, model=target, epochs=epochs, limit=limit, log_dir=str(log_dir), display="none",
-                             fail_on_error=True, score_display=False)
+    log_dir = storage.Path(log_dir) if log_dir else out_path.parent / "anima_logs"
+    with tempfile.TemporaryDirectory(prefix="docmix-anima-logs-") as tmp:
+        local = tmp if storage.is_remote(log_dir) else str(log_dir)  # Inspect writes local files; uploaded after
+        (log,) = inspect_ai.eval(task, model=target, epochs=epochs, limit=limit, log_dir=local, display="none",
+                                 fail_on_error=True, score_display=False)
+        summary = summarize(log)
+        if local != str(log_dir):
+            storage.upload_tree(local, log_dir)
+            summary["log"] = summary["log"].replace(local, str(log_dir), 1)
     result = {
         "model": str(model), "inspect_model": str(target), "grader": str(grader_model), "dataset": dataset,
         "revision": revision, "epochs": epochs, "limit": limit, "languages": list(languages) if languages else None,
         "max_tokens": max_tokens, "temperature": temperature,
-        **summarize(log),
+        **summary,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ class LocalAnima:
         return {d.name: d for d in self.dimensions}
 
 
-def _read_jsonl(path: pathlib.Path) -> list[tuple[int, dict[str, Any]]]:
+def _read_jsonl(path: storage.Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (an ANIMA dataset dir holds questions.jsonl and dimensions.jsonl)")
     rows = []
@@ -90,7 +90,7 @@ def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
         raise ValueError(f"{where}: missing field(s) {missing}")
 
 
-def load_dimensions(path: pathlib.Path) -> tuple[AnimaDimension, ...]:
+def load_dimensions(path: storage.Path) -> tuple[AnimaDimension, ...]:
     from inspect_evals.anima.types import AnimaDimension
 
     dims = []
@@ -129,7 +129,7 @@ def load(dataset_dir: str | pathlib.Path, languages: Sequence[str] | None = None
     from inspect_ai.dataset import Sample
     from inspect_evals.anima.dataset import record_to_sample
 
-    root = pathlib.Path(dataset_dir)
+    root = storage.Path(dataset_dir)
     dimensions = load_dimensions(root / "dimensions.jsonl")
     known = {d.name for d in dimensions}
     convert = record_to_sample(known)
@@ -170,8 +170,9 @@ SOURCE_FILE = "source.json"
 TIMEOUT_S = 15
 
 
-def default_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "docmix" / "anima"
+def default_dir() -> storage.Path:
+    """The user's cache folder for the fetched copy: $XDG_CACHE_HOME/docmix/anima, else ~/.cache/docmix/anima."""
+    return storage.Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "docmix" / "anima"
 
 
 def _get(url: str) -> bytes:

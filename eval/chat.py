@@ -14,6 +14,7 @@ from typing import Any
 
 import tokenizers
 
+import storage
 from data.chat_template import compile_template, template_source
 
 
@@ -24,7 +25,7 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
+def _read_json(path: storage.Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
@@ -39,7 +40,7 @@ class ChatTokenizer:
     chat_template: str | None
     special_tokens: Mapping[str, str]  # bos_token, eos_token, pad_token, unk_token -> text
     eos_ids: tuple[int, ...]
-    source: pathlib.Path
+    source: storage.Path
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -67,16 +68,16 @@ class ChatTokenizer:
 
 
 def load(tokenizer_dir: str | pathlib.Path, *, extra_eos_ids: Sequence[int] = ()) -> ChatTokenizer:
-    """Loads the tokenizer of an HF folder or a run's `tokenizer/` folder.
+    """Loads the tokenizer of an HF folder or a run's `tokenizer/` folder (local or gs://).
 
     End-of-sequence ids are the union of `extra_eos_ids` (e.g. the model config's), generation_config.json's
     `eos_token_id` and the id of tokenizer_config.json's `eos_token`.
     """
-    tokenizer_dir = pathlib.Path(tokenizer_dir)
+    tokenizer_dir = storage.Path(tokenizer_dir)
     tokenizer_file = tokenizer_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file} not found (a docmix tokenizer folder needs tokenizer.json)")
-    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_file.read_text())
     config = _read_json(tokenizer_dir / "tokenizer_config.json")
     special = {
         name: text

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import storage
 from eval import chat, loading, sampling
 from eval.sampling import SamplingParams
 from models import decode
@@ -173,7 +174,7 @@ def load(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = None) -> 
     """Loads an HF folder, a run directory (latest checkpoint) or a step directory, with its tokenizer."""
     model, config, tokenizer_dir = loading.load_model(path, mesh=mesh)
     tokenizer = chat.load(tokenizer_dir, extra_eos_ids=config.eos_token_ids)
-    return Generator(model=model, tokenizer=tokenizer, name=pathlib.Path(path).resolve().name)
+    return Generator(model=model, tokenizer=tokenizer, name=storage.absolute(path).name)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:

@@ -101,7 +101,7 @@ def _mixture(args: argparse.Namespace) -> tuple[MixtureConfig, int | None]:
     `TrainConfig.eval_batches` (None: every batch), so a run's held-out numbers are read as training read them."""
     files = list(args.gin_file)
     if not files:
-        path = pathlib.Path(args.model).resolve()
+        path = storage.absolute(args.model)
         run_dir = path.parent.parent if path.name.isdigit() else path
         if not (run_dir / "config.gin").is_file():
             raise ValueError(f"{args.model}: no --gin_file given and no run config.gin at {run_dir / 'config.gin'}")

@@ -32,9 +32,11 @@ def load_model(path: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
                                 "(expected an HF folder, a run directory or a step directory)")
     if is_hf_folder(path):
         from models import hf_io
+        from trainer import export
 
-        model, config = hf_io.load_pretrained(storage.local_dir(path), mesh=mesh)
-        return model, config, path
+        folder = export.readable(path)  # a gs:// export being replaced: the complete new one
+        model, config = hf_io.load_pretrained(folder, mesh=mesh)
+        return model, config, folder
     from trainer import checkpoint
 
     return checkpoint.restore_model(path, mesh=mesh)

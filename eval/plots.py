@@ -8,7 +8,7 @@ plot across runs whose x axis would hold one value.
 """
 from __future__ import annotations
 
-import pathlib
+import io
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+import storage  # noqa: E402
 
 Series = dict[str, list[list[float]]]
 
@@ -61,9 +63,9 @@ def x_values(panels: dict[str, Series]) -> list[float]:
     return sorted({p[0] for series in panels.values() for pts in series.values() for p in pts})
 
 
-def draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: bool, integer_x: bool = False,
+def draw(panels: dict[str, Series], xlabel: str, path: storage.PathLike, *, lines: bool, integer_x: bool = False,
          min_x_values: int = 1, dodge: bool = False) -> bool:
-    """One PNG: a panel per title (sharing the x axis), a series per label (one colour per label in every panel),
+    """One PNG (local or gs://): a panel per title (sharing the x axis), a series per label (one colour per label in every panel),
     points [x, y, lo, hi] with (lo, hi) as error bars. Panels of signed quantities (titles starting with SIGNED) get a
     y=0 line; the legend sits below the panels, outside every axes, so it never covers a point; integer_x: integer x
     ticks; a single x value is one tick in a padded axis; dodge: series that share x values are drawn side by side
@@ -101,8 +103,10 @@ def draw(panels: dict[str, Series], xlabel: str, path: pathlib.Path, *, lines: b
         fig.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=ncols, fontsize=7)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no data", ha="center", va="center")
-    fig.savefig(path, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
+    storage.Path(path).write_bytes(png.getvalue())
     return True
 
 
@@ -136,7 +140,7 @@ def _metrics(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str | None,
     return probe + held + anima
 
 
-def against_step(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> dict[str, Series]:
+def against_step(rows: Sequence[dict[str, Any]], path: storage.PathLike) -> dict[str, Series]:
     """Probe margins (95% CI bars), held-out losses and ANIMA scores against step, one line per run."""
     numbered = {r["run"] for r in rows if r["checkpoint"] != "hf"}
     # The hf export repeats the final step; use it only for runs without numbered checkpoints.
@@ -151,7 +155,7 @@ def arm_name(run: str) -> str:
     return re.sub(r"[_-](s|seed)\d+$", "", run)
 
 
-def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pathlib.Path
+def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: storage.PathLike
                   ) -> dict[str, Series] | None:
     """Each run's final checkpoint against its mixture share of `share_component`: one series per arm (runs named
     alike up to a seed suffix), seeds as separate points. None (nothing drawn) when every run has the same share."""
@@ -170,7 +174,7 @@ def against_share(rows: Sequence[dict[str, Any]], share_component: str, path: pa
     return panels if drawn else None
 
 
-def training_curves(curves: dict[str, list[tuple[int, float]]], path: pathlib.Path) -> dict[str, Series]:
+def training_curves(curves: dict[str, list[tuple[int, float]]], path: storage.PathLike) -> dict[str, Series]:
     """Training loss from metrics.jsonl against step, one line per run."""
     panels = {"training loss": {run: [[float(s), float(v), float(v), float(v)] for s, v in pts]
                                 for run, pts in curves.items() if pts}}

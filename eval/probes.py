@@ -199,7 +199,7 @@ def report(pairs: Sequence[Pair], margins: np.ndarray, *, baseline: np.ndarray |
 def result_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
                 ) -> storage.Path:
     """Where one model's probe result is saved: beside the checkpoint (see docs/eval.md); `-chat` for chat mode."""
-    return loading.results_dir(model_path) / f"probes-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
+    return loading.results_dir(model_path) / f"probes-{storage.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
 
 def result_config(pairs: str, models: Sequence[str], *, baseline: Sequence[str] = (), control_pairs: str | None = None,
@@ -217,14 +217,14 @@ def result_config(pairs: str, models: Sequence[str], *, baseline: Sequence[str] 
 
 
 def comparison_path(model_path: str | pathlib.Path, pairs_file: str | pathlib.Path, *, chat_mode: bool = False
-                    ) -> pathlib.Path:
+                    ) -> storage.Path:
     """Where a comparison (or several seeds) is saved by default: beside the first --model, not named probes-*."""
-    return loading.results_dir(model_path) / f"comparison-{pathlib.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
+    return loading.results_dir(model_path) / f"comparison-{storage.Path(pairs_file).stem}{'-chat' * chat_mode}.json"
 
 
 def save_each_model(models: Sequence[str], scores: Sequence[Sequence[np.ndarray]], pair_sets: Sequence[Sequence[Pair]],
                     pair_files: Sequence[str], n_boot: int, *, chat_info: dict | None = None,
-                    digests: dict[str, str] | None = None) -> list[pathlib.Path]:
+                    digests: dict[str, str] | None = None) -> list[storage.Path]:
     """Saves every scored model's own result on every pair set beside its checkpoint (what eval.report reads);
     returns the paths. `scores[i][j]`: margins of model i on pair set j."""
     paths = []
@@ -315,7 +315,7 @@ def _score_all(models: Sequence[str], pair_sets: Sequence[Sequence[Pair]], batch
     with progress.bar(len(unique) * sum(len(p) for p in pair_sets), "scoring", "pair") as bar:
         out = {}
         for path in unique:
-            bar.set_postfix_str(pathlib.Path(path).name or str(path))
+            bar.set_postfix_str(storage.Path(path).name or str(path))
             out[path] = score_and_digest(path, pair_sets, batch_size=batch_size, chat_mode=chat_mode, progress=bar)
     return out
 

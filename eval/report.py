@@ -2,6 +2,8 @@
 
     python -m eval.report RUN_DIR... [--out DIR] [--share_component synthetic]
 
+Run directories and DIR may be local or gs://.
+
 For every run directory it reads metrics.jsonl (training log), config.gin (the mixture weights; a run trained
 without `--share_component`, e.g. an SFT run, takes the share of the run its INIT_FROM came from) and the eval results
 saved beside each checkpoint (docs/eval.md): MODEL_DIR/eval/<step>/{probes-*.json, heldout.json, anima.json}; for
@@ -15,34 +17,33 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import io
 import json
 import math
-import pathlib
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from data.synth.records import read_jsonl
+import storage
 from eval import loading
+from trainer import metrics_file
 
 PROBE_PREFIX = "probes-"
 HF = "hf"
 
 
-def read_metrics(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: storage.Path) -> list[dict[str, Any]]:
     """metrics.jsonl as a list of records sorted by step; a malformed record is an error naming it."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = list(read_jsonl(path, require=("step",)))
+    records = metrics_file.read(path)
     for i, rec in enumerate(records, 1):
         if not isinstance(rec["step"], int):
             raise ValueError(f"{path}: record {i}: 'step' must be an integer, got {rec['step']!r}")
     return sorted(records, key=lambda r: r["step"])
 
 
-def gin_macro(run_dir: pathlib.Path, name: str) -> Any:
+def gin_macro(run_dir: storage.Path, name: str) -> Any:
     """The value of macro `name` in the run's operative config.gin (None when the file or the macro is absent); a
     dict literal may span lines."""
     path = run_dir / "config.gin"
@@ -66,7 +67,7 @@ def gin_macro(run_dir: pathlib.Path, name: str) -> Any:
         raise ValueError(f"{path}: cannot read {name}: {e}") from e
 
 
-def mixture_weights(run_dir: pathlib.Path) -> dict[str, float]:
+def mixture_weights(run_dir: storage.Path) -> dict[str, float]:
     """The normalized MIXTURE_WEIGHTS macro of the run's operative config.gin ({} when absent)."""
     weights = gin_macro(run_dir, "MIXTURE_WEIGHTS")
     if weights is None:
@@ -77,19 +78,19 @@ def mixture_weights(run_dir: pathlib.Path) -> dict[str, float]:
     return {k: v / total for k, v in weights.items()} if total else {}
 
 
-def parent_run(run_dir: pathlib.Path) -> pathlib.Path | None:
+def parent_run(run_dir: storage.Path) -> storage.Path | None:
     """The docmix run a run started from: its INIT_FROM when that is a run directory, or the run's hf/,
     exports/<step>/ or checkpoints/<step>/ folder; None when it started from anything else (or from scratch)."""
     init = gin_macro(run_dir, "INIT_FROM")
     if not isinstance(init, str) or not init:
         return None
-    path = pathlib.Path(init).resolve()
+    path = storage.absolute(init)
     options = [path] + [path.parent] * (path.name == HF) + \
         [path.parent.parent] * (path.parent.name in (loading.EXPORTS, "checkpoints"))
     return next((c for c in options if c != run_dir and (c / "config.gin").is_file()), None)
 
 
-def run_share(run_dir: pathlib.Path, component: str) -> tuple[float | None, pathlib.Path]:
+def run_share(run_dir: storage.Path, component: str) -> tuple[float | None, storage.Path]:
     """(share of `component` in the training of the run's model, the run that gave it): the run's own weight when
     positive, else that of the run it started from (`parent_run`, followed back), else 0.0 (an SFT run of a 5% model
     is at 0.05, not 0). None when the run's config.gin has no MIXTURE_WEIGHTS."""
@@ -105,7 +106,7 @@ def run_share(run_dir: pathlib.Path, component: str) -> tuple[float | None, path
     return weights.get(component, 0.0), run_dir
 
 
-def _checkpoints(run_dir: pathlib.Path, last_step: int | None) -> list[tuple[str, int | None, pathlib.Path]]:
+def _checkpoints(run_dir: storage.Path, last_step: int | None) -> list[tuple[str, int | None, storage.Path]]:
     """(label, step, results folder) for every checkpoint with saved results: eval/<step>/, the periodic exports'
     eval/exports/<step>/ (labelled exports/<step>) and the hf export."""
     eval_dir = run_dir / loading.RESULTS
@@ -119,14 +120,14 @@ def _checkpoints(run_dir: pathlib.Path, last_step: int | None) -> list[tuple[str
     return found
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
+def _read_json(path: storage.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
 
 
-def checkpoint_row(results: pathlib.Path) -> dict[str, Any]:
+def checkpoint_row(results: storage.Path) -> dict[str, Any]:
     """Flat columns of one checkpoint's saved results."""
     row: dict[str, Any] = {}
     for path in sorted(results.glob(f"{PROBE_PREFIX}*.json")):
@@ -158,11 +159,11 @@ def _train_metrics(metrics: list[dict[str, Any]], step: int | None) -> dict[str,
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def collect(run_dirs: Sequence[str | pathlib.Path], share_component: str) -> list[dict[str, Any]]:
+def collect(run_dirs: Sequence[storage.PathLike], share_component: str) -> list[dict[str, Any]]:
     """One row per run x checkpoint with results: run, checkpoint, step, share, train/*, probe/*, heldout/*, anima/*."""
     rows = []
     for run in run_dirs:
-        run_dir = pathlib.Path(run).resolve()
+        run_dir = storage.absolute(run)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
         metrics = read_metrics(run_dir)
@@ -178,22 +179,24 @@ def collect(run_dirs: Sequence[str | pathlib.Path], share_component: str) -> lis
     return rows
 
 
-def write_table(rows: list[dict[str, Any]], out_dir: pathlib.Path, name: str = "report"
-                ) -> tuple[pathlib.Path, pathlib.Path]:
+def write_table(rows: list[dict[str, Any]], out_dir: storage.PathLike, name: str = "report"
+                ) -> tuple[storage.Path, storage.Path]:
     """out_dir/<name>.csv (columns in first-seen order, blank where a row has no value) and out_dir/<name>.json."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
+    out_dir = storage.Path(out_dir)
     csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path.write_bytes(text.getvalue().encode())
     json_path.write_text(json.dumps(rows, indent=2) + "\n")
     return csv_path, json_path
 
 
-def missing_data(rows: list[dict[str, Any]], plotted: dict[str, dict], out: pathlib.Path) -> list[str]:
+def missing_data(rows: list[dict[str, Any]], plotted: dict[str, dict], out: storage.Path) -> list[str]:
     """What the report lacks: probe results in every run, and data in each plot."""
     warnings = []
     without = sorted({r["run"] for r in rows} - {r["run"] for r in rows if any(k.startswith("probe/") for k in r)})
@@ -214,10 +217,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from eval import plots
 
     rows = collect(args.run_dirs, args.share_component)
-    out = pathlib.Path(args.out)
+    out = storage.absolute(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = write_table(rows, out)
-    curves = {pathlib.Path(r).resolve().name: [(m["step"], m[args.loss_key]) for m in read_metrics(pathlib.Path(r))
+    curves = {storage.absolute(r).name: [(m["step"], m[args.loss_key]) for m in read_metrics(storage.absolute(r))
                                                 if isinstance(m.get(args.loss_key), (int, float))
                                                 and math.isfinite(m[args.loss_key])]
               for r in args.run_dirs}

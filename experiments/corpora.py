@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import storage
 from data.config import Component, MixtureConfig
 from data.documents import DocumentEncoder
 from data.synth.records import read_jsonl, write_jsonl
@@ -24,17 +24,18 @@ from experiments.settings import SettingsError
 CREATED = "2026-01-01T00:00:00Z"  # fixed provenance stamp: rendered corpora are byte-identical across reruns
 
 
-def resolve(spec: str | Mapping[str, Any], folder: pathlib.Path, where: str) -> pathlib.Path:
-    """The JSONL file of one corpus entry (rendering it into `folder` first when it is a render/qa table)."""
+def resolve(spec: str | Mapping[str, Any], folder: storage.Path, where: str) -> storage.Path:
+    """The JSONL file of one corpus entry (rendering it into `folder` first when it is a render/qa table); local or
+    gs://."""
     if isinstance(spec, str):
         if spec.startswith("demo:"):
             from trainer.demo_assets import demo_asset
 
-            return pathlib.Path(demo_asset(spec[len("demo:"):]))
-        path = pathlib.Path(spec)
+            return storage.Path(demo_asset(spec[len("demo:"):]))
+        path = storage.absolute(spec)
         if not path.is_file():
             raise SettingsError(f"{where}: corpus file {path} does not exist")
-        return path.resolve()
+        return path
     if not isinstance(spec, Mapping) or len({"render", "qa"} & set(spec)) != 1:
         raise SettingsError(f"{where}: a corpus is a path, 'demo:KIND', or a table with `render` or `qa`, got {spec!r}")
     known = {"render", "qa", "count", "seed", "target_tokens", "format", "ai_identity"}
@@ -44,7 +45,7 @@ def resolve(spec: str | Mapping[str, Any], folder: pathlib.Path, where: str) -> 
     out = folder / f"{spec.get('render') or spec.get('qa')}-{key}.jsonl"
     if not out.is_file():
         write_jsonl(out, _records(spec))
-    return out.resolve()
+    return storage.absolute(out)
 
 
 def _records(spec: Mapping[str, Any]):
@@ -65,13 +66,13 @@ def _records(spec: Mapping[str, Any]):
                       created=CREATED)
 
 
-def first_documents(path: pathlib.Path, count: int | None, folder: pathlib.Path, name: str) -> pathlib.Path:
+def first_documents(path: storage.Path, count: int | None, folder: storage.Path, name: str) -> storage.Path:
     """A file with the first `count` records of `path` (None: `path` itself). Fewer records than asked is an error."""
     if count is None:
         return path
     out = folder / f"{name}-first{count}.jsonl"
     if out.is_file():
-        return out.resolve()
+        return storage.absolute(out)
     records = []
     for record in read_jsonl(path, require=()):
         records.append(record)
@@ -80,10 +81,10 @@ def first_documents(path: pathlib.Path, count: int | None, folder: pathlib.Path,
     if len(records) < count:
         raise SettingsError(f"corpus {name!r} ({path}) has {len(records)} records, fewer than the {count} asked for")
     write_jsonl(out, records)
-    return out.resolve()
+    return storage.absolute(out)
 
 
-def count_tokens(path: pathlib.Path, component: Component, mixture: MixtureConfig) -> tuple[int, int]:
+def count_tokens(path: storage.Path, component: Component, mixture: MixtureConfig) -> tuple[int, int]:
     """(documents, tokens) of a corpus as the training pipeline tokenizes it for `component` (its format, prefix,
     BOS/EOS policy); empty documents are left out, as the pipeline does."""
     encoder = DocumentEncoder(component, TextEncoder(mixture))

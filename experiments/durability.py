@@ -31,6 +31,7 @@ import sys
 import tempfile
 from typing import Any
 
+import storage
 from experiments import corpora, runner
 from experiments.evaluate import EvalSettings, evaluate, settings
 from experiments.plan import corpus_binding
@@ -55,30 +56,30 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    path: pathlib.Path
-    out_dir: pathlib.Path
+    path: storage.Path
+    out_dir: storage.Path  # local or gs://
     seeds: tuple[int, ...]
     midtrain: Table
     instruction: Table
     sft: Table
     eval: EvalSettings
-    document: pathlib.Path
-    control: pathlib.Path
-    qa: pathlib.Path
-    sft_data: pathlib.Path
+    document: storage.Path
+    control: storage.Path
+    qa: storage.Path
+    sft_data: storage.Path
 
     @property
     def arms(self) -> tuple[str, ...]:
         return ARMS if self.sft.get("preservation_share", (int, float), 0) > 0 else ARMS[:-1]
 
-    def run_dir(self, name: str) -> pathlib.Path:
+    def run_dir(self, name: str) -> storage.Path:
         return self.out_dir / "runs" / name
 
 
 def load(path: str | pathlib.Path) -> Config:
-    path = pathlib.Path(path)
+    path = storage.Path(path)
     top = Table(read(path), str(path), TOP_KEYS)
-    out_dir = pathlib.Path(top.get("out_dir", str)).resolve()
+    out_dir = storage.absolute(top.get("out_dir", str))
     mid, ins, sft = top.table("midtrain", MIDTRAIN_KEYS), top.table("instruction", STAGE_KEYS), \
         top.table("sft", STAGE_KEYS)
     share = mid.get("share", (int, float))
@@ -110,7 +111,7 @@ def _midtrain_stage(c: Config, arm: str, seed: int) -> Stage:
                  tuple(m.get_list("gin", str, []) + bindings), m.get("train_steps", int))
 
 
-def _sft_stage(c: Config, table: Table, name: str, init: str, data: pathlib.Path, steps: int,
+def _sft_stage(c: Config, table: Table, name: str, init: str, data: storage.Path, steps: int,
                extra: tuple[str, ...] = (), extra_files: tuple[str, ...] = ()) -> Stage:
     bindings = (f"INIT_FROM = {init!r}", f"SFT_FILES = ({str(data)!r},)",
                 f"SFT_FORMAT = {table.get('format', str, 'chat')!r}")
@@ -228,14 +229,14 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
             sft_jobs.append(_job(c, stage_sft, eval_every=per_eval))
             run_dir = c.run_dir(stage_sft.name)
             folder = lambda step: run_dir / (f"exports/{step}" if step % per_eval == 0 else "hf")  # noqa: E731
-            points[arm][seed] = [(0, pathlib.Path(init), f"{arm}-before-s{seed}")] + \
+            points[arm][seed] = [(0, storage.Path(init), f"{arm}-before-s{seed}")] + \
                 [(n, folder(step), f"{stage_sft.name}-{step}") for step, n in zip(steps, samples)]
     (c.out_dir / "schedules.json").write_text(json.dumps(schedules, indent=2) + "\n")
     status |= runner.run_all(sft_jobs, c.out_dir, launcher=launcher)
     return {"status": status, "points": points, "schedules": schedules}
 
 
-def _finished(c: Config, folder: pathlib.Path, status: dict[str, dict]) -> bool:
+def _finished(c: Config, folder: storage.Path, status: dict[str, dict]) -> bool:
     """A point counts once the stage that wrote it finished: an export of a stage that stopped (e.g. on a non-finite
     loss) may hold parameters no finite loss came from. Folders outside the runs (the base model) count as they are."""
     runs = c.out_dir / "runs"
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         c = load(args.config)
         with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
-            planned, runs = durability_plan.stages(c, pathlib.Path(scratch))
+            planned, runs = durability_plan.stages(c, storage.Path(scratch))
             est = estimate.estimate(runs, measure_here=not args.no_measure,
                                     progress=lambda line: print(line, file=sys.stderr, flush=True)) \
                 if args.dry_run else None

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
+import storage
 from experiments import corpora, durability, estimate, plan as sweep_plan
 from experiments.durability import Config, Stage
 
@@ -45,14 +45,14 @@ def load_stage(stage: Stage, init: str | None = None) -> Any:
         raise ValueError(f"stage {stage.name}: {e}") from e
 
 
-def stand_in(export: str, writer: Any, scratch: pathlib.Path) -> str:
+def stand_in(export: str, writer: Any, scratch: storage.Path) -> str:
     """`export` itself when it exists, else a folder under `scratch` with what it will hold for train.py's loading:
     config.json of the writing stage's network (`writer`, its RunConfig) and its tokenizer files."""
     from trainer import run_metadata
 
-    if (pathlib.Path(export) / "config.json").is_file():
+    if (storage.Path(export) / "config.json").is_file():
         return export
-    folder = run_metadata.copy_tokenizer(writer.mixture.tokenizer, scratch / pathlib.Path(export).parent.name)
+    folder = run_metadata.copy_tokenizer(writer.mixture.tokenizer, scratch / storage.Path(export).parent.name)
     (folder / "config.json").write_text(json.dumps(writer.model.to_hf(), indent=2) + "\n")
     return str(folder)
 
@@ -95,7 +95,7 @@ def _read_epochs(run: Any, steps: int) -> dict[str, float]:
     return {n: s["epochs"] for n, s in pipe.stats()["components"].items()}
 
 
-def stages(c: Config, scratch: pathlib.Path) -> tuple[list[StagePlan], list[estimate.Planned]]:
+def stages(c: Config, scratch: storage.Path) -> tuple[list[StagePlan], list[estimate.Planned]]:
     """Every stage in the order durability.run trains them, and the same as estimate.Planned. Raises ValueError
     naming the stage when its config does not load or a share gets no row in it."""
     out: list[tuple[StagePlan, Any]] = []

@@ -4,12 +4,12 @@ that could not be evaluated are listed as missing); report.md with the number of
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+import storage
 from eval import plots, stats
 from eval import report as eval_report
 from experiments import compare
@@ -82,7 +82,7 @@ def curve_panels(table: list[dict[str, Any]], has_control: bool) -> dict[str, pl
 
 
 def write(c, planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Mapping[int, list]],
-          status: Mapping[str, Mapping], s: EvalSettings, out: pathlib.Path) -> dict[str, Any]:
+          status: Mapping[str, Mapping], s: EvalSettings, out: storage.Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     table, family, level = rows(planned, results, s, c.arms, c.seeds)
     eval_report.write_table(table, out, "durability")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
+import storage
 from eval import probes
 from experiments.settings import SettingsError, Table
 
@@ -19,8 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """pairs: value probe sets; control_pairs: the neutral set every shift is compared with."""
-    pairs: tuple[pathlib.Path, ...]
-    control_pairs: pathlib.Path | None
+    pairs: tuple[storage.Path, ...]
+    control_pairs: storage.Path | None
     heldout: bool = True
     heldout_batches: int = 4
     bootstrap: int = 2000
@@ -41,13 +43,14 @@ class EvalSettings:
 
 
 def settings(table: Table) -> EvalSettings:
-    def path(p: str) -> pathlib.Path:
-        resolved = pathlib.Path(p) if pathlib.Path(p).is_absolute() else REPO / p
-        if not resolved.is_file() and pathlib.Path(p).is_file():
-            resolved = pathlib.Path(p).resolve()
-        if not resolved.is_file():
-            raise SettingsError(f"{table.where}: probe file {p} not found")
-        return resolved
+    def path(p: str) -> storage.Path:
+        """A probe file: an absolute path or URL as it is; a relative path in the repository (eval/probe_sets/...)
+        or else in the working directory."""
+        fixed = storage.is_remote(p) or os.path.isabs(p)
+        for resolved in [storage.Path(p)] if fixed else [storage.Path(REPO / p), storage.absolute(p)]:
+            if resolved.is_file():
+                return resolved
+        raise SettingsError(f"{table.where}: probe file {p} not found")
 
     pairs = tuple(path(p) for p in table.get_list("pairs", str, nonempty=True))
     control = table.get("control_pairs", str, None)
@@ -60,8 +63,8 @@ def settings(table: Table) -> EvalSettings:
                         anima_epochs=table.get("anima_epochs", int, 5))
 
 
-def evaluate(checkpoint: pathlib.Path, s: EvalSettings, cache: pathlib.Path, *,
-             heldout_model: pathlib.Path | None = None) -> dict[str, Any]:
+def evaluate(checkpoint: storage.Path, s: EvalSettings, cache: storage.Path, *,
+             heldout_model: storage.Path | None = None) -> dict[str, Any]:
     """{"margins": {set: [per-pair margin]}, "heldout": {component: loss}, "anima": {...}} of one checkpoint (a run
     directory's latest checkpoint, a step directory or an HF folder), read from `cache` when already computed.
 

@@ -20,6 +20,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import storage
 from experiments import corpora
 from experiments.settings import SettingsError, Table, read
 
@@ -58,8 +59,8 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    path: pathlib.Path
-    out_dir: pathlib.Path
+    path: storage.Path
+    out_dir: storage.Path  # local or gs://
     budget: str
     seeds: tuple[int, ...]
     shares: tuple[float, ...]
@@ -68,7 +69,7 @@ class Sweep:
     eval: Table
     configs: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # model name -> RunConfig
 
-    def run_dir(self, run: Run) -> pathlib.Path:
+    def run_dir(self, run: Run) -> storage.Path:
         return self.out_dir / "runs" / run.name
 
 
@@ -87,9 +88,9 @@ def load(path: str | pathlib.Path) -> Sweep:
     """Reads and expands a sweep file; every problem is an error naming the file and key, before any training."""
     from trainer import config as trainer_config
 
-    path = pathlib.Path(path)
+    path = storage.Path(path)
     top = Table(read(path), str(path), TOP_KEYS)
-    out_dir = pathlib.Path(top.get("out_dir", str)).resolve()
+    out_dir = storage.absolute(top.get("out_dir", str))
     seeds = top.get_list("seeds", int, nonempty=True)
     shares = top.get_list("shares", (int, float), nonempty=True)
     if any(not 0 <= s < 1 for s in shares) or len(set(shares)) != len(shares) or len(set(seeds)) != len(seeds):

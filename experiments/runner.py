@@ -3,6 +3,7 @@ every command is an argument list. Finished runs are skipped; an interrupted run
 command, and train.py resumes it from its MODEL_DIR."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,7 +11,11 @@ import pathlib
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import IO
+
+import storage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PLACEHOLDERS = ("{name}", "{model_dir}")
@@ -23,12 +28,12 @@ STATUS_FILE = "status.json"
 class Job:
     """One train.py invocation: its name (run name), run directory, final step and train.py arguments."""
     name: str
-    model_dir: pathlib.Path
+    model_dir: storage.Path  # local or gs://
     train_steps: int
     args: tuple[str, ...]
 
 
-def completed_step(model_dir: pathlib.Path) -> int | None:
+def completed_step(model_dir: storage.Path) -> int | None:
     """The step of the run's latest committed checkpoint, None when it has none."""
     if not (model_dir / "checkpoints").is_dir():
         return None
@@ -66,16 +71,18 @@ def command(job: Job, launcher: str | None) -> list[str]:
     return out
 
 
-def run_all(jobs: Sequence[Job], out_dir: pathlib.Path, *, launcher: str | None = None,
+def run_all(jobs: Sequence[Job], out_dir: storage.Path, *, launcher: str | None = None,
             env: Mapping[str, str] | None = None) -> dict[str, dict]:
     """Runs every job that is not finished, in order; one failure does not stop the others.
 
     Returns and saves (out_dir/status.json) {name: {"status": "done" | "failed", "returncode", "log"}}; each job's
-    output goes to out_dir/logs/<name>.log. Runs share a persistent JAX compilation cache (out_dir/jax_cache, unless
+    output goes to out_dir/logs/<name>.log (local or gs://: `_job_log`). Runs share a persistent JAX compilation
+    cache (out_dir/jax_cache for a local out_dir, a local cache folder for a gs:// one, unless
     JAX_COMPILATION_CACHE_DIR is set), so runs of one shape compile once.
     """
     env = dict(os.environ if env is None else env)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / "jax_cache"))
+    cache = storage.cache_dir("jax_cache") if storage.is_remote(out_dir) else out_dir / "jax_cache"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     status_path = out_dir / STATUS_FILE
@@ -89,7 +96,7 @@ def run_all(jobs: Sequence[Job], out_dir: pathlib.Path, *, launcher: str | None 
         print(f"[{i}/{len(jobs)}] {job.name}: " + (f"resuming from step {resumed}" if resumed else "training"),
               flush=True)
         log = logs / f"{job.name}.log"
-        with open(log, "a") as f:
+        with _job_log(log) as f:
             proc = subprocess.run(command(job, launcher), cwd=REPO, env=env,
                                   stdout=f, stderr=subprocess.STDOUT)
         done = proc.returncode == 0 and is_done(job)
@@ -98,3 +105,20 @@ def run_all(jobs: Sequence[Job], out_dir: pathlib.Path, *, launcher: str | None 
             print(f"    {job.name} did not finish (exit {proc.returncode}); see {log}", flush=True)
         status_path.write_text(json.dumps(status, indent=2) + "\n")
     return status
+
+
+@contextlib.contextmanager
+def _job_log(log: storage.Path) -> Iterator[IO]:
+    """A file for a job's output that ends up appended to `log`: `log` itself when local; a local temporary file
+    whose bytes are appended to a gs:// `log` once the job ends (an object store has no append: the object is
+    rewritten once per job)."""
+    if not storage.is_remote(log):
+        with log.open("ab") as f:
+            yield f
+        return
+    with tempfile.TemporaryFile() as f:
+        try:
+            yield f
+        finally:
+            f.seek(0)
+            log.write_bytes((log.read_bytes() if log.exists() else b"") + f.read())

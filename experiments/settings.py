@@ -6,6 +6,8 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
+import storage
+
 _MISSING = object()
 
 
@@ -14,7 +16,7 @@ class SettingsError(ValueError):
 
 
 def read(path: str | pathlib.Path) -> dict[str, Any]:
-    path = pathlib.Path(path)
+    path = storage.Path(path)
     if not path.is_file():
         raise SettingsError(f"{path}: experiment file not found")
     try:

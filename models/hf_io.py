@@ -1,19 +1,28 @@
 """Hugging Face safetensors import and export, without torch.
 
 `load_pretrained` validates config.json and every tensor's name and shape (from the safetensors headers) before reading
-any data, then reads tensor by tensor straight into (sharded) device arrays: the host holds at most one parameter
-(for scanned layouts, one stacked parameter) beyond what is already on the devices.
+any data, then reads tensor by tensor, by byte range, straight into (sharded) device arrays, from a local folder or
+gs:// alike (no copy of the checkpoint is staged). Each process reads only the rows of each tensor that its own
+devices hold under a row sharding of the file's layout (`_row_sharding`: rows are contiguous bytes, so that is one
+ranged read per tensor and process), and XLA moves them into the model's layout and sharding. On a pod every host
+thus reads about 1/hosts of the checkpoint; the host holds at most its rows of one parameter (for scanned layouts, of
+one stacked parameter) beyond what is already on the devices. NaN/Inf values are counted on the devices, so every
+process refuses the same tensor.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import math
 import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
 
 import storage
 from models import sharding
@@ -22,6 +31,7 @@ from models.hf_names import TensorMap, hf_shape, tensor_maps
 from models.safetensors_read import TensorReader, read_header
 from models.transformer import Transformer
 
+log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers that old checkpoints saved but that are derived, not learned: recomputed from the config.
@@ -33,16 +43,15 @@ class CheckpointMismatchError(ValueError):
 
 
 def read_config(hf_dir: str | pathlib.Path, **runtime: Any) -> ModelConfig:
-    path = pathlib.Path(hf_dir) / "config.json"
+    path = storage.Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config.json in the Hugging Face folder")
-    with open(path) as f:
-        return ModelConfig.from_hf(json.load(f), **runtime)
+    return ModelConfig.from_hf(json.loads(path.read_text()), **runtime)
 
 
-def weight_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """Tensor name -> safetensors file, from the index json (sharded) or the single file."""
-    hf_dir = pathlib.Path(hf_dir)
+def weight_files(hf_dir: str | pathlib.Path) -> dict[str, storage.Path]:
+    """Tensor name -> safetensors file, from the index json (sharded) or the single file (local or gs://)."""
+    hf_dir = storage.Path(hf_dir)
     if (hf_dir / INDEX_FILE).exists():
         index = hf_dir / INDEX_FILE
         try:
@@ -55,7 +64,6 @@ def weight_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
     if (hf_dir / SINGLE_FILE).exists():
         return {name: hf_dir / SINGLE_FILE for name in read_header(hf_dir / SINGLE_FILE)[0]}
     raise FileNotFoundError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights are loaded)")
-
 
 def _validate(reader: TensorReader, maps: list[TensorMap], shapes: dict[tuple, tuple[int, ...]], config: ModelConfig):
     """Missing / unexpected / mis-shaped tensors -> CheckpointMismatchError naming each (before any data is read)."""
@@ -102,10 +110,11 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, param_dtype: str = "float32",
                     **runtime: Any) -> tuple[Transformer, ModelConfig]:
-    """Loads a Hugging Face folder (config.json + safetensors) into a `Transformer`.
+    """Loads a Hugging Face folder (config.json + safetensors; local or gs://) into a `Transformer`.
 
     `runtime` sets other ModelConfig runtime fields (compute_dtype, scan_layers, remat, attention). With `mesh`,
-    every parameter is placed with the sharding its logical axes resolve to; otherwise on the default device.
+    every parameter is placed with the sharding its logical axes resolve to; otherwise on the default device. Every
+    process must call it with the same arguments (the conversion to the model's sharding is collective).
     """
     config = read_config(hf_dir, param_dtype=param_dtype, **runtime)
     reader = TensorReader(weight_files(hf_dir))
@@ -118,55 +127,108 @@ def load_pretrained(hf_dir: str | pathlib.Path, *, mesh: Mesh | None = None, par
 
     specs = sharding.state_shardings(abstract_state, mesh) if mesh is not None else None
     spec_tree = nnx.to_pure_dict(specs) if specs is not None else None
-    dtype = np.dtype(config.param_dtype) if config.param_dtype != "bfloat16" else jax.numpy.bfloat16
+    dtype = jnp.dtype(config.param_dtype)
 
-    def place(path: tuple, host: np.ndarray) -> jax.Array:
-        target = _get(spec_tree, path) if spec_tree is not None else None
-        return jax.device_put(host, target if isinstance(target, NamedSharding) else None)
-
-    def read(tmap: TensorMap, name: str) -> np.ndarray:
-        return tmap.to_ours(finite(reader, name), shapes[tmap.path]).astype(dtype, copy=False)
+    def load(tmap: TensorMap, names: list[str], path: tuple, stacked: bool) -> jax.Array:
+        target = _get(spec_tree, path) if spec_tree is not None else SingleDeviceSharding(jax.devices()[0])
+        return _load(reader, tmap, names, shapes[tmap.path], dtype, target, stacked)
 
     loaded = jax.tree.map(lambda _: None, abstract)
     for tmap in maps:
         names = tmap.hf_names(config.num_layers)
-        if tmap.path[0] != "layers":
-            _set(loaded, tmap.path, place(tmap.path, read(tmap, names[0])))
-        elif config.scan_layers:
-            host = np.empty((config.num_layers,) + shapes[tmap.path], dtype)
-            for i, name in enumerate(names):
-                host[i] = read(tmap, name)
-            _set(loaded, tmap.path, place(tmap.path, host))
-            del host
+        if tmap.path[0] != "layers" or config.scan_layers:
+            _set(loaded, tmap.path, load(tmap, names, tmap.path, stacked=tmap.path[0] == "layers"))
         else:
             for i, name in enumerate(names):
                 path = ("layers", i) + tmap.path[1:]
-                _set(loaded, path, place(path, read(tmap, name)))
+                _set(loaded, path, load(tmap, [name], path, stacked=False))
     if config.tie_embeddings and "lm_head.weight" in reader.files:
-        _check_tied(reader, _get(loaded, ("embed", "embedding")))
+        # A tied checkpoint that still stores lm_head.weight must store the embedding there; anything else is a
+        # different network.
+        embedding = _get(loaded, ("embed", "embedding"))
+        head = _load(reader, TensorMap(("embed", "embedding"), "lm_head.weight", 0), ["lm_head.weight"],
+                     embedding.shape, dtype, embedding.sharding, stacked=False)
+        if not bool(jax.jit(jnp.array_equal)(head, embedding)):
+            raise CheckpointMismatchError("config.json sets tie_word_embeddings=true but lm_head.weight differs from "
+                                          "model.embed_tokens.weight")
+    total = sum(reader.nbytes(name) for name in reader.used)
+    log.info("%s: process %d of %d read %d of the %d tensor bytes it loads", hf_dir, jax.process_index(),
+             jax.process_count(), reader.bytes_read, total)
     nnx.replace_by_pure_dict(abstract_state, loaded)
     return nnx.merge(graphdef, abstract_state), config
 
 
-def finite(reader: TensorReader, name: str) -> np.ndarray:
-    """The tensor, refused with an error naming it and its file when it holds NaN or Inf (a damaged checkpoint)."""
-    tensor = reader.tensor(name)
-    if np.issubdtype(tensor.dtype, np.integer) or tensor.dtype == np.bool_:
-        return tensor
-    bad = tensor.size - int(np.count_nonzero(np.isfinite(tensor)))
-    if bad:
-        raise CheckpointMismatchError(f"{reader.files[name]}: tensor {name} holds {bad} NaN/Inf value(s) of "
-                                      f"{tensor.size}; refusing to load it")
-    return tensor
+def _row_sharding(target: Sharding, shape: tuple[int, ...], row_dim: int) -> Sharding:
+    """How the file's rows (axis `row_dim` of `shape`) are read: split over as many of the target mesh's axes as
+    divide them (replicated over the rest), so the processes read disjoint row ranges."""
+    if not isinstance(target, NamedSharding):
+        return target
+    mesh = target.mesh
+    axes = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+    while axes and shape[row_dim] % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    spec: list[Any] = [None] * len(shape)
+    spec[row_dim] = tuple(axes) or None
+    return NamedSharding(mesh, P(*spec))
 
 
-def _check_tied(reader: TensorReader, embedding: jax.Array) -> None:
-    """A tied checkpoint that still stores lm_head.weight must store the embedding there; anything else is a
-    different network."""
-    head = reader.tensor("lm_head.weight")
-    if head.shape != embedding.shape or not np.array_equal(head.astype(embedding.dtype), np.asarray(embedding)):
-        raise CheckpointMismatchError(
-            "config.json sets tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
+def _load(reader: TensorReader, tmap: TensorMap, names: list[str], shape: tuple[int, ...], dtype: Any,
+          target: Sharding, stacked: bool) -> jax.Array:
+    """The HF tensors `names` (one, or one per layer stacked on a leading axis) as one array of our layout (`shape`
+    per layer) in `dtype`, placed with `target`.
+
+    This process reads the row range its devices hold under `_row_sharding` (one read per tensor). When that is every
+    row (one process, or a tensor too small to split), it converts them here and places the result; otherwise the
+    array is assembled from every process's rows and a jitted conversion moves it into our layout and `target`."""
+    lead = (len(names),) if stacked else ()
+    read_shape = lead + hf_shape(tmap, shape)
+    row_dim = len(lead)
+    read_sharding = _row_sharding(target, read_shape, row_dim)
+    spans = [index[row_dim].indices(read_shape[row_dim])[:2]
+             for index in read_sharding.addressable_devices_indices_map(read_shape).values()]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if (lo, hi) == (0, read_shape[row_dim]):
+        out = np.empty(lead + shape, dtype)
+        for i, name in enumerate(names):
+            tensor = reader.tensor(name)
+            if np.issubdtype(tensor.dtype, np.inexact):
+                _refuse_nonfinite(reader, name, tensor.size - int(np.count_nonzero(np.isfinite(tensor))))
+            (out[i] if stacked else out)[...] = tmap.to_ours(tensor, shape)
+        return jax.device_put(out, target)
+
+    rows = [reader.rows(name, lo, hi) for name in names]
+    host = np.stack(rows) if stacked else rows[0]
+    del rows
+
+    def piece(index: tuple[slice, ...]) -> np.ndarray:
+        start, stop = index[row_dim].indices(read_shape[row_dim])[:2]
+        return host[index[:row_dim] + (slice(start - lo, stop - lo),) + index[row_dim + 1:]]
+
+    array = jax.make_array_from_callback(read_shape, read_sharding, piece)
+    del host
+    out, bad = _to_ours(array, in_axes=bool(tmap.in_axes), stacked=stacked, shape=lead + shape, dtype=dtype,
+                        sharding=target)
+    for name, count in zip(names, np.asarray(bad).reshape(-1)):
+        _refuse_nonfinite(reader, name, int(count))
+    return out
+
+
+def _refuse_nonfinite(reader: TensorReader, name: str, count: int) -> None:
+    """A tensor holding NaN or Inf (a damaged checkpoint) is refused with an error naming it and its file."""
+    if count:
+        raise CheckpointMismatchError(f"{reader.files[name]}: tensor {name} holds {count} NaN/Inf value(s) of "
+                                      f"{math.prod(reader.shape(name))}; refusing to load it")
+
+
+@functools.partial(jax.jit, static_argnames=("in_axes", "stacked", "shape", "dtype", "sharding"))
+def _to_ours(x: jax.Array, *, in_axes: bool, stacked: bool, shape: tuple[int, ...], dtype: Any, sharding: Sharding
+             ) -> tuple[jax.Array, jax.Array]:
+    """File layout -> ours (`hf_names`: ours = hf.T.reshape(shape), per layer) in `dtype` and `sharding`, and the
+    NaN/Inf count per tensor (`[layers]` for a stacked x, `[1]` otherwise), replicated."""
+    y = (jnp.swapaxes(x, -1, -2) if in_axes else x).reshape(shape).astype(dtype)
+    bad = jnp.sum(~jnp.isfinite(x.reshape(x.shape[0] if stacked else 1, -1)), axis=1)
+    replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else sharding
+    return jax.lax.with_sharding_constraint(y, sharding), jax.lax.with_sharding_constraint(bad, replicated)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -8,19 +8,22 @@ the same bucket. Never pass a `gs://` string to `pathlib`: `pathlib.Path("gs://b
 It lives at the top level (not in data/ or trainer/) because models/ (HF import/export), data/ (corpora, shards),
 trainer/ (MODEL_DIR) and eval/ (results) all use it, and models/ must not import data/ or trainer/.
 
-What object stores cannot do, the helpers here do explicitly: `append_text` rewrites the object (no appends on GCS),
-`move_tree` copies then deletes (no rename),
-`local_file` gives libraries that only open local files (tokenizers, safetensors) a cached local copy, and
+What object stores cannot do, the helpers here do explicitly: `read_range` reads one byte range (a ranged GET, not a
+download), `atomic_write` makes a file appear whole (a local temporary file renamed into place; an object is whole
+once its upload ends), `list_files` lists a folder recursively (one listing of the prefix), `move_tree` copies then
+deletes (no rename), `local_file` gives libraries that only open local files (tokenizers) a cached local copy, and
 `LocalMirror` lets a writer that only writes local files (TensorBoard) write to a remote folder by syncing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import IO
 
 # epath picks TensorFlow's gfile for gs:// whenever TF is installed (the seqio extra installs it); docmix reaches
 # gs:// through fsspec only, so Orbax, Grain and docmix share one client, one auth and one endpoint.
@@ -59,24 +62,66 @@ def filesystem(url: PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, fsspec.core.split_protocol(os.fspath(url))[1].rstrip("/")
 
 
-def append_text(path: PathLike, text: str) -> None:
-    """Appends `text` to a file; an object store has no append, so there the object is rewritten whole."""
-    path = Path(path)
+def read_range(path: PathLike, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file, in one read: a seek locally, one ranged GET on an object store (never the whole
+    object). Fewer bytes come back only when the file ends before `end`."""
     if not is_remote(path):
-        with open(os.fspath(path), "a") as f:
-            f.write(text)
+        with open(os.fspath(path), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    fs, name = filesystem(path)
+    return fs.cat_file(name, start=start, end=end)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
+    """Opens `path` for writing so that readers never see it half written: locally a temporary sibling renamed over
+    it when the block ends without an error; on an object store the object itself (it appears when its upload
+    completes). On an error the target is left as it was."""
+    path = Path(path)
+    if is_remote(path):
+        with path.open(mode, encoding=encoding) as f:
+            yield f
         return
-    old = path.read_text() if path.exists() else ""
-    path.write_text(old + text)
+    tmp = pathlib.Path(os.fspath(path)).with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+        os.replace(tmp, os.fspath(path))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def list_files(root: PathLike) -> list[str]:
+    """The relative names ('a/b.txt') of every file under `root`, recursively and sorted; [] when it does not exist.
+    One listing of the prefix on an object store."""
+    if not is_remote(root):
+        folder = pathlib.Path(os.fspath(root))
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    fs, prefix = filesystem(root)
+    fs.invalidate_cache(prefix)
+    try:
+        names = fs.find(prefix)  # epath refuses a recursive glob on gs://
+    except FileNotFoundError:
+        return []
+    return sorted(name[len(prefix) + 1:] for name in names if name.startswith(prefix + "/"))
 
 
 def _cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("DOCMIX_STORAGE_CACHE") or tempfile.gettempdir()) / "docmix-storage"
 
 
+def cache_dir(name: str) -> pathlib.Path:
+    """A local folder for a cache that must not live on an object store (e.g. JAX's compilation cache of a sweep
+    whose out_dir is gs://), under DOCMIX_STORAGE_CACHE or the temporary folder."""
+    folder = _cache_root() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def local_file(path: PathLike) -> pathlib.Path:
     """A local path holding the file's bytes: the file itself when local, else a copy cached per URL and size (for
-    libraries that open local files only, e.g. tokenizers.Tokenizer.from_file, safetensors)."""
+    libraries that open local files only, e.g. tokenizers.Tokenizer.from_file)."""
     if not is_remote(path):
         return pathlib.Path(os.fspath(path))
     remote = Path(path)
@@ -95,9 +140,8 @@ def local_dir(path: PathLike) -> pathlib.Path:
     remote = Path(path)
     _cache_root().mkdir(parents=True, exist_ok=True)
     local = pathlib.Path(tempfile.mkdtemp(prefix="docmix-copy-", dir=_cache_root())) / remote.name
-    fs, root = filesystem(remote)
-    for name in fs.find(root):  # epath refuses a recursive glob on gs://
-        _download(Path(fs.unstrip_protocol(name)), local / name[len(root.rstrip("/")) + 1:])
+    for name in list_files(remote):
+        _download(remote / name, local / name)
     return local
 
 
@@ -114,7 +158,13 @@ def _download(remote: Path, local: pathlib.Path) -> None:
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:
-    """Copies one file between any two places (local or remote)."""
+    """Copies one file between any two places (local or remote); within one object store, server-side."""
+    if is_remote(src) and is_remote(dst):
+        fs, source = filesystem(src)
+        other, target = filesystem(dst)
+        if fs is other:
+            fs.copy(source, target)
+            return
     with Path(src).open("rb") as fin, Path(dst).open("wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 22)
 

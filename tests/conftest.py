@@ -14,6 +14,16 @@ def smollm2_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def gcs() -> str:
+    """The local GCS emulator (tests/gcs_emulator.py) for the whole session: its URL. Every GCS client of this process
+    is pointed at it; each test module works under its own prefix of gs://bucket/."""
+    from tests import gcs_emulator
+
+    with gcs_emulator.emulator() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def anima_dir() -> pathlib.Path:
     if not (ANIMA_DIR / "questions.jsonl").exists():
         pytest.fail(f"local ANIMA copy missing at {ANIMA_DIR}")

@@ -3,15 +3,101 @@
 Every client docmix uses is pointed at it and kept off the network: gcsfs (STORAGE_EMULATOR_HOST, anonymous token),
 tensorstore's gcs driver used by Orbax (TENSORSTORE_GCS_HTTP_URL, a fixed test token), google-auth (no metadata
 server probe), and gcsfs's experimental bucket-type lookup (off: it would call the real control API). Where the
-emulator differs from GCS in what these clients rely on, `behave_as_gcs` makes it behave as GCS does.
+emulator differs from GCS in what these clients rely on, `behave_as_gcs` makes it behave as GCS does. Tests see the
+requests it served (`recording`: which objects, bytes sent and served) and can make some of them fail (`failing`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 import os
+import time
 from collections.abc import Iterator
+from http import HTTPStatus
 
 BUCKET = "bucket"
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """One request the emulator answered: its handler (insert, download, get, compose, delete, ...), the object's
+    name in the bucket, the bytes the client sent and those the answer carried, and the seconds its handler took
+    (the emulator's own work, e.g. concatenating a composed object in Python, which GCS does server-side)."""
+    handler: str
+    name: str | None
+    sent: int
+    served: int
+    seconds: float
+
+
+@dataclasses.dataclass
+class Fault:
+    """The next `times` requests of `handlers` for objects whose name starts with `prefix` are answered `status`."""
+    prefix: str
+    times: int
+    handlers: tuple[str, ...]
+    status: HTTPStatus
+
+
+_RUNNING: str | None = None  # the URL of this process's emulator while one runs
+_LOG: list[Served] | None = None
+_FAULTS: list[Fault] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Served]]:
+    """Yields the list of requests the emulator answers while the block runs."""
+    global _LOG
+    _LOG = log = []
+    try:
+        yield log
+    finally:
+        _LOG = None
+
+
+@contextlib.contextmanager
+def failing(prefix: str, times: int, handlers: tuple[str, ...] = ("download", "get", "insert", "compose", "delete"),
+            status: HTTPStatus = HTTPStatus.FORBIDDEN) -> Iterator[Fault]:
+    """Makes the next `times` requests for objects under `prefix` fail with `status` while the block runs. The
+    default, 403, is an error that gcsfs and tensorstore do not retry themselves: what an error that outlasted their
+    retries looks like to docmix."""
+    fault = Fault(prefix, times, handlers, status)
+    _FAULTS.append(fault)
+    try:
+        yield fault
+    finally:
+        _FAULTS.remove(fault)
+
+
+def _object_name(request) -> str | None:
+    name = request.params.get("object_id") or (request.query.get("name") or [None])[0]
+    if name is None and isinstance(request.data, dict):
+        name = (request.data.get("meta") or request.data).get("name")
+    return name
+
+
+def _instrumented(handler):
+    def handle(request, response, storage, *args, **kwargs):
+        name = _object_name(request)
+        for fault in _FAULTS:
+            if fault.times > 0 and handler.__name__ in fault.handlers and (name or "").startswith(fault.prefix):
+                fault.times -= 1
+                response.status = fault.status
+                return None
+        start = time.perf_counter()
+        result = handler(request, response, storage, *args, **kwargs)
+        seconds = time.perf_counter() - start
+        if _LOG is not None:
+            data = request.data["content"] if isinstance(request.data, dict) and "content" in request.data \
+                else request.data
+            body = response._content  # noqa: SLF001 - the emulator's response has no public body accessor
+            _LOG.append(Served(handler.__name__, name, len(data) if isinstance(data, (bytes, str)) else 0,
+                               len(body) if isinstance(body, (bytes, str)) else 0, seconds))
+        return result
+
+    handle.__name__ = handler.__name__
+    return handle
 
 
 def client_env(url: str) -> dict[str, str]:
@@ -33,13 +119,13 @@ def client_env(url: str) -> dict[str, str]:
 
 
 def behave_as_gcs() -> None:
-    """Two things GCS does that the emulator does not, and that docmix's clients rely on:
-    - an upload with `ifGenerationMatch=0` (create only if absent: the writer lock, tensorstore's OCDBT manifests)
-      answers 412 Precondition Failed, writing nothing, when the object exists;
+    """What GCS does that the emulator does not, and that docmix's clients rely on (and every handler is
+    instrumented for `recording` and `failing`):
+    - an upload or delete with `ifGenerationMatch=G` acts only while the object is at generation G (G=0: absent;
+      create-if-absent for the writer lock and tensorstore's OCDBT manifests; G>0: the writer lock's compare-and-swap)
+      and answers 412 Precondition Failed otherwise, changing nothing;
     - a media download carries the object's generation in `x-goog-generation` (tensorstore reads it to make its next
       conditional write; without it, that write fails with "Malformed StorageGeneration")."""
-    from http import HTTPStatus
-
     from gcp_storage_emulator import server
     from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.handlers import objects
@@ -53,15 +139,27 @@ def behave_as_gcs() -> None:
         except NotFound:
             return None
 
+    def precondition_fails(request, storage, name: str | None) -> bool:
+        wanted = (request.query.get("ifGenerationMatch") or [None])[0]
+        if wanted is None:
+            return False
+        current = exists(storage, request.params["bucket_name"], name)
+        return current is not None if wanted == "0" else current is None or str(current["generation"]) != wanted
+
     def insert(request, response, storage, *args, **kwargs):
-        if request.query.get("ifGenerationMatch") == ["0"]:
-            name = (request.query.get("name") or [None])[0]
-            if name is None and isinstance(request.data, dict):
-                name = (request.data.get("meta") or request.data).get("name")
-            if exists(storage, request.params["bucket_name"], name) is not None:
-                response.status = HTTPStatus.PRECONDITION_FAILED
-                return None
+        name = (request.query.get("name") or [None])[0]
+        if name is None and isinstance(request.data, dict):
+            name = (request.data.get("meta") or request.data).get("name")
+        if precondition_fails(request, storage, name):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            return None
         return original["insert"](request, response, storage, *args, **kwargs)
+
+    def delete(request, response, storage, *args, **kwargs):
+        if precondition_fails(request, storage, request.params["object_id"]):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            return None
+        return original["delete"](request, response, storage, *args, **kwargs)
 
     def download(request, response, storage, *args, **kwargs):
         result = original["download"](request, response, storage, *args, **kwargs)
@@ -71,19 +169,21 @@ def behave_as_gcs() -> None:
             response["x-goog-metageneration"] = obj["metageneration"]
         return result
 
-    original = {"insert": objects.insert, "download": objects.download}
-    replacement = {original["insert"]: insert, original["download"]: download}
+    original = {"insert": objects.insert, "delete": objects.delete, "download": objects.download}
+    replacement = {original["insert"]: insert, original["delete"]: delete, original["download"]: download}
+    for name, handler in (("insert", insert), ("delete", delete), ("download", download)):
+        handler.__name__ = name
     insert.behaves_as_gcs = True
-    objects.insert, objects.download = insert, download  # server.py also looks them up here
+    objects.insert, objects.delete, objects.download = insert, delete, download  # server.py looks them up here too
     for _, handlers in server.HANDLERS:
         for method, handler in list(handlers.items()):
-            if handler in replacement:
-                handlers[method] = replacement[handler]
+            handlers[method] = _instrumented(replacement.get(handler, handler))
 
 
 @contextlib.contextmanager
 def emulator() -> Iterator[str]:
-    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL.
+    """Starts the emulator with an empty bucket `BUCKET`, points this process's clients at it; yields its URL. Inside
+    a running one (tests/conftest.py's session fixture), yields that one's URL: one emulator per process.
 
     Call it before anything imports gcsfs: gcsfs picks its (experimental, gRPC) client at import from the environment.
     """
@@ -91,6 +191,10 @@ def emulator() -> Iterator[str]:
 
     import fsspec
 
+    global _RUNNING
+    if _RUNNING is not None:
+        yield _RUNNING
+        return
     assert "gcsfs" not in sys.modules, "gcsfs was imported before the emulator's environment was set"
     from gcp_storage_emulator.server import create_server
 
@@ -102,9 +206,11 @@ def emulator() -> Iterator[str]:
     os.environ.update(client_env(url))
     fsspec.config.conf.setdefault("gs", {})["token"] = "anon"  # fsspec read FSSPEC_* at import, before this
     fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+    _RUNNING = url
     try:
         yield url
     finally:
+        _RUNNING = None
         import gcsfs
 
         gcsfs.GCSFileSystem.clear_instance_cache()  # (no new instance: it would look for real credentials)

@@ -28,9 +28,13 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 
 
 def write_lock(path, **holder):
-    """Writes the lock as another run's renewal would: atomically (a reader never sees it half written)."""
+    """Writes the lock as another run would: created if absent, else replaced by compare-and-swap."""
     record = {"started": 0, "heartbeat": time.time(), "command": "train.py", "token": "theirs", **holder}
-    run_lock.LocalStore().overwrite(str(path / run_lock.LOCK_NAME), json.dumps(record).encode())
+    store, lock = run_lock.LocalStore(), str(path / run_lock.LOCK_NAME)
+    while not store.create_exclusive(lock, json.dumps(record).encode()):
+        found = store.read(lock)
+        if found is not None and store.replace(lock, json.dumps(record).encode(), found[1]):
+            return
 
 
 def dead_pid() -> int:
@@ -106,20 +110,72 @@ def test_lock_of_a_vanished_host_is_broken_after_the_lease(tmp_path, caplog):
 
 
 def test_holder_renews_its_heartbeat_and_notices_a_lost_lock(tmp_path, caplog):
-    # The other run's write lands right after a renewal, well before the next one reads the lock (a check-then-write
-    # store has no compare-and-swap: a write between the renewer's read and its write would be overwritten).
-    lock = run_lock.RunLock(str(tmp_path), renew_s=0.3)
+    lock = run_lock.RunLock(str(tmp_path), renew_s=0.05)
     with lock:
         first = json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["heartbeat"]
         deadline = time.time() + 30
         while json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["heartbeat"] == first:
             assert time.time() < deadline, "the heartbeat was never renewed"
             time.sleep(0.02)
+        assert lock.lost is None
         write_lock(tmp_path, host="tpu-vm-7", pid=1, heartbeat=time.time())  # another run broke and took it
         lock._renewer.join(timeout=30)
-        assert not lock._renewer.is_alive()
-        assert "no longer holds the writer lock" in caplog.text
+        assert not lock._renewer.is_alive() and "tpu-vm-7" in lock.lost
+        assert "no longer holds MODEL_DIR's writer lock" in caplog.text
     assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == "tpu-vm-7"  # theirs, left alone
+
+
+class Interleaved:
+    """`store` where another run's write lands right after the `nth` read: between a reader's look and its
+    compare-and-swap, the moment a check-then-write lock loses to."""
+
+    def __init__(self, store, nth: int, write):
+        self.store, self.nth, self.write, self.reads = store, nth, write, 0
+
+    def read(self, path):
+        found = self.store.read(path)
+        self.reads += 1
+        if self.reads == self.nth:
+            self.write()
+        return found
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_renewal_never_overwrites_a_lock_taken_between_its_read_and_its_write(tmp_path):
+    store = Interleaved(run_lock.LocalStore(), 1, lambda: write_lock(tmp_path, host="tpu-vm-7", pid=1))
+    lock = run_lock.RunLock(str(tmp_path), store, renew_s=0.05)
+    lock.acquire()
+    lock._renewer.join(timeout=30)
+    assert "tpu-vm-7" in lock.lost
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == "tpu-vm-7"
+    lock.release()
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["host"] == "tpu-vm-7"
+
+
+def test_a_stale_lock_renewed_while_being_broken_is_not_broken(tmp_path, caplog):
+    """The breaker judged the lock stale from what it read; its holder (back from a stall) renewed it before the
+    break: the break, a compare-and-swap against what was read, fails, and the run is refused naming the holder."""
+    stale = time.time() - run_lock.LEASE_S - 5
+    write_lock(tmp_path, host="tpu-vm-7", pid=1, heartbeat=stale)
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(0.05):
+            write_lock(tmp_path, host="tpu-vm-7", pid=1)
+
+    renewer = threading.Thread(target=renew)
+    store = Interleaved(run_lock.LocalStore(), 1,  # the holder renews right after the breaker's read
+                        lambda: (write_lock(tmp_path, host="tpu-vm-7", pid=1), renewer.start()))
+    try:
+        with pytest.raises(run_lock.RunLocked, match="tpu-vm-7.*last heartbeat 0s ago"):
+            run_lock.RunLock(str(tmp_path), store, renew_s=0.1).acquire()
+    finally:
+        stop.set()
+        renewer.join()
+    assert "breaking the stale lock" in caplog.text
+    assert json.loads((tmp_path / run_lock.LOCK_NAME).read_text())["heartbeat"] > stale
 
 
 def test_train_py_refuses_a_locked_model_dir_before_any_work(tmp_path):
@@ -130,3 +186,40 @@ def test_train_py_refuses_a_locked_model_dir_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "another run is writing to this MODEL_DIR" in proc.stderr and f"pid {os.getpid()}" in proc.stderr
     assert sorted(p.name for p in model_dir.iterdir()) == [run_lock.LOCK_NAME]   # nothing written, nothing compiled
+
+
+def test_a_run_that_loses_its_lock_stops_and_writes_nothing_more(tmp_path, monkeypatch, capsys):
+    """train.py whose lock another run takes over mid-run (its heartbeat renewed every 0.1 s here): it stops at the
+    next step boundary with exit status 2 and one line naming the new holder, and writes no further record,
+    checkpoint or export to MODEL_DIR; the other run's lock is left as it is."""
+    import train
+    from tests.test_train_resume import TINY
+
+    model_dir = tmp_path / "run"
+    monkeypatch.setattr(run_lock, "RENEW_S", 0.1)
+    taken: dict = {}
+    done = threading.Event()
+
+    def take_over():
+        metrics = model_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            if done.wait(0.01):
+                return
+        write_lock(model_dir, host="tpu-vm-7", pid=1)
+        taken["records"] = len(metrics.read_text().splitlines())
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    try:
+        code = train.main([*TINY, f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=400", "--gin.BATCH_SIZE=8",
+                           "--gin.CHECKPOINT_EVERY=1000", "--gin.TrainConfig.progress_bar=False"])
+    finally:
+        done.set()
+        thief.join()
+    assert code == 2, capsys.readouterr().err[-3000:]
+    assert "now held by host 'tpu-vm-7'" in capsys.readouterr().err
+    assert json.loads((model_dir / run_lock.LOCK_NAME).read_text())["host"] == "tpu-vm-7"
+    logged = len((model_dir / "metrics.jsonl").read_text().splitlines())
+    assert taken["records"] <= logged < 400
+    assert not [p.name for p in (model_dir / "checkpoints").iterdir()]  # no step saved (no final save either)
+    assert not (model_dir / "hf").exists()

@@ -11,12 +11,11 @@ import sys
 
 import pytest
 
-from tests import extras
+from tests import extras, gcs_emulator
 
 pytestmark = extras.require("gcs")
 
 import storage  # noqa: E402
-from tests import gcs_emulator  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = f"gs://{gcs_emulator.BUCKET}/data"
@@ -33,15 +32,14 @@ TINY = ["--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin", "--gin.BATCH_S
 
 
 @pytest.fixture(scope="module")
-def bucket():
+def bucket(gcs):
     """The emulator with the demo corpora and tokenizer uploaded to gs://bucket/data."""
     from trainer.demo_assets import demo_asset
 
-    with gcs_emulator.emulator() as url:
-        storage.copy_file(demo_asset("replay"), f"{DATA}/replay.jsonl")
-        storage.copy_file(demo_asset("welfare"), f"{DATA}/welfare.jsonl")
-        storage.upload_tree(demo_asset("tokenizer"), f"{DATA}/tokenizer")
-        yield url
+    storage.copy_file(demo_asset("replay"), f"{DATA}/replay.jsonl")
+    storage.copy_file(demo_asset("welfare"), f"{DATA}/welfare.jsonl")
+    storage.upload_tree(demo_asset("tokenizer"), f"{DATA}/tokenizer")
+    return gcs
 
 
 def fresh_machine(tmp_path: pathlib.Path, url: str, name: str) -> tuple[pathlib.Path, dict]:
@@ -102,11 +100,11 @@ def test_gs_model_dir_and_corpora_resume_on_a_fresh_machine(bucket, tmp_path):
 
 
 def test_storage_helpers_on_the_emulator(bucket, tmp_path):
-    """append (rewrite on GCS), local copies of remote files/folders, upload order, mirrors."""
+    """byte ranges, atomic writes, recursive listings, local copies of remote files/folders, upload order, mirrors."""
     target = storage.Path(f"gs://{gcs_emulator.BUCKET}/helpers/log.jsonl")
-    storage.append_text(target, "a\n")
-    storage.append_text(target, "b\n")
-    assert target.read_text() == "a\nb\n"
+    with storage.atomic_write(target) as f:
+        f.write("a\nb\n")
+    assert target.read_text() == "a\nb\n" and storage.read_range(target, 1, 3) == b"\nb"
     assert storage.local_file(target).read_text() == "a\nb\n"
     assert not storage.is_remote(storage.local_file(target))
     (tmp_path / "src" / "sub").mkdir(parents=True)
@@ -115,6 +113,8 @@ def test_storage_helpers_on_the_emulator(bucket, tmp_path):
     storage.upload_tree(tmp_path / "src", f"gs://{gcs_emulator.BUCKET}/helpers/tree", last=("config.json",))
     copy = storage.local_dir(f"gs://{gcs_emulator.BUCKET}/helpers/tree")
     assert local_files(copy) == ["config.json", "sub", "sub/w.bin"] and (copy / "sub" / "w.bin").read_bytes() == b"\0\1"
+    assert storage.list_files(f"gs://{gcs_emulator.BUCKET}/helpers/tree") == storage.list_files(copy) == \
+        ["config.json", "sub/w.bin"]
     mirror = storage.LocalMirror(f"gs://{gcs_emulator.BUCKET}/helpers/tb")
     (mirror.local / "events").write_bytes(b"x")
     mirror.sync()
@@ -161,12 +161,14 @@ def remote_files(root: str) -> dict[str, bytes]:
     return {name[len(path) + 1:]: fs.cat_file(name) for name in fs.find(path)}
 
 
-def test_damaged_gs_checkpoint_is_set_aside_whole_and_the_previous_one_resumes(bucket, tmp_path):
+def test_damaged_gs_checkpoint_is_set_aside_whole_and_the_previous_one_resumes(bucket, tmp_path, monkeypatch):
     """Object stores have no rename: the damaged step is copied to checkpoints_set_aside/ and then deleted, every
     object kept byte for byte, and the run resumes from the step before it. (The checkpoints are written locally and
     uploaded: saving through tensorstore's gcs driver is covered by the train.py test above.)"""
     from tests.test_checkpoint_health import resume, save_steps
-    from trainer import checkpoint_health
+    from trainer import checkpoint, checkpoint_health
+
+    monkeypatch.setattr(checkpoint, "RESTORE_BACKOFF_S", 0.01)  # a damaged step is read 3 times before it is judged
 
     model_dir = f"gs://{gcs_emulator.BUCKET}/damaged"
     mesh = save_steps(tmp_path, [2, 4])
@@ -188,6 +190,7 @@ def test_writer_lock_on_gs(bucket, caplog):
     refused, a lock not renewed for the lease broken, release leaving someone else's lock alone."""
     import time
 
+    from tests.test_run_lock import Interleaved
     from trainer import run_lock
 
     model_dir = f"gs://{gcs_emulator.BUCKET}/locked"
@@ -197,10 +200,15 @@ def test_writer_lock_on_gs(bucket, caplog):
     def holder() -> dict:
         # One GET, as the lock itself reads: epath's read_text opens the object (its size from one request, then
         # ranged reads), so a renewal in between returned the new bytes cut to the old length (torn JSON in CI).
-        return json.loads(store.read(str(lock_file)))
+        return json.loads(store.read(str(lock_file))[0])
 
     assert store.create_exclusive(f"{model_dir}/x", b"first") and not store.create_exclusive(f"{model_dir}/x", b"2nd")
-    assert store.read(f"{model_dir}/x") == b"first"  # the refused create wrote nothing
+    data, generation = store.read(f"{model_dir}/x")
+    assert data == b"first"  # the refused create wrote nothing
+    assert store.replace(f"{model_dir}/x", b"second", generation)  # compare-and-swap: GCS generation preconditions
+    assert not store.replace(f"{model_dir}/x", b"third", generation) and not store.delete(f"{model_dir}/x", generation)
+    assert store.read(f"{model_dir}/x")[0] == b"second"
+    assert store.delete(f"{model_dir}/x", store.read(f"{model_dir}/x")[1]) and store.read(f"{model_dir}/x") is None
     with run_lock.RunLock(model_dir, renew_s=0.05) as lock:
         assert holder()["token"] == lock.record["token"]
         with pytest.raises(run_lock.RunLocked, match="another run is writing"):
@@ -216,8 +224,19 @@ def test_writer_lock_on_gs(bucket, caplog):
     with run_lock.RunLock(model_dir):  # the vanished VM's lock is broken
         assert holder()["host"] != "tpu-vm-7"
     assert "breaking the stale lock" in caplog.text
-    lock_file.write_text(json.dumps({"host": "tpu-vm-7", "pid": 1, "started": 0, "heartbeat": time.time()}))
+    theirs = json.dumps({"host": "tpu-vm-7", "pid": 1, "started": 0, "heartbeat": time.time()})
+    lock_file.write_text(theirs)
     run_lock.RunLock(model_dir).release()
+    assert holder()["host"] == "tpu-vm-7"
+
+    # Another run takes the lock between the renewer's read and its write: the renewal (ifGenerationMatch) fails,
+    # the holder knows it lost the lock, and the other run's lock is never overwritten.
+    lock_file.unlink()
+    lock = run_lock.RunLock(model_dir, Interleaved(store, 1, lambda: lock_file.write_text(theirs)), renew_s=0.05)
+    lock.acquire()
+    lock._renewer.join(timeout=60)
+    assert "tpu-vm-7" in lock.lost and holder()["host"] == "tpu-vm-7"
+    lock.release()
     assert holder()["host"] == "tpu-vm-7"
 
 

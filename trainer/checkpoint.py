@@ -10,14 +10,17 @@ step to a temporary directory and renames it on commit, so a step directory that
 an interrupted save are removed when the manager opens.
 
 Which checkpoints are good (a finite loss was computed from them), retention of the newest good one, and the
-fallback past checkpoints that cannot be resumed are in trainer.checkpoint_health.
+fallback past checkpoints that cannot be resumed are in trainer.checkpoint_health. On gs://, a read that fails is
+first retried (RESTORE_ATTEMPTS, with backoff): a transient storage error that outlasted the clients' own retries does
+not make the newest checkpoint count as damaged.
 """
 from __future__ import annotations
 
 import json
 import logging
 import pathlib
-from typing import Any, Callable
+import time
+from typing import Any, Callable, TypeVar
 
 import grain
 import jax
@@ -38,6 +41,9 @@ from trainer.state import TrainState
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
+RESTORE_ATTEMPTS = 3     # reads of one checkpoint on gs:// before it counts as damaged
+RESTORE_BACKOFF_S = 5.0  # before the second attempt; doubled before each later one
+T = TypeVar("T")
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -174,11 +180,12 @@ class Checkpointer:
             if self.verdicts.get(step) == health.NONFINITE:
                 skipped.append((step, "a non-finite loss was computed from its parameters"))
                 continue
-            meta, damage = consensus.outcome(lambda: self.metadata(step), health.short_error)
+            meta, damage = self._retried(f"reading the metadata of {self.directory}/{step}", lambda: self.metadata(step))
             if damage is None:
                 check(meta, step)
-                state, damage = consensus.outcome(lambda: self.restore(step, abstract_state, mesh, iterator),
-                                                  health.short_error, reraise=(DataStateMismatch,))
+                state, damage = self._retried(f"restoring {self.directory}/{step}",
+                                              lambda: self.restore(step, abstract_state, mesh, iterator),
+                                              reraise=(DataStateMismatch,))
             if damage is not None:  # any read failure of one checkpoint means: try the previous one
                 skipped.append((step, f"damaged: {damage}"))
                 first_error = first_error or RuntimeError(damage)
@@ -192,6 +199,22 @@ class Checkpointer:
             ) from first_error
         self._set_aside(skipped)
         return None
+
+    def _retried(self, what: str, read: Callable[[], T], reraise: tuple[type[BaseException], ...] = ()
+                 ) -> tuple[T | None, str | None]:
+        """(read(), None), or (None, why it failed) once every attempt failed: up to RESTORE_ATTEMPTS attempts with
+        backoff when the checkpoints are on an object store (transient errors), one locally. Each attempt's outcome is
+        agreed (consensus.outcome), so all processes retry, or give up, together; `reraise` types propagate at once."""
+        attempts = RESTORE_ATTEMPTS if storage.is_remote(self.directory) else 1
+        value, damage = consensus.outcome(read, health.short_error, reraise=reraise)
+        for attempt in range(1, attempts):
+            if damage is None:
+                break
+            wait = RESTORE_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s failed (attempt %d of %d: %s); retrying in %.0fs", what, attempt, attempts, damage, wait)
+            time.sleep(wait)
+            value, damage = consensus.outcome(read, health.short_error, reraise=reraise)
+        return value, damage
 
     def _set_aside(self, skipped: list[tuple[int, str]]) -> None:
         with consensus.together("setting aside checkpoints it does not resume"):  # moved by process 0, then seen by all

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import time
 from typing import Any, Callable, Sequence
@@ -44,18 +43,13 @@ def read_verdicts(ckpt_dir: pathlib.Path) -> dict[int, str]:
 
 
 def write_verdict(ckpt_dir: pathlib.Path, step: int, verdict: str, detail: str) -> None:
-    """Writes RECORD into the committed step directory (written to a temporary name, then renamed)."""
+    """Writes RECORD into the committed step directory (never seen half written: storage.atomic_write)."""
     step_dir = ckpt_dir / str(step)
     if not step_dir.is_dir():
         log.warning("%s: not committed; its verdict (%s) is not recorded", step_dir, verdict)
         return
-    text = json.dumps({"verdict": verdict, "detail": detail, "time": time.time()}) + "\n"
-    if storage.is_remote(step_dir):  # an object write is atomic (and there is no rename)
-        (step_dir / RECORD).write_text(text)
-        return
-    tmp = step_dir / f".{RECORD}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, step_dir / RECORD)
+    with storage.atomic_write(step_dir / RECORD) as f:
+        f.write(json.dumps({"verdict": verdict, "detail": detail, "time": time.time()}) + "\n")
 
 
 def newest(verdicts: dict[int, str], verdict: str) -> int | None:

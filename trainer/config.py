@@ -87,7 +87,7 @@ def model_from_init(path: str | None, runtime: dict[str, Any] | None = None) -> 
         raise ValueError("model_from_init.path: INIT_FROM is not set; pass --gin.INIT_FROM=DIR (a Hugging Face "
                          "folder with config.json, or a docmix run directory)")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in initialize.RUNTIME_FIELDS}
-    source = pathlib.Path(path)
+    source = storage.Path(path)
     try:
         if (source / "config.json").is_file():
             from models import hf_io
@@ -187,14 +187,15 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
 
 @contextlib.contextmanager
 def _plain_files_only():
-    """Reads gin files from the file system only.
+    """Reads gin files from the file system, or from a URL (a run's gs:// config.gin) through `storage`.
 
     gin's second reader treats `a/b.gin` as file b.gin of Python package `a`; when the working directory holds a plain
     folder of that name (the demo's own `./runs/` output, say) it finds a namespace package and crashes with a
     TypeError instead of moving on. docmix never ships configs inside Python packages, so that reader is left out.
     """
     readers = list(gin.config._FILE_READERS)  # gin has no public way to choose readers
-    gin.config._FILE_READERS[:] = [(reader, exists) for reader, exists in readers if reader is open]
+    gin.config._FILE_READERS[:] = [(reader, exists) for reader, exists in readers if reader is open] + [
+        (lambda path: storage.Path(path).open(), lambda path: storage.is_remote(path) and storage.Path(path).is_file())]
     try:
         yield
     finally:

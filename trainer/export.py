@@ -1,18 +1,32 @@
-"""Hugging Face export of a training run's model: never replaces anything but an earlier export, never half-written.
+"""Hugging Face export of a training run's model: never replaces anything but an earlier export, and a complete export
+can always be read (local or gs://).
 
 An export folder carries a marker file (EXPORT_MARKER) listing the files it wrote. `check_target` accepts a missing
 folder or an empty one; an earlier export only with `overwrite` (train.py's own exports pass it: a rerun re-exports
-MODEL_DIR/hf), and only while it holds nothing but the files its marker lists. Anything else — a user's folder, a
-run directory, a folder with checkpoints — is refused before any parameters are read. The new export is written to a
-temporary sibling and swapped in by renames, so a crash leaves either the old export or the new one at `out_dir`.
+MODEL_DIR/hf), and only while it holds nothing but the files its marker lists (one listing of the folder, local or a
+gs:// prefix). Anything else — a user's folder, a run directory, a folder with checkpoints, an export with a file
+added — is refused before any parameters are read, and nothing the marker does not list is ever touched.
+
+How an earlier export is replaced, and what a reader sees meanwhile:
+- local: the new export is written to a temporary sibling `.NAME.writing-*` and swapped in by two renames (the old
+  folder to `.NAME.replaced-*`, the new one into place), so `out_dir` holds the old export or the new one; a crash
+  between the two renames leaves the old one complete in the hidden sibling.
+- gs:// (no rename): the new export is uploaded completely to a sibling prefix `.NAME.writing-<id>/` (its marker
+  last). Then the marker in `out_dir` is rewritten to name that prefix under "replacing" (its "files" now list the
+  old and the new files), the new files are copied in server-side (config.json last), files only the old export
+  listed are deleted, the new marker is written, and the sibling removed. Until the marker is rewritten, `out_dir` is
+  the complete old export; while it says "replacing", the complete new export is the sibling it names (`readable`
+  returns it: eval.loading and INIT_FROM read through it); after, `out_dir` is the complete new export. A read that
+  began from the sibling and is still going when it is removed fails on a missing object; rerun it. A crash leaves
+  the marker saying "replacing": the next export (with `overwrite`) replaces it as usual and removes that sibling.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import shutil
 import tempfile
+import uuid
 
 import jax
 from jax.experimental import multihost_utils
@@ -28,33 +42,34 @@ class UnsafeExportTarget(FileExistsError):
     """The export folder exists and is not an earlier export that may be replaced."""
 
 
-def _written_files(folder: pathlib.Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}
+def _marker(folder: storage.Path) -> dict:
+    """The folder's parsed marker; UnsafeExportTarget when it is not a JSON object listing its files."""
+    path = folder / EXPORT_MARKER
+    try:
+        marker = json.loads(path.read_text())
+        if not all(isinstance(f, str) for f in marker["files"]):
+            raise TypeError("'files' must list file names")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnsafeExportTarget(f"{path}: unreadable export marker ({e}); not replacing {folder}") from e
+    return marker
 
 
 def check_target(out_dir: str | pathlib.Path, *, overwrite: bool) -> None:
     """Raises UnsafeExportTarget unless exporting to `out_dir` cannot replace anything but an earlier export."""
-    if storage.is_remote(out_dir):
-        return _check_remote_target(storage.Path(out_dir), overwrite=overwrite)
-    out_dir = pathlib.Path(out_dir)
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if out_dir.is_symlink() or not out_dir.is_dir():
+    if not storage.is_remote(out_dir) and os.path.islink(out_dir):
+        raise UnsafeExportTarget(f"{out_dir} is a symbolic link; choose another export path")
+    out_dir = storage.Path(out_dir)
+    if not storage.is_remote(out_dir) and out_dir.exists() and not out_dir.is_dir():
         raise UnsafeExportTarget(f"{out_dir} exists and is not a folder; choose another export path")
-    present = {p.name for p in out_dir.iterdir()}
-    if not present:
-        return
-    marker = out_dir / EXPORT_MARKER
-    if "checkpoints" in present or not marker.is_file():
+    present = storage.list_files(out_dir)
+    if not present and (storage.is_remote(out_dir) or not out_dir.exists() or not any(out_dir.iterdir())):
+        return  # nothing there (a local folder holding only empty folders is not taken as empty)
+    if any(f.startswith("checkpoints/") for f in present) or EXPORT_MARKER not in present:
         raise UnsafeExportTarget(
             f"{out_dir} already exists and is not a docmix export (no {EXPORT_MARKER}"
-            f"{'; it holds checkpoints' if 'checkpoints' in present else ''}); nothing was written. Choose a new or "
-            "empty folder: an export never replaces anything else")
-    try:
-        listed = set(json.loads(marker.read_text())["files"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UnsafeExportTarget(f"{marker}: unreadable export marker ({e}); not replacing {out_dir}") from e
-    extra = sorted(_written_files(out_dir) - listed - {EXPORT_MARKER})
+            f"{'; it holds checkpoints' if any(f.startswith('checkpoints/') for f in present) else ''}); nothing was "
+            "written. Choose a new or empty folder: an export never replaces anything else")
+    extra = sorted(set(present) - set(_marker(out_dir)["files"]) - {EXPORT_MARKER})
     if extra:
         raise UnsafeExportTarget(f"{out_dir} is an earlier export but also holds files it did not write "
                                  f"({', '.join(extra[:5])}); not replacing it. Move them, or export elsewhere")
@@ -62,83 +77,99 @@ def check_target(out_dir: str | pathlib.Path, *, overwrite: bool) -> None:
         raise UnsafeExportTarget(f"{out_dir} holds an earlier export; pass --overwrite to replace it")
 
 
-def _check_remote_target(out_dir: storage.Path, *, overwrite: bool) -> None:
-    """check_target for gs:// (no symlinks; a folder is a prefix): only an earlier export (its marker) is replaced.
-    The stray-file check of local folders is not made here (a recursive listing of a bucket prefix)."""
-    present = {p.name for p in out_dir.iterdir()} if out_dir.exists() else set()
-    if present and ("checkpoints" in present or EXPORT_MARKER not in present):
-        raise UnsafeExportTarget(f"{out_dir} already exists and is not a docmix export (no {EXPORT_MARKER}); nothing "
-                                 "was written. Choose a new or empty folder: an export never replaces anything else")
-    if present and not overwrite:
-        raise UnsafeExportTarget(f"{out_dir} holds an earlier export; pass --overwrite to replace it")
+def readable(path: str | pathlib.Path) -> storage.Path:
+    """The folder to read an export at `path` from: `path` itself, or while a gs:// replacement is under way (its
+    marker says "replacing"), the complete new export that the marker names."""
+    path = storage.Path(path)
+    if not storage.is_remote(path) or not (path / EXPORT_MARKER).is_file():
+        return path
+    try:
+        replacing = json.loads((path / EXPORT_MARKER).read_text()).get("replacing")
+    except (ValueError, AttributeError):
+        return path
+    return storage.Path(replacing) if replacing and (storage.Path(replacing) / EXPORT_MARKER).is_file() else path
 
 
 def export(model: Transformer, out_dir: str | pathlib.Path, *, dtype: str = "bfloat16",
            tokenizer_dir: str | pathlib.Path | None = None, overwrite: bool = False,
-           source: str | None = None) -> pathlib.Path:
+           source: str | None = None) -> storage.Path:
     """Writes config.json, safetensors, tokenizer files and EXPORT_MARKER to `out_dir` (see the module doc).
 
     Every process must call it: parameters are gathered collectively, tensor by tensor; process 0 writes, and every
     process returns once the folder is in place.
     """
     check_target(out_dir, overwrite=overwrite)
-    if storage.is_remote(out_dir):
-        return _export_remote(model, storage.Path(out_dir), dtype=dtype, tokenizer_dir=tokenizer_dir, source=source)
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.absolute(out_dir)
     if jax.process_index() != 0:
         hf_io.save_pretrained(model, None, dtype=dtype)  # takes part in every gather, writes nothing
-        return _in_place(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
-    try:
-        hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        _write_marker(tmp, dtype, source)
-        check_target(out_dir, overwrite=overwrite)  # again: the folder may have changed while we wrote
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, never the target
-        raise
-    return _in_place(out_dir)
-
-
-def _in_place(out_dir: "pathlib.Path | storage.Path") -> "pathlib.Path | storage.Path":
-    """`out_dir`, once every process got here (process 0 after writing it)."""
+    elif storage.is_remote(out_dir):
+        _export_remote(model, out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir, source=source, overwrite=overwrite)
+    else:
+        _export_local(model, out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir, source=source, overwrite=overwrite)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"docmix export {out_dir}")
     return out_dir
 
 
-def _write_marker(folder: pathlib.Path, dtype: str, source: str | None) -> None:
-    marker = {"format": "docmix Hugging Face export", "dtype": dtype, "source": source,
-              "files": sorted(_written_files(folder))}
+def _write_marker(folder: storage.Path, dtype: str, source: str | None) -> list[str]:
+    """Writes the marker listing every file in `folder`; returns that list."""
+    files = storage.list_files(folder)
+    marker = {"format": "docmix Hugging Face export", "dtype": dtype, "source": source, "files": files}
     (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    return files
 
 
-def _export_remote(model: Transformer, out_dir: storage.Path, *, dtype: str, tokenizer_dir, source) -> storage.Path:
-    """gs:// has no rename: written locally, the earlier export (checked) removed, then uploaded with config.json
-    and the marker last, so a folder that loaders recognise is complete."""
-    if jax.process_index() != 0:
-        hf_io.save_pretrained(model, None, dtype=dtype)  # takes part in every gather, writes nothing
-        return _in_place(out_dir)
-    with tempfile.TemporaryDirectory(prefix="docmix-export-") as tmp:
-        hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
-        _write_marker(pathlib.Path(tmp), dtype, source)
-        if out_dir.exists():
-            out_dir.rmtree()
-        storage.upload_tree(tmp, out_dir, last=("config.json", EXPORT_MARKER))
-    return _in_place(out_dir)
-
-
-def _swap_in(new: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Replaces `out_dir` (absent, empty, or an earlier export checked by check_target) with `new`."""
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        os.replace(new, out_dir)  # a rename onto an empty folder replaces it
-        return
-    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
-    os.replace(out_dir, old / "export")  # a crash here leaves the earlier export complete, under `old`
+def _export_local(model: Transformer, out_dir: storage.Path, *, dtype: str, tokenizer_dir, source, overwrite: bool
+                  ) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = storage.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
     try:
-        os.replace(new, out_dir)
-    except BaseException:
-        os.replace(old / "export", out_dir)
-        raise
-    shutil.rmtree(old)
+        hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        _write_marker(tmp, dtype, source)
+        check_target(out_dir, overwrite=overwrite)  # again: the folder may have changed while we wrote
+        if not out_dir.exists() or not any(out_dir.iterdir()):
+            storage.move_tree(tmp, out_dir)  # a rename onto an empty folder replaces it
+            return
+        old = storage.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+        storage.move_tree(out_dir, old / "export")  # a crash here leaves the earlier export complete, under `old`
+        try:
+            storage.move_tree(tmp, out_dir)
+        except BaseException:
+            storage.move_tree(old / "export", out_dir)
+            raise
+        old.rmtree()
+    finally:
+        if tmp.exists():
+            tmp.rmtree()  # our own temporary folder, never the target
+
+
+def _export_remote(model: Transformer, out_dir: storage.Path, *, dtype: str, tokenizer_dir, source, overwrite: bool
+                   ) -> None:
+    """Written locally, uploaded whole to a sibling prefix, then swapped in as the module doc describes."""
+    staging = out_dir.parent / f".{out_dir.name}.writing-{uuid.uuid4().hex[:12]}"
+    with tempfile.TemporaryDirectory(prefix="docmix-export-") as tmp:
+        hf_io.save_pretrained(model, storage.Path(tmp), dtype=dtype, tokenizer_dir=tokenizer_dir)
+        new = _write_marker(storage.Path(tmp), dtype, source)
+        storage.upload_tree(tmp, staging, last=(EXPORT_MARKER,))
+    check_target(out_dir, overwrite=overwrite)  # again: the prefix may have changed while we wrote
+    old = _marker(out_dir) if (out_dir / EXPORT_MARKER).is_file() else None
+    if old is not None:  # from here on, readers read the complete new export at `staging`
+        replacing = {**old, "files": sorted(set(old["files"]) | set(new)), "replacing": str(staging)}
+        (out_dir / EXPORT_MARKER).write_text(json.dumps(replacing, indent=1) + "\n")
+    for name in sorted(new, key=lambda n: n == "config.json"):  # a folder with config.json is taken as complete
+        storage.copy_file(staging / name, out_dir / name)
+    for name in sorted(set(old["files"]) - set(new) if old else ()):
+        (out_dir / name).unlink(missing_ok=True)
+    storage.copy_file(staging / EXPORT_MARKER, out_dir / EXPORT_MARKER)
+    _remove_export(staging)
+    if old is not None and old.get("replacing"):  # the sibling of an earlier replacement that did not finish
+        _remove_export(storage.Path(old["replacing"]))
+
+
+def _remove_export(folder: storage.Path) -> None:
+    """Deletes an export this code wrote: the files its marker lists, then the marker (nothing else)."""
+    if not (folder / EXPORT_MARKER).is_file():
+        return
+    for name in _marker(folder)["files"]:
+        (folder / name).unlink(missing_ok=True)
+    (folder / EXPORT_MARKER).unlink()

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 import storage
 from models import hf_io
 from models.config import ModelConfig
-from trainer import checkpoint, run_metadata
+from trainer import checkpoint, export, run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def resolve_config(path: str | pathlib.Path, wanted: ModelConfig) -> ModelConfig
     the gin runtime fields. Raises when a shape-defining field differs from `wanted`."""
     path = storage.Path(path)
     if (path / "config.json").is_file():
-        found = hf_io.read_config(storage.local_file(path / "config.json").parent, **runtime_of(wanted))
+        found = hf_io.read_config(path, **runtime_of(wanted))
     elif path.exists():
         found = run_metadata.model_config_from_dict(checkpoint.read_metadata(path)[3]["model_config"])
     else:
@@ -61,8 +61,8 @@ def load_params(path: str | pathlib.Path, wanted: ModelConfig, mesh: Mesh) -> tu
     """(params State placed on `mesh`, effective ModelConfig) from a Hugging Face folder or a docmix run/step dir."""
     path = storage.Path(path)
     config = resolve_config(path, wanted)
-    if (path / "config.json").is_file():  # a gs:// folder is copied to local disk first (safetensors reads files)
-        model, config = hf_io.load_pretrained(storage.local_dir(path), mesh=mesh, **runtime_of(config))
+    if (path / "config.json").is_file():  # local or gs://: each process reads its rows of each tensor
+        model, config = hf_io.load_pretrained(export.readable(path), mesh=mesh, **runtime_of(config))
     else:
         _, ckpt_dir, step, _ = checkpoint.read_metadata(path)
         model = checkpoint.restore_params(ckpt_dir, step, config, mesh)

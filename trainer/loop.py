@@ -2,7 +2,8 @@
 -> compile (these three in trainer.run_setup) -> step loop (step, log, evaluate, checkpoint, export) -> finish
 (final save and export, summary).
 
-`train(run)` is what train.py runs. It holds MODEL_DIR's writer lock (trainer.run_lock) while it runs, stops cleanly
+`train(run)` is what train.py runs. It holds MODEL_DIR's writer lock (trainer.run_lock) while it runs (a run whose
+lock another run took stops at the next step boundary with run_lock.LockLost, writing nothing more), stops cleanly
 on SIGTERM (saves, returns `stopped="preempted"`), refuses to continue on a non-finite loss (raises NonFiniteLoss
 before anything is saved from that step), and resumes from the newest resumable checkpoint in MODEL_DIR automatically
 (trainer.checkpoint_health: checkpoints known to give a non-finite loss, or damaged, are set aside).
@@ -55,7 +56,7 @@ class Summary:
 
 def train(run: RunConfig) -> Summary:
     """Runs (or resumes) `run` to TrainConfig.train_steps, SIGTERM, or the end of the data."""
-    with _writer_lock(run.train.model_dir):
+    with _writer_lock(run.train.model_dir) as lock:
         setup = run_setup.Setup.create(run)
         try:
             run = run_setup.effective_run(setup)
@@ -65,7 +66,7 @@ def train(run: RunConfig) -> Summary:
             steps = run_setup.compile_steps(program, state, run, len(setup.eval_names))
             loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir)
             with _Preemption() as preemption, jax.set_mesh(setup.mesh):
-                stopped = loop.run(preemption)
+                stopped = loop.run(preemption, lock)
                 return finish(loop, stopped)
         finally:
             setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
@@ -74,9 +75,9 @@ def train(run: RunConfig) -> Summary:
 
 @contextlib.contextmanager
 def _writer_lock(model_dir: str):
-    """MODEL_DIR's writer lock, taken by process 0 before any work; every process stops when it cannot be taken
-    (run_lock.RunLocked on process 0, OtherProcessFailed naming it on the others). Released on any exit, also when
-    trainer.pod ends the process."""
+    """MODEL_DIR's writer lock, taken by process 0 before any work and yielded (None on the other processes); every
+    process stops when it cannot be taken (run_lock.RunLocked on process 0, OtherProcessFailed naming it on the
+    others). Released on any exit, also when trainer.pod ends the process."""
     lock = None
     with consensus.together("taking MODEL_DIR's writer lock"):
         if jax.process_index() == 0:
@@ -84,11 +85,11 @@ def _writer_lock(model_dir: str):
             lock = run_lock.RunLock(model_dir)
             lock.acquire()
     if lock is None:
-        yield
+        yield None
         return
     forget = pod.on_abort(lock.release)
     try:
-        yield
+        yield lock
     finally:
         forget()
         lock.release()
@@ -146,22 +147,28 @@ class StepLoop:
         self.bar = _progress(t, self.start)
         self.clock = time.perf_counter()
 
-    def run(self, preemption: "_Preemption") -> str:
+    def run(self, preemption: "_Preemption", lock: run_lock.RunLock | None = None) -> str:
         """Steps until train_steps, SIGTERM or the end of the data; returns why it stopped. Every dispatched step is
-        finished (its loss checked) before this returns."""
+        finished (its loss checked) before this returns. Raises run_lock.LockLost (every process) at the first step
+        boundary after `lock` (process 0's) was taken by another run; metrics not yet written are then dropped."""
+        lost = False
         try:
             self.clock = time.perf_counter()
-            stopped = self._steps(preemption)
+            stopped = self._steps(preemption, lock)
             self._finish_pending()
             return stopped
+        except run_lock.LockLost:
+            lost = True
+            raise
         finally:
             if self.bar is not None:
                 self.bar.close()
-            self.sinks.close()
+            self.sinks.close(discard=lost)
 
-    def _steps(self, preemption: "_Preemption") -> str:
+    def _steps(self, preemption: "_Preemption", lock: run_lock.RunLock | None) -> str:
         while self.step < self.config.train.train_steps:
-            local, stop = self._next_batch_or_agreed_stop(preemption.requested)
+            lost = lock.lost if lock is not None else None
+            local, stop = self._next_batch_or_agreed_stop(preemption.requested, lost)
             if stop is not None:
                 log.info("process %d of %d stops at step %d (%s)", jax.process_index(), jax.process_count(),
                          self.step, stop)
@@ -169,7 +176,8 @@ class StepLoop:
             self._dispatch(local)
         return "done"
 
-    def _next_batch_or_agreed_stop(self, preempted: bool) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    def _next_batch_or_agreed_stop(self, preempted: bool, lock_lost: str | None = None
+                                   ) -> tuple[dict[str, np.ndarray] | None, str | None]:
         """(this process's rows of the next batch, None), or (None, why every process stops before this step).
 
         Every process votes its local reasons (SIGTERM seen, data shard exhausted, component over its epoch cap)
@@ -180,7 +188,9 @@ class StepLoop:
         iterator = self.setup.pipe.iterator
         local, error, reasons = None, None, set()
         before = iterator.get_state() if jax.process_count() > 1 else None
-        if preempted:
+        if lock_lost:
+            reasons.add("lock_lost")
+        elif preempted:
             reasons.add("preempted")
         else:
             try:
@@ -196,6 +206,9 @@ class StepLoop:
             return local, None
         if local is not None:
             iterator.set_state(before)
+        if "lock_lost" in agreed:
+            raise run_lock.LockLost(lock_lost or "process 0 lost MODEL_DIR's writer lock to another run (its log names "
+                                    "it); this process stops too")
         if "data_error" in agreed:
             raise error or consensus.other_failed(f"reading its next batch for step {self.step + 1}")
         return None, "data_exhausted" if "data_exhausted" in agreed else "preempted"

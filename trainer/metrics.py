@@ -4,7 +4,8 @@ metrics.jsonl holds one JSON object per logged step with the keys
   step, loss, lr, grad_norm, tokens_per_s, mfu, step_time_s, tokens (total), loss/NAME, tokens/NAME
 and, on evaluation steps, eval/loss/NAME. Losses are means over the target tokens of the steps since the previous
 log line (with log_every=1, exactly the step's loss); tokens/NAME count the non-padding tokens of component NAME seen
-so far; tokens_per_s counts every position of every row (padding included), as MFU does.
+so far; tokens_per_s counts every position of every row (padding included), as MFU does. Read it with
+`trainer.metrics_file.read` (on gs://, the newest records can sit in part objects beside it: metrics_file).
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import json
 import logging
 import math
 import pathlib
+import queue
 import sys
+import tempfile
+import threading
 import time
 from typing import Any
 
@@ -22,6 +26,7 @@ import numpy as np
 
 import storage
 from models.config import ModelConfig
+from trainer import metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +131,34 @@ def _summary_writer_class() -> type:
 
 
 class Sinks:
-    """metrics.jsonl (+ TensorBoard, + W&B when asked for and installed). Only process 0 writes.
+    """metrics.jsonl (+ TensorBoard, + W&B when asked for and installed), written off the training thread. Only
+    process 0 writes.
 
-    MODEL_DIR may be gs://: metrics.jsonl is rewritten on each record (objects cannot be appended to), and TensorBoard
-    (which writes local files only) writes to a local folder that is copied to MODEL_DIR/tb on every record and at
-    close (storage.LocalMirror)."""
+    `write` queues a record and returns; a writer thread appends whatever is queued as one batch (trainer.metrics_file:
+    a real append locally, a part object composed onto metrics.jsonl on gs://, so a record costs O(1) however long the
+    run). A failed write is retried ATTEMPTS times with backoff; if it still fails, the records are kept and written
+    with the next batch, and the run goes on. TensorBoard writes local files (storage.LocalMirror): for a gs://
+    MODEL_DIR its event file is closed, uploaded once and a new one started every `tb_sync_s` seconds and at close, so
+    no byte is uploaded twice. `close` writes what is left (records that still cannot be written are saved to a local
+    file named in an error, never dropped silently); `close(discard=True)` writes nothing more (a run that lost its
+    MODEL_DIR to another run)."""
+
+    ATTEMPTS = 3
+    BACKOFF_S = 1.0
+    CLOSE_TIMEOUT_S = 120.0  # `close` waits this long for the writer, then lets the run end without it
 
     def __init__(self, model_dir: str | pathlib.Path, *, resume_step: int, run_name: str,
-                 wandb_project: str | None = None, config: dict | None = None):
+                 wandb_project: str | None = None, config: dict | None = None, tb_sync_s: float = 60.0):
         self.active = jax.process_index() == 0
         self.path = storage.Path(model_dir) / "metrics.jsonl"
         self.tb = self.wandb = self.tb_dir = None
         if not self.active:
             return
-        truncate_after(self.path, resume_step)
-        SummaryWriter = _summary_writer_class()
-
+        metrics_file.truncate_after(self.path, resume_step)
+        self.file = metrics_file.MetricsFile(self.path)
         self.tb_dir = storage.LocalMirror(storage.Path(model_dir) / "tb")
-        self.tb = SummaryWriter(str(self.tb_dir.local), purge_step=resume_step + 1 if resume_step else None)
+        self.tb_sync_s, self.tb_synced, self.tb_files = tb_sync_s, time.monotonic(), 0
+        self.tb = self._summary_writer(purge_step=resume_step + 1 if resume_step else None)
         if wandb_project:
             try:
                 import wandb
@@ -153,36 +168,102 @@ class Sinks:
             else:
                 self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow",
                                         id=run_name)
+        self.unwritten: list[dict[str, Any]] = []  # records the writer could not store yet (writer thread only)
+        self._queue: queue.Queue = queue.Queue()
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name="docmix-metrics", daemon=True)
+        self._thread.start()
+
+    def _summary_writer(self, purge_step: int | None = None):
+        self.tb_files += 1  # a new event file each time (the suffix keeps names apart within one second)
+        return _summary_writer_class()(str(self.tb_dir.local), purge_step=purge_step,
+                                       filename_suffix=f".{self.tb_files}")
 
     def write(self, rec: dict[str, Any]) -> None:
-        if not self.active:
+        if self.active:
+            self._queue.put(rec)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            done = batch[-1] is None
+            records = [r for r in batch if r is not None]
+            if self._discard:
+                continue
+            try:
+                self._store(records, final=done)
+                for rec in records:
+                    self._to_tensorboard_and_wandb(rec)
+                if done or time.monotonic() - self.tb_synced > self.tb_sync_s:
+                    self._sync_tensorboard(final=done)
+            except Exception:  # noqa: BLE001 - a sink's failure is logged, never the end of the run
+                log.exception("writing metrics records %s failed", [r["step"] for r in records])
+
+    def _store(self, records: list[dict[str, Any]], final: bool) -> None:
+        self.unwritten += records
+        for attempt in range(self.ATTEMPTS):
+            try:
+                self.file.append(self.unwritten)
+                if final and self.file.remote:
+                    self.file.compose()
+                self.unwritten = []
+                return
+            except Exception as e:  # noqa: BLE001 - metrics must never end the run
+                error = e
+                if attempt + 1 < self.ATTEMPTS:
+                    time.sleep(self.BACKOFF_S * 2**attempt)
+        if not final:
+            log.warning("%s: could not write %d metrics record(s) (%s: %s); they are kept and written with the next "
+                        "record", self.path, len(self.unwritten), type(error).__name__, error)
             return
-        storage.append_text(self.path, json.dumps(rec) + "\n")
+        if self.unwritten:
+            with tempfile.NamedTemporaryFile("w", prefix="docmix-metrics-unwritten-", suffix=".jsonl",
+                                             delete=False) as f:
+                f.write("".join(json.dumps(r) + "\n" for r in self.unwritten))
+            log.error("%s: could not write the last %d metrics record(s) (%s: %s); they are saved in %s",
+                      self.path, len(self.unwritten), type(error).__name__, error, f.name)
+
+    def _to_tensorboard_and_wandb(self, rec: dict[str, Any]) -> None:
         for key, value in rec.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, rec["step"])
-        if storage.is_remote(self.path):
-            self.tb.flush()
-            self.tb_dir.sync()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if k != "step" and v is not None}, step=rec["step"])
 
-    def close(self) -> None:
-        if self.tb is not None:
+    def _sync_tensorboard(self, final: bool) -> None:
+        """Closes the event file and uploads it (a gs:// MODEL_DIR; locally TensorBoard writes there itself), then
+        starts a new one unless this is the end. A failed upload is retried at the next sync."""
+        self.tb_synced = time.monotonic()
+        if not storage.is_remote(self.path):
+            self.tb.close() if final else self.tb.flush()
+            return
+        self.tb.close()
+        self.tb = None
+        try:
+            self.tb_dir.sync()  # before the next event file exists: each file is uploaded once, closed
+        except Exception as e:  # noqa: BLE001 - retried at the next sync
+            log.warning("%s: could not upload TensorBoard events (%s: %s); retried at the next sync",
+                        self.tb_dir.remote, type(e).__name__, e)
+        if not final:
+            self.tb = self._summary_writer()
+
+    def close(self, discard: bool = False) -> None:
+        """Writes every queued record (retrying as above) and closes the sinks; with `discard`, writes nothing more."""
+        if not self.active:
+            return
+        self._discard = discard
+        self._queue.put(None)
+        self._thread.join(self.CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():  # storage that stopped answering: the run ends all the same
+            log.error("%s: the metrics writer did not finish within %.0fs; the last records may be missing",
+                      self.path, self.CLOSE_TIMEOUT_S)
+            return
+        if self.tb is not None:  # the writer thread's last sync did not happen (discard, or it failed)
             self.tb.close()
+        if not discard:
             self.tb_dir.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def truncate_after(path: storage.Path, step: int) -> None:
-    """Drops records past `step` (written by a run that died after its last checkpoint, then redone on resume)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def read(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl."""
-    return [json.loads(line) for line in storage.Path(path).read_text().splitlines() if line.strip()]

@@ -1,17 +1,22 @@
-"""One writer per MODEL_DIR: a lock object created atomically if absent, naming its owner, renewed while it runs,
-removed at exit.
+"""One writer per MODEL_DIR: a lock object created atomically if absent, naming its owner, renewed while it runs by
+compare-and-swap, removed at exit; a run that loses it stops.
 
 The lock is the file MODEL_DIR/LOCK_NAME holding JSON {host, pid, started, heartbeat, token, command}. It is taken with
 a create-if-absent operation, which local filesystems, NFS and object stores (GCS: `ifGenerationMatch=0`) all provide
-atomically — unlike fcntl locks, which remote storage ignores. Only `LockStore`'s four operations are used, so the lock
-works on any storage layer that implements them: `LocalStore` for local paths, `ObjectStore` for gs:// (fsspec).
+atomically — unlike fcntl locks, which remote storage ignores. Every later change (renewal, breaking a stale lock,
+release) is a compare-and-swap against the version last read: it happens only if nobody changed the lock since, so two
+runs can never both believe they renewed or broke it. Only `LockStore`'s four operations are used, so the lock works
+on any storage layer that implements them: `LocalStore` for local paths (the swap by atomic renames), `ObjectStore`
+for gs:// (GCS generation preconditions).
 
 While the run lives, a thread rewrites the lock with a new `heartbeat` every RENEW_S seconds. A lock left by a process
 that died without releasing it (SIGKILL, OOM kill, lost or preempted VM) is stale: when it names this host and a
 process id that no longer runs, or when its heartbeat is older than LEASE_S (a run on another, possibly vanished,
 machine), it is broken with a warning. A lock held on another host whose heartbeat is younger than that is watched
 for up to one lease: renewed -> the run is refused, naming the holder; not renewed -> broken (so a relaunch after a
-lost VM waits instead of failing).
+lost VM waits instead of failing). A holder that finds its lock taken (another run broke it as stale, e.g. after this
+run stalled for a whole lease) sets `lost`, naming the new holder; the training loop stops at the next step boundary
+and writes nothing more to MODEL_DIR (trainer.loop, exit status 2).
 """
 from __future__ import annotations
 
@@ -38,24 +43,35 @@ class RunLocked(RuntimeError):
     exit_code = exit_codes.USAGE
 
 
+class LockLost(RunLocked):
+    """This run held MODEL_DIR's writer lock and another run took it over; this run writes nothing more there."""
+
+
 class LockStore(Protocol):
+    """Four atomic operations on one small object. A version is what `read` returned with the bytes; `replace` and
+    `delete` act only if the object is still at that version (compare-and-swap)."""
+
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Writes `data` to a new object at `path`; False (writing nothing) when `path` already exists."""
 
-    def read(self, path: str) -> bytes | None:
-        """The object's bytes, or None when it does not exist."""
+    def read(self, path: str) -> tuple[bytes, object] | None:
+        """(the object's bytes, its version), or None when it does not exist."""
 
-    def delete(self, path: str) -> None:
-        """Removes the object (no error when it is already gone)."""
+    def replace(self, path: str, data: bytes, version: object) -> bool:
+        """Replaces the object's bytes if it is still at `version`; False (changing nothing) otherwise. A reader
+        sees the old bytes or the new ones, never a mix."""
 
-    def overwrite(self, path: str, data: bytes) -> None:
-        """Replaces the object's bytes; a reader sees the old bytes or the new ones, never a mix."""
+    def delete(self, path: str, version: object) -> bool:
+        """Removes the object if it is still at `version`; False (removing nothing) otherwise."""
 
 
 class LocalStore:
     """LockStore on a local or NFS path. Create-if-absent is a hard link of a finished temporary file: atomic on both,
-    and a reader never sees the lock created but still empty. Mounts without hard links (gcsfuse, some FUSE and SMB
-    mounts) get O_CREAT | O_EXCL and then a write, where a reader can see the lock empty for a moment."""
+    and a reader never sees the lock created but still empty (mounts without hard links, such as gcsfuse, get
+    O_CREAT | O_EXCL and then a write). A version is the bytes themselves (every record carries a fresh heartbeat).
+    Compare-and-swap renames the lock to a name of its own (atomic: of two processes, one gets it), compares what it
+    took, then puts the new lock (or, on a mismatch, what it took) back with create-if-absent. For that moment the
+    lock is absent: a run starting just then takes it, and the holder, finding it taken, stops."""
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         tmp = self._write_tmp(path, data)
@@ -79,21 +95,37 @@ class LocalStore:
             f.write(data)
         return True
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, path: str) -> tuple[bytes, bytes] | None:
         try:
             with open(path, "rb") as f:
-                return f.read()
+                data = f.read()
         except FileNotFoundError:
             return None
+        return data, data
 
-    def delete(self, path: str) -> None:
+    def replace(self, path: str, data: bytes, version: bytes) -> bool:
+        return self._swap(path, version, data)
+
+    def delete(self, path: str, version: bytes) -> bool:
+        return self._swap(path, version, None)
+
+    def _swap(self, path: str, version: bytes, data: bytes | None) -> bool:
+        """Takes the lock away by a rename; if it was at `version`, puts `data` in its place (None: nothing), else
+        puts back what it took."""
+        taken = f"{path}.{os.getpid()}.{threading.get_ident()}.swap"
         try:
-            os.remove(path)
+            os.rename(path, taken)
         except FileNotFoundError:
-            pass
-
-    def overwrite(self, path: str, data: bytes) -> None:
-        os.replace(self._write_tmp(path, data), path)
+            return False
+        try:
+            with open(taken, "rb") as f:
+                found = f.read()
+            if found != version:
+                self.create_exclusive(path, found)  # put back (unless a new lock was created meanwhile)
+                return False
+            return data is None or self.create_exclusive(path, data)
+        finally:
+            os.remove(taken)
 
     @staticmethod
     def _write_tmp(path: str, data: bytes) -> str:
@@ -104,9 +136,12 @@ class LocalStore:
 
 
 class ObjectStore:
-    """LockStore on an object store (gs://) through fsspec. Create-if-absent is gcsfs's `mode="create"`, i.e. GCS's
-    `ifGenerationMatch=0` precondition: of two concurrent creates exactly one succeeds. A single-object write is
-    atomic, so `overwrite` is a plain write."""
+    """LockStore on GCS (gs://) through gcsfs. A version is the object's generation, which GCS returns with its bytes
+    (`x-goog-generation`, one GET); create-if-absent is `ifGenerationMatch=0` (gcsfs's `mode="create"`), replace and
+    delete send `ifGenerationMatch=<generation read>`, and GCS answers 412 (writing nothing) when another write came
+    between: of two concurrent writers exactly one succeeds. gcsfs has no public conditional replace or delete: these
+    two are JSON API requests through its client (auth, retries), checked against the emulator by
+    tests/test_storage_gcs.py."""
 
     def __init__(self, url: str):
         import storage
@@ -120,20 +155,33 @@ class ObjectStore:
             return False
         return True
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, path: str) -> tuple[bytes, str] | None:
         try:
-            return self.fs.cat_file(path)
+            headers, data = self.fs.call("GET", self.fs.url(path))
         except FileNotFoundError:
             return None
+        return data, headers["x-goog-generation"]
 
-    def delete(self, path: str) -> None:
+    def replace(self, path: str, data: bytes, version: str) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
         try:
-            self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+            self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="media", name=key,
+                         ifGenerationMatch=version, data=data, json_out=True)
+        except (FileExistsError, FileNotFoundError):  # 412: the generation changed (or the object is gone)
+            return False
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
 
-    def overwrite(self, path: str, data: bytes) -> None:
-        self.fs.pipe_file(path, data)
+    def delete(self, path: str, version: str) -> bool:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+        except (FileExistsError, FileNotFoundError):
+            return False
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
 
 
 def _pid_running(pid: int) -> bool:
@@ -164,20 +212,22 @@ def _describe(holder: dict) -> str:
 
 
 class RunLock:
-    """`with RunLock(model_dir):` holds MODEL_DIR's writer lock for the block (renewing it every `renew_s` seconds);
-    raises RunLocked if another holds it. The store defaults to ObjectStore for a URL, LocalStore otherwise."""
+    """`with RunLock(model_dir) as lock:` holds MODEL_DIR's writer lock for the block (renewing it every `renew_s`
+    seconds); raises RunLocked if another holds it. `lock.lost` is None while it holds the lock, else a sentence
+    naming the run that took it. The store defaults to ObjectStore for a URL, LocalStore otherwise."""
 
-    def __init__(self, model_dir: str, store: LockStore | None = None, *, renew_s: float = RENEW_S,
+    def __init__(self, model_dir: str, store: LockStore | None = None, *, renew_s: float | None = None,
                  lease_s: float = LEASE_S):
         self.path = f"{str(model_dir).rstrip('/')}/{LOCK_NAME}"
         self.store = store or (ObjectStore(self.path) if "://" in self.path else LocalStore())
-        self.renew_s, self.lease_s = renew_s, lease_s
+        self.renew_s, self.lease_s = renew_s or RENEW_S, lease_s
         now = time.time()
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now,
                        "token": uuid.uuid4().hex, "command": " ".join(sys.argv)[:500]}
         self._data = json.dumps(self.record).encode()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self.lost: str | None = None
 
     def acquire(self) -> None:
         holder: dict = {}
@@ -186,9 +236,10 @@ class RunLock:
                 self._renewer = threading.Thread(target=self._renew, name="docmix-run-lock", daemon=True)
                 self._renewer.start()
                 return
-            raw = self.store.read(self.path)
-            if raw is None:
+            found = self.store.read(self.path)
+            if found is None:
                 continue  # released between our two calls
+            raw, version = found
             holder = _parse(raw)
             if not self._stale(holder):
                 verdict, seen = self._watch(raw, holder)
@@ -199,8 +250,7 @@ class RunLock:
                     continue
             log.warning("breaking the stale lock %s: %s is no longer running (its process is gone, or it has not "
                         "renewed the lock for %.0fs)", self.path, _describe(holder), self.lease_s)
-            if self.store.read(self.path) == raw:  # unchanged: nobody else broke and retook it meanwhile
-                self.store.delete(self.path)
+            self.store.delete(self.path, version)  # only as read: not if its holder renewed it, or another broke it
         raise RunLocked(f"{self.path}: another run is writing to this MODEL_DIR: {_describe(holder)}. Wait for it "
                         f"to finish, or use another MODEL_DIR. If that run is no longer running (e.g. its machine is "
                         f"gone), the next run breaks the lock once its heartbeat is {self.lease_s:.0f}s old; or "
@@ -218,10 +268,10 @@ class RunLock:
                     max(0.0, heartbeat + self.lease_s - time.time()))
         while time.time() - heartbeat <= self.lease_s:
             time.sleep(max(0.01, min(self.renew_s / 4, heartbeat + self.lease_s - time.time())))
-            now = self.store.read(self.path)
-            if now != raw:
-                renewed = now is not None and _parse(now).get("token") == holder.get("token")
-                return ("alive", _parse(now)) if renewed else ("changed", {})
+            found = self.store.read(self.path)
+            if found is None or found[0] != raw:
+                renewed = found is not None and _parse(found[0]).get("token") == holder.get("token")
+                return ("alive", _parse(found[0])) if renewed else ("changed", {})
         return "gone", holder
 
     def _stale(self, holder: dict) -> bool:
@@ -231,29 +281,39 @@ class RunLock:
         heartbeat = holder.get("heartbeat", holder.get("started"))
         return isinstance(heartbeat, (int, float)) and time.time() - heartbeat > self.lease_s
 
-    def _ours(self) -> bool:
-        raw = self.store.read(self.path)
-        return raw is not None and _parse(raw).get("token") == self.record["token"]
-
     def _renew(self) -> None:
+        """Every renew_s: a new heartbeat, written only over our own lock as last read (compare-and-swap). A lock
+        found taken by another run sets `lost` and ends the thread; a storage error is retried at the next renewal
+        (the lease outlasts several)."""
         while not self._stop.wait(self.renew_s):
             try:
-                if not self._ours():
-                    log.error("%s: this run no longer holds the writer lock (another run broke it as stale); "
-                              "stop one of the two runs", self.path)
-                    return
-                self.record["heartbeat"] = time.time()
-                self._data = json.dumps(self.record).encode()
-                self.store.overwrite(self.path, self._data)
-            except OSError as e:  # a storage hiccup: the lease outlasts several missed renewals
+                found = self.store.read(self.path)
+                if found is not None and _parse(found[0]).get("token") == self.record["token"]:
+                    record = {**self.record, "heartbeat": time.time()}
+                    data = json.dumps(record).encode()
+                    if self.store.replace(self.path, data, found[1]):
+                        self.record, self._data = record, data
+                        continue
+                    found = self.store.read(self.path)  # changed under us, or our write landed on a retry
+                    if found is not None and found[0] == data:
+                        self.record, self._data = record, data
+                        continue
+            except OSError as e:
                 log.warning("%s: could not renew the writer lock (%s)", self.path, e)
+                continue
+            holder = _describe(_parse(found[0])) if found is not None else "nobody (the lock was deleted)"
+            self.lost = (f"{self.path}: this run no longer holds MODEL_DIR's writer lock; it is now held by {holder}. "
+                         "This run stops and writes nothing more to MODEL_DIR")
+            log.error("%s", self.lost)
+            return
 
     def release(self) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        if self._ours():  # never remove a lock we do not hold
-            self.store.delete(self.path)
+        found = self.store.read(self.path)
+        if found is not None and _parse(found[0]).get("token") == self.record["token"]:  # never remove another's
+            self.store.delete(self.path, found[1])
 
     def __enter__(self) -> RunLock:
         self.acquire()

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+import storage
 from data.synth.records import approx_tokens, read_jsonl, record_text, timestamp, write_jsonl
 from data.synth.spec import bundled_specs, load_spec
 
@@ -116,7 +117,7 @@ def cmd_contamination(args: argparse.Namespace) -> int:
     records = _read(args.input)
     report = check_corpus(records, index)
     if args.report:
-        pathlib.Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        storage.Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     for hit in report.hits[:10]:
         print(f"  {hit.id}: {hit.ngrams} shared {report.n}-grams with {list(hit.eval_ids)[:5]}, e.g. {hit.example!r}")
     print(f"{len(report.hits)} of {report.documents} documents share {report.n}-grams with {report.eval_items} eval "
@@ -133,7 +134,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     count = approx_tokens
     if args.tokenizer:
         from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(args.tokenizer)
+        tok = Tokenizer.from_str(storage.Path(args.tokenizer).read_text())
         count = lambda text: len(tok.encode(text, add_special_tokens=False).ids)  # noqa: E731
     stats = corpus_stats(_progress(read_jsonl(args.input, require=()), 0, "stats"), count)
     removed = load_removed(args.input)
@@ -176,6 +177,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from data.synth.llm import ClientConfig
     key_env = args.api_key_env or None
     _setup_logging(args.log, os.environ.get(key_env) if key_env else None)
+    if storage.is_remote(args.out):
+        raise ValueError(f"--out {args.out}: generate appends every finished item to its output, which is how a rerun "
+                         "resumes, and an object store cannot append; write to a local file and copy it to the bucket")
     spec, count = _load(args)
     config = GenerateConfig(out=pathlib.Path(args.out), count=count, seed=spec.seed if args.seed is None else args.seed,
                             mode=args.mode, revise=args.revise, max_tokens=args.max_tokens,

@@ -15,6 +15,7 @@ import pathlib
 import re
 from typing import Any, Iterable, Iterator
 
+import storage
 from data.synth.assign import item_id
 from data.synth.spec import Spec
 
@@ -58,22 +59,20 @@ def record_text(record: dict[str, Any]) -> str:
 
 
 def write_jsonl(path: str | pathlib.Path, records: Iterable[dict[str, Any]]) -> int:
-    """Writes records atomically (temp file + rename); returns how many were written."""
-    path = pathlib.Path(path)
+    """Writes records atomically (storage.atomic_write; local or gs://); returns how many were written."""
+    path = storage.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with storage.atomic_write(path, encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
-    os.replace(tmp, path)
     return count
 
 
 def read_jsonl(path: str | pathlib.Path, *, require: tuple[str, ...] = ("text",)) -> Iterator[dict[str, Any]]:
-    """Yields records; a malformed line or a record missing a required key raises naming file:line."""
-    path = pathlib.Path(path)
+    """Yields records (local or gs://); a malformed line or a record missing a required key raises naming file:line."""
+    path = storage.Path(path)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

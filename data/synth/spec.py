@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+import storage
+
 SPECS_DIR = pathlib.Path(__file__).resolve().parent / "specs"
 AXES = ("institution", "domain", "document_type", "reasoning_approach")
 # YAML key of each axis inside `axes:`.
@@ -83,17 +85,17 @@ def bundled_specs() -> list[str]:
     return sorted(p.stem for p in SPECS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def resolve_path(name_or_path: str | pathlib.Path, relative_to: pathlib.Path | None = None) -> pathlib.Path:
-    """A bundled name (`animal_welfare`) or a path to a YAML file."""
+def resolve_path(name_or_path: str | pathlib.Path, relative_to: storage.Path | None = None) -> storage.Path:
+    """A bundled name (`animal_welfare`) or a path to a YAML file (local or gs://)."""
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or "/" in text:
-        path = pathlib.Path(text)
+        path = storage.Path(text)
         if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
             path = relative_to / path
         if not path.exists():
             raise SpecError(f"spec file not found: {path}")
         return path
-    path = SPECS_DIR / f"{text}.yaml"
+    path = storage.Path(SPECS_DIR / f"{text}.yaml")
     if not path.exists():
         raise SpecError(f"unknown spec {text!r}; bundled specs: {bundled_specs()} (or pass a path to a .yaml)")
     return path

@@ -6,13 +6,14 @@ import json
 import pathlib
 from typing import Any, Callable, Iterable
 
+import storage
 from data.synth.records import approx_tokens, record_text
 from data.synth.spec import AXES
 
 
-def filter_report_path(corpus: str | pathlib.Path) -> pathlib.Path:
-    """Where `filter` writes its report for an output corpus: `<corpus>.filter.json`."""
-    corpus = pathlib.Path(corpus)
+def filter_report_path(corpus: str | pathlib.Path) -> storage.Path:
+    """Where `filter` writes its report for an output corpus: `<corpus>.filter.json` (local or gs://)."""
+    corpus = storage.Path(corpus)
     return corpus.with_name(corpus.name + ".filter.json")
 
 
