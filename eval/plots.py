@@ -103,11 +103,16 @@ def draw(panels: dict[str, Series], xlabel: str, path: storage.PathLike, *, line
         fig.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=ncols, fontsize=7)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no data", ha="center", va="center")
+    save(fig, path)
+    return True
+
+
+def save(fig: matplotlib.figure.Figure, path: storage.PathLike) -> None:
+    """Writes `fig` as a PNG to `path` (local or gs://, through storage) and closes it."""
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
     storage.Path(path).write_bytes(png.getvalue())
-    return True
 
 
 def _pad(x: float, integer: bool) -> float:

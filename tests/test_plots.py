@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
 
-from eval import probes, report
+from eval import plots, probes, report
 from eval.probes import Pair
 from experiments import durability_report, evaluate, plan, sweep_report
 
@@ -21,13 +21,13 @@ PAIRS = [Pair("p", "c", "r", "x"), Pair("q", "c", "r", "y"), Pair("s", "c", "r",
 def saved(monkeypatch) -> dict[str, matplotlib.figure.Figure]:
     """"folder/file name" -> the Figure saved there (its Axes stay readable after pyplot closes it)."""
     figures = {}
-    original = matplotlib.figure.Figure.savefig
+    original = plots.save
 
-    def keep(fig, path, *args, **kwargs):
+    def keep(fig, path):
         figures[f"{pathlib.Path(path).parent.name}/{pathlib.Path(path).name}"] = fig
-        return original(fig, path, *args, **kwargs)
+        return original(fig, path)
 
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    monkeypatch.setattr(plots, "save", keep)
     return figures
 
 
