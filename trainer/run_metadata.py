@@ -85,7 +85,8 @@ def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen:
         "model_config": model_config_to_dict(model),
         "tokenizer_sha256": tokenize.tokenizer_sha256(mixture.tokenizer),
         "mixture": {"components": [c.name for c in mixture.active_components],
-                    "weights": dict(mixture.weights), "seq_len": mixture.seq_len, "batch_size": mixture.batch_size},
+                    "weights": dict(mixture.weights), "stages": [[start, dict(w)] for start, w in mixture.stages],
+                    "seq_len": mixture.seq_len, "batch_size": mixture.batch_size},
         "tokens_seen": {k: int(v) for k, v in tokens_seen.items()},
         "code_version": code_version(),
         "layout": LAYOUT,
@@ -124,12 +125,17 @@ def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
             f"{where} was written by a different run configuration and cannot be resumed:\n  - "
             + "\n  - ".join(problems)
             + "\nUse a new MODEL_DIR, or start a new run from it with --gin.TrainConfig.init_from=<that run dir>.")
-    if saved["mixture"]["weights"] != current["mixture"]["weights"]:  # data.pipeline re-anchors its block grid
-        log.warning("resuming %s with new mixture weights %s (checkpoint: %s); see docs/data.md", where,
-                    current["mixture"]["weights"], saved["mixture"]["weights"])
+    old, new = (schedule(m["mixture"]) for m in (saved, current))
+    if old != new:  # data.pipeline re-anchors its block grid
+        log.warning("resuming %s with new mixture weights %s (checkpoint: %s); see docs/data.md", where, new, old)
     if saved.get("code_version") != current.get("code_version"):
         log.info("resuming %s written by code %s with code %s", where, saved.get("code_version"),
                  current.get("code_version"))
+
+
+def schedule(mixture: dict[str, Any]) -> list[list]:
+    """[[start_step, weights], ...] of a metadata record's mixture, the first at step 0."""
+    return [[0, mixture["weights"]], *mixture.get("stages", [])]
 
 
 SCHEDULE_FIELDS = ("learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "schedule_start",
