@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import storage
-from data import tokenize
+from data import fingerprint, tokenize
 from data.config import MixtureConfig
 from models.config import ModelConfig, RopeScaling
 from trainer import optimizer as optimizer_lib
@@ -76,9 +76,12 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen: dict[str, int],
-          optimizer: OptimizerConfig | None = None, train_steps: int | None = None) -> dict[str, Any]:
-    """The JSON-able metadata item saved with every checkpoint (`optimizer` also records `train_steps`)."""
+          optimizer: OptimizerConfig | None = None, train_steps: int | None = None,
+          data_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able metadata item saved with every checkpoint (`optimizer` also records `train_steps`;
+    `data_fingerprint` is data.fingerprint.fingerprint of the mixture, checked by `check_data` on resume)."""
     return {
+        "data_fingerprint": data_fingerprint,
         "optimizer": None if optimizer is None else
         json.loads(json.dumps({**dataclasses.asdict(optimizer), "train_steps": train_steps})),
         "step": int(step),
@@ -136,6 +139,23 @@ def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
 def schedule(mixture: dict[str, Any]) -> list[list]:
     """[[start_step, weights], ...] of a metadata record's mixture, the first at step 0."""
     return [[0, mixture["weights"]], *mixture.get("stages", [])]
+
+
+def check_data(saved: dict[str, Any], current: dict[str, Any], where: str, allow_change: bool) -> None:
+    """Refuses (CheckpointMismatch, one line) a resume whose corpora differ from the checkpoint's
+    (data.fingerprint.changes), unless `allow_change` (TrainConfig.allow_data_change): then it logs what changed."""
+    if not saved.get("data_fingerprint"):
+        log.info("%s records no data fingerprint: the corpora are not checked against it", where)
+        return
+    changed = fingerprint.changes(saved["data_fingerprint"], current["data_fingerprint"] or {})
+    if not changed:
+        return
+    if allow_change:
+        log.warning("resuming %s on changed data (TrainConfig.allow_data_change): %s", where, "; ".join(changed))
+        return
+    raise CheckpointMismatch(f"{where} was trained on other data: {'; '.join(changed)}. Resuming would continue its "
+                             "data position in other documents; restore the files, or add "
+                             "--gin.TrainConfig.allow_data_change=True if the change is intended")
 
 
 SCHEDULE_FIELDS = ("learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "schedule_start",
