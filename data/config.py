@@ -89,6 +89,23 @@ def _choice(where: str, field: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"{where}: {field}={value!r} is not one of {list(allowed)}")
 
 
+def _split_schedule(weights: Any, stages: Sequence[Any]) -> tuple[Any, list[tuple[int, Any]], str]:
+    """(the first stage's weights, [(index, later stage), ...], the field the indices refer to) of `weights` given as
+    a dict (its stages are `stages`) or as a schedule [(0, weights), (start_step, weights), ...]."""
+    if isinstance(weights, Mapping):
+        return weights, list(enumerate(stages)), "stages"
+    if isinstance(weights, str) or not isinstance(weights, Sequence) or not weights:
+        raise ValueError("MixtureConfig.weights must be a dict from component name to token share, or a schedule "
+                         f"[(0, {{...}}), (start_step, {{...}}), ...], got {weights!r}")
+    if stages:
+        raise ValueError("MixtureConfig.weights is a schedule and MixtureConfig.stages is set too; give the stages "
+                         "in one place")
+    first = weights[0]
+    if not (isinstance(first, Sequence) and len(first) == 2 and first[0] == 0 and not isinstance(first[0], bool)):
+        raise ValueError(f"MixtureConfig.weights[0]: a schedule's first stage is (0, weights), got {first!r}")
+    return first[1], list(enumerate(weights))[1:], "weights"
+
+
 def normalize_weights(weights: Mapping[str, float], names: Sequence[str], field: str = "weights") -> dict[str, float]:
     """Validates token-share weights over the component `names` and returns them normalized to sum to 1.
 
@@ -122,8 +139,14 @@ def normalize_weights(weights: Mapping[str, float], names: Sequence[str], field:
 class MixtureConfig:
     """Everything the data pipeline needs; `data.pipeline.build(config)` turns it into batches.
 
-    weights: component name -> share of training TOKENS (normalized; 0 removes the component).
-    stages: ((start_step, weights), ...): from training step `start_step` on, these weights apply.
+    weights: component name -> share of training TOKENS (normalized; 0 removes the component), or a schedule
+      [(0, weights), (start_step, weights), ...] (what `--gin.MIXTURE_WEIGHTS=[...]` binds): its first stage becomes
+      `weights`, the others `stages`.
+    stages: ((start_step, weights), ...): from training step `start_step` on, these weights apply. A stage may start at
+      any step: blocks are laid out from each stage's first row and the previous stage's last block ends there, so
+      every stage holds its shares as whole rows of its own (exactly when share x the stage's rows per data shard is
+      a whole number, else within one row per component; data.blocks). A start on a block boundary leaves the
+      previous stage's blocks whole.
     seq_len: row length in tokens; batch_size: GLOBAL batch in rows (all processes together).
     block_size: rows per mixture block; in each block every component gets exactly its largest-remainder share. When
       some share is not a whole number of block_size rows, a stage uses the smallest block in which all are, if one
@@ -196,16 +219,17 @@ class MixtureConfig:
             raise ValueError(f"MixtureConfig.prefetch must be >= 0, got {self.prefetch}")
         if not self.tokenizer:
             raise ValueError("MixtureConfig.tokenizer must name a tokenizer.json or a folder holding one")
-        object.__setattr__(self, "weights", normalize_weights(self.weights, names))
+        first, later, field = _split_schedule(self.weights, self.stages)
+        object.__setattr__(self, "weights", normalize_weights(first, names))
         stages, last = [], 0
-        for i, stage in enumerate(self.stages):
+        for i, stage in later:
             if not (isinstance(stage, Sequence) and len(stage) == 2):
-                raise ValueError(f"MixtureConfig.stages[{i}] must be (start_step, weights), got {stage!r}")
+                raise ValueError(f"MixtureConfig.{field}[{i}] must be (start_step, weights), got {stage!r}")
             start, weights = stage
             if isinstance(start, bool) or not isinstance(start, int) or start <= last:
-                raise ValueError(f"MixtureConfig.stages[{i}]: start_step must be an int > {last} "
+                raise ValueError(f"MixtureConfig.{field}[{i}]: start_step must be an int > {last} "
                                  f"(stages in increasing order after step 0), got {start!r}")
-            stages.append((start, normalize_weights(weights, names, field=f"stages[{i}]")))
+            stages.append((start, normalize_weights(weights, names, field=f"{field}[{i}]")))
             last = start
         object.__setattr__(self, "stages", tuple(stages))
 
@@ -244,6 +268,11 @@ class MixtureConfig:
         its weight (16 rows at 10% hold 2 rows, 12.5%), else None. Open-ended mixtures (train_steps None) pass."""
         if self.train_steps is None:
             return None
+        late = [start for start, _ in self.stages if start >= self.train_steps]
+        if late:
+            raise ValueError(f"MixtureConfig: the mixture schedule's stage(s) starting at step(s) {late} never apply "
+                             f"in a run of TRAIN_STEPS={self.train_steps} steps; start them earlier in MIXTURE_WEIGHTS "
+                             "or drop them")
         stages = self.stage_rows(process_count)
         per_step = self.batch_size // self.shards(process_count)
         notes = []

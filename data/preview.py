@@ -12,9 +12,12 @@ It takes the same gin files and `--gin.KEY=VALUE` bindings as train.py (MODEL_DI
 run files whose tokenizer is INIT_FROM's). Configuration errors exit 2 with one line naming the binding.
 
 With --json it prints one object:
-{"components": {NAME: {"weight", "token_share", "rows", "tokens", "documents", "epochs"}}, "padding_fraction", "rows"}
-where tokens and token shares count non-padding tokens. Without it, a table and decoded sample rows, in which
-text that is not a loss target is shown in [[double brackets]].
+{"components": {NAME: {"weight", "token_share", "rows", "tokens", "documents", "epochs"}}, "padding_fraction", "rows",
+ "stages": [{"start", "end", "weights": {NAME: w}, "components": {NAME: {"token_share", "rows", "tokens"}}}, ...]}
+where tokens and token shares count non-padding tokens, "weight" is the first stage's, and "stages" has one entry per
+stage of the mixture schedule (MIXTURE_WEIGHTS as a list of (start step, weights)) that the batches read reach, over
+steps [start, end). Without it, a table (and one per stage for a schedule) and decoded sample rows, in which text
+that is not a loss target is shown in [[double brackets]].
 """
 from __future__ import annotations
 
@@ -39,8 +42,12 @@ def preview(config: MixtureConfig, num_batches: int, *, samples: int = 0) -> dic
     progress.note("data.preview: opening the corpora (every record of each is checked once)")
     pipeline = build(config)
     shown: dict[str, list[str]] = {n: [] for n in pipeline.component_names}
+    starts = [start for start, _ in config.weight_schedule()]
+    marks = []  # (step, counts so far) at every stage start reached, and at the end
     with progress.bar(num_batches, "data.preview", "batch") as bar:
-        for _ in range(num_batches):
+        for step in range(num_batches):
+            if step in starts:
+                marks.append((step, pipeline.iterator.counts()))
             try:
                 batch = next(pipeline.iterator)
             except StopIteration:
@@ -50,16 +57,30 @@ def preview(config: MixtureConfig, num_batches: int, *, samples: int = 0) -> dic
                 name = pipeline.component_names[c]
                 if len(shown[name]) < samples:
                     shown[name].append(render_row(pipeline, batch, i))
+    marks.append((pipeline.iterator.counts()["batches"], pipeline.iterator.counts()))
     pipeline.iterator.close()  # stops the prefetch thread
     stats = pipeline.stats()
     weights = config.weights
     out = {"components": {n: {"weight": weights[n], "token_share": s["token_share"], "rows": s["rows"],
                               "tokens": s["tokens"], "documents": s["documents"], "epochs": s["epochs"]}
                           for n, s in stats["components"].items()},
-           "padding_fraction": stats["padding_fraction"], "rows": stats["rows"]}
+           "padding_fraction": stats["padding_fraction"], "rows": stats["rows"],
+           "stages": [stage_shares(dict(config.weight_schedule())[start], first, last)
+                      for (start, first), (_, last) in zip(marks, marks[1:])]}
     if samples:
         out["samples"] = shown
     return out
+
+
+def stage_shares(weights: dict[str, float], first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """One stage's realized rows, tokens and token shares: the difference of the iterator's counts (StatsIterator)
+    at its first step and after its last."""
+    rows = {n: last["rows"][n] - first["rows"][n] for n in weights}
+    tokens = {n: last["tokens"][n] - first["tokens"][n] for n in weights}
+    total = max(sum(tokens.values()), 1)
+    return {"start": first["batches"], "end": last["batches"], "weights": weights,
+            "components": {n: {"token_share": tokens[n] / total, "rows": rows[n], "tokens": tokens[n]}
+                          for n in weights}}
 
 
 def render_row(pipeline: Pipeline, batch: dict[str, np.ndarray], i: int, max_chars: int = 400) -> str:
@@ -85,6 +106,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<16}{c['weight']:>8.4f}{c['token_share']:>13.4f}{c['rows']:>8}{c['tokens']:>12}"
                      f"{c['documents']:>11}{c['epochs']:>9.3f}")
     lines.append(f"rows {result['rows']}, padding fraction {result['padding_fraction']:.4f}")
+    if len(result["stages"]) > 1:
+        for stage in result["stages"]:
+            lines.append(f"\nstage from step {stage['start']} (steps {stage['start']}-{stage['end'] - 1} read)")
+            lines += [f"  {name:<14}{stage['weights'][name]:>8.4f}{c['token_share']:>13.4f}{c['rows']:>8}"
+                      f"{c['tokens']:>12}" for name, c in stage["components"].items()]
     for name, rows in result.get("samples", {}).items():
         lines.append(f"\n--- {name} ---")
         lines += [f"  {r!r}" for r in rows]

@@ -10,8 +10,11 @@ Arms (each with every seed of the file):
 - document: midtrained with the document corpus at `[midtrain] share`;
 - control: midtrained with the matched control corpus at the same share;
 - instruction: the base arm, instruction-tuned on QA pairs of the same spec (`[instruction]`, `data.synth qa`);
-- preservation (when `[sft] preservation_share` > 0): the document arm, whose later SFT keeps that share of
-  synthetic documents in its mixture (t5x_configs/mixtures/sft_with_synthetic.gin).
+- preservation (when `[sft] preservation_share` is above 0 anywhere): the document arm, whose later SFT keeps
+  synthetic documents in its mixture (t5x_configs/mixtures/sft_with_synthetic.gin) by a schedule: its MIXTURE_WEIGHTS
+  is [(start step, {'sft': 1 - p, 'synthetic': p}), ...], from `preservation_share` = p (the whole SFT) or
+  [[fraction, p], ...] (from that fraction of the SFT's steps on p, the first at 0.0; [[0.0, 0.1], [0.5, 0.0]]
+  keeps 10% documents in the first half only).
 Then every arm is fine-tuned on the general instruction data (`[sft]`). HF exports every `eval_every` samples
 (converted to steps by replaying the SFT data pipeline, which counts the conversations each step starts; the curve's
 x values are the base arm's measured counts at each point) are scored with the probes (eval.probes): parameters only, in the stage's
@@ -23,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
 import pathlib
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import storage
@@ -68,9 +73,11 @@ class Config:
     qa: storage.Path
     sft_data: storage.Path
 
+    preservation: tuple[tuple[float, float], ...] = ()  # ((fraction of the SFT's steps, synthetic share), ...)
+
     @property
     def arms(self) -> tuple[str, ...]:
-        return ARMS if self.sft.get("preservation_share", (int, float), 0) > 0 else ARMS[:-1]
+        return ARMS if any(p > 0 for _, p in self.preservation) else ARMS[:-1]
 
     def run_dir(self, name: str) -> storage.Path:
         return self.out_dir / "runs" / name
@@ -83,9 +90,9 @@ def load(path: str | pathlib.Path) -> Config:
     mid, ins, sft = top.table("midtrain", MIDTRAIN_KEYS), top.table("instruction", STAGE_KEYS), \
         top.table("sft", STAGE_KEYS)
     share = mid.get("share", (int, float))
-    preserve = sft.get("preservation_share", (int, float), 0)
-    if not 0 < share < 1 or not 0 <= preserve < 1:
-        raise SettingsError(f"{path}: [midtrain] share must be in (0, 1) and [sft] preservation_share in [0, 1)")
+    if not 0 < share < 1:
+        raise SettingsError(f"{path}: [midtrain] share must be in (0, 1)")
+    preservation = _preservation(sft)
     samples, every = sft.get("samples", int), sft.get("eval_every", int)
     if not 0 < every <= samples:
         raise SettingsError(f"{path} [sft]: need 0 < eval_every <= samples, got {every} and {samples}")
@@ -94,7 +101,29 @@ def load(path: str | pathlib.Path) -> Config:
     seeds = top.get_list("seeds", int, nonempty=True)
     return Config(path, out_dir, tuple(seeds), mid, ins, sft, settings(top.table("eval")),
                   resolve(mid, "document_corpus"), resolve(mid, "control_corpus"), resolve(ins, "data"),
-                  resolve(sft, "data"))
+                  resolve(sft, "data"), preservation)
+
+
+def _preservation(sft: Table) -> tuple[tuple[float, float], ...]:
+    """`[sft] preservation_share` as ((fraction of the SFT's steps, share), ...): a number p is ((0.0, p),)."""
+    value = sft.get("preservation_share", (int, float, list), 0)
+    stages = value if isinstance(value, list) else [[0.0, value]]
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1  # noqa: E731
+    ok = bool(stages) and all(isinstance(s, list) and len(s) == 2 and number(s[0]) and number(s[1]) for s in stages)
+    fractions = [s[0] for s in stages] if ok else []
+    if not ok or fractions[0] != 0 or fractions != sorted(set(fractions)):
+        raise SettingsError(f"{sft.where}: `preservation_share` must be a share in [0, 1) or a schedule "
+                            f"[[fraction of the SFT's steps, share], ...] starting at 0.0 with increasing fractions "
+                            f"in [0, 1), got {value!r}")
+    return tuple((float(f), float(p)) for f, p in stages)
+
+
+def preservation_weights(c: Config, steps: int) -> list[tuple[int, dict[str, float]]]:
+    """The preservation arm's SFT MIXTURE_WEIGHTS for a run of `steps` steps: each stage from round(fraction x
+    steps) on (a stage that starts where a later one does, or at or after the run's end, never applies: dropped)."""
+    starts = [round(f * steps) for f, _ in c.preservation]
+    return [(start, {"sft": 1 - p, "synthetic": p}) for i, (start, (_, p)) in enumerate(zip(starts, c.preservation))
+            if start < steps and (i + 1 == len(starts) or starts[i + 1] > start)]
 
 
 def _midtrain_stage(c: Config, arm: str, seed: int) -> Stage:
@@ -141,20 +170,23 @@ class SampleSchedule:
     epochs: dict[str, float]
 
 
-def sample_schedule(c: Config, stage: Stage, component: str = "sft") -> SampleSchedule:
-    """The evaluation points of an SFT stage, from the same data pipeline train.py builds for it (same config,
-    tokenizer, seed). Checkpoints are evenly spaced (train.py checkpoints every CHECKPOINT_EVERY steps): every = the
-    first step by which `eval_every` conversations have started; the run ends at the first step by which `samples`
-    have, which is also the last point. The counts are those of the run's own layout (its last mixture blocks end
-    with the run: MixtureConfig.train_steps)."""
+def sample_schedule(c: Config, stage: Callable[[int], Stage], component: str = "sft") -> SampleSchedule:
+    """The evaluation points of an SFT stage (`stage(n)`: the stage as a run of n steps; its mixture schedule may
+    depend on n), from the same data pipeline train.py builds for it (same config, tokenizer, seed). Checkpoints are
+    evenly spaced (train.py checkpoints every CHECKPOINT_EVERY steps): every = the first step by which `eval_every`
+    conversations have started; the run ends at the first step by which `samples` have, which is also the last
+    point. The counts are those of the run's own layout (its mixture stages at their steps, its last mixture blocks
+    ending with the run: MixtureConfig.train_steps)."""
     from data.pipeline import build
     from trainer import config as trainer_config
 
     samples, every = c.sft.get("samples", int), c.sft.get("eval_every", int)
-    mixture = trainer_config.load(stage.gin_files, stage.bindings + ("MODEL_DIR = 'unused'",)).mixture
 
     def started(steps: int | None) -> tuple[list[int], dict[str, Any]]:
-        """Conversations started by each step of a run of `steps` steps (None: open-ended, until `samples`)."""
+        """Conversations started by each step of a run of `steps` steps (None: open-ended, until `samples`, at the
+        first stage's weights)."""
+        s = stage(steps or 1)
+        mixture = trainer_config.load(s.gin_files, s.bindings + ("MODEL_DIR = 'unused'",)).mixture
         pipe = build(dataclasses.replace(mixture, train_steps=steps, allow_unrealized_shares=True))  # counting only
         counts: list[int] = []
         while len(counts) < steps if steps else not counts or counts[-1] < samples:
@@ -168,6 +200,9 @@ def sample_schedule(c: Config, stage: Stage, component: str = "sft") -> SampleSc
     while counts[-1] < samples:  # the run's own last blocks may start fewer conversations than an open-ended layout
         run_steps += 1
         counts, stats = started(run_steps)
+    while run_steps > 1 and (shorter := started(run_steps - 1))[0][-1] >= samples:  # later stages with more of it
+        run_steps -= 1
+        counts, stats = shorter
     per_eval = next(i + 1 for i, n in enumerate(counts) if n >= every)
     steps = [s for s in range(per_eval, len(counts), per_eval)] + [len(counts)]
     return SampleSchedule(per_eval, steps, [counts[s - 1] for s in steps],
@@ -194,13 +229,12 @@ def start_model(c: Config, stage: Stage | None) -> str:
 
 
 def sft_stage(c: Config, arm: str, seed: int, init: str, steps: int) -> Stage:
+    """An arm's general SFT as a run of `steps` steps (the preservation arm's mixture schedule is laid out on them)."""
     extra: tuple[str, ...] = (f"SEED = {seed}",)
     files: tuple[str, ...] = ()
     if arm == "preservation":
-        p = c.sft.get("preservation_share", (int, float))
         files = ("mixtures/sft_with_synthetic.gin",)
-        extra += (f"MIXTURE_WEIGHTS = {({'sft': 1 - p, 'synthetic': p})!r}",
-                  f"SYNTHETIC_FILES = ({str(c.document)!r},)")
+        extra += (f"MIXTURE_WEIGHTS = {preservation_weights(c, steps)!r}", f"SYNTHETIC_FILES = ({str(c.document)!r},)")
     return _sft_stage(c, c.sft, f"{arm}-sft-s{seed}", init, c.sft_data, steps, extra, files)
 
 
@@ -221,11 +255,11 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
             if stage is not None and status.get(stage.name, {}).get("status") != "done":
                 status[f"{arm}-sft-s{seed}"] = {"status": f"not run ({stage.name} did not finish)"}
                 continue
-            probe = sft_stage(c, arm, seed, init, 1)
-            sched = sample_schedule(c, probe)
+            make = functools.partial(sft_stage, c, arm, seed, init)
+            sched = sample_schedule(c, make)
             per_eval, steps, samples = sched.steps_per_eval, sched.steps, sched.samples
-            schedules[probe.name] = {"steps_per_eval": per_eval, "steps": steps, "samples": samples}
-            stage_sft = dataclasses.replace(probe, train_steps=steps[-1])
+            stage_sft = make(steps[-1])
+            schedules[stage_sft.name] = {"steps_per_eval": per_eval, "steps": steps, "samples": samples}
             sft_jobs.append(_job(c, stage_sft, eval_every=per_eval))
             run_dir = c.run_dir(stage_sft.name)
             folder = lambda step: run_dir / (f"exports/{step}" if step % per_eval == 0 else "hf")  # noqa: E731

@@ -10,6 +10,7 @@ stage (durability.sample_schedule), with the tokenizer the export will carry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -119,18 +120,19 @@ def stages(c: Config, scratch: storage.Path) -> tuple[list[StagePlan], list[esti
             init = durability.start_model(c, stage)
             if stage is not None:
                 init = stand_in(init, written[stage.name], scratch)
-            probe = durability.sft_stage(c, arm, seed, init, 1)
+            make = functools.partial(durability.sft_stage, c, arm, seed, init)
             try:
-                sched = durability.sample_schedule(c, probe)
+                sched = durability.sample_schedule(c, make)
             except ValueError as e:  # the stage's mixture cannot be built (e.g. a share below one row per block)
-                raise ValueError(f"stage {probe.name}: {e}") from None
-            sft = dataclasses.replace(probe, train_steps=sched.steps[-1])
+                raise ValueError(f"stage {make(1).name}: {e}") from None
+            sft = make(sched.steps[-1])
             run = load_stage(sft)
-            share = run.mixture.weights.get("synthetic", 0.0)
+            synthetic = sweep_plan.stage_tokens(list(run.mixture.weight_schedule()), "synthetic", sft.train_steps,
+                                                _tokens(run, 1))
             epochs = {"conversations": sched.epochs["sft"]} | (
                 {"documents": sched.epochs["synthetic"]} if "synthetic" in sched.epochs else {})
             out.append((StagePlan(sft.name, arm, seed, sft.train_steps, _tokens(run, sft.train_steps),
-                                  round(share * _tokens(run, sft.train_steps)), epochs, (0, *sched.samples),
+                                  sum(s[3] for s in synthetic), epochs, (0, *sched.samples),
                                   _notes(sft.name, run, sft.train_steps)), run))
     return [p for p, _ in out], [estimate.Planned(p.name, run, p.steps, c.run_dir(p.name)) for p, run in out]
 

@@ -5,6 +5,13 @@ Budget modes (per run, with tokens_per_step = BATCH_SIZE x SEQ_LEN token slots):
   synthetic document grow with the share and shrink with the document count.
 - fixed_synthetic_exposure: every document is seen `synthetic_epochs` times; a run trains the fewest steps whose
   synthetic tokens (share x total) reach synthetic_epochs x corpus tokens, so total tokens vary.
+Schedules: `synthetic_from` (default [0.0]) lists when a run's synthetic documents start, each value crossed with
+the shares: 0.0 (the whole run), a fraction of the run's steps in (0, 1) (0.8: the last 20%), or "decay" (the decay
+phase of the learning-rate schedule: OptimizerConfig.schedule = 'warmup_stable_decay', its last decay_fraction of the
+steps; trainer.optimizer.decay_start). Before that step the run reads replay only; from it on, `share` of its tokens
+are synthetic, so the run's synthetic tokens are share x the tokens from that step on (the fixed_synthetic_exposure
+budget lengthens the run until they reach its epochs). Such a run's MIXTURE_WEIGHTS is a schedule
+[(0, {replay: 1, synthetic: 0}), (start, {replay: 1 - share, synthetic: share})] and its name ends in -fromSTART.
 Token numbers are the mixture's nominal shares of the token slots (the pipeline lays its last mixture blocks out to
 end with the run, so every run holds its shares as whole rows; a run whose rows hold a share more than 1% off gets a
 warning, and a positive share that gets no row at all is an error; `python -m data.preview` measures them). Corpus
@@ -26,7 +33,8 @@ from experiments.settings import SettingsError, Table, read
 
 BUDGETS = ("fixed_total_tokens", "fixed_synthetic_exposure")
 TOP_KEYS = ("out_dir", "gin_file", "gin", "seeds", "shares", "doc_counts", "budget", "train_steps",
-            "synthetic_epochs", "share_component", "replay_component", "corpus_macro", "corpora", "models", "eval")
+            "synthetic_epochs", "synthetic_from", "share_component", "replay_component", "corpus_macro", "corpora",
+            "models", "eval")
 EVAL_KEYS = ("pairs", "control_pairs", "heldout", "heldout_batches", "bootstrap", "batch_size", "anima_grader",
              "anima_epochs", "chat")
 
@@ -50,6 +58,8 @@ class Run:
     bindings: tuple[str, ...]
     baseline: str | None        # the share-0 run of the same model, seed and steps, if the sweep has it
     notes: tuple[str, ...] = ()  # what the run will not do as configured (MixtureConfig.check_run, warm-up)
+    synthetic_from: int = 0     # the step its synthetic documents start at (0: the whole run)
+    stages: tuple[tuple[int, int, int, int], ...] = ()  # (first step, end step, tokens, synthetic tokens) per stage
 
     @property
     def arm(self) -> str:
@@ -107,6 +117,10 @@ def load(path: str | pathlib.Path) -> Sweep:
         raise SettingsError(f"{path}: budget fixed_total_tokens needs a positive `train_steps`")
     if budget == "fixed_synthetic_exposure" and (epochs is None or epochs <= 0):
         raise SettingsError(f"{path}: budget fixed_synthetic_exposure needs a positive `synthetic_epochs`")
+    starts = top.get_list("synthetic_from", (int, float, str), [0.0])
+    if any(v != "decay" and (isinstance(v, str) or not 0 <= v < 1) for v in starts) or len(set(starts)) != len(starts):
+        raise SettingsError(f"{path}: `synthetic_from` must list distinct fractions of the run's steps in [0, 1) or "
+                            f"\"decay\", got {starts}")
     synth, replay = top.get("share_component", str, "synthetic"), top.get("replay_component", str, "replay")
     macro = top.get("corpus_macro", str, None)
     base_files, base_bindings = top.get_list("gin_file", str, nonempty=True), top.get_list("gin", str, [])
@@ -138,7 +152,7 @@ def load(path: str | pathlib.Path) -> Sweep:
         configs[model_name] = run_config
         try:
             runs += _model_runs(model_name, files, bindings, run_config, component, sources, doc_counts, shares,
-                                seeds, budget, steps, epochs, synth, replay, corpus_dir, macro, placeholder)
+                                seeds, budget, steps, epochs, synth, replay, corpus_dir, macro, placeholder, starts)
         except SettingsError:
             raise
         except ValueError as e:  # a share the run's rows cannot hold (MixtureConfig.check_run)
@@ -148,19 +162,62 @@ def load(path: str | pathlib.Path) -> Sweep:
                  eval=top.table("eval", EVAL_KEYS), configs=configs)
 
 
-def run_notes(run_config: Any, weights: Mapping[str, float], steps: int) -> tuple[str, ...]:
-    """What a run of `steps` steps at `weights` will not do as configured: shares its rows hold only approximately
-    (a positive share that gets no row raises ValueError: MixtureConfig.check_run), a warm-up longer than the run."""
+def run_notes(run_config: Any, weights: Mapping[str, float] | list, steps: int) -> tuple[str, ...]:
+    """What a run of `steps` steps at `weights` (its MIXTURE_WEIGHTS: a dict over the config's weights, or a schedule
+    [(start step, dict), ...]) will not do as configured: shares its rows hold only approximately (a positive share
+    that gets no row raises ValueError: MixtureConfig.check_run), a warm-up longer than the run."""
     from trainer.optimizer import warmup_note
 
-    mixture = dataclasses.replace(run_config.mixture, weights={**run_config.mixture.weights, **weights},
-                                  train_steps=steps)
+    mixture, base = run_config.mixture, run_config.mixture.weights
+    if isinstance(weights, Mapping):
+        mixture = dataclasses.replace(mixture, weights={**base, **weights}, train_steps=steps)
+    else:
+        mixture = dataclasses.replace(mixture, weights=[(s, {**base, **w}) for s, w in weights], stages=(),
+                                      train_steps=steps)
     return tuple(n for n in (mixture.check_run(), warmup_note(run_config.optimizer, steps)) if n)
 
 
+def synthetic_start(value: float | str, steps: int, optimizer: Any) -> int:
+    """The step a run of `steps` steps starts its synthetic documents at, for one `synthetic_from` value."""
+    if value == "decay":
+        from trainer.optimizer import decay_start
+
+        return decay_start(optimizer, steps)
+    return round(value * steps)
+
+
+def synthetic_weights(replay: str, synth: str, share: float, start: int) -> dict[str, float] | list:
+    """MIXTURE_WEIGHTS of a run whose synthetic documents are `share` of its tokens from step `start` on."""
+    weights = {replay: 1 - share, synth: share}
+    return weights if start == 0 else [(0, {replay: 1.0, synth: 0.0}), (start, weights)]
+
+
+def _exposure_steps(value: float | str, share: float, tokens_per_step: int, needed: float, optimizer: Any) -> int:
+    """The fewest steps whose synthetic tokens (share x the tokens from the synthetic start on) reach `needed`: the
+    window (steps - start) never shrinks as a run grows, so search from the estimate."""
+    window = lambda n: n - synthetic_start(value, n, optimizer)  # noqa: E731
+    fraction = optimizer.decay_fraction if value == "decay" else value
+    steps = max(math.ceil(needed / (share * tokens_per_step * (1 - fraction))), 1)
+    while steps > 1 and share * tokens_per_step * window(steps - 1) >= needed:
+        steps -= 1
+    while share * tokens_per_step * window(steps) < needed:
+        steps += 1
+    return steps
+
+
+def stage_tokens(weights: dict[str, float] | list, synth: str, steps: int, tokens_per_step: int
+                 ) -> tuple[tuple[int, int, int, int], ...]:
+    """(first step, end step, tokens, synthetic tokens) of every stage of a run's MIXTURE_WEIGHTS."""
+    schedule = [(0, weights)] if isinstance(weights, Mapping) else weights
+    ends = [start for start, _ in schedule[1:]] + [steps]
+    return tuple((start, end, (end - start) * tokens_per_step,
+                  round(w.get(synth, 0.0) * (end - start) * tokens_per_step))
+                 for (start, w), end in zip(schedule, ends))
+
+
 def _model_runs(model_name, files, bindings, run_config, component, sources, doc_counts, shares, seeds, budget,
-                steps, epochs, synth, replay, corpus_dir, macro, placeholder) -> list[Run]:
-    mixture = run_config.mixture
+                steps, epochs, synth, replay, corpus_dir, macro, placeholder, starts) -> list[Run]:
+    mixture, optimizer = run_config.mixture, run_config.optimizer
     tokens_per_step = run_config.train.batch_size * run_config.train.seq_len
     runs, baselines = [], set()
     for corpus_name, source in sources.items():
@@ -168,22 +225,25 @@ def _model_runs(model_name, files, bindings, run_config, component, sources, doc
             path = corpora.first_documents(source, docs, corpus_dir, corpus_name)
             n_docs, corpus_tokens = corpora.count_tokens(path, dataclasses.replace(component, paths=(str(path),)),
                                                          mixture)
-            for share in (s for s in shares if s > 0):
+            for share, value in ((s, v) for s in shares if s > 0 for v in starts):
                 run_steps = steps if budget == "fixed_total_tokens" else \
-                    math.ceil(epochs * corpus_tokens / (share * tokens_per_step))
-                total = run_steps * tokens_per_step
-                synthetic = round(share * total)
+                    _exposure_steps(value, share, tokens_per_step, epochs * corpus_tokens, optimizer)
                 arm = f"{model_name}-{corpus_name}-n{n_docs}-w{_share_label(share)}-t{run_steps}"
-                weights = {replay: 1 - share, synth: share}
-                run_bindings = bindings + (f"MIXTURE_WEIGHTS = {weights!r}", corpus_binding(synth, macro, path))
                 try:
+                    start = synthetic_start(value, run_steps, optimizer)
+                    weights = synthetic_weights(replay, synth, share, start)
                     notes = run_notes(run_config, weights, run_steps)
                 except ValueError as e:
                     raise ValueError(f"runs {arm}-s*: {e}") from None
+                arm += f"-from{start}" if start else ""
+                stages = stage_tokens(weights, synth, run_steps, tokens_per_step)
+                synthetic = sum(s[3] for s in stages)
+                run_bindings = bindings + (f"MIXTURE_WEIGHTS = {weights!r}", corpus_binding(synth, macro, path))
                 for seed in seeds:
                     runs.append(Run(f"{arm}-s{seed}", model_name, corpus_name, n_docs, share, seed, run_steps,
-                                    tokens_per_step, total, synthetic, corpus_tokens, share * total / corpus_tokens,
-                                    files, run_bindings, None, notes))
+                                    tokens_per_step, run_steps * tokens_per_step, synthetic, corpus_tokens,
+                                    share * (run_steps - start) * tokens_per_step / corpus_tokens, files,
+                                    run_bindings, None, notes, start, stages))
                 if 0 in shares:
                     baselines.add(run_steps)
     if 0 in shares and budget == "fixed_total_tokens":
@@ -194,7 +254,8 @@ def _model_runs(model_name, files, bindings, run_config, component, sources, doc
         for seed in seeds:
             runs.append(Run(f"{model_name}-base-t{run_steps}-s{seed}", model_name, None, None, 0.0, seed, run_steps,
                             tokens_per_step, run_steps * tokens_per_step, 0, None, None, files,
-                            bindings + (f"MIXTURE_WEIGHTS = {weights!r}", placeholder), None, notes))
+                            bindings + (f"MIXTURE_WEIGHTS = {weights!r}", placeholder), None, notes, 0,
+                            stage_tokens(weights, synth, run_steps, tokens_per_step)))
     return runs
 
 
@@ -237,6 +298,9 @@ def format_plan(sweep: Sweep, est: Any = None) -> str:
                      f"{r.corpus_tokens if r.corpus_tokens is not None else '-':>14} "
                      f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15} "
                      f"{duration(seconds):>9}  {r.baseline or '-'}")
+        if len(r.stages) > 1:
+            lines += [f"{'':<4}stage from step {start}: steps {start}-{end - 1}, {tokens} tokens, {synthetic} synthetic"
+                      for start, end, tokens, synthetic in r.stages]
     notes = {r.arm: r.notes for r in sweep.runs if r.notes}
     lines += [f"warning: {arm}-s*: {note}" for arm, arm_notes in notes.items() for note in arm_notes]
     return "\n".join(lines + (est.lines() if est else []))

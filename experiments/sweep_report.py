@@ -28,8 +28,9 @@ def run_rows(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, 
         if state == "done" and r.name not in results:
             state = "done, not evaluated"
         row: dict[str, Any] = {"run": r.name, "status": state, "model": r.model, "corpus": r.corpus or "",
-                               "docs": r.docs, "share": r.share, "seed": r.seed, "steps": r.train_steps,
-                               "total_tokens": r.total_tokens, "synthetic_tokens": r.synthetic_tokens,
+                               "docs": r.docs, "share": r.share, "synthetic_from": r.synthetic_from or None,
+                               "seed": r.seed, "steps": r.train_steps, "total_tokens": r.total_tokens,
+                               "synthetic_tokens": r.synthetic_tokens,
                                "epochs_per_doc": r.epochs_per_doc, "baseline": r.baseline or ""}
         res = results.get(r.name)
         if res:
@@ -68,7 +69,8 @@ def arm_rows(sweep: Sweep, results: Mapping[str, Mapping], s: EvalSettings) -> t
         first = runs[0]
         for name in s.set_names:
             row: dict[str, Any] = {"arm": arm, "set": name, "model": first.model, "corpus": first.corpus or "",
-                                   "docs": first.docs, "share": first.share, "steps": first.train_steps,
+                                   "docs": first.docs, "share": first.share,
+                                   "synthetic_from": first.synthetic_from or None, "steps": first.train_steps,
                                    "seeds_planned": len(runs), "seeds_evaluated": len(margins[arm]),
                                    "baseline_arm": base_of[arm] or ""}
             summary = compare.arm_summary(sets[name], margins[arm], name, s.bootstrap)
@@ -112,19 +114,20 @@ def series_label(rows: list[dict[str, Any]], keys: tuple[str, ...]):
     """row -> its series' legend label: the values of the keys that vary among `rows` ("welfare, 300 docs"), or, when
     none varies, of all but the model (so one series is "welfare, 300 docs", never "model=model")."""
     shown = [k for k in keys if len({r[k] for r in rows}) > 1] or [k for k in keys if k != "model"]
-    words = {"docs": "{} docs", "share": "share {}"}
+    words = {"docs": "{} docs", "share": "share {}", "synthetic_from": "documents from step {}"}
     return lambda r: ", ".join(words.get(k, "{}").format(r[k]) for k in shown if r[k] not in (None, ""))
 
 
 def _with_baselines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Share-0 arms copied into every (model, corpus, docs) series that has an arm with the same steps, at share 0."""
+    """Share-0 arms copied into every (model, corpus, docs, synthetic start) series that has an arm with the same
+    steps, at share 0."""
     base = [r for r in rows if r["share"] == 0]
     out = [r for r in rows if r["share"] > 0]
-    series = {(r["model"], r["corpus"], r["docs"], r["steps"], r["set"]) for r in out}
+    series = {(r["model"], r["corpus"], r["docs"], r["synthetic_from"], r["steps"], r["set"]) for r in out}
     for b in base:
-        for model, corpus, docs, steps, name in sorted(series, key=str):
+        for model, corpus, docs, start, steps, name in sorted(series, key=str):
             if (model, steps, name) == (b["model"], b["steps"], b["set"]):
-                out.append(b | {"corpus": corpus, "docs": docs})
+                out.append(b | {"corpus": corpus, "docs": docs, "synthetic_from": start})
     return out
 
 
@@ -163,9 +166,10 @@ def write(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, Map
     eval_report.write_table(run_table, out, "runs")
     eval_report.write_table(arm_table, out, "arms")
     with_base = _with_baselines(arm_table)
-    figures = {"vs_share.png": (panels(with_base, "share", ("model", "corpus", "docs")),
+    figures = {"vs_share.png": (panels(with_base, "share", ("model", "corpus", "docs", "synthetic_from")),
                                 f"share of '{sweep.share_component}' in training tokens", False),
-               "vs_docs.png": (panels([r for r in arm_table if r["share"] > 0], "docs", ("model", "corpus", "share")),
+               "vs_docs.png": (panels([r for r in arm_table if r["share"] > 0], "docs",
+                                      ("model", "corpus", "share", "synthetic_from")),
                                "synthetic documents", True)}
     plotted, not_drawn = {}, []
     for name, (figure, xlabel, integer) in figures.items():

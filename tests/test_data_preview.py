@@ -46,7 +46,8 @@ def test_preview_cli_json(files, tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(out) == {"components", "padding_fraction", "rows"}
+    assert set(out) == {"components", "padding_fraction", "rows", "stages"}
+    assert [(st["start"], st["end"], st["components"]["a"]["rows"]) for st in out["stages"]] == [(0, 4, 8)]
     assert set(out["components"]["a"]) == {"weight", "token_share", "rows", "tokens", "documents", "epochs"}
     assert out["rows"] == 16 and out["components"]["a"]["rows"] == 8 and out["components"]["a"]["weight"] == 0.5
     res = subprocess.run(cmd[:-2] + ["--gin.MIXTURE_WEIGHTS={'a': 0.5, 'zz': 0.5}"], cwd=REPO, capture_output=True,

@@ -80,8 +80,8 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      lambda c, ctx: "python -m experiments.durability --help"),
     (r"^(python -m experiments\.durability sweeps/durability_demo|python sweep\.py sweeps/demo)\.toml$",
      "run as documented, scaled alike, by the test that checks its report (COVERED_BY)", lambda c, ctx: "true"),
-    (r"bench/demo_device\.py |bench/demo_experiment\.py analyze ",
-     "the H100's 300-step runs (the script loads and parses its flags: --help)",
+    (r"bench/demo_device\.py |bench/demo_experiment\.py analyze |bench/gpu_experiment\.py ",
+     "a GPU's runs (the script loads and parses its flags: --help; tests/test_gpu_experiment.py runs its dry run)",
      lambda c, ctx: c.split(" ", 2)[0] + " " + c.split(" ", 2)[1] + (" analyze" if " analyze " in c else "") + " --help"),
 ]
 # (pattern, extra, what the command does without it): "error" = exit 3 and one line naming the requirements file;

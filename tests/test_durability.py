@@ -2,6 +2,7 @@
 like the docs test scales train.py: every arm trained and fine-tuned, every point evaluated, and a report whose curve
 holds the points' probe results (checked against an independent scoring and eval.stats). tests/test_docs_commands.py
 leaves that documented command to this test."""
+import functools
 import json
 import pathlib
 import re
@@ -156,7 +157,7 @@ def test_dry_run_plans_every_stage_and_writes_nothing(tmp_path, capsys):
     midtrain = durability.pre_sft_stages(c, 0)["document"]
     init = durability_plan.stand_in(durability.start_model(c, midtrain), durability_plan.load_stage(midtrain),
                                     tmp_path / "stand_in")
-    sched = durability.sample_schedule(c, durability.sft_stage(c, "document", 0, init, 1))
+    sched = durability.sample_schedule(c, functools.partial(durability.sft_stage, c, "document", 0, init))
     sft = rows["document-sft-s0"]
     assert sft[2] == str(sched.steps[-1]) and f"points {[0, *sched.samples]}" in " ".join(sft)
     assert int(rows["preservation-sft-s0"][4]) == round(0.1 * int(rows["preservation-sft-s0"][3]))

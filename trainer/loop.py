@@ -304,7 +304,8 @@ class StepLoop:
         self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
                              run_metadata.build(self.config.model, self.config.mixture, step=self.step,
                                                 tokens_seen=self.tokens_seen, optimizer=self.config.optimizer,
-                                                train_steps=self.config.train.train_steps))
+                                                train_steps=self.config.train.train_steps,
+                                                data_fingerprint=self.setup.data_fingerprint))
         self.last_saved = self.step
 
     def export(self, out_dir: Path) -> Path:

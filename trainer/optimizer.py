@@ -40,6 +40,18 @@ def _schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, rest], [warmup]) if warm is not None else rest
 
 
+def decay_start(config: OptimizerConfig, total_steps: int) -> int:
+    """The first step of the decay phase of a 'warmup_stable_decay' schedule over `total_steps` steps (after its
+    schedule_start): from it the learning rate falls linearly to min_lr_ratio x peak at the last step. Other schedules
+    have no separate decay phase (a cosine decays from the end of its warm-up): ValueError."""
+    if config.schedule != "warmup_stable_decay":
+        raise ValueError(f"OptimizerConfig.schedule={config.schedule!r} has no decay phase of its own; a schedule "
+                         "paired with it needs OptimizerConfig.schedule = 'warmup_stable_decay'")
+    phase = total_steps - config.schedule_start
+    decay = max(int(round(config.decay_fraction * phase)), 1)
+    return config.schedule_start + max(phase - decay, min(config.warmup_steps, phase))
+
+
 def warmup_note(config: OptimizerConfig, total_steps: int) -> str | None:
     """A warning when the run's schedule phase (TRAIN_STEPS - schedule_start steps) is shorter than its warm-up: the
     warm-up is then cut to the phase, so the learning rate only rises and never reaches its peak. None otherwise."""

@@ -151,6 +151,9 @@ class TrainConfig:
     `hardware` up in trainer.metrics.PEAK_FLOPS (or measures this CPU's matmul peak). `async_metrics`: fetch a
     step's metrics (and check its loss) while the next step runs, so the devices never wait for the host; False
     finishes every step before taking the next batch (for debugging and the overlap benchmark).
+    `allow_data_change`: resume even when the corpora's files differ from those the checkpoint was trained on
+    (data.fingerprint: files added, removed, resized or changed), logging what changed; otherwise such a resume is
+    refused (exit 2) naming the changes.
     """
     model_dir: str
     train_steps: int
@@ -170,6 +173,7 @@ class TrainConfig:
     progress_bar: bool = True
     wandb_project: str | None = None
     async_metrics: bool = True
+    allow_data_change: bool = False
 
     def __post_init__(self):
         check_types(self)

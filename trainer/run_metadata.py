@@ -24,7 +24,7 @@ import numpy as np
 
 import exit_codes
 import storage
-from data import tokenize
+from data import fingerprint, tokenize
 from data.config import MixtureConfig
 from models.config import ModelConfig, RopeScaling
 from trainer import optimizer as optimizer_lib
@@ -78,16 +78,20 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen: dict[str, int],
-          optimizer: OptimizerConfig | None = None, train_steps: int | None = None) -> dict[str, Any]:
-    """The JSON-able metadata item saved with every checkpoint (`optimizer` also records `train_steps`)."""
+          optimizer: OptimizerConfig | None = None, train_steps: int | None = None,
+          data_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able metadata item saved with every checkpoint (`optimizer` also records `train_steps`;
+    `data_fingerprint` is data.fingerprint.fingerprint of the mixture, checked by `check_data` on resume)."""
     return {
+        "data_fingerprint": data_fingerprint,
         "optimizer": None if optimizer is None else
         json.loads(json.dumps({**dataclasses.asdict(optimizer), "train_steps": train_steps})),
         "step": int(step),
         "model_config": model_config_to_dict(model),
         "tokenizer_sha256": tokenize.tokenizer_sha256(mixture.tokenizer),
         "mixture": {"components": [c.name for c in mixture.active_components],
-                    "weights": dict(mixture.weights), "seq_len": mixture.seq_len, "batch_size": mixture.batch_size},
+                    "weights": dict(mixture.weights), "stages": [[start, dict(w)] for start, w in mixture.stages],
+                    "seq_len": mixture.seq_len, "batch_size": mixture.batch_size},
         "tokens_seen": {k: int(v) for k, v in tokens_seen.items()},
         "code_version": code_version(),
         "layout": LAYOUT,
@@ -126,12 +130,34 @@ def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
             f"{where} was written by a different run configuration and cannot be resumed:\n  - "
             + "\n  - ".join(problems)
             + "\nUse a new MODEL_DIR, or start a new run from it with --gin.TrainConfig.init_from=<that run dir>.")
-    if saved["mixture"]["weights"] != current["mixture"]["weights"]:  # data.pipeline re-anchors its block grid
-        log.warning("resuming %s with new mixture weights %s (checkpoint: %s); see docs/data.md", where,
-                    current["mixture"]["weights"], saved["mixture"]["weights"])
+    old, new = (schedule(m["mixture"]) for m in (saved, current))
+    if old != new:  # data.pipeline re-anchors its block grid
+        log.warning("resuming %s with new mixture weights %s (checkpoint: %s); see docs/data.md", where, new, old)
     if saved.get("code_version") != current.get("code_version"):
         log.info("resuming %s written by code %s with code %s", where, saved.get("code_version"),
                  current.get("code_version"))
+
+
+def schedule(mixture: dict[str, Any]) -> list[list]:
+    """[[start_step, weights], ...] of a metadata record's mixture, the first at step 0."""
+    return [[0, mixture["weights"]], *mixture.get("stages", [])]
+
+
+def check_data(saved: dict[str, Any], current: dict[str, Any], where: str, allow_change: bool) -> None:
+    """Refuses (CheckpointMismatch, one line) a resume whose corpora differ from the checkpoint's
+    (data.fingerprint.changes), unless `allow_change` (TrainConfig.allow_data_change): then it logs what changed."""
+    if not saved.get("data_fingerprint"):
+        log.info("%s records no data fingerprint: the corpora are not checked against it", where)
+        return
+    changed = fingerprint.changes(saved["data_fingerprint"], current["data_fingerprint"] or {})
+    if not changed:
+        return
+    if allow_change:
+        log.warning("resuming %s on changed data (TrainConfig.allow_data_change): %s", where, "; ".join(changed))
+        return
+    raise CheckpointMismatch(f"{where} was trained on other data: {'; '.join(changed)}. Resuming would continue its "
+                             "data position in other documents; restore the files, or add "
+                             "--gin.TrainConfig.allow_data_change=True if the change is intended")
 
 
 SCHEDULE_FIELDS = ("learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "schedule_start",

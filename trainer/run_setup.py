@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from data import pipeline as data_pipeline
+from data import fingerprint, pipeline as data_pipeline
 from data.config import single_component_mixture
 from data.tokenize import check_vocab
 from models import sharding
@@ -37,6 +37,7 @@ class Setup:
     eval_names: tuple[str, ...]
     eval_batches: list[dict[str, np.ndarray]]
     ckpt: checkpoint.Checkpointer
+    data_fingerprint: dict[str, Any]  # data.fingerprint of the mixture, recorded in every checkpoint
 
     @classmethod
     def create(cls, run: RunConfig) -> "Setup":
@@ -56,9 +57,11 @@ class Setup:
                                        process_count=jax.process_count())
             _log_reads(pipe)
             eval_names, eval_batches = _eval_batches(run)
+            data_fingerprint = fingerprint.fingerprint(run.mixture)
         model_dir = Path(t.model_dir)  # the checkpoint manager's start-up waits for every process: after the vote
         return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
-                   eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model))
+                   eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model),
+                   data_fingerprint=data_fingerprint)
 
 
 def _log_reads(pipe: data_pipeline.Pipeline) -> None:
@@ -128,11 +131,12 @@ def initial_state(setup: Setup, run: RunConfig, program: program_lib.Program
     ckpt, mesh, names = setup.ckpt, setup.mesh, setup.pipe.component_names
     tokens_seen = {n: 0 for n in names}
     current = run_metadata.build(run.model, run.mixture, step=0, tokens_seen=tokens_seen, optimizer=run.optimizer,
-                                 train_steps=run.train.train_steps)
+                                 train_steps=run.train.train_steps, data_fingerprint=setup.data_fingerprint)
 
     def check(saved: dict[str, Any], step: int) -> None:
         run_metadata.check(saved, current, f"{ckpt.directory}/{step}")
         run_metadata.check_optimizer(saved, current, step, f"{ckpt.directory}/{step}")
+        run_metadata.check_data(saved, current, f"{ckpt.directory}/{step}", run.train.allow_data_change)
 
     resumed = ckpt.restore_resumable(program.abstract_state, mesh, setup.pipe.iterator, check)
     if resumed is not None:
