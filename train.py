@@ -63,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: --distributed: jax.distributed.initialize({given}) failed: {e}", file=sys.stderr)
             return 2
     run.mixture.check_run(jax.process_count())  # before MODEL_DIR is touched: a share the run's rows cannot hold
+    probe_scorer = None
+    if run.train.probe_sets:  # read now, scored in the loop by eval's scorer (trainer/ does not import eval/)
+        from eval import live_probes
+
+        probe_scorer = live_probes.read_sets(run.train).scorer
     from data.mixture import ComponentExhausted
     from trainer import checkpoint, consensus, export, loop, run_lock, run_metadata
 
     try:
-        summary = loop.train(run)
+        summary = loop.train(run, probe_scorer=probe_scorer)
     except (loop.NonFiniteLoss, ComponentExhausted, consensus.OtherProcessFailed) as e:  # last checkpoint kept as is
         print(f"train.py: {e}", file=sys.stderr)
         return 1
