@@ -119,12 +119,10 @@ def stages(c: Config, scratch: pathlib.Path) -> tuple[list[StagePlan], list[esti
             init = durability.start_model(c, stage)
             if stage is not None:
                 init = stand_in(init, written[stage.name], scratch)
-            probe = durability.sft_stage(c, arm, seed, init, 1)
             try:
-                sched = durability.sample_schedule(c, probe)
+                sft, sched = durability.scheduled_sft_stage(c, arm, seed, init)
             except ValueError as e:  # the stage's mixture cannot be built (e.g. a share below one row per block)
-                raise ValueError(f"stage {probe.name}: {e}") from None
-            sft = dataclasses.replace(probe, train_steps=sched.steps[-1])
+                raise ValueError(f"stage {arm}-sft-s{seed}: {e}") from None
             run = load_stage(sft)
             share = run.mixture.weights.get("synthetic", 0.0)
             epochs = {"conversations": sched.epochs["sft"]} | (
