@@ -44,7 +44,7 @@ def documented(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     out = tmp / "out"
     config = scaled_doc_file(out, tmp / "durability.toml")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # the train.py subprocesses
+        patch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the train.py subprocesses
         assert durability.main([str(config)]) == 0
     return config, out
 
@@ -90,10 +90,10 @@ def test_documented_durability_run_produces_its_curve(documented, capsys):
     by = {(r["arm"], r["point"]): r for r in rows if r["set"] == welfare}
     last = npoints["document"] - 1
     # Point 0 of the base arm is the demo's share-0 midtraining run (the model trains from scratch), scored
-    # independently here on one device: the in-loop score (the SFT run's two devices) agrees to float summation order.
+    # independently here, on one device as the SFT run scored it in the loop.
     read = c.eval.read_sets()
     base_margins = probes.score_model(out / "runs" / "base-midtrain-s0", [read[welfare], read["control"]])
-    assert by[("base", 0)]["margin"] == pytest.approx(base_margins[0].mean(), abs=1e-5)
+    assert by[("base", 0)]["margin"] == base_margins[0].mean()
     assert by[("base", 0)]["samples"] == 0
     assert by[("document", last)]["samples"] == schedules["document-sft-s0"]["samples"][-1]
     # The document arm after SFT against the base arm after the same SFT, minus the neutral shift, Bonferroni over
@@ -142,8 +142,8 @@ def test_documented_durability_run_produces_its_curve(documented, capsys):
 def test_in_loop_points_give_the_curve_of_export_points_without_their_disk(documented, tmp_path, monkeypatch,
                                                                            capsys):
     """`[sft] points = "exports"` (what ANIMA needs): the same arms, seeds and SFT runs, each point an HF export
-    scored by eval.probes. The curve is the in-loop one up to float summation order (the runs score on two devices,
-    the exports are scored on one); the in-loop SFT runs write no export."""
+    scored by eval.probes. On one device, as here, the curve is the in-loop one exactly (float32 exports, the SFT
+    runs' float32 compute); the in-loop SFT runs write no export."""
     config, out = documented
     exports = tmp_path / "out"
     for run in (out / "runs").iterdir():  # the same stages before the SFT: finished, so skipped
@@ -153,16 +153,12 @@ def test_in_loop_points_give_the_curve_of_export_points_without_their_disk(docum
     text = config.read_text().replace(repr(str(out)), repr(str(exports)))
     assert 'points = "in_loop"' in text
     (tmp_path / "exports.toml").write_text(text.replace('points = "in_loop"', 'points = "exports"'))
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # the train.py subprocesses
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the train.py subprocesses
     assert durability.main([str(tmp_path / "exports.toml")]) == 0
     assert capsys.readouterr().out.count("finished, skipped") == 4
     in_loop = json.loads((out / "report" / "durability.json").read_text())
     exported = json.loads((exports / "report" / "durability.json").read_text())
-    assert [(r["arm"], r["point"], r["set"], r["samples"]) for r in in_loop] == \
-        [(r["arm"], r["point"], r["set"], r["samples"]) for r in exported]
-    for a, b in zip(in_loop, exported):
-        assert a["margin"] == pytest.approx(b["margin"], abs=1e-5), (a, b)
-        assert a.get("vs_base", 0.0) == pytest.approx(b.get("vs_base", 0.0), abs=1e-5), (a, b)
+    assert in_loop == exported
     assert all((run / "exports").is_dir() for run in (exports / "runs").glob("*-sft-s0"))
     print(f"general SFT runs on disk: in-loop points {sft_disk(out):,} bytes, export points {sft_disk(exports):,} "
           "bytes")
