@@ -82,11 +82,15 @@ def train(args: argparse.Namespace, cluster: dict, argv: list[str] | None) -> in
     processes = 1
     if args.distributed:
         processes = join(cluster, args.failure_timeout)
-    run, error = None, None
+    run, error, probe_scorer = None, None, None
     try:
         run = config.load(args.gin_file, args.gin_bindings, args.gin_search_paths)
         run.mixture.check_run(processes)  # a share the run's rows cannot hold, before MODEL_DIR is touched
         check_model_dir(run.model_dir)
+        if run.train.probe_sets:  # read now, scored in the loop by eval's scorer (trainer/ does not import eval/)
+            from eval import live_probes
+
+            probe_scorer = live_probes.read_sets(run.train).scorer
     except (config.ConfigError, OSError, ValueError) as e:
         error = e
     import jax
@@ -101,7 +105,7 @@ def train(args: argparse.Namespace, cluster: dict, argv: list[str] | None) -> in
         raise error
     from trainer import loop
 
-    summary = loop.train(run)
+    summary = loop.train(run, probe_scorer=probe_scorer)
     if jax.process_index() == 0:
         print(format_summary(summary, argv if argv is not None else sys.argv[1:]))
         if summary.step > run.train_steps:

@@ -10,7 +10,8 @@ saved beside each checkpoint (docs/eval.md): MODEL_DIR/eval/<step>/{probes-*.jso
 the periodic exports MODEL_DIR/exports/<step>, MODEL_DIR/eval/exports/<step>/; for the final export MODEL_DIR/hf,
 MODEL_DIR/eval/hf/. It writes DIR/report.csv and DIR/report.json (one row per run x checkpoint) and PNG plots:
 probe score and held-out loss against step (one line per run) and against the mixture share of `--share_component`
-across runs (final checkpoints), with 95% CIs.
+across runs (final checkpoints), with 95% CIs, and, for runs that scored probes in the loop (TrainConfig.probe_sets,
+MODEL_DIR/probes.jsonl), each set's margin and its shift minus the control set's against step 0, at every scored step.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 import storage
-from eval import loading
+from eval import loading, stats
 from trainer import metrics_file
 
 PROBE_PREFIX = "probes-"
@@ -179,6 +182,33 @@ def collect(run_dirs: Sequence[storage.PathLike], share_component: str) -> list[
     return rows
 
 
+def in_loop_panels(run_dirs: Sequence[storage.PathLike], n_boot: int = stats.DEFAULT_RESAMPLES
+                   ) -> dict[str, dict[str, list[list[float]]]]:
+    """{panel: {run: [[step, y, lo, hi], ...]}} of the runs' in-loop probes (MODEL_DIR/probes.jsonl): each set's mean
+    margin, and each value set's shift minus the control set's shift against step 0, with 95% bootstrap CIs over the
+    pairs (eval.stats, as eval.probes computes them for a checkpoint)."""
+    from trainer import probes_in_loop
+
+    panels: dict[str, dict[str, list[list[float]]]] = {}
+    for run in run_dirs:
+        run_dir = storage.absolute(run)
+        records = probes_in_loop.read(run_dir)
+        start = next((r for r in records if r["step"] == 0), None)
+        for r in records:
+            for name, margins in r["margins"].items():
+                s = stats.summarize(np.asarray(margins), n_boot=n_boot)
+                panels.setdefault(f"margin (in loop): {name} (nats/token)", {}).setdefault(run_dir.name, []).append(
+                    [float(r["step"]), s["margin"], *s["ci95"]["margin"]])
+                control = r.get("control")
+                if start is None or control is None or name == control or name not in start["margins"]:
+                    continue
+                d = stats.shift_minus_control(*(np.asarray(m) for m in (
+                    margins, start["margins"][name], r["margins"][control], start["margins"][control])), n_boot=n_boot)
+                panels.setdefault(f"shift - control shift vs step 0 (in loop): {name}", {}).setdefault(
+                    run_dir.name, []).append([float(r["step"]), d["difference"], *d["difference_ci95"]])
+    return panels
+
+
 def write_table(rows: list[dict[str, Any]], out_dir: storage.PathLike, name: str = "report"
                 ) -> tuple[storage.Path, storage.Path]:
     """out_dir/<name>.csv (columns in first-seen order, blank where a row has no value) and out_dir/<name>.json."""
@@ -196,11 +226,14 @@ def write_table(rows: list[dict[str, Any]], out_dir: storage.PathLike, name: str
     return csv_path, json_path
 
 
-def missing_data(rows: list[dict[str, Any]], plotted: dict[str, dict], out: storage.Path) -> list[str]:
-    """What the report lacks: probe results in every run, and data in each plot."""
+def missing_data(rows: list[dict[str, Any]], plotted: dict[str, dict], out: storage.Path,
+                 in_loop: Sequence[str] = ()) -> list[str]:
+    """What the report lacks: probe results in every run (saved beside a checkpoint or scored in the loop: the runs
+    `in_loop`), and data in each plot."""
     warnings = []
-    without = sorted({r["run"] for r in rows} - {r["run"] for r in rows if any(k.startswith("probe/") for k in r)})
-    if without or not rows:
+    without = sorted({r["run"] for r in rows} - {r["run"] for r in rows if any(k.startswith("probe/") for k in r)}
+                     - set(in_loop))
+    if without or not (rows or in_loop):
         warnings.append(f"no probe results for {', '.join(without) or 'any run'}; run `python -m eval.probes --model "
                         "RUN --pairs FILE` first (results are saved beside each checkpoint, docs/eval.md)")
     warnings += [f"{out / name} has no data to plot" for name, panels in plotted.items() if not panels]
@@ -229,11 +262,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "vs_share.png": plots.against_share(rows, args.share_component, out / "vs_share.png"),
         "training_loss.png": plots.training_curves(curves, out / "training_loss.png"),
     }
+    in_loop = in_loop_panels(args.run_dirs)
+    if in_loop:
+        plots.draw(in_loop, "step", out / "in_loop_probes.png", lines=True, integer_x=True)
+        drawn["in_loop_probes.png"] = in_loop
     plotted = {name: panels for name, panels in drawn.items() if panels is not None}
     (out / "plots.json").write_text(json.dumps(plotted, indent=2) + "\n")
     warnings = [f"{out / name} not drawn: every run plotted has the same {args.share_component!r} share (one value "
                 "on its x axis)" for name, panels in drawn.items() if panels is None]
-    for warning in warnings + missing_data(rows, plotted, out):
+    probed = [run for series in in_loop.values() for run in series]
+    for warning in warnings + missing_data(rows, plotted, out, probed):
         print(f"python -m eval.report: warning: {warning}", file=sys.stderr)
     print(f"{len(rows)} rows -> {csv_path}, {json_path}; plots: {', '.join(str(out / k) for k in plotted)}")
     return {"rows": rows, "plots": plotted}

@@ -11,6 +11,7 @@ calls of at most `batch_size` rows, so a probe set compiles one shape.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -145,36 +146,72 @@ def token_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> np.ndarra
     return np.asarray(_token_logprobs(graphdef, state, *(jnp.asarray(batch[k]) for k in _INPUTS)))
 
 
-def continuation_scores(model: nnx.Module, max_len: int, encoded: Sequence[tuple[list[int], int]],
-                        batch_size: int) -> np.ndarray:
-    """Mean log-prob per continuation token of each encoded (prompt + continuation ids, prompt length)
-    -> `[len(encoded)]` float64. Items with the same prompt ids share one prompt pass; at most `batch_size` rows (each
-    packing several items) run per call."""
+def global_token_logprobs(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, np.ndarray],
+                          mesh: jax.sharding.Mesh) -> np.ndarray:
+    """`token_logprobs` of the model `nnx.merge(graphdef, params)` whose parameters are global arrays on `mesh`
+    (a training state's, on every process of a pod). Every process passes the same `batch`; it is replicated on the
+    mesh, every process takes part in the computation and gets the whole result."""
+    from jax.experimental import multihost_utils
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    inputs = [jax.make_array_from_callback(batch[k].shape, replicated, lambda index, a=batch[k]: a[index])
+              for k in _INPUTS]
+    return np.asarray(multihost_utils.process_allgather(_token_logprobs(graphdef, params, *inputs), tiled=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Encoded items packed into calls of one shape. `batches`: the `pack_rows` batch of each call; `rows`: per call,
+    the group indices of each row; `members`: per group, the indices of its items (in the encoded list)."""
+    batches: list[dict[str, np.ndarray]]
+    rows: list[list[list[int]]]
+    members: list[list[int]]
+    num_items: int
+
+    def scores(self, logps: Sequence[np.ndarray]) -> np.ndarray:
+        """Mean log-prob per continuation token of each item `[num_items]` float64, from the `token_logprobs` of
+        every call, in order."""
+        scores = np.zeros(self.num_items, np.float64)
+        for batch, call, logp in zip(self.batches, self.rows, logps, strict=True):
+            # Sum each continuation's slots: segment ids tell continuations apart within a pass's row.
+            for row, group_ids in enumerate(call):
+                for segment, g in enumerate(group_ids, start=1):
+                    for k, i in enumerate(self.members[g]):
+                        mine = batch["continuation_segments"][k, row] == segment
+                        scores[i] = logp[k, row, mine].sum() / mine.sum()
+        return scores
+
+
+def plan(encoded: Sequence[tuple[list[int], int]], max_len: int, batch_size: int, window: int | None = None) -> Plan:
+    """Packs encoded (prompt + continuation ids, prompt length) items: items with the same prompt ids share one
+    prompt pass; at most `batch_size` rows (each packing several items) per call, every call the same shape.
+    `max_len`: the model's positions; `window`: its sliding window, if any."""
     if not encoded:
-        return np.zeros(0)
+        raise ValueError("no items to score")
     longest = max(len(ids) for ids, _ in encoded)
     if longest > max_len:
         raise ValueError(f"a probe sequence has {longest} tokens, more than the model's {max_len} positions")
-    members: dict[tuple[int, ...], list[int]] = {}
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, (ids, n_context) in enumerate(encoded):
         if n_context < 1 or n_context >= len(ids):
             raise ValueError(f"item {i}: needs at least one prompt token and one continuation token")
-        members.setdefault(tuple(ids[:n_context]), []).append(i)
-    prompts = list(members)
-    groups = [(p, [encoded[i][0][len(p):] for i in members[p]]) for p in prompts]
-    prompt_width, continuation_width = row_widths(groups, model.config.sliding_window)
+        by_prompt.setdefault(tuple(ids[:n_context]), []).append(i)
+    members = list(by_prompt.values())
+    groups = [(p, [encoded[i][0][len(p):] for i in items]) for p, items in by_prompt.items()]
+    prompt_width, continuation_width = row_widths(groups, window)
     rows = plan_rows(groups, prompt_width, continuation_width)
-    passes = max(len(items) for items in members.values())
-    scores = np.zeros(len(encoded), np.float64)
+    passes = max(len(items) for items in members)
     num_rows = -(-len(rows) // -(-len(rows) // batch_size))  # the fewest calls, rows spread evenly: one shape
-    for start in range(0, len(rows), num_rows):
-        call = rows[start: start + num_rows]
-        batch = pack_rows(groups, call, num_rows, prompt_width, continuation_width, passes)
-        logp = token_logprobs(model, batch)
-        # Sum each continuation's slots: segment ids tell continuations apart within a pass's row.
-        for row, group_ids in enumerate(call):
-            for segment, g in enumerate(group_ids, start=1):
-                for k, i in enumerate(members[prompts[g]]):
-                    mine = batch["continuation_segments"][k, row] == segment
-                    scores[i] = logp[k, row, mine].sum() / mine.sum()
-    return scores
+    calls = [rows[start: start + num_rows] for start in range(0, len(rows), num_rows)]
+    return Plan([pack_rows(groups, call, num_rows, prompt_width, continuation_width, passes) for call in calls],
+                calls, members, len(encoded))
+
+
+def continuation_scores(model: nnx.Module, max_len: int, encoded: Sequence[tuple[list[int], int]],
+                        batch_size: int) -> np.ndarray:
+    """Mean log-prob per continuation token of each encoded (prompt + continuation ids, prompt length)
+    -> `[len(encoded)]` float64 (`plan`, then one `token_logprobs` per call)."""
+    if not encoded:
+        return np.zeros(0)
+    packed = plan(encoded, max_len, batch_size, model.config.sliding_window)
+    return packed.scores([token_logprobs(model, batch) for batch in packed.batches])

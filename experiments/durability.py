@@ -15,12 +15,16 @@ Arms (each with every seed of the file):
   is [(start step, {'sft': 1 - p, 'synthetic': p}), ...], from `preservation_share` = p (the whole SFT) or
   [[fraction, p], ...] (from that fraction of the SFT's steps on p, the first at 0.0; [[0.0, 0.1], [0.5, 0.0]]
   keeps 10% documents in the first half only).
-Then every arm is fine-tuned on the general instruction data (`[sft]`). HF exports every `eval_every` samples
+Then every arm is fine-tuned on the general instruction data (`[sft]`), its probes scored every `eval_every` samples
 (converted to steps by replaying the SFT data pipeline, which counts the conversations each step starts; the curve's
-x values are the base arm's measured counts at each point) are scored with the probes (eval.probes): parameters only, in the stage's
-CheckpointConfig.export_dtype, while train.py keeps its usual latest checkpoints to resume from. The report plots each
-arm's margin and its shift against the base arm at the same point (paired by seed, minus the neutral set's shift)
-against SFT samples, with CIs. Finished stages are skipped and interrupted ones resume, as in sweep.py.
+x values are the base arm's measured counts at each point) and at its start. By default the points are the SFT run's
+in-loop probes (TrainConfig.probe_sets, trainer.probes_in_loop: the live parameters, no export, no disk); with
+`[sft] points = "exports"` each point is an HF export (parameters only, in the stage's CheckpointConfig.export_dtype)
+scored by eval.probes, as ANIMA (`[eval] anima_grader`) needs. With `[midtrain] probe_every`, the stages before the
+SFT (midtraining, the QA tuning) log in-loop probes too, so each arm's margin is followed from its base model through
+midtraining and SFT. The report plots each arm's margin and its shift against the base arm at the same point (paired
+by seed, minus the neutral set's shift) against SFT samples, with CIs, and the in-loop margins against training
+steps. Finished stages are skipped and interrupted ones resume, as in sweep.py.
 """
 from __future__ import annotations
 
@@ -44,8 +48,10 @@ from experiments.settings import SettingsError, Table, read
 
 TOP_KEYS = ("out_dir", "seeds", "midtrain", "instruction", "sft", "eval")
 MIDTRAIN_KEYS = ("gin_file", "gin", "train_steps", "share", "share_component", "replay_component", "corpus_macro",
-                 "document_corpus", "control_corpus", "base_model")
-STAGE_KEYS = ("gin_file", "gin", "train_steps", "data", "format", "samples", "eval_every", "preservation_share")
+                 "document_corpus", "control_corpus", "base_model", "probe_every")
+STAGE_KEYS = ("gin_file", "gin", "train_steps", "data", "format", "samples", "eval_every", "preservation_share",
+              "points")
+POINTS = ("in_loop", "exports")
 ARMS = ("base", "document", "control", "instruction", "preservation")
 
 
@@ -79,6 +85,11 @@ class Config:
     def arms(self) -> tuple[str, ...]:
         return ARMS if any(p > 0 for _, p in self.preservation) else ARMS[:-1]
 
+    @property
+    def in_loop(self) -> bool:
+        """The SFT curve's points are in-loop probes (no exports)."""
+        return self.sft.get("points", str, "in_loop") == "in_loop"
+
     def run_dir(self, name: str) -> storage.Path:
         return self.out_dir / "runs" / name
 
@@ -96,10 +107,17 @@ def load(path: str | pathlib.Path) -> Config:
     samples, every = sft.get("samples", int), sft.get("eval_every", int)
     if not 0 < every <= samples:
         raise SettingsError(f"{path} [sft]: need 0 < eval_every <= samples, got {every} and {samples}")
+    if sft.get("points", str, "in_loop") not in POINTS:
+        raise SettingsError(f"{path} [sft]: `points` must be one of {list(POINTS)}, got {sft.get('points', str)!r}")
+    if mid.get("probe_every", int, 1) < 1:
+        raise SettingsError(f"{path} [midtrain]: `probe_every` must be >= 1")
     folder = out_dir / "corpora"
     resolve = lambda t, key: corpora.resolve(t.get(key, (str, dict)), folder, f"{t.where} `{key}`")  # noqa: E731
     seeds = top.get_list("seeds", int, nonempty=True)
-    return Config(path, out_dir, tuple(seeds), mid, ins, sft, settings(top.table("eval")),
+    evaluation = settings(top.table("eval"))
+    if evaluation.anima_grader and sft.get("points", str, "in_loop") == "in_loop":
+        raise SettingsError(f"{path}: [eval] anima_grader scores HF exports; set [sft] points = \"exports\"")
+    return Config(path, out_dir, tuple(seeds), mid, ins, sft, evaluation,
                   resolve(mid, "document_corpus"), resolve(mid, "control_corpus"), resolve(ins, "data"),
                   resolve(sft, "data"), preservation)
 
@@ -137,7 +155,13 @@ def _midtrain_stage(c: Config, arm: str, seed: int) -> Stage:
     if base:
         bindings.append(f"INIT_FROM = {base!r}")
     return Stage(f"{arm}-midtrain-s{seed}", tuple(m.get_list("gin_file", str, nonempty=True)),
-                 tuple(m.get_list("gin", str, []) + bindings), m.get("train_steps", int))
+                 tuple(m.get_list("gin", str, []) + bindings) + _pre_sft_probes(c), m.get("train_steps", int))
+
+
+def _pre_sft_probes(c: Config) -> tuple[str, ...]:
+    """In-loop probe bindings of the stages before the general SFT (`[midtrain] probe_every`; none without it)."""
+    every = c.midtrain.get("probe_every", int, 0)
+    return c.eval.probe_bindings(every) if every else ()
 
 
 def _sft_stage(c: Config, table: Table, name: str, init: str, data: storage.Path, steps: int,
@@ -148,12 +172,15 @@ def _sft_stage(c: Config, table: Table, name: str, init: str, data: storage.Path
                  tuple(table.get_list("gin", str, [])) + bindings + extra, steps, init)
 
 
-def _job(c: Config, s: Stage, eval_every: int | None = None) -> runner.Job:
+def _job(c: Config, s: Stage, eval_every: int | None = None, *, export: bool = True) -> runner.Job:
+    """export: the stage ends with an HF export (an SFT stage with in-loop points has none)."""
     args = [f"--gin_file={f}" for f in s.gin_files] + [f"--gin_bindings={b}" for b in s.bindings]
     args += [f"--gin_bindings=MODEL_DIR = {str(c.run_dir(s.name))!r}", f"--gin_bindings=TRAIN_STEPS = {s.train_steps}"]
     if eval_every:  # an HF export at every evaluation point; checkpoints (full train states) only to resume from
         args.append(f"--gin_bindings=CheckpointConfig.export_every = {eval_every}")
-    return runner.Job(s.name, c.run_dir(s.name), s.train_steps, tuple(args))
+    if not export:
+        args.append("--gin_bindings=CheckpointConfig.export_at_end = False")
+    return runner.Job(s.name, c.run_dir(s.name), s.train_steps, tuple(args), export=export)
 
 
 def _hf(c: Config, name: str) -> str:
@@ -217,10 +244,18 @@ def pre_sft_stages(c: Config, seed: int) -> dict[str, Stage | None]:
                                        "control": _midtrain_stage(c, "control", seed)}
     base_init = base_model or _hf(c, stages["base"].name)
     stages["instruction"] = _sft_stage(c, c.instruction, f"instruction-qa-s{seed}", base_init, c.qa,
-                                       c.instruction.get("train_steps", int), (f"SEED = {seed}",))
+                                       c.instruction.get("train_steps", int), (f"SEED = {seed}", *_pre_sft_probes(c)))
     if "preservation" in c.arms:
         stages["preservation"] = stages["document"]
     return stages
+
+
+def history(c: Config, arm: str, seed: int) -> list[tuple[str, int]]:
+    """(run name, steps) of every stage that trained an arm's model, in order, its general SFT last (its steps not
+    needed: nothing comes after it): the base arm's midtraining comes before the instruction arm's QA tuning."""
+    pre = pre_sft_stages(c, seed)
+    chain = {"instruction": [pre["base"], pre["instruction"]]}.get(arm, [pre[arm]])
+    return [(s.name, s.train_steps) for s in chain if s is not None] + [(f"{arm}-sft-s{seed}", 0)]
 
 
 def start_model(c: Config, stage: Stage | None) -> str:
@@ -238,9 +273,26 @@ def sft_stage(c: Config, arm: str, seed: int, init: str, steps: int) -> Stage:
     return _sft_stage(c, c.sft, f"{arm}-sft-s{seed}", init, c.sft_data, steps, extra, files)
 
 
+def scheduled_sft_stage(c: Config, arm: str, seed: int, init: str) -> tuple[Stage, SampleSchedule]:
+    """An arm's general SFT stage, run to its last evaluation point, and its schedule; with in-loop points the stage
+    scores the probes at its start and at every point."""
+    make = functools.partial(sft_stage, c, arm, seed, init)
+    sched = sample_schedule(c, make)
+    stage = make(sched.steps[-1])
+    probes = c.eval.probe_bindings(sched.steps_per_eval) if c.in_loop else ()
+    return dataclasses.replace(stage, bindings=stage.bindings + probes), sched
+
+
+@dataclasses.dataclass(frozen=True)
+class InLoopPoint:
+    """A curve point scored in the loop: the probes.jsonl record of `step` in `run_dir` (trainer.probes_in_loop)."""
+    run_dir: storage.Path
+    step: int
+
+
 def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
     """Trains every stage that is not finished, returns {"status", "points", "schedules"}: points[arm][seed] =
-    [(samples, HF folder, cache key), ...], samples 0 being the arm before SFT."""
+    [(samples, HF folder or InLoopPoint, cache key), ...], samples 0 being the arm before SFT."""
     pre = {seed: pre_sft_stages(c, seed) for seed in c.seeds}
     status: dict[str, dict] = {}
     midtrain = {s.name: s for seed in c.seeds for arm, s in pre[seed].items() if s and arm != "instruction"}
@@ -255,13 +307,16 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
             if stage is not None and status.get(stage.name, {}).get("status") != "done":
                 status[f"{arm}-sft-s{seed}"] = {"status": f"not run ({stage.name} did not finish)"}
                 continue
-            make = functools.partial(sft_stage, c, arm, seed, init)
-            sched = sample_schedule(c, make)
+            stage_sft, sched = scheduled_sft_stage(c, arm, seed, init)
             per_eval, steps, samples = sched.steps_per_eval, sched.steps, sched.samples
-            stage_sft = make(steps[-1])
             schedules[stage_sft.name] = {"steps_per_eval": per_eval, "steps": steps, "samples": samples}
-            sft_jobs.append(_job(c, stage_sft, eval_every=per_eval))
             run_dir = c.run_dir(stage_sft.name)
+            if c.in_loop:
+                sft_jobs.append(_job(c, stage_sft, export=False))
+                points[arm][seed] = [(n, InLoopPoint(run_dir, step), f"{stage_sft.name}-{step}")
+                                     for step, n in zip([0, *steps], [0, *samples])]
+                continue
+            sft_jobs.append(_job(c, stage_sft, eval_every=per_eval))
             folder = lambda step: run_dir / (f"exports/{step}" if step % per_eval == 0 else "hf")  # noqa: E731
             points[arm][seed] = [(0, storage.Path(init), f"{arm}-before-s{seed}")] + \
                 [(n, folder(step), f"{stage_sft.name}-{step}") for step, n in zip(steps, samples)]
@@ -270,9 +325,12 @@ def run(c: Config, launcher: str | None = None) -> dict[str, Any]:
     return {"status": status, "points": points, "schedules": schedules}
 
 
-def _finished(c: Config, folder: storage.Path, status: dict[str, dict]) -> bool:
-    """A point counts once the stage that wrote it finished: an export of a stage that stopped (e.g. on a non-finite
-    loss) may hold parameters no finite loss came from. Folders outside the runs (the base model) count as they are."""
+def _finished(c: Config, folder: storage.Path | InLoopPoint, status: dict[str, dict]) -> bool:
+    """A point counts once the stage that wrote it finished: an export (or in-loop record) of a stage that stopped
+    (e.g. on a non-finite loss) may hold parameters no finite loss came from. Folders outside the runs (the base
+    model) count as they are."""
+    if isinstance(folder, InLoopPoint):
+        return status.get(folder.run_dir.name, {}).get("status") == "done"
     runs = c.out_dir / "runs"
     if not folder.is_relative_to(runs):
         return folder.exists()
@@ -281,16 +339,26 @@ def _finished(c: Config, folder: storage.Path, status: dict[str, dict]) -> bool:
 
 def evaluate_points(c: Config, points: dict[str, dict[int, list]], s: EvalSettings, status: dict[str, dict]
                     ) -> dict[str, dict[int, list[tuple[int, dict]]]]:
-    """Probe margins of every point of a finished stage: {arm: {seed: [(samples, margins by set), ...]}}."""
+    """Probe margins of every point of a finished stage: {arm: {seed: [(samples, margins by set), ...]}}, read from
+    the SFT runs' probes.jsonl (in-loop points) or scored from the exports."""
+    from trainer import probes_in_loop
+
     out: dict[str, dict[int, list]] = {}
     for arm, seeds in points.items():
         for seed, pts in seeds.items():
             for samples, folder, key in pts:
                 if not _finished(c, folder, status):
                     continue
-                print(f"evaluating {arm} seed {seed} at {samples} SFT samples", flush=True)
-                result = evaluate(folder, s, c.out_dir / "eval" / f"{key}.json")
-                out.setdefault(arm, {}).setdefault(seed, []).append((samples, result["margins"]))
+                if isinstance(folder, InLoopPoint):
+                    record = {r["step"]: r for r in probes_in_loop.read(folder.run_dir)}.get(folder.step)
+                    where = f"{folder.run_dir / probes_in_loop.FILE} step {folder.step}"
+                    if record is None:
+                        raise ValueError(f"{where}: no in-loop probe record (the run finished without it)")
+                    margins = s.in_loop_margins(record, where)
+                else:
+                    print(f"evaluating {arm} seed {seed} at {samples} SFT samples", flush=True)
+                    margins = evaluate(folder, s, c.out_dir / "eval" / f"{key}.json")["margins"]
+                out.setdefault(arm, {}).setdefault(seed, []).append((samples, margins))
     return out
 
 

@@ -10,7 +10,6 @@ stage (durability.sample_schedule), with the tokenizer the export will carry.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from typing import Any
 
@@ -120,12 +119,10 @@ def stages(c: Config, scratch: storage.Path) -> tuple[list[StagePlan], list[esti
             init = durability.start_model(c, stage)
             if stage is not None:
                 init = stand_in(init, written[stage.name], scratch)
-            make = functools.partial(durability.sft_stage, c, arm, seed, init)
             try:
-                sched = durability.sample_schedule(c, make)
+                sft, sched = durability.scheduled_sft_stage(c, arm, seed, init)
             except ValueError as e:  # the stage's mixture cannot be built (e.g. a share below one row per block)
-                raise ValueError(f"stage {make(1).name}: {e}") from None
-            sft = make(sched.steps[-1])
+                raise ValueError(f"stage {arm}-sft-s{seed}: {e}") from None
             run = load_stage(sft)
             synthetic = sweep_plan.stage_tokens(list(run.mixture.weight_schedule()), "synthetic", sft.train_steps,
                                                 _tokens(run, 1))

@@ -1,6 +1,7 @@
 """The durability report: decay curves (each arm's probe margin, and its shift against the base arm at the same point
-minus the neutral set's shift) against SFT samples, with 95% CIs; a table of every arm x point x probe set (points
-that could not be evaluated are listed as missing); report.md with the number of comparisons and the correction."""
+minus the neutral set's shift) against SFT samples, with 95% CIs; each arm's in-loop probe margin over its training
+steps (midtraining, then SFT); a table of every arm x point x probe set (points that could not be evaluated are
+listed as missing); report.md with the number of comparisons and the correction."""
 from __future__ import annotations
 
 import json
@@ -81,6 +82,36 @@ def curve_panels(table: list[dict[str, Any]], has_control: bool) -> dict[str, pl
     return {t: {a: sorted(p) for a, p in series.items()} for t, series in panels.items()}
 
 
+def training_panels(c, s: EvalSettings, status: Mapping[str, Mapping]) -> dict[str, plots.Series]:
+    """{panel: {arm: [[step, margin, lo, hi], ...]}}: each value set's in-loop margin (trainer.probes_in_loop) over
+    the steps of every stage that trained the arm (durability.history: midtraining or QA tuning, then the general
+    SFT, one x axis), mean over seeds with the two-level bootstrap CI. A stage's step 0 is left out when the stage
+    before it was probed (its last step holds the same parameters). Stages that did not finish are left out."""
+    from experiments import durability
+    from trainer import probes_in_loop
+
+    sets = s.read_sets()
+    by_x: dict[str, dict[float, dict[int, dict]]] = {}
+    for arm in c.arms:
+        for seed in c.seeds:
+            offset, probed = 0, False
+            for name, steps in durability.history(c, arm, seed):
+                records = probes_in_loop.read(c.run_dir(name)) if status.get(name, {}).get("status") == "done" else []
+                for r in records:
+                    if r["step"] > 0 or not probed:
+                        margins = s.in_loop_margins(r, f"{c.run_dir(name) / probes_in_loop.FILE} step {r['step']}")
+                        by_x.setdefault(arm, {}).setdefault(float(offset + r["step"]), {})[seed] = margins
+                offset, probed = offset + steps, bool(records)
+    panels: dict[str, plots.Series] = {}
+    for name in s.set_names:
+        series = {arm: [[x, summary["margin"], *summary["margin_ci95"]] for x, runs in sorted(points.items())
+                        if (summary := compare.arm_summary(sets[name], runs, name, s.bootstrap))]
+                  for arm, points in by_x.items()}
+        if series:
+            panels[f"in-loop margin: {name} (nats/token)"] = series
+    return panels
+
+
 def write(c, planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Mapping[int, list]],
           status: Mapping[str, Mapping], s: EvalSettings, out: storage.Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +120,13 @@ def write(c, planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Ma
     panels = curve_panels(table, s.control_pairs is not None)
     plots.draw(panels, "general SFT samples (the base arm's count at each point)", out / "curve.png", lines=True,
                integer_x=True, dodge=True)
-    (out / "plots.json").write_text(json.dumps({"curve.png": panels}, indent=2) + "\n")
+    figures = {"curve.png": panels}
+    training = training_panels(c, s, status)
+    if training:
+        plots.draw(training, "training steps (midtraining or QA tuning, then the general SFT)", out / "training.png",
+                   lines=True, integer_x=True)
+        figures["training.png"] = training
+    (out / "plots.json").write_text(json.dumps(figures, indent=2) + "\n")
     note = compare.family_note(family, s.set_names, level)
 
     def fmt(r: dict, key: str, lo: str, hi: str) -> str:

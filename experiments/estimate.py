@@ -114,9 +114,9 @@ def from_metrics(run_dirs: Sequence[pathlib.Path]) -> StepTime | None:
                                                          "in the experiment's folder")
 
 
-def measure(run: Any, steps: int = MEASURE_STEPS) -> StepTime:
-    """Times `run`'s train step here: compile, then `steps` + 1 steps of a randomly initialised model on a batch of
-    random tokens of the run's shape; the step time is the median of the steps after the first."""
+def random_step_inputs(run: Any) -> tuple[Any, Any, Any, Any]:
+    """(mesh, program, state, global batch) of `run`: a randomly initialised state and a batch of random tokens of
+    the run's shape, for timing its train step (the values do not change its time)."""
     import jax
     import numpy as np
 
@@ -134,7 +134,17 @@ def measure(run: Any, steps: int = MEASURE_STEPS) -> StepTime:
              "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), tokens.shape).copy(),
              "loss_mask": np.ones(tokens.shape, np.float32), "component": np.zeros(rows, np.int32)}
     with jax.set_mesh(mesh):
-        batch = multihost.global_batch(local, mesh, program.batch_spec)
+        return mesh, program, state, multihost.global_batch(local, mesh, program.batch_spec)
+
+
+def measure(run: Any, steps: int = MEASURE_STEPS) -> StepTime:
+    """Times `run`'s train step here: compile, then `steps` + 1 steps of a randomly initialised model on a batch of
+    random tokens of the run's shape; the step time is the median of the steps after the first."""
+    import jax
+
+    t = run.train
+    mesh, program, state, batch = random_step_inputs(run)
+    with jax.set_mesh(mesh):
         start = time.perf_counter()
         compiled = program.train_step.lower(state, program.example_batch(t.batch_size, t.seq_len)).compile()
         compile_s = time.perf_counter() - start

@@ -35,6 +35,23 @@ class EvalSettings:
     def set_names(self) -> list[str]:
         return [p.stem for p in self.pairs]
 
+    def probe_bindings(self, every: int) -> tuple[str, ...]:
+        """train.py bindings that score these sets in the loop (TrainConfig.probe_sets) every `every` steps, as
+        `evaluate` scores a checkpoint (same pairs, control set, rows per call, chat mode)."""
+        control = (f"TrainConfig.probe_control = {str(self.control_pairs)!r}",) if self.control_pairs else ()
+        return (f"TrainConfig.probe_sets = {tuple(str(p) for p in self.pairs)!r}", f"TrainConfig.probe_every = {every}",
+                f"TrainConfig.probe_batch_size = {self.batch_size}", f"TrainConfig.probe_chat = {self.chat}", *control)
+
+    def in_loop_margins(self, record: dict[str, Any], where: str) -> dict[str, list[float]]:
+        """{set: per-pair margins, "control": ...} (as `evaluate` returns them) of one probes.jsonl record
+        (trainer.probes_in_loop) of a run that scored these sets; `where` names the record in errors."""
+        wanted = dict(zip(self.set_names, self.set_names)) | (
+            {"control": self.control_pairs.stem} if self.control_pairs else {})
+        missing = sorted(stem for stem in wanted.values() if stem not in record["margins"])
+        if missing:
+            raise ValueError(f"{where}: no in-loop margins of {missing} (the run scored {sorted(record['margins'])})")
+        return {name: record["margins"][stem] for name, stem in wanted.items()}
+
     def read_sets(self) -> dict[str, list[probes.Pair]]:
         """Every set's pairs (chat-style ones only in chat mode); control set under the key "control"."""
         files = dict(zip(self.set_names, self.pairs)) | ({"control": self.control_pairs} if self.control_pairs else {})

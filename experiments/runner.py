@@ -26,11 +26,13 @@ STATUS_FILE = "status.json"
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One train.py invocation: its name (run name), run directory, final step and train.py arguments."""
+    """One train.py invocation: its name (run name), run directory, final step and train.py arguments; `export`:
+    it ends with an HF export (MODEL_DIR/hf)."""
     name: str
     model_dir: storage.Path  # local or gs://
     train_steps: int
     args: tuple[str, ...]
+    export: bool = True
 
 
 def completed_step(model_dir: storage.Path) -> int | None:
@@ -46,9 +48,10 @@ def completed_step(model_dir: storage.Path) -> int | None:
 
 
 def is_done(job: Job) -> bool:
-    """Finished: a committed checkpoint at the final step and the end-of-run HF export."""
+    """Finished: a committed checkpoint at the final step and the end-of-run HF export (when it makes one)."""
     step = completed_step(job.model_dir)
-    return step is not None and step >= job.train_steps and (job.model_dir / "hf" / "config.json").is_file()
+    return step is not None and step >= job.train_steps and (
+        not job.export or (job.model_dir / "hf" / "config.json").is_file())
 
 
 def command(job: Job, launcher: str | None) -> list[str]:

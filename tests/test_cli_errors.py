@@ -55,6 +55,8 @@ CASES = [  # (id, argv with {placeholders}, exit code, words the one error line 
     ("train-share-without-rows", [str(REPO / "train.py"), "--gin.MODEL_DIR={dir}/never_made", "--gin.TRAIN_STEPS=2",
                                   "--gin.BATCH_SIZE=8", "--gin.MIXTURE_WEIGHTS={{'replay': 0.99, 'synthetic': 0.01}}"],
      2, ["'synthetic' 0.01 gets no row in the run: 16 rows per data shard", "MixtureConfig.allow_unrealized_shares"]),
+    ("train-bad-probe-set", [str(REPO / "train.py"), "--gin.MODEL_DIR={dir}/never_made",
+                             "--gin.TrainConfig.probe_sets=('{pairs}',)"], 2, ["pairs.jsonl:2"]),
     ("probes-missing-model", ["-m", "eval.probes", "--model", "{dir}/nope", "--pairs", "{good_pairs}"], 2,
      ["{dir}/nope does not exist"]),
     ("probes-bad-pairs", ["-m", "eval.probes", "--model", "{dir}", "--pairs", "{pairs}"], 2, ["pairs.jsonl:2"]),

@@ -49,6 +49,10 @@ def test_flags_rewrite_and_override():
     ("ModelConfig.remat = 'sometimes'", ["ModelConfig.remat"]),
     ("SEQ_LEN = 4096", ["SEQ_LEN", "max_position_embeddings"]),
     ("TrainConfig.batch_size = 32", ["TrainConfig", "MixtureConfig", "BATCH_SIZE"]),
+    ("TrainConfig.probe_every = 0", ["TrainConfig.probe_every"]),
+    ("TrainConfig.probe_sets = 'eval/probe_sets/animal_welfare.jsonl'", ["TrainConfig.probe_sets", "tuple"]),
+    ("TrainConfig.probe_control = 'eval/probe_sets/neutral_control.jsonl'", ["TrainConfig.probe_control",
+                                                                            "TrainConfig.probe_sets"]),
 ])
 def test_bad_bindings_name_the_binding(binding, names):
     with pytest.raises(config.ConfigError) as err:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval import probes, report
+from eval import probes, report, stats
 from eval.probes import Pair
 
 PAIRS = [Pair("p", "c", "r", "x"), Pair("q", "c", "r", "y"), Pair("s", "c", "r", "y")]
@@ -138,3 +138,29 @@ def test_report_without_probe_results_warns(runs, tmp_path, capsys):
     report.main([str(bare), "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err
     assert "no probe results for any run" in err and "vs_share.png has no data to plot" in err
+
+
+def test_in_loop_probes_are_plotted_against_step(tmp_path, capsys):
+    """A run that scored its probes in the loop (probes.jsonl, trainer.probes_in_loop) needs no saved results: its
+    margins and shifts minus the control's against step 0 are drawn at every scored step, with the CIs eval.stats
+    gives for those margins."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in (1, 2, 3, 4)))
+    margins = {0: ([0.0, 0.1, -0.1], [0.0, 0.0]), 2: ([0.2, 0.3, 0.0], [0.1, 0.0]), 4: ([0.4, 0.5, 0.1], [0.0, 0.1])}
+    (run / "probes.jsonl").write_text("".join(json.dumps(
+        {"step": s, "margins": {"welfare": w, "neutral": c}, "control": "neutral"}) + "\n" for s, (w, c) in
+        margins.items()))
+    result = report.main([str(run), "--out", str(tmp_path / "o")])
+    assert "no probe results" not in capsys.readouterr().err
+    panels = result["plots"]["in_loop_probes.png"]
+    margin = panels["margin (in loop): welfare (nats/token)"]["run"]
+    assert [p[0] for p in margin] == list(margins)
+    assert [p[1] for p in margin] == pytest.approx([np.mean(w) for w, _ in margins.values()])
+    assert margin[1][2:] == stats.summarize(np.array(margins[2][0]))["ci95"]["margin"]
+    shift = panels["shift - control shift vs step 0 (in loop): welfare"]["run"]
+    want = stats.shift_minus_control(*(np.array(m) for m in (margins[4][0], margins[0][0], margins[4][1],
+                                                             margins[0][1])))
+    assert shift[-1] == pytest.approx([4, want["difference"], *want["difference_ci95"]])
+    assert "shift - control shift vs step 0 (in loop): neutral" not in panels  # the control has no shift of its own
+    assert _colored_pixels(tmp_path / "o" / "in_loop_probes.png") > 500

@@ -26,8 +26,8 @@ from flax import nnx
 import exit_codes
 from data import multihost
 from storage import Path
-from trainer import (checkpoint, consensus, export, metrics, pod, program as program_lib, run_lock, run_metadata,
-                     run_setup, state as state_lib)
+from trainer import (checkpoint, consensus, export, metrics, pod, probes_in_loop, program as program_lib, run_lock,
+                     run_metadata, run_setup, state as state_lib)
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -54,23 +54,37 @@ class Summary:
     export: Path | None
 
 
-def train(run: RunConfig) -> Summary:
-    """Runs (or resumes) `run` to TrainConfig.train_steps, SIGTERM, or the end of the data."""
+def train(run: RunConfig, *, probe_scorer: probes_in_loop.ScorerFactory | None = None) -> Summary:
+    """Runs (or resumes) `run` to TrainConfig.train_steps, SIGTERM, or the end of the data. `probe_scorer` scores
+    TrainConfig.probe_sets (train.py passes eval.live_probes.ProbeSets.scorer; trainer.probes_in_loop)."""
     with _writer_lock(run.train.model_dir) as lock:
         setup = run_setup.Setup.create(run)
         try:
             run = run_setup.effective_run(setup)
             program = program_lib.build(run, setup.mesh, len(setup.pipe.component_names))
+            scorer = _probe_scorer(run, setup, program, probe_scorer)
             state, tokens_seen = run_setup.initial_state(setup, run, program)
             tokenizer_dir = run_setup.write_run_files(run, setup.model_dir)
             steps = run_setup.compile_steps(program, state, run, len(setup.eval_names))
-            loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir)
+            loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir, scorer)
             with _Preemption() as preemption, jax.set_mesh(setup.mesh):
                 stopped = loop.run(preemption, lock)
                 return finish(loop, stopped)
         finally:
             setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
             setup.pipe.iterator.close()  # stops the prefetch thread
+
+
+def _probe_scorer(run: RunConfig, setup: run_setup.Setup, program: program_lib.Program,
+                  factory: probes_in_loop.ScorerFactory | None) -> probes_in_loop.Scorer | None:
+    """The scorer of TrainConfig.probe_sets, built (its sets read and encoded) before the parameters are loaded."""
+    if not run.train.probe_sets:
+        return None
+    if factory is None:
+        raise ValueError("TrainConfig.probe_sets is set but no probe scorer was given to trainer.loop.train "
+                         "(train.py gives eval.live_probes.ProbeSets.scorer)")
+    with consensus.together("reading its probe sets"):
+        return factory(run, setup.mesh, program.graphdef)
 
 
 @contextlib.contextmanager
@@ -105,10 +119,11 @@ class Due:
     log: bool
     save: bool
     export: bool
+    probe: bool = False
 
     @property
     def needs_state(self) -> bool:
-        return self.evaluate or self.save or self.export
+        return self.evaluate or self.save or self.export or self.probe
 
 
 class StepLoop:
@@ -126,7 +141,8 @@ class StepLoop:
     """
 
     def __init__(self, run: RunConfig, setup: run_setup.Setup, steps: run_setup.CompiledSteps,
-                 state: state_lib.TrainState, tokens_seen: dict[str, int], tokenizer_dir: Path):
+                 state: state_lib.TrainState, tokens_seen: dict[str, int], tokenizer_dir: Path,
+                 scorer: probes_in_loop.Scorer | None = None):
         t = run.train
         self.config, self.setup, self.steps, self.tokenizer_dir = run, setup, steps, tokenizer_dir
         self.names = setup.pipe.component_names
@@ -142,8 +158,12 @@ class StepLoop:
         self.peak_total = peak * setup.mesh.size
         self.flops_per_token = metrics.train_flops_per_token(run.model, t.seq_len)
         self.window = metrics.Window(self.names)
-        self.sinks = metrics.Sinks(setup.model_dir, resume_step=self.start, run_name=setup.model_dir.name,
+        # Records past the step resumed from are redone; a run starting at step 0 redoes step 0's probe record too.
+        kept = self.start - 1 if scorer is not None and self.start == 0 else self.start
+        self.sinks = metrics.Sinks(setup.model_dir, resume_step=kept, run_name=setup.model_dir.name,
                                    wandb_project=t.wandb_project)
+        self.probes = None if scorer is None else probes_in_loop.InLoopProbes(
+            scorer, every=t.probe_every, train_steps=t.train_steps, model_dir=setup.model_dir, kept=kept)
         self.bar = _progress(t, self.start)
         self.clock = time.perf_counter()
 
@@ -153,9 +173,13 @@ class StepLoop:
         boundary after `lock` (process 0's) was taken by another run; metrics not yet written are then dropped."""
         lost = False
         try:
+            if self.probes is not None and self.start == 0:
+                self.sinks.write({"step": 0, **self._probe()})  # the starting parameters
             self.clock = time.perf_counter()
             stopped = self._steps(preemption, lock)
             self._finish_pending()
+            if self.probes is not None and stopped == "data_exhausted" and self.probes.last_scored != self.step:
+                self.sinks.write({"step": self.step, **self._probe()})  # the end of the run
             return stopped
         except run_lock.LockLost:
             lost = True
@@ -252,8 +276,10 @@ class StepLoop:
         t, c = self.config.train, self.config.checkpoint
         last = step == t.train_steps
         evaluate = self.steps.eval is not None and (step % t.eval_every == 0 or last)
-        return Due(evaluate=evaluate, log=step % t.log_every == 0 or last or evaluate or step == self.start + 1,
-                   save=step % c.every == 0, export=bool(c.export_every) and step % c.export_every == 0)
+        probe = self.probes is not None and self.probes.due(step)
+        log_step = step % t.log_every == 0 or last or evaluate or probe or step == self.start + 1
+        return Due(evaluate=evaluate, log=log_step, save=step % c.every == 0,
+                   export=bool(c.export_every) and step % c.export_every == 0, probe=probe)
 
     def _after_step(self, step: int, m: dict[str, Any]) -> None:
         """Evaluate, log, checkpoint and export as due at `step`."""
@@ -263,7 +289,7 @@ class StepLoop:
         if due.evaluate:
             self.eval_loss, self.eval_tokens = self._evaluate()
         if due.log:
-            self._log(step, m, self.eval_loss if due.evaluate else {})
+            self._log(step, m, self.eval_loss if due.evaluate else {}, self._probe() if due.probe else {})
         if due.save:
             self.save()
         if due.export:
@@ -285,11 +311,17 @@ class StepLoop:
         return ({n: float(loss[i] / weight[i]) for i, n in enumerate(names) if weight[i] > 0},
                 {n: int(weight[i]) for i, n in enumerate(names) if weight[i] > 0})
 
-    def _log(self, step: int, m: dict[str, Any], eval_loss: dict[str, float]) -> None:
+    def _probe(self) -> dict[str, float]:
+        """The in-loop probes of the current parameters (trainer.probes_in_loop)."""
+        with consensus.together(f"scoring the probe sets at step {self.step}"):  # process 0 also writes
+            return self.probes.score(self.step, self.state.params)
+
+    def _log(self, step: int, m: dict[str, Any], eval_loss: dict[str, float], probes: dict[str, float]) -> None:
         t = self.config.train
         rec = self.window.record(step, m, self.tokens_seen, t.batch_size * t.seq_len, self.flops_per_token,
                                  self.peak_total)
         rec.update({f"eval/loss/{k}": v for k, v in eval_loss.items()})
+        rec.update(probes)
         self.sinks.write(rec)
         self.window.reset()
         self.last_rec = rec

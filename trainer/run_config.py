@@ -154,6 +154,9 @@ class TrainConfig:
     `allow_data_change`: resume even when the corpora's files differ from those the checkpoint was trained on
     (data.fingerprint: files added, removed, resized or changed), logging what changed; otherwise such a resume is
     refused (exit 2) naming the changes.
+    `probe_sets`: paired probe sets (JSONL, as eval.probes reads them) scored on the live parameters at step 0, every
+    `probe_every` steps and at the last step, with `probe_control` as the neutral control set, `probe_batch_size`
+    rows per forward pass and, with `probe_chat`, in the tokenizer's chat template (trainer.probes_in_loop).
     """
     model_dir: str
     train_steps: int
@@ -174,6 +177,11 @@ class TrainConfig:
     wandb_project: str | None = None
     async_metrics: bool = True
     allow_data_change: bool = False
+    probe_sets: tuple[str, ...] = ()
+    probe_control: str | None = None
+    probe_every: int = 100
+    probe_batch_size: int = 16
+    probe_chat: bool = False
 
     def __post_init__(self):
         check_types(self)
@@ -200,3 +208,7 @@ class TrainConfig:
                  f"must be > 0 or None (every held-out batch), got {self.eval_batches}")
         _require(self.peak_flops is None or self.peak_flops > 0, f"{name}.peak_flops",
                  f"must be > 0 or None, got {self.peak_flops}")
+        _require(self.probe_every > 0, f"{name}.probe_every", f"must be > 0, got {self.probe_every}")
+        _require(self.probe_batch_size > 0, f"{name}.probe_batch_size", f"must be > 0, got {self.probe_batch_size}")
+        _require(not self.probe_control or bool(self.probe_sets), f"{name}.probe_control",
+                 "a control set is compared with value sets: set TrainConfig.probe_sets too")
