@@ -2,6 +2,7 @@
 eval.probes computes from that step's checkpoint on the same mesh (one process, and a pod of two), step 0 scores the
 starting parameters, a run killed and resumed logs every scored step once with the same numbers, and the records
 reach metrics.jsonl and TensorBoard."""
+import contextlib
 import json
 import os
 import pathlib
@@ -55,7 +56,8 @@ def kill_after(model_dir: pathlib.Path, logged: int, checkpoint: int) -> bool:
             time.sleep(0.01)
         finished = proc.poll() is not None
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have ended by itself
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return not finished and len(path.read_text().splitlines()) < STEPS + 1
 

@@ -19,7 +19,6 @@ computation); process 0 writes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ import jax
 import numpy as np
 
 import storage
-from trainer import metrics
+from trainer import metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,7 @@ def summary(margins: Mapping[str, np.ndarray], baseline: Mapping[str, float] | N
 
 def read(model_dir: str | storage.Path) -> list[dict[str, Any]]:
     """The records of MODEL_DIR/probes.jsonl, by step (a step scored twice, e.g. redone after a resume: the last)."""
-    path = storage.Path(model_dir) / FILE
-    if not path.exists():
-        return []
-    records = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            records[rec["step"]] = rec
+    records = {rec["step"]: rec for rec in metrics_file.read(storage.Path(model_dir) / FILE)}
     return [records[s] for s in sorted(records)]
 
 
@@ -91,7 +83,8 @@ class InLoopProbes:
         self.baseline: dict[str, float] | None = None
         self.last_scored: int | None = None
         if self.writer:
-            metrics.truncate_after(self.path, kept)
+            metrics_file.truncate_after(self.path, kept)
+            self.file = metrics_file.MetricsFile(self.path)  # O(1) per record on gs:// too
             if kept >= 0:
                 self.baseline = self._saved_baseline()
 
@@ -108,7 +101,7 @@ class InLoopProbes:
         if self.writer:
             record = {"step": step, "margins": {name: np.asarray(m).tolist() for name, m in margins.items()},
                       "control": self.scorer.control, "sets_sha256": self.scorer.digests}
-            storage.append_text(self.path, json.dumps(record) + "\n")
+            self.file.append([record])
         self.last_scored = step
         return entries
 
