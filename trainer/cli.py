@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from trainer import config
 
 
-
 def train_parser(prog: str = "python train.py", description: str | None = None,
                  epilog: str | None = None) -> argparse.ArgumentParser:
     """The parser of train.py's flags: `args.gin_file`, `args.gin_bindings`, `args.gin_search_paths`,
