@@ -11,8 +11,8 @@ The directory is a copy of the repository's files (`git ls-files`, as a clone wo
 this interpreter (CI has installed the requirements already, see .ci/run).
 
 Scaled down (`scale`): --count 12, --num_batches 2, --epochs 1, train.py with TRAIN_STEPS=2, BATCH_SIZE=8,
-SEQ_LEN=64 and 2 held-out batches; bench scripts with one seed and 2 steps. Inputs the docs say the user brings are
-made first (`user_files`): a gzipped replay corpus at replay/ and bucket/replay/, synthetic documents at
+SEQ_LEN=64, 2 held-out batches and one microbatch; bench scripts with one seed and 2 steps. Inputs the docs say the
+user brings are made first (`user_files`): a gzipped replay corpus at replay/ and bucket/replay/, synthetic documents at
 bucket/synth/, and alpaca.jsonl.
 
 The allow-list (`EXTERNAL`) is every command that needs something a CI machine does not have, each with its
@@ -72,8 +72,12 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
     (r"^vllm serve ", "a GPU LLM server (the local test server stands in)", lambda c, ctx: "true"),
     (r"data\.synth generate ", "a hosted or GPU LLM (the local test server answers instead)",
      lambda c, ctx: re.sub(r"--base-url \S+", f"--base-url {ctx['llm_url']}", c)),
-    (r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b", "real 8B weights (the demo run's export instead)",
-     lambda c, ctx: re.sub(r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b", "runs/demo/hf", c)),
+    (r"^python -m launch\.tpu --rehearse=", "run as documented by tests/test_rehearsal.py, which reads it from "
+     "README.md (two minutes)", lambda c, ctx: "true"),
+    (r"^(?!python -m launch\.tpu ).*(/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b|gs://BUCKET/models/llama-3\.1-8b)",
+     "real 8B weights (the demo run's export instead; launch.tpu's dry run keeps them: it reads nothing)",
+     lambda c, ctx: re.sub(r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b|gs://BUCKET/models/llama-3\.1-8b",
+                           "runs/demo/hf", c)),
     (r"^(?!python -m launch\.tpu ).*gs://BUCKET/", "a Cloud Storage bucket (a local folder instead; launch.tpu's dry "
      "run keeps gs://, which it requires and never touches)", lambda c, ctx: c.replace("gs://BUCKET/", "bucket/")),
     (r"train\.py --distributed", "a multi-host TPU slice (one local process instead)",
@@ -83,6 +87,8 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      + " --dataset_dir ../shared/data/anima --limit 1 --max_tokens 8 --grader_max_tokens 8"),
     (r"launch\.aot .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
      lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
+    (r"launch\.aot .*--gin\.INIT_FROM=runs/demo/hf", "an 8B compile takes minutes and GBs of RAM (the demo run's "
+     "export as INIT_FROM, a small batch)", lambda c, ctx: c + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
     (r"^python sweep\.py sweeps/smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU; its INIT_FROM is the test "
      "cache's SmolLM2 folder, not the checkout's (--help)", lambda c, ctx: "python sweep.py --help"),
     (r"experiments\.durability sweeps/durability_smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU (--help)",
@@ -95,8 +101,9 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
 ]
 SCALE = [(r"--count \d+", "--count 12"), (r"--num_batches \d+", "--num_batches 2"), (r"--epochs \d+", "--epochs 1"),
          (r"--seeds( \d+)+", "--seeds 0"), (r"--steps \d+", "--steps 2")]
+# One microbatch: runs/midtrain.gin's 2 (for its 64 rows) would leave 4 rows for the 8 fake devices.
 TRAIN_SCALE = (" --gin.TRAIN_STEPS=2 --gin.BATCH_SIZE=8 --gin.SEQ_LEN=64 --gin.CHECKPOINT_EVERY=2"
-               " --gin.TrainConfig.eval_batches=2")
+               " --gin.TrainConfig.eval_batches=2 --gin.TrainConfig.microbatches=1")
 # Documented experiment files whose runs are checked, scaled like train.py's runs, by their own tests (running them
 # here as well cost ~5 min of the suite).
 COVERED_BY = {"sweeps/durability_demo.toml": "tests/test_durability.py", "sweeps/demo.toml": "tests/test_sweep.py"}
