@@ -143,3 +143,21 @@ def test_run_config_mesh_spans_two_slices_with_the_data_axis_over_dcn():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     slices = [[d.slice_index for d in mesh.devices[i].flat] for i in range(2)]
     assert slices == [[0] * 4, [1] * 4]
+
+
+def test_launch_tpu_refuses_a_run_that_does_not_fit_before_creating_anything(tmp_path):
+    """launch.tpu compiles the train command for the slice first: a run that cannot fit gets the compiler's
+    numbers and what to change, exit 2, and no gcloud command at all (a gcloud on PATH records any call)."""
+    (tmp_path / "gcloud").write_text(f"#!/bin/sh\ntouch {tmp_path / 'called'}\n")
+    (tmp_path / "gcloud").chmod(0o755)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "launch.tpu", "--name=t1", "--zone=z", "--accelerator_type=v5litepod-4",
+                          "--", "--gin_file=runs/demo.gin", "--gin.MODEL_DIR=gs://b/r", "--gin.BATCH_SIZE=2048",
+                          "--gin.SEQ_LEN=2048", "--gin.ModelConfig.vocab_size=60000"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "checking that the step fits v5e:2x2" in out.stdout and "out of memory: " in out.stdout
+    error = out.stderr.strip().splitlines()[-1]  # (libtpu may warn first that this machine has no TPU)
+    assert error.startswith("launch.tpu: error: the run does not fit v5e:2x2 with 10% of HBM free; nothing was "
+                            "created. Try: --gin.TrainConfig.loss_chunk=")
+    assert out.stderr.count("launch.tpu:") == 1 and not (tmp_path / "called").exists()
