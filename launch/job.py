@@ -65,12 +65,13 @@ def read_states(model_dir: str) -> dict[str, dict[str, Any]]:
 
 
 def log_chunks(model_dir: str, worker: str, launch_id: str, after: int) -> list[tuple[int, str]]:
-    """(number, text) of the log objects of one worker's job numbered above `after`, in order."""
-    folder = state_dir(model_dir) / "logs" / worker / launch_id
-    if not folder.exists():
-        return []
-    numbers = sorted(int(p.stem) for p in folder.glob("*.txt") if p.stem.isdigit() and int(p.stem) > after)
-    return [(n, (folder / f"{n:08d}.txt").read_bytes().decode(errors="replace")) for n in numbers]
+    """(number, text) of the log objects of one worker's job numbered above `after`, in order (they are numbered
+    1, 2, ... without gaps, so this reads only the new ones)."""
+    folder, chunks = state_dir(model_dir) / "logs" / worker / launch_id, []
+    while (folder / f"{after + len(chunks) + 1:08d}.txt").exists():
+        n = after + len(chunks) + 1
+        chunks.append((n, (folder / f"{n:08d}.txt").read_bytes().decode(errors="replace")))
+    return chunks
 
 
 def worker_index() -> int:

@@ -84,11 +84,16 @@ heldout = false
 LAUNCHER = "python -m launch.tpu --rehearse=1 --name={name} --zone=us-east5-a --accelerator_type=v5p-8 -- {args}"
 
 
-def bucket_objects(url: str, prefix: str) -> list[str]:
-    query = urllib.parse.urlencode({"prefix": prefix})
+def bucket_get(url: str, path: str) -> bytes:
+    """GET from the emulator's JSON API (no GCS client in this process)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{url}/storage/v1/b/{BUCKET}/o?{query}", timeout=60) as response:
-        return [item["name"] for item in json.loads(response.read()).get("items", [])]
+    with opener.open(f"{url}/storage/v1/b/{BUCKET}/o{path}", timeout=60) as response:
+        return response.read()
+
+
+def bucket_objects(url: str, prefix: str) -> list[str]:
+    listing = json.loads(bucket_get(url, "?" + urllib.parse.urlencode({"prefix": prefix})))
+    return [item["name"] for item in listing.get("items", [])]
 
 
 @pytest.mark.slow  # ~3 min: two rehearsed runs of the demo model, evaluated
@@ -106,9 +111,11 @@ def test_a_sweep_through_the_launcher_trains_evaluates_and_reports_on_gs(tmp_pat
                              text=True, timeout=1800)
         log = out.stdout + out.stderr
         assert out.returncode == 0, log[-6000:]
-        assert log.count("rehearsal: PASSED") == 2
         objects = bucket_objects(url, "sweep/")
         assert "sweep/report/report.md" in objects
+        logs = [o for o in objects if o.startswith("sweep/logs/")]
+        assert len(logs) == 2 and all(b"rehearsal: PASSED" in bucket_get(url, "/" + urllib.parse.quote(o, safe="")
+                                                                          + "?alt=media") for o in logs)
         for run in ("w0.00", "w0.25"):
             assert any(re.search(rf"sweep/runs/[^/]*{run}[^/]*/hf/config\.json$", o) for o in objects), run
             assert any(re.search(rf"sweep/eval/[^/]*{run}[^/]*\.json$", o) for o in objects), run
