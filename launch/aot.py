@@ -215,7 +215,7 @@ def write_init_from(model_gin: str, folder: pathlib.Path) -> str:
 def run_all(bindings: list[str], benchmarks: pathlib.Path) -> int:
     """Compiles every shipped config for its topologies and rewrites the table between the markers in BENCHMARKS.md."""
     rows = ["| config | topology | mesh d/f/t | batch | microbatches | loss chunk | params/compute | "
-            "peak GiB per chip | HBM GiB | free | fits | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "peak GiB per chip | HBM GiB | free | fits | compile s |", "|---" * 12 + "|"]
     jobs = [(model, topo, load_run(["base.gin", "mixtures/replay_synthetic.gin", model],
                                    [f"BATCH_SIZE={ALL_BATCH}", f"SEQ_LEN={ALL_SEQ}", *settings, *bindings]))
             for model, topo, settings in SHIPPED]

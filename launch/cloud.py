@@ -18,6 +18,7 @@ import exit_codes
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
             "v6e": "v2-alpha-tpuv6e"}
 READY = "READY"
+UNKNOWN = "UNKNOWN"  # describe failed without saying the node is gone
 SSH_DROPPED = 255   # what `gcloud ... ssh` returns when the connection fails or drops
 
 
@@ -105,6 +106,7 @@ class Gcloud:
     env: dict[str, str] | None = None     # the commands' environment (None: this process's)
 
     def run(self, command: list[str], capture: bool = False, quiet: bool = False) -> tuple[int, str]:
+        """(exit status, stdout when `capture`; with `capture`, stderr follows stdout after a NUL)."""
         if self.dry_run:
             self.out("(dry run, not run) " + shlex.join(command))
             return 0, ""
@@ -115,15 +117,18 @@ class Gcloud:
         except FileNotFoundError:
             raise exit_codes.ServiceUnavailable(f"{self.program[0]}: not found; install the Google Cloud CLI "
                                                 "(https://cloud.google.com/sdk/docs/install)") from None
-        return done.returncode, (done.stdout or "").strip() if capture else ""
+        return done.returncode, f"{done.stdout.strip()}\0{done.stderr.strip()}" if capture else ""
 
     def node_state(self, s: Slice, node: str) -> NodeState:
+        """The node's state: "" once it is gone (describe says NOT_FOUND), UNKNOWN when describe fails otherwise
+        (no network here, say: the node and its job may well be fine)."""
         rc, text = self.run(describe_command(s, node), capture=True, quiet=True)
-        if rc != 0 or not text:
-            return NodeState("", 0)  # describe fails once the node is gone
-        info = json.loads(text)
+        out, _, err = text.partition("\0")
+        if rc != 0:
+            return NodeState("" if "NOT_FOUND" in err else UNKNOWN, 0)
+        info = json.loads(out)
         return NodeState(info.get("state", ""), max(len(info.get("networkEndpoints") or []), 1))
 
     def queued_state(self, s: Slice) -> str:
         rc, text = self.run(queued_state_command(s), capture=True, quiet=True)
-        return text if rc == 0 else ""
+        return text.partition("\0")[0] if rc == 0 else ""

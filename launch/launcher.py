@@ -12,7 +12,7 @@ from typing import Any
 
 import exit_codes
 from launch import cloud, job, remote
-from launch.cloud import READY, SSH_DROPPED, Gcloud, Slice
+from launch.cloud import READY, SSH_DROPPED, UNKNOWN, Gcloud, Slice
 
 
 class CloudFailure(exit_codes.ServiceUnavailable):
@@ -70,10 +70,22 @@ class Launcher:
         self.out(f"launch.tpu: {text}")
 
     # -- phases ------------------------------------------------------------------------------------------------
+    def state_of(self, node: str) -> cloud.NodeState:
+        """The node's state, asked again while gcloud cannot tell (UNKNOWN), up to `ssh_retries` times."""
+        for attempt in range(self.o.ssh_retries + 1):
+            st = self.gcloud.node_state(self.slice, node)
+            if st.state != UNKNOWN:
+                return st
+            if attempt < self.o.ssh_retries:
+                time.sleep(self.o.poll_s)
+        return st
+
     def nodes_ready(self, phase: str) -> list[cloud.NodeState]:
-        states = [self.gcloud.node_state(self.slice, n) for n in self.slice.nodes]
+        """The nodes' states; raises Preempted for one that is neither READY nor UNKNOWN (gcloud failing here says
+        nothing about the VM: its job goes on)."""
+        states = [self.state_of(n) for n in self.slice.nodes]
         for node, st in zip(self.slice.nodes, states):
-            if st.state != READY:
+            if st.state not in (READY, UNKNOWN):
                 raise Preempted(phase, node, st.state)
         return states
 
@@ -85,8 +97,8 @@ class Launcher:
                 rc, _ = self.gcloud.run(command(node))
                 if rc == 0:
                     break
-                state = self.gcloud.node_state(self.slice, node).state
-                if state != READY:
+                state = self.state_of(node).state
+                if state not in (READY, UNKNOWN):
                     raise Preempted(phase, node, state)
                 if rc != SSH_DROPPED:
                     raise CloudFailure(f"{phase} on {node} failed with exit status {rc} (the VM is READY)")
@@ -99,7 +111,7 @@ class Launcher:
         if self.gcloud.dry_run:
             self.gcloud.run(cloud.create_command(self.slice))
             return
-        states = [self.gcloud.node_state(self.slice, n).state for n in self.slice.nodes]
+        states = [self.state_of(n).state for n in self.slice.nodes]
         if all(st == READY for st in states):
             self.say(f"{', '.join(self.slice.nodes)}: READY, reused")
             return
@@ -108,11 +120,11 @@ class Launcher:
         rc, _ = self.gcloud.run(cloud.create_command(self.slice))
         deadline = time.monotonic() + self.o.ready_timeout_s
         while True:
-            states = [self.gcloud.node_state(self.slice, n).state for n in self.slice.nodes]
+            states = [self.state_of(n).state for n in self.slice.nodes]
             if all(st == READY for st in states):
                 return
             queued = self.gcloud.queued_state(self.slice) if self.slice.is_queued else ""
-            dead = [(n, st) for n, st in zip(self.slice.nodes, states) if st not in ("", "CREATING", READY)]
+            dead = [(n, st) for n, st in zip(self.slice.nodes, states) if st not in ("", "CREATING", READY, UNKNOWN)]
             if queued in ("FAILED", "SUSPENDED"):
                 raise Preempted("create", self.slice.name, queued)
             if dead:
@@ -130,7 +142,11 @@ class Launcher:
 
     def start(self) -> Launch:
         launch_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        workers = [1] * len(self.slice.nodes) if self.gcloud.dry_run else [s.workers for s in self.nodes_ready("start")]
+        dry = [cloud.NodeState(READY, 1)] * len(self.slice.nodes)
+        states = dry if self.gcloud.dry_run else self.nodes_ready("start")
+        if any(s.state == UNKNOWN for s in states):
+            raise CloudFailure("gcloud cannot describe the slice (is the network down?); nothing was started")
+        workers = [s.workers for s in states]
         self.launch = Launch(launch_id, tuple(f"{n}-w{i}" for n, w in zip(self.slice.nodes, workers) for i in range(w)))
         self.on_nodes("start", lambda n: cloud.ssh_command(self.slice, n, remote.start_command(
             self.model_dir, launch_id, n, self.train_args, self.o.heartbeat_s)))
@@ -162,7 +178,8 @@ class Launcher:
                 beat = states.get(w, {}).get("heartbeat")
                 if beat != grew[w][0]:
                     grew[w] = (beat, now)
-            self.nodes_ready("train")
+            if any(st.state == UNKNOWN for st in self.nodes_ready("train")):
+                self.say("gcloud cannot describe the slice (no network here?); following the job in MODEL_DIR")
             if all(states.get(w, {}).get("state") in job.FINAL_STATES for w in launch.workers):
                 return Ended({w: states[w] for w in launch.workers})
             lost = tuple(w for w in launch.workers if states.get(w, {}).get("state") not in job.FINAL_STATES
@@ -174,7 +191,7 @@ class Launcher:
     def live_launch(self) -> Launch | None:
         """A job of an earlier launch.tpu still running on READY nodes (its heartbeat grows), to reattach to."""
         running = {s["launch_id"] for s in job.read_states(self.model_dir).values() if s.get("state") == "running"}
-        if not running or any(self.gcloud.node_state(self.slice, n).state != READY for n in self.slice.nodes):
+        if not running or any(self.state_of(n).state != READY for n in self.slice.nodes):
             return None
         before = job.read_states(self.model_dir)
         deadline = time.monotonic() + 10 * max(s.get("heartbeat_s", self.o.heartbeat_s) for s in before.values())
@@ -188,20 +205,29 @@ class Launcher:
         return None
 
     def stop_jobs(self, launch: Launch) -> None:
-        """Stops the launch's jobs on the READY nodes (train.py saves on SIGTERM); raises if one will not stop."""
+        """Stops the launch's jobs on the nodes that are (or may be) READY (train.py saves on SIGTERM), retrying a
+        failed SSH command; raises when one will not stop (its VM is then kept)."""
+        command = remote.stop_command(launch.launch_id, self.o.stop_grace_s)
         for node in self.slice.nodes:
-            if self.gcloud.node_state(self.slice, node).state == READY:
-                rc, _ = self.gcloud.run(cloud.ssh_command(self.slice, node, remote.stop_command(
-                    launch.launch_id, self.o.stop_grace_s)))
-                if rc not in (0, SSH_DROPPED) and self.gcloud.node_state(self.slice, node).state == READY:
-                    raise CloudFailure(f"the job {launch.launch_id} on {node} did not stop; the VM is kept")
+            for _ in range(self.o.ssh_retries + 1):
+                if self.state_of(node).state not in (READY, UNKNOWN):
+                    break  # the VM is gone, and its job with it
+                if self.gcloud.run(cloud.ssh_command(self.slice, node, command))[0] == 0:
+                    break
+                time.sleep(self.o.poll_s)
+            else:
+                raise CloudFailure(f"the job {launch.launch_id} on {node} could not be stopped; the VM is kept")
 
     def jobs_alive(self) -> bool:
-        """Whether a worker of the current launch on a READY node has not written a final state."""
+        """Whether a worker of the current launch on a node that is (or may be) READY has not written a final
+        state."""
         if self.launch is None or self.gcloud.dry_run:
             return False
-        states = self.states(self.launch)
-        ready = {n for n in self.slice.nodes if self.gcloud.node_state(self.slice, n).state == READY}
+        try:
+            states = self.states(self.launch)
+        except OSError:  # the bucket cannot be read from here: the job may well be running
+            return True
+        ready = {n for n in self.slice.nodes if self.state_of(n).state in (READY, UNKNOWN)}
         return any(states.get(w, {}).get("state") not in job.FINAL_STATES and w.rsplit("-w", 1)[0] in ready
                    for w in self.launch.workers)
 

@@ -19,7 +19,9 @@ Faults (each fires once, in order of the list; `fired.json` records them):
 - {"kind": "preempt", "phase": "train", "step": N}: preempted at the first look at its state after worker 0's job
   logged step N;
 - {"kind": "ssh_drop", "phase": "setup" | "sync" | "start" | "stop"}: that SSH command runs on every worker, then
-  the connection "drops" (exit 255): the job it started keeps running.
+  the connection "drops" (exit 255): the job it started keeps running;
+- {"kind": "describe_error", "phase": "train", "step": N}: one `describe` fails as gcloud does without a network
+  (not NOT_FOUND), once worker 0's job logged step N.
 """
 from __future__ import annotations
 
@@ -140,6 +142,10 @@ class LocalCloud:
         node = self.node(name)
         if node is None or node["state"] == "DELETED":
             print(f"ERROR: (gcloud) NOT_FOUND: {name}", file=sys.stderr)
+            return 1
+        if node["state"] == "READY" and self.fault("train", ("describe_error",), self.logged_step(name)):
+            print("ERROR: (gcloud) There was a problem refreshing your current auth tokens: Unable to connect",
+                  file=sys.stderr)
             return 1
         if node["state"] == "READY" and self.fault("train", ("preempt",), self.logged_step(name)):
             self.preempt(name)

@@ -97,10 +97,12 @@ SLICE = cloud.Slice("t1", "us-east5-a", "v5p-8", "v2-alpha-tpuv5", spot=True)
 
 
 def test_preemption_in_every_phase_is_relaunched_and_the_run_resumes_to_the_end(tmp_path):
-    """Preempted while created, set up, synced and training, and an SSH drop when the job starts (it runs on):
-    five attempts, one job that ends at the last step, the arguments intact on both workers, the VM deleted."""
+    """Preempted while created, synced, set up and training, an SSH drop when the job starts (it runs on), and
+    gcloud failing for a while during training (not a preemption): five attempts, the job ends at the last step,
+    the arguments intact on both workers, the VM deleted."""
     faults = [{"kind": "preempt", "phase": p} for p in ("create", "setup", "sync")] + [
-        {"kind": "ssh_drop", "phase": "start"}, {"kind": "preempt", "phase": "train", "step": 3}]
+        {"kind": "ssh_drop", "phase": "start"}, {"kind": "preempt", "phase": "train", "step": 3}] + [
+        {"kind": "describe_error", "phase": "train", "step": 1}] * 7   # gcloud unreachable for a while: no relaunch
     c = Cloud(tmp_path, faults, env={"FAKE_HOLD_AT": "3"})
     assert c.launcher(SLICE).run() == 0
     assert c.step() == STEPS
@@ -108,6 +110,8 @@ def test_preemption_in_every_phase_is_relaunched_and_the_run_resumes_to_the_end(
     for phase in ("create", "setup", "sync", "train"):
         assert f"({phase}): relaunch" in said, phase
     assert "the SSH connection to t1 dropped (exit 255; the VM is READY): retrying" in said
+    assert "gcloud cannot describe the slice (no network here?); following the job in MODEL_DIR" in said
+    assert said.count(": relaunch ") == 4
     assert "step 6 loss" in said                                                   # the job's log, streamed
     for rank in (0, 1):
         runs = c.argv(rank)
