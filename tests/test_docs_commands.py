@@ -59,6 +59,7 @@ def doc_commands(path: pathlib.Path) -> list[str]:
 
 # (pattern, why it cannot run on CI, substitute). Substitutes are applied in order to a command matching `pattern`.
 Substitute = Callable[[str, dict], str]
+EIGHT_B = r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b|gs://BUCKET/models/llama-3\.1-8b"
 EXTERNAL: list[tuple[str, str, Substitute]] = [
     (r"^python3\.11 -m venv \.venv && .*pip install -r requirements\.txt && \.venv/bin/python train\.py$",
      "installs from PyPI (CI has: .ci/run)", lambda c, ctx: ".venv/bin/python train.py"),
@@ -74,10 +75,8 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      lambda c, ctx: re.sub(r"--base-url \S+", f"--base-url {ctx['llm_url']}", c)),
     (r"^python -m launch\.tpu --rehearse=", "run as documented by tests/test_rehearsal.py, which reads it from "
      "README.md (two minutes)", lambda c, ctx: "true"),
-    (r"^(?!python -m launch\.tpu ).*(/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b|gs://BUCKET/models/llama-3\.1-8b)",
-     "real 8B weights (the demo run's export instead; launch.tpu's dry run keeps them: it reads nothing)",
-     lambda c, ctx: re.sub(r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b|gs://BUCKET/models/llama-3\.1-8b",
-                           "runs/demo/hf", c)),
+    (rf"^(?!python -m launch\.tpu ).*({EIGHT_B})", "real 8B weights (the demo run's export instead; launch.tpu's "
+     "dry run keeps them: it reads nothing)", lambda c, ctx: re.sub(EIGHT_B, "runs/demo/hf", c)),
     (r"^(?!python -m launch\.tpu ).*gs://BUCKET/", "a Cloud Storage bucket (a local folder instead; launch.tpu's dry "
      "run keeps gs://, which it requires and never touches)", lambda c, ctx: c.replace("gs://BUCKET/", "bucket/")),
     (r"train\.py --distributed", "a multi-host TPU slice (one local process instead)",
@@ -86,9 +85,9 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      lambda c, ctx: re.sub(r"--grader \S+", f"--grader hf/{ctx['grader']}", c)
      + " --dataset_dir ../shared/data/anima --limit 1 --max_tokens 8 --grader_max_tokens 8"),
     (r"launch\.aot .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
-     lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
+     lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=16 --gin.SEQ_LEN=128"),
     (r"launch\.aot .*--gin\.INIT_FROM=runs/demo/hf", "an 8B compile takes minutes and GBs of RAM (the demo run's "
-     "export as INIT_FROM, a small batch)", lambda c, ctx: c + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
+     "export as INIT_FROM, a small batch)", lambda c, ctx: c + " --gin.BATCH_SIZE=16 --gin.SEQ_LEN=128"),
     (r"^python sweep\.py sweeps/smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU; its INIT_FROM is the test "
      "cache's SmolLM2 folder, not the checkout's (--help)", lambda c, ctx: "python sweep.py --help"),
     (r"experiments\.durability sweeps/durability_smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU (--help)",
