@@ -37,7 +37,7 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 # the settings that topology needs beyond the model config's own; then the run files as written, with Llama 3.1 8B
 # (the config.json of models/llama3_1_8b.gin) as INIT_FROM.
 ALL_BATCH, ALL_SEQ = 64, 2048
-SHIPPED = (("models/llama3_1_8b.gin", "v6e:2x4", ()),
+SHIPPED = (("models/llama3_1_8b.gin", "v6e:2x4", ("TrainConfig.microbatches=2",)),
            ("models/llama3_1_8b.gin", "v5p:2x2x1", ()),
            ("models/llama3_2_1b.gin", "v5e:2x2", ("TrainConfig.microbatches=4",)),
            ("models/qwen3_0_6b.gin", "v5e:2x2", ("TrainConfig.microbatches=4",)),
