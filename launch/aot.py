@@ -98,17 +98,16 @@ class CompiledStep:
 
 def compile_step(run: Any, topology_name: str, mesh_axes: dict[str, int] | None = None,
                  num_slices: int = 1) -> CompiledStep:
-    """Compiles `run`'s train step (trainer.program.build, as train.py builds it) for compile-only devices."""
+    """Compiles `run`'s train step (trainer.program.build, as train.py builds it) for compile-only devices, on the
+    run's own mesh (TrainConfig.mesh, whose `dcn_data` lays the data axis over slices) unless `mesh_axes` says
+    otherwise."""
     import jax
 
     from models import sharding
     from trainer import program as program_lib
 
     devices = topology.topology_devices(topology_name, num_slices)
-    axes = dict(mesh_axes if mesh_axes is not None else run.train.mesh)
-    if num_slices > 1:
-        axes.setdefault("dcn_data", num_slices)
-    mesh = sharding.make_mesh(**axes, devices=devices)
+    mesh = sharding.make_mesh(**(mesh_axes if mesh_axes is not None else run.train.mesh), devices=devices)
     program = program_lib.build(run, mesh, len(run.mixture.components))
     batch = program.example_batch(run.train.batch_size, run.train.seq_len)
     start = time.perf_counter()

@@ -106,11 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return rehearsal.run(s, args.rehearse, args.max_relaunches, train_args)
     model_dir, _ = run_paths(train_args)
-    topo = args.topology or topology.topology_of(args.accelerator_type)
+    topo = None if args.skip_aot_check else args.topology or topology.topology_of(args.accelerator_type)
     options = Options(max_relaunches=args.max_relaunches, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s,
                       stale_s=args.stale_s, keep=args.keep)
-    return launch(s, Gcloud(dry_run=args.dry_run), model_dir, train_args, options,
-                  None if args.skip_aot_check else topo)
+    return launch(s, Gcloud(dry_run=args.dry_run), model_dir, train_args, options, topo)
 
 
 def launch(s: Slice, gcloud: Gcloud, model_dir: str, train_args: Sequence[str], options: Options,
