@@ -138,6 +138,10 @@ class LocalCloud:
                 self.save_node(name, node)
         return 0
 
+    def delete_all(self) -> None:
+        """Deletes every node (its jobs killed): the end of a rehearsal or a test, whatever happened."""
+        self.delete([p.stem for p in (self.root / "nodes").glob("*.json")])
+
     def describe(self, name: str) -> int:
         node = self.node(name)
         if node is None or node["state"] == "DELETED":

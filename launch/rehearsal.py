@@ -163,7 +163,10 @@ def run(s: cloud.Slice, workers: int, max_relaunches: int, train_args: Sequence[
                               env={**os.environ, **emulator.client_env(url), "PYTHONPATH": pythonpath})
         options = Options(max_relaunches=max_relaunches, poll_s=1.0, heartbeat_s=1.0, stale_s=600.0,
                           stop_grace_s=120.0)
-        code = tpu.launch(s, gcloud, model_dir, rehearsed, options, None)
+        try:
+            code = tpu.launch(s, gcloud, model_dir, rehearsed, options, None)
+        finally:
+            local_cloud.LocalCloud(root).delete_all()  # no job outlives the rehearsal
         fired = json.loads((root / "fired.json").read_text()) if (root / "fired.json").exists() else []
         return verdict(code, model_dir, steps, [faults[i] for i in fired])
 

@@ -96,6 +96,13 @@ class Cloud:
 SLICE = cloud.Slice("t1", "us-east5-a", "v5p-8", "v2-alpha-tpuv5", spot=True)
 
 
+@pytest.fixture(autouse=True)
+def no_job_outlives_the_test(tmp_path):
+    yield
+    for root in tmp_path.rglob("cloud.json"):
+        local_cloud.LocalCloud(root.parent).delete_all()
+
+
 def test_preemption_in_every_phase_is_relaunched_and_the_run_resumes_to_the_end(tmp_path):
     """Preempted while created, synced, set up and training, an SSH drop when the job starts (it runs on), and
     gcloud failing for a while during training (not a preemption): five attempts, the job ends at the last step,
