@@ -24,25 +24,9 @@ log = logging.getLogger("docmix.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer import config
+    from trainer import cli, config
 
-    parser = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    config.add_gin_flags(parser)
-    group = parser.add_argument_group(
-        "several processes", "Run the same command on every host with --distributed. Cloud TPU VMs (and SLURM, "
-        "Open MPI, Kubernetes jobs) are detected by JAX; elsewhere give all three of the flags below, e.g. on one "
-        "machine: --distributed --coordinator_address=localhost:12345 --num_processes=2 --process_id=0 (then =1).")
-    group.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize() first (every process of a multi-host run)")
-    group.add_argument("--coordinator_address", metavar="HOST:PORT",
-                       help="address of process 0's coordinator, the same on every process (default: "
-                            "$JAX_COORDINATOR_ADDRESS or the cluster's)")
-    group.add_argument("--num_processes", type=int, metavar="N", help="number of processes in the run")
-    group.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0 <= I < N")
-    group.add_argument("--failure_timeout", type=float, default=120.0, metavar="SECONDS",
-                       help="when a process fails or stops answering, every process ends within this many seconds "
-                            "(default 120; every process must join within it too)")
+    parser = cli.train_parser(description=__doc__.split("\n\n")[0], epilog=__doc__)
     args = parser.parse_args(argv)
     cluster = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
                "process_id": args.process_id}

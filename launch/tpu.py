@@ -1,258 +1,138 @@
-"""Run train.py on a Cloud TPU VM: create it, set it up, sync the code, train on every worker, relaunch after
-preemption (resuming from the gs:// MODEL_DIR), delete it at the end.
+"""Run train.py on a Cloud TPU slice and see it through: check it fits, create the VM, set it up, start the job
+detached on every worker, follow it, relaunch after preemption, delete the VM at the end.
 
     python -m launch.tpu --name=docmix-8b --zone=us-east5-a --accelerator_type=v5p-8 --spot [--queued] \
-        [--runtime_version=v2-alpha-tpuv5] [--project=P] [--dry_run] -- \
-        --gin_file=runs/midtrain.gin --gin.MODEL_DIR=gs://bucket/runs/welfare10 --gin.INIT_FROM=/mnt/llama-3.1-8b
+        [--num_slices=2] [--runtime_version=...] [--project=P] [--dry_run] [--rehearse=N] -- TRAIN.PY ARGUMENTS
 
-Everything after `--` is passed to `python train.py --distributed` on all workers. Check first that the run fits the
-slice: `python -m launch.aot` with the same flags and the slice's topology. Every cloud command is an argument list
-run without a local shell (printed, not run, with `--dry_run`); the command each worker runs is quoted with
-`shlex`, so arguments holding spaces, quotes or `$(...)` reach train.py unchanged. Preemption is told apart from a
-failed run by the VM's state after the run command returns (PREEMPTED or gone: relaunch; READY: the run's own exit
-status). Exit status: train.py's on the last attempt, 3 when relaunches ran out, 2 for a bad command line.
+Before anything is created, the train command is compiled for the slice's topology (`launch.aot`, libtpu needed;
+`--skip_aot_check` skips it) and refused when it does not fit with 10% of HBM free. MODEL_DIR and INIT_FROM must be
+on gs:// (a new VM has neither the old VM's disk nor yours). Then, per attempt: create the slice (or reuse a READY
+one), set up every worker (Python 3.11, a venv, requirements-tpu.txt and requirements-gcs.txt), copy the code
+(the repository's tracked files), and start `launch.job` (which runs `train.py --distributed ARGS`) detached on every
+worker. The launcher then follows the job through what it writes under MODEL_DIR/launch/ (state, heartbeat, step,
+logs: streamed here) and the VMs' state, over no long-lived connection. A dropped SSH connection (exit 255, VM still
+READY) is retried; a node that is not READY (preempted) in any phase, a job stopped by SIGTERM, or a job whose
+heartbeat stops is relaunched (the run resumes from MODEL_DIR), up to `--max_relaunches` times. A VM is deleted at
+the end only when its jobs have ended (or were never started); rerunning the same command while a job still runs
+reattaches to it. Exit status: train.py's (0 done, 1 stopped on the numbers or data, 2 configuration), 2 for a bad
+command line or a run that does not fit, 3 for the cloud (gcloud missing or failing, relaunches used up), 130
+interrupted (the job keeps running). `--rehearse=N` runs all of it on this machine (launch.rehearsal).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import fnmatch
-import os
 import pathlib
+import re
 import shlex
-import subprocess
 import sys
-import tarfile
 import tempfile
-import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-REMOTE_DIR = "$HOME/docmix"      # expanded by the worker's shell (the only unquoted part of a remote command)
-RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
-            "v6e": "v2-alpha-tpuv6e"}
-GONE_STATES = ("PREEMPTED", "TERMINATED", "STOPPED", "SUSPENDED", "")
+import exit_codes
+from launch import cloud, remote
+from launch.cloud import Gcloud, Slice
+from launch.launcher import Launcher, Options
 
 
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    name: str
-    zone: str
-    accelerator_type: str             # e.g. v5p-8, v6e-8, v5litepod-16
-    runtime_version: str
-    project: str | None = None
-    spot: bool = False
-    reserved: bool = False
-    queued: bool = False              # create through a queued resource (waits for capacity)
+def run_paths(train_args: Sequence[str]) -> tuple[str, str | None]:
+    """MODEL_DIR and INIT_FROM of a train command, read from its gin config as train.py parses it (neither is read).
+    A TPU VM reads both from gs://: a new VM has neither your disk nor the old VM's."""
+    from trainer import cli, config
 
-    def where(self) -> list[str]:
-        return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
-
-
-def default_runtime(accelerator_type: str) -> str:
-    family = accelerator_type.split("-")[0]
-    if family not in RUNTIMES:
-        raise ValueError(f"--accelerator_type {accelerator_type!r}: no default --runtime_version for {family!r} "
-                         f"(known: {', '.join(RUNTIMES)}); pass --runtime_version")
-    return RUNTIMES[family]
+    args = cli.parse_train_args(train_args)
+    config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    model_dir, init_from = config.bound("TrainConfig.model_dir"), config.bound("TrainConfig.init_from")
+    if not str(model_dir or "").startswith("gs://"):
+        raise ValueError(f"MODEL_DIR={model_dir}: must be on gs:// (a relaunched VM resumes from it; a local "
+                         "MODEL_DIR would be lost with the VM)")
+    if init_from and not str(init_from).startswith("gs://"):
+        raise ValueError(f"INIT_FROM={init_from}: must be on gs:// (a new TPU VM does not have this path; copy the "
+                         "folder to your bucket: gcloud storage cp -r DIR gs://BUCKET/models/)")
+    return model_dir, init_from
 
 
-def create_commands(s: Slice) -> list[list[str]]:
-    capacity = ["--spot"] if s.spot else ["--reserved"] if s.reserved else []
-    if s.queued:
-        return [["gcloud", "compute", "tpus", "queued-resources", "create", s.name, f"--node-id={s.name}",
-                 f"--accelerator-type={s.accelerator_type}", f"--runtime-version={s.runtime_version}",
-                 *capacity, *s.where()]]
-    return [["gcloud", "compute", "tpus", "tpu-vm", "create", s.name, f"--accelerator-type={s.accelerator_type}",
-             f"--version={s.runtime_version}", *capacity, *s.where()]]
+def vm_name(name: str) -> str:
+    """A valid TPU VM name for `name` (a sweep's run name, say): a lower-case letter first, then letters, digits
+    and `-`, at most 61 characters (a multi-slice node adds `-<i>`)."""
+    out = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    out = out if out[:1].isalpha() else f"t-{out}".rstrip("-")
+    return out[:61].rstrip("-")
 
 
-def queued_state_command(s: Slice) -> list[str]:
-    return ["gcloud", "compute", "tpus", "queued-resources", "describe", s.name, *s.where(),
-            "--format=value(state.state)"]
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--name", required=True, help="TPU VM (and queued resource) name")
+    p.add_argument("--zone", required=True)
+    p.add_argument("--accelerator_type", required=True, help="e.g. v5p-8, v6e-8, v5litepod-16")
+    p.add_argument("--runtime_version", help="TPU software version (default: by accelerator family)")
+    p.add_argument("--topology", help="the slice's topology for the fit check (default: the accelerator type's)")
+    p.add_argument("--project")
+    capacity = p.add_mutually_exclusive_group()
+    capacity.add_argument("--spot", action="store_true", help="spot capacity (cheaper; can be preempted)")
+    capacity.add_argument("--reserved", action="store_true", help="use a reservation")
+    p.add_argument("--queued", action="store_true", help="create through a queued resource (waits for capacity)")
+    p.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN (a queued resource)")
+    p.add_argument("--max_relaunches", type=int, default=Options.max_relaunches)
+    p.add_argument("--poll_s", type=float, default=Options.poll_s, help="seconds between looks at the job and VMs")
+    p.add_argument("--heartbeat_s", type=float, default=Options.heartbeat_s, help="the job's state and log writes")
+    p.add_argument("--stale_s", type=float, default=Options.stale_s, help="a job silent this long is relaunched")
+    p.add_argument("--keep", action="store_true", help="do not delete the VM at the end")
+    p.add_argument("--skip_aot_check", action="store_true", help="launch without compiling for the topology first")
+    p.add_argument("--dry_run", action="store_true", help="print what would run; create and run nothing")
+    p.add_argument("--rehearse", type=int, metavar="N", help="rehearse the whole launch here with N workers, a "
+                   "local GCS emulator, a small model, an SSH drop and a preemption (launch.rehearsal)")
+    return p
 
 
-def vm_state_command(s: Slice) -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "describe", s.name, *s.where(), "--format=value(state)"]
-
-
-def delete_command(s: Slice) -> list[str]:
-    if s.queued:
-        return ["gcloud", "compute", "tpus", "queued-resources", "delete", s.name, *s.where(), "--force", "--quiet"]
-    return ["gcloud", "compute", "tpus", "tpu-vm", "delete", s.name, *s.where(), "--quiet"]
-
-
-def on_all_workers(s: Slice, remote_command: str) -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", s.name, *s.where(), "--worker=all",
-            f"--command={remote_command}"]
-
-
-def sync_commands(s: Slice, archive: pathlib.Path) -> list[list[str]]:
-    """Copy the code archive to every worker and unpack it into REMOTE_DIR (replacing only its code files)."""
-    copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(archive), f"{s.name}:docmix.tar.gz", *s.where(),
-            "--worker=all"]
-    unpack = f'mkdir -p "{REMOTE_DIR}" && tar -xzf "$HOME/docmix.tar.gz" -C "{REMOTE_DIR}"'
-    return [copy, on_all_workers(s, unpack)]
-
-
-def setup_command(s: Slice) -> list[str]:
-    """Python 3.11 (from the OS packages when missing), a venv and the pinned requirements with the TPU extra."""
-    script = " && ".join([
-        "set -e",
-        "(command -v python3.11 >/dev/null || "
-        "(sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv))",
-        f'python3.11 -m venv "{REMOTE_DIR}/.venv"',
-        f'"{REMOTE_DIR}/.venv/bin/pip" install -q --upgrade pip',
-        f'"{REMOTE_DIR}/.venv/bin/pip" install -q -r "{REMOTE_DIR}/requirements-tpu.txt"',
-    ])
-    return on_all_workers(s, script)
-
-
-def train_command(s: Slice, train_args: Sequence[str]) -> list[str]:
-    """`python train.py --distributed ARGS` on every worker; each argument is shell-quoted for the remote shell."""
-    remote = f'cd "{REMOTE_DIR}" && .venv/bin/python train.py ' + shlex.join(["--distributed", *train_args])
-    return on_all_workers(s, remote)
-
-
-def code_files(root: pathlib.Path = ROOT) -> list[str]:
-    """The repository's files as a clone has them: `git ls-files` in a git checkout; elsewhere (a release tarball,
-    a copied tree) every file not excluded by the top-level .gitignore (runs, caches, venvs stay home)."""
-    if (root / ".git").exists():
-        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout
-        return [name for name in listed.decode().split("\0") if name and (root / name).is_file()]
-    patterns = [line.strip() for line in (root / ".gitignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")] if (root / ".gitignore").is_file() else []
-
-    def ignored(rel: pathlib.PurePosixPath) -> bool:
-        for pattern in [*patterns, ".git/"]:
-            anchored, body = pattern.startswith("/"), pattern.strip("/")
-            candidates = [str(rel)] if anchored else [rel.name]
-            if any(fnmatch.fnmatch(c, body) for c in candidates):
-                return True
-        return False
-
-    files = []
-    for folder, dirs, names in os.walk(root):
-        base = pathlib.PurePosixPath(pathlib.Path(folder).relative_to(root).as_posix())
-        dirs[:] = sorted(d for d in dirs if not ignored(base / d))
-        files += [str(base / n) if str(base) != "." else n for n in sorted(names) if not ignored(base / n)]
-    return files
-
-
-def code_archive(destination: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.Path:
-    """A .tar.gz of the repository's files (`code_files`) as they are in the working tree."""
-    with tarfile.open(destination, "w:gz") as tar:
-        for name in code_files(root):
-            tar.add(root / name, arcname=name)
-    return destination
-
-
-def model_dir_of(train_args: Sequence[str]) -> str | None:
-    for arg in train_args:
-        if arg.startswith("--gin.MODEL_DIR="):
-            return arg.split("=", 1)[1].strip("'\"")
-    return None
-
-
-@dataclasses.dataclass
-class Launcher:
-    """Runs (or, with dry_run, prints) the commands; `run` returns the exit status of one command."""
-    slice: Slice
-    dry_run: bool = False
-    poll_seconds: float = 30.0
-    out: Callable[[str], None] = print
-
-    def run(self, command: list[str], capture: bool = False) -> tuple[int, str]:
-        self.out(("(dry run) " if self.dry_run else "+ ") + shlex.join(command))
-        if self.dry_run:
-            return 0, "READY" if capture else ""
-        done = subprocess.run(command, capture_output=capture, text=True)
-        return done.returncode, (done.stdout or "").strip() if capture else ""
-
-    def must(self, command: list[str]) -> None:
-        rc, _ = self.run(command)
-        if rc:
-            raise RuntimeError(f"exit status {rc}: {shlex.join(command)}")
-
-    def create(self) -> None:
-        for command in create_commands(self.slice):
-            self.must(command)
-        while self.slice.queued:  # a queued resource becomes ACTIVE once capacity is granted
-            rc, state = self.run(queued_state_command(self.slice), capture=True)
-            if self.dry_run or state == "ACTIVE":
-                break
-            if state in ("FAILED", "SUSPENDED"):
-                raise RuntimeError(f"queued resource {self.slice.name} is {state}")
-            time.sleep(self.poll_seconds)
-
-    def vm_state(self) -> str:
-        rc, state = self.run(vm_state_command(self.slice), capture=True)
-        return state if rc == 0 else ""   # describe fails once the VM is gone
-
-    def train(self, train_args: Sequence[str], archive: pathlib.Path, max_relaunches: int, keep: bool) -> int:
-        attempt = 0
-        try:
-            while True:
-                self.create()
-                for command in [*sync_commands(self.slice, archive), setup_command(self.slice)]:
-                    self.must(command)
-                rc, _ = self.run(train_command(self.slice, train_args))
-                state = self.vm_state()
-                if state not in GONE_STATES:
-                    self.out(f"launch.tpu: train.py finished with exit status {rc} (VM {state})")
-                    return rc
-                attempt += 1
-                if attempt > max_relaunches:
-                    self.out(f"launch.tpu: preempted {attempt} times, no relaunches left")
-                    return 3
-                self.out(f"launch.tpu: VM {self.slice.name} is {state or 'gone'}: relaunch {attempt} of "
-                         f"{max_relaunches}, resuming from MODEL_DIR")
-                self.run(delete_command(self.slice))
-        finally:
-            if not keep:
-                self.run(delete_command(self.slice))
+def slice_of(args: argparse.Namespace) -> Slice:
+    name = vm_name(args.name)
+    if name != args.name:
+        print(f"launch.tpu: --name={args.name}: the TPU VM is named {name} (lower case letters, digits and -)")
+    runtime = args.runtime_version or cloud.default_runtime(args.accelerator_type)
+    return Slice(name, args.zone, args.accelerator_type, runtime, args.project, args.spot, args.reserved,
+                 args.queued, args.num_slices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from launch import topology
+
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--name", required=True, help="TPU VM (and queued resource) name")
-    parser.add_argument("--zone", required=True)
-    parser.add_argument("--accelerator_type", required=True, help="e.g. v5p-8, v6e-8, v5litepod-16")
-    parser.add_argument("--runtime_version", help="TPU software version (default: by accelerator family)")
-    parser.add_argument("--project")
-    capacity = parser.add_mutually_exclusive_group()
-    capacity.add_argument("--spot", action="store_true", help="spot capacity (cheaper; can be preempted)")
-    capacity.add_argument("--reserved", action="store_true", help="use a reservation")
-    parser.add_argument("--queued", action="store_true", help="create through a queued resource")
-    parser.add_argument("--max_relaunches", type=int, default=10, help="relaunches after preemption")
-    parser.add_argument("--poll_seconds", type=float, default=30.0, help="queued-resource polling interval")
-    parser.add_argument("--keep", action="store_true", help="do not delete the VM at the end")
-    parser.add_argument("--dry_run", action="store_true", help="print the gcloud commands instead of running them")
-    args = parser.parse_args(ours)
-    model_dir = model_dir_of(train_args)
-    if not train_args or model_dir is None or not model_dir.startswith("gs://"):
-        print("launch.tpu: pass train.py's flags after `--`, including --gin.MODEL_DIR=gs://... (a relaunched VM "
-              "resumes from it; a local MODEL_DIR would be lost with the VM)", file=sys.stderr)
-        return 2
-    try:
-        runtime = args.runtime_version or default_runtime(args.accelerator_type)
-    except ValueError as e:
-        print(f"launch.tpu: {e}", file=sys.stderr)
-        return 2
-    tpu = Slice(args.name, args.zone, args.accelerator_type, runtime, args.project, args.spot, args.reserved,
-                args.queued)
-    launcher = Launcher(tpu, dry_run=args.dry_run, poll_seconds=args.poll_seconds)
+    args = parser().parse_args(ours)
+    s = slice_of(args)
+    if args.rehearse is not None:
+        from launch import rehearsal
+
+        return rehearsal.run(s, args.rehearse, args.max_relaunches, train_args)
+    model_dir, _ = run_paths(train_args)
+    topo = None if args.skip_aot_check else args.topology or topology.topology_of(args.accelerator_type)
+    options = Options(max_relaunches=args.max_relaunches, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s,
+                      stale_s=args.stale_s, keep=args.keep)
+    return launch(s, Gcloud(dry_run=args.dry_run), model_dir, train_args, options, topo)
+
+
+def launch(s: Slice, gcloud: Gcloud, model_dir: str, train_args: Sequence[str], options: Options,
+           aot_topology: str | None, out: Callable[[str], None] = print) -> int:
+    """Checks the fit on `aot_topology` (None: no check), then runs the Launcher; the exit status."""
+    from launch import aot, memory
+
+    if aot_topology is not None:
+        check = ["python", "-m", "launch.aot", f"--topology={aot_topology}", f"--num_slices={s.num_slices}", "--",
+                 *train_args]
+        if gcloud.dry_run:
+            out("(dry run, not run) " + shlex.join(check))
+        else:
+            out(f"launch.tpu: checking that the step fits {aot_topology} (launch.aot; minutes for a large model)")
+            report = aot.check(train_args, aot_topology, s.num_slices)
+            out(memory.format_report(report))
+            if not report["fits"]:
+                raise ValueError(f"the run does not fit {aot_topology} with {memory.HBM_FREE:.0%} of HBM free; "
+                                 f"nothing was created. Try: {report['suggestion']}")
     with tempfile.TemporaryDirectory() as tmp:
-        archive = code_archive(pathlib.Path(tmp) / "docmix.tar.gz")
-        try:
-            return launcher.train(train_args, archive, args.max_relaunches, args.keep)
-        except RuntimeError as e:
-            print(f"launch.tpu: {e}", file=sys.stderr)
-            return 1
+        archive = remote.code_archive(pathlib.Path(tmp) / remote.ARCHIVE)
+        return Launcher(s, gcloud, model_dir, train_args, archive, options, out).run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_codes.run(main, "launch.tpu"))

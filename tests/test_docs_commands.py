@@ -10,8 +10,8 @@ quick start installs; tests/test_fresh_machine.py runs the quick start itself in
 prints after its summary run right after it. A new command in a ```bash block is covered automatically.
 
 Scaled down (`scale`): --count 12, --num_batches 2, --epochs 1, train.py with TRAIN_STEPS=2, BATCH_SIZE=8,
-SEQ_LEN=64 and 2 held-out batches; bench scripts with one seed and 2 steps. Inputs the docs say the user brings are
-made first (`user_files`): a gzipped replay corpus at replay/ and bucket/replay/, synthetic documents at
+SEQ_LEN=64, 2 held-out batches and one microbatch; bench scripts with one seed and 2 steps. Inputs the docs say the
+user brings are made first (`user_files`): a gzipped replay corpus at replay/ and bucket/replay/, synthetic documents at
 bucket/synth/, and alpaca.jsonl.
 
 `EXTERNAL` lists every command that needs something a CI machine does not have, each with why and its scaled-down
@@ -47,6 +47,7 @@ CREATE_VENV = r"^python3\.11 -m venv \.venv && (\. \.venv/bin/activate && )((pip
 
 # (pattern, why it cannot run on CI, substitute). Substitutes are applied in order to a command matching `pattern`.
 Substitute = Callable[[str, dict], str]
+EIGHT_B = r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b|gs://BUCKET/models/llama-3\.1-8b"
 EXTERNAL: list[tuple[str, str, Substitute]] = [
     (CREATE_VENV, "creates the venv and installs from PyPI: the checkout's .venv is the tests' venv, which has those "
      "packages (.ci/run runs the test command as written, tests/test_fresh_machine.py the quick start)",
@@ -63,8 +64,10 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      lambda c, ctx: re.sub(r"--base-url \S+", f"--base-url {ctx['llm_url']}", c)),
     (r"^python -m eval\.anima_data fetch", "the Hugging Face Hub (a local server with the shared ANIMA copy)",
      lambda c, ctx: f"HF_ENDPOINT={ctx['hub']} {c}"),
-    (r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b", "real 8B weights (the demo run's export instead)",
-     lambda c, ctx: re.sub(r"/models/Llama-3\.1-8B-Instruct|/mnt/disks/llama-3\.1-8b", "runs/demo/hf", c)),
+    (r"^python -m launch\.tpu --rehearse=", "run as documented by tests/test_rehearsal.py, which reads it from "
+     "README.md (two minutes)", lambda c, ctx: "true"),
+    (rf"^(?!python -m launch\.tpu ).*({EIGHT_B})", "real 8B weights (the demo run's export instead; launch.tpu's "
+     "dry run keeps them: it reads nothing)", lambda c, ctx: re.sub(EIGHT_B, "runs/demo/hf", c)),
     (r"^(?!python -m launch\.tpu ).*gs://BUCKET/", "a Cloud Storage bucket (a local folder instead; launch.tpu's dry "
      "run keeps gs://, which it requires and never touches)", lambda c, ctx: c.replace("gs://BUCKET/", "bucket/")),
     (r"train\.py --distributed", "a multi-host TPU slice (one local process instead)",
@@ -73,7 +76,9 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
      lambda c, ctx: re.sub(r"--grader \S+", f"--grader hf/{ctx['grader']}", c)
      + " --limit 1 --max_tokens 8 --grader_max_tokens 8"),
     (r"launch\.aot .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
-     lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=8 --gin.SEQ_LEN=128"),
+     lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=16 --gin.SEQ_LEN=128"),
+    (r"launch\.aot .*--gin\.INIT_FROM=runs/demo/hf", "an 8B compile takes minutes and GBs of RAM (the demo run's "
+     "export as INIT_FROM, a small batch)", lambda c, ctx: c + " --gin.BATCH_SIZE=16 --gin.SEQ_LEN=128"),
     (r"^python sweep\.py sweeps/smollm2(_cpu)?\.toml$", "hours of SmolLM2 training on a CPU (--help)",
      lambda c, ctx: "python sweep.py --help"),
     (r"experiments\.durability sweeps/durability_smollm2(_cpu)?\.toml", "hours of SmolLM2 training on a CPU (--help)",
@@ -91,8 +96,9 @@ NEEDS_EXTRA = [(r"^python -m launch\.aot ", "tpu", "error"), (r"^pip install -r 
 RUN_BY_ITS_OWN_TEST = {"tpu"}  # with the extra, these run in test_documented_commands_that_need_the_tpu_extra
 SCALE = [(r"--count \d+", "--count 12"), (r"--num_batches \d+", "--num_batches 2"), (r"--epochs \d+", "--epochs 1"),
          (r"--seeds( \d+)+", "--seeds 0"), (r"--steps \d+", "--steps 2")]
+# One microbatch: runs/midtrain.gin's 2 (for its 64 rows) would leave 4 rows for the 8 fake devices.
 TRAIN_SCALE = (" --gin.TRAIN_STEPS=2 --gin.BATCH_SIZE=8 --gin.SEQ_LEN=64 --gin.CHECKPOINT_EVERY=2"
-               " --gin.TrainConfig.eval_batches=2")
+               " --gin.TrainConfig.eval_batches=2 --gin.TrainConfig.microbatches=1")
 # Documented experiment files whose runs are checked, scaled like train.py's runs, by their own tests (running them
 # here as well cost ~5 min of the suite).
 COVERED_BY = {"sweeps/durability_demo.toml": "tests/test_durability.py", "sweeps/demo.toml": "tests/test_sweep.py"}

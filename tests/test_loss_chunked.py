@@ -2,6 +2,8 @@
 on full logits: every sum (z-loss, loss weights, per-component) and the gradients of the objective, tied and untied
 heads, on one device and on a data x fsdp x tensor mesh; and, structurally, that no `[rows, seq, vocab]` array exists
 in the chunked program (forward or backward) while the reference program has one."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +99,27 @@ def test_chunked_loss_on_a_mesh_matches_one_device():
     np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
     jax.tree.map(lambda a, r: np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-7),
                  grad, ref_grad)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_compute_sums_the_output_kernel_gradient_over_blocks_in_float32(tied):
+    """With bf16 compute the chunked loss's output-kernel gradient is the unchunked one (one float32 product over all
+    positions, rounded to bf16 once), not a bf16 running sum over blocks: 64 blocks of one position each, every
+    element within one bf16 rounding of the reference (a bf16 running sum misses by several)."""
+    config = dataclasses.replace(tiny(tied), compute_dtype="bfloat16")
+    graphdef, params = nnx.split(state_lib.Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+    rng = np.random.default_rng(3)
+    seq = 65  # 64 predicting positions
+    b = dict(tokens=rng.integers(0, V, (B, seq)).astype(np.int32), segment_ids=np.ones((B, seq), np.int32),
+             positions=np.tile(np.arange(seq, dtype=np.int32), (B, 1)), loss_mask=np.ones((B, seq), np.float32),
+             component=np.array([0, 1, 2, 1], np.int32))
+    b = {k: jnp.asarray(v) for k, v in b.items()}
+
+    def kernel_grad(chunk):
+        grad = jax.jit(jax.grad(lambda p: objective(graphdef, chunk, z_loss=0.0)(p, b)[0]))(params)
+        leaf = grad["embed"]["embedding"] if tied else grad["lm_head"]["kernel"]
+        return np.asarray(leaf[...], np.float64)
+
+    ref, got = kernel_grad(None), kernel_grad(1)
+    ulp = np.abs(ref) * 2.0 ** -8 + 1e-30        # one bf16 ulp is 2^-7 relative at worst; half of it at best
+    assert np.max(np.abs(got - ref) / ulp) <= 1.0, np.max(np.abs(got - ref) / ulp)

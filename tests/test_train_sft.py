@@ -51,7 +51,8 @@ def test_sft_from_hf_trains_only_on_assistant_tokens(hf_dir, tmp_path):
     args = ["--gin_file=runs/sft.gin", f"--gin.MODEL_DIR={tmp_path / 'run'}",
             f"--gin.INIT_FROM={hf_dir}", f"--gin.SFT_FILES=('{data}',)", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=2",
             "--gin.SEQ_LEN=64", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.peak_flops=1e12",
-            "--gin.CheckpointConfig.export_dtype='float32'"]
+            "--gin.CheckpointConfig.export_dtype='float32'",
+            "--gin.model_from_init.runtime={}"]  # float32 compute, to compare with transformers in float32
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -162,6 +162,22 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
     With no gin files the embedded demo run (`runs/demo.gin`) is used. Raises ConfigError naming the file,
     binding, macro or field at fault.
     """
+    parse(gin_files, bindings, search_paths)
+    try:
+        run = gin.get_configurable(RunConfig)()
+    except (TypeError, ValueError) as e:  # dataclass validation; gin appends the configurable it was building
+        raise ConfigError(_name_macros(str(e))) from e
+    unused = _unused_macros()
+    if unused:
+        raise ConfigError(f"macro(s) {', '.join(sorted(unused))} are bound but never used (a typo?); "
+                          f"macros every run understands: {', '.join(KNOWN_MACROS)}")
+    _check_consistent(run)
+    return dataclasses.replace(run, gin_text=gin.operative_config_str())
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> None:
+    """The first half of `load`: parses the files and bindings into gin's config and checks the macros, building
+    nothing and reading nothing the run names (INIT_FROM, corpora); `bound()` then reads single values."""
     gin.clear_config()
     for path in [*search_paths, ".", str(CONFIG_ROOT)]:
         if path not in gin.config._LOCATION_PREFIXES:  # gin has no public getter; append-only list of prefixes
@@ -173,16 +189,18 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
     except (ValueError, IOError, SyntaxError) as e:  # gin reports unknown configurables/params with file and line
         raise ConfigError("gin: " + re.sub(r"\s*\n\s*", "; ", str(e).strip())) from e  # one line
     _check_macros()
+
+
+def bound(selector: str) -> Any:
+    """After `parse`: the value bound to `selector` (`TrainConfig.model_dir`, `INIT_FROM/macro.value`) with macros
+    resolved, or None when nothing binds it."""
     try:
-        run = gin.get_configurable(RunConfig)()
-    except (TypeError, ValueError) as e:  # dataclass validation; gin appends the configurable it was building
-        raise ConfigError(_name_macros(str(e))) from e
-    unused = _unused_macros()
-    if unused:
-        raise ConfigError(f"macro(s) {', '.join(sorted(unused))} are bound but never used (a typo?); "
-                          f"macros every run understands: {', '.join(KNOWN_MACROS)}")
-    _check_consistent(run)
-    return dataclasses.replace(run, gin_text=gin.operative_config_str())
+        value = gin.query_parameter(selector)
+    except ValueError:
+        return None
+    while isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
+        value = gin.query_parameter(value.scoped_selector.split("/")[0] + "/macro.value")
+    return value
 
 
 @contextlib.contextmanager

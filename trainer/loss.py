@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from models import layers, sharding
+from models import sharding
 
 
 class LossSums(NamedTuple):
@@ -71,6 +71,27 @@ def predicting_loss_sums(logits: jax.Array, batch: dict[str, jax.Array], num_com
                  batch["component"], num_components)
 
 
+@jax.custom_vjp
+def _block_logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`[B, c, E]` hidden states and the float32 `[E, V]` kernel -> float32 logits `[B, c, V]`, the product computed
+    in h's dtype. The backward is `layers.projection`'s, except that the kernel's gradient stays float32 (the
+    float32 product of the block, not rounded to the compute dtype) so that blocks are summed in float32."""
+    return jnp.einsum("bse,ev->bsv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _block_logits_forward(h, kernel):
+    return _block_logits(h, kernel), (h, kernel)
+
+
+def _block_logits_backward(saved, g):
+    h, kernel = saved
+    return (jnp.einsum("bsv,ev->bse", g, kernel.astype(h.dtype)).astype(h.dtype),
+            jnp.einsum("bse,bsv->ev", h, g).astype(kernel.dtype))
+
+
+_block_logits.defvjp(_block_logits_forward, _block_logits_backward)
+
+
 def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[str, jax.Array],
                       num_components: int, chunk: int) -> LossSums:
     """`loss_sums` of the logits `hidden @ output_kernel`, computed `chunk` sequence positions at a time.
@@ -78,8 +99,11 @@ def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[s
     hidden `[B, S, E]`, output_kernel `[E, V]`; blocks are the largest divisor of S that is at most `chunk` positions
     (S itself when `chunk >= S`). Only one `[B, block, V]` float32 block of logits
     exists at a time, forward and backward: the chunk body is rematerialised (`jax.checkpoint`) inside a
-    `jax.lax.scan`, so its gradient is also computed one block at a time and the kernel's gradient is accumulated
-    across blocks. The sums equal `loss_sums(einsum(hidden, output_kernel))` up to float summation order.
+    `jax.lax.scan`, so its gradient is also computed one block at a time. The products are computed in hidden's
+    (compute) dtype, and the kernel's gradient is summed across blocks in float32, then cast to output_kernel's dtype
+    once: the same rounding as the one product over all positions that the unchunked loss makes (a bf16 running sum
+    would round once per block). The sums equal `loss_sums(einsum(hidden, output_kernel))` up to float summation
+    order.
     """
     batch_size, seq, _ = hidden.shape
     chunk = max(d for d in range(1, min(chunk, seq) + 1) if seq % d == 0)
@@ -91,11 +115,13 @@ def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[s
         x = x.reshape(batch_size, seq // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
         return sharding.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
 
+    kernel = output_kernel.astype(jnp.float32)  # the scan sums each block's kernel gradient in this dtype
+
     @jax.checkpoint
     def block(carry, xs):
         row_loss, z_loss = carry
         h, target, weight = xs
-        logits = layers.projection("bse,ev->bsv", jnp.float32)(h, output_kernel)
+        logits = _block_logits(h, kernel)
         ce, lse = _cross_entropy(sharding.constrain(logits, ("act_batch", "act_seq", "act_vocab")), target)
         return (row_loss + jnp.sum(weight * ce, axis=1), z_loss + jnp.sum(weight * lse * lse)), None
 

@@ -49,7 +49,8 @@ def check_batch_fits_mesh(batch_size: int, microbatches: int, mesh: Mesh) -> Non
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % rows or (batch_size // microbatches) % rows:
         raise ValueError(f"BATCH_SIZE={batch_size} (microbatches={microbatches}) must split evenly over the "
-                         f"{rows} data-parallel devices of mesh {dict(mesh.shape)}")
+                         f"{rows} data-parallel devices of mesh {dict(mesh.shape)}: each microbatch of "
+                         f"BATCH_SIZE / TrainConfig.microbatches rows needs a multiple of {rows} rows")
 
 
 def batch_spec(mesh: Mesh, batch_size: int) -> P:
