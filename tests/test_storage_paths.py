@@ -44,9 +44,20 @@ ALLOWED = {
     ("data/synth/store.py", "JsonlStore"): "the generation journal, appended to after every item (crash-safe "
                                            "resume): local only, as an object store cannot append",
     ("data/synth/cli.py", "cmd_generate"): "the same local journal; a gs:// --out is refused before this line",
-    ("launch/tpu.py", "code_files"): "lists the repository's own files for the code archive",
-    ("launch/tpu.py", "code_archive"): "writes the code archive to a local temporary file",
-    ("launch/tpu.py", "main"): "a local temporary folder for the code archive",
+    ("launch/remote.py", "code_files"): "lists the repository's own files for the code archive",
+    ("launch/remote.py", "code_archive"): "writes the code archive to a local temporary file",
+    ("launch/tpu.py", "launch"): "a local temporary folder for the code archive",
+    ("launch/aot.py", "run_all"): "a local temporary folder holding the config.json of a compile's INIT_FROM",
+    ("launch/job.py", "<module>"): "the job's log folder on the worker's own disk (copied to MODEL_DIR/launch/ "
+                                   "through storage)",
+    ("launch/job.py", "Job.run"): "the same log file on the worker's own disk",
+    ("launch/local_cloud.py", "LocalCloud.preempt"): "the local cloud's stand-in VMs are folders on this machine",
+    ("launch/local_cloud.py", "LocalCloud.delete"): "the same stand-in VM folders",
+    ("launch/local_cloud.py", "LocalCloud.scp"): "copies between this machine and a stand-in VM's folder",
+    ("launch/local_cloud.py", "check_requirements"): "reads the repository's own requirements files",
+    ("launch/local_cloud.py", "main"): "the local cloud's state folder on this machine",
+    ("launch/rehearsal.py", "stage"): "reads the generated demo assets from their local cache",
+    ("launch/rehearsal.py", "run"): "the rehearsal's local temporary folder (its cloud and worker homes)",
 }
 
 
