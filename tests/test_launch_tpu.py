@@ -27,7 +27,8 @@ import storage
 
 model_dir = storage.Path(os.environ["FAKE_MODEL_DIR"])
 rank = int(os.environ.get("DOCMIX_PROCESS_ID", "0"))
-storage.append_text(model_dir / f"argv-{rank}.jsonl", json.dumps(sys.argv[1:]) + "\n")
+argv_log = model_dir / f"argv-{rank}.jsonl"
+argv_log.write_text((argv_log.read_text() if argv_log.exists() else "") + json.dumps(sys.argv[1:]) + "\n")
 stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 progress = model_dir / "progress.json"
@@ -61,7 +62,7 @@ class Cloud:
         code = tmp / "code"
         for name in ("launch", "storage"):
             shutil.copytree(REPO / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
-        for name in ("exit_codes.py", "requirements.txt", *remote.REQUIREMENTS):
+        for name in ("exit_codes.py", "platforms.py", "requirements.txt", *remote.REQUIREMENTS):
             shutil.copyfile(REPO / name, code / name)
         (code / "train.py").write_text(FAKE_TRAIN)
         self.archive = remote.code_archive(tmp / remote.ARCHIVE, code)
