@@ -139,6 +139,27 @@ def test_gs_exports_keep_every_object_they_did_not_write(gcs, run_dir, capsys): 
     assert storage.list_files(f"{URL}/exports") == [f"hf/{name}" for name in storage.list_files(out)]  # no sibling
 
 
+def test_gs_hf_to_orbax_overwrites_nothing_and_writes_beside_what_out_holds(gcs, run_dir, tmp_path,  # noqa: F811
+                                                                            capsys):
+    from tests.test_convert import hf_to_orbax
+    from trainer import checkpoint
+
+    hf = tmp_path / "hf"
+    assert orbax_to_hf(run_dir, hf, "--dtype", "float32") == 0
+    out = f"{URL}/converted"
+    storage.Path(out, "tokenizer", "tokenizer.json").write_text("mine")
+    storage.Path(out, "README.md").write_text("my notes")
+    assert hf_to_orbax(hf, out) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer/tokenizer.json" in err and err.count("\n") == 1
+    assert storage.Path(out, "tokenizer", "tokenizer.json").read_text() == "mine"
+    storage.Path(out, "tokenizer", "tokenizer.json").unlink()
+    assert hf_to_orbax(hf, out) == 0
+    assert storage.Path(out, "README.md").read_text() == "my notes"
+    np.testing.assert_array_equal(np.asarray(checkpoint.restore_model(out)[0].embed.embedding[...]),
+                                  np.asarray(checkpoint.restore_model(run_dir)[0].embed.embedding[...]))
+
+
 def test_a_complete_gs_export_can_be_read_at_every_moment(gcs, run_dir, monkeypatch):  # noqa: F811
     """The replacement stops (a crash) right after the marker sends readers to the new export's sibling: readers
     load the complete new export from there; the next export finishes the replacement and removes the sibling."""
