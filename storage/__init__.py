@@ -13,7 +13,8 @@ download), `atomic_write` makes a file appear whole (a local temporary file rena
 once its upload ends), `list_files` lists a folder recursively (one listing of the prefix; `list_entries` also its
 folders and links), `move_tree` copies then deletes (no rename), `local_file` gives libraries that only open local
 files (tokenizers) a cached local copy, and `LocalMirror` lets a writer that only writes local files (TensorBoard)
-write to a remote folder by syncing.
+write to a remote folder by syncing. What docmix writes locally gets the modes of the process's umask, also where a
+library creates it private (`follow_umask`).
 """
 from __future__ import annotations
 
@@ -153,6 +154,29 @@ def remove_empty_folder(path: PathLike) -> bool:
     except OSError:
         return False
     return True
+
+
+def umask() -> int:
+    """This process's file mode creation mask. Linux reports it in /proc/self/status; elsewhere it can only be read
+    by setting it, so it is set back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def follow_umask(path: PathLike) -> None:
+    """Gives a local file or folder the mode that creating it plainly gives under the process's umask (0644 and
+    0755 under umask 022, 0640 and 0750 under 027), for what a library creates private and docmix hands to the user:
+    tempfile's folders (0700) and safetensors' files (a 0600 temporary file renamed into place). A URL: nothing
+    (objects have no modes)."""
+    if is_remote(path):
+        return
+    full = 0o777 if os.path.isdir(os.fspath(path)) else 0o666
+    os.chmod(os.fspath(path), full & ~umask())
 
 
 def _cache_root() -> pathlib.Path:

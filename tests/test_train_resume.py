@@ -88,6 +88,14 @@ def test_resume_after_sigkill_is_bit_identical(reference, tmp_path):
         assert (model_dir / "hf" / name).read_bytes() == (reference / "hf" / name).read_bytes()
 
 
+def test_run_directory_follows_the_umask(reference):
+    """Everything train.py wrote, its export included, has the modes this process's umask gives."""
+    import storage
+    from tests.test_file_modes import wrong_modes
+
+    assert wrong_modes(reference, storage.umask()) == []
+
+
 def test_keep_policy_and_layout(reference):
     steps = sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 6, 8]                      # latest 2, plus every 4th forever

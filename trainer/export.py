@@ -6,7 +6,9 @@ folder or an empty one; an earlier export only with `overwrite` (train.py's own 
 MODEL_DIR/hf), and only while it holds nothing but the files its marker lists (one listing of the folder, local or a
 gs:// prefix). Anything else — a user's folder, a run directory, a folder with checkpoints, an export with a file,
 a folder (even an empty one; on gs:// a folder's placeholder object) or a symbolic link added — is refused before any
-parameters are read, naming what is there, and nothing the marker does not list is ever touched.
+parameters are read, naming what is there, and nothing the marker does not list is ever touched. Files and folders
+written locally get the modes the process's umask gives (0644/0755 under umask 022), also the temporary folder that
+becomes the export and safetensors' files.
 
 How an earlier export is replaced, and what a reader sees meanwhile:
 - local: the new export is written to a temporary sibling `.NAME.writing-*` and swapped in by two renames (the old
@@ -139,6 +141,7 @@ def _export_local(model: Transformer, out_dir: storage.Path, *, dtype: str, toke
                   ) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = storage.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
+    storage.follow_umask(tmp)  # it becomes out_dir: the umask's mode, not tempfile's private 0700
     try:
         hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
         _write_marker(tmp, dtype, source)
@@ -147,6 +150,7 @@ def _export_local(model: Transformer, out_dir: storage.Path, *, dtype: str, toke
             storage.move_tree(tmp, out_dir)  # a rename onto an empty folder replaces it
             return
         old = storage.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+        storage.follow_umask(old)  # holds the earlier export until it is removed (after a crash, for good)
         storage.move_tree(out_dir, old / "export")  # a crash here leaves the earlier export complete, under `old`
         try:
             storage.move_tree(tmp, out_dir)
