@@ -7,6 +7,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from tests import extras, gcs_emulator
 
@@ -96,6 +97,28 @@ def test_truncate_after_folds_leftover_parts_in(gcs):
     metrics_file.truncate_after(path, 3)
     assert metrics_file.read(path) == records([1, 2, 3])
     assert storage.list_files(metrics_file.parts_dir(path)) == []
+
+
+def test_a_torn_record_in_metrics_or_a_part_is_dropped_and_the_resume_rewrite_leaves_whole_lines(gcs, caplog):
+    """metrics.jsonl and a part each end in a torn record (as copied from a file a kill cut short): readers drop each
+    with a warning naming its object and line, and the rewrite at resume folds the rest in, whole lines again. A
+    malformed line in a part that is not its last is an error naming the part and line."""
+    from tests.test_metrics_file import lines, records as metrics_records, torn, warnings
+
+    path = f"{URL}/torn/metrics.jsonl"
+    parts = metrics_file.parts_dir(path)
+    storage.Path(path).write_text(lines([1, 2]) + torn(3))
+    (parts / f"{1:012d}.jsonl").write_text(lines([3]) + torn(4))
+    (parts / f"{2:012d}.jsonl").write_text(lines([4, 5]))
+    assert metrics_file.read(path) == metrics_records([1, 2, 3, 4, 5])
+    assert sorted(w.split(": ")[0] for w in warnings(caplog)) == sorted([f"{path}:3", f"{parts}/{1:012d}.jsonl:2"])
+    metrics_file.truncate_after(path, 4)
+    metrics_file.MetricsFile(path).append(metrics_records([5]))
+    assert storage.Path(path).read_text() == lines([1, 2, 3, 4, 5])
+    assert storage.list_files(parts) == []
+    (parts / f"{3:012d}.jsonl").write_text(lines([6]) + torn(7) + "\n" + lines([8]))
+    with pytest.raises(ValueError, match=f"^{parts}/{3:012d}.jsonl:2: invalid JSON"):
+        metrics_file.read(path)
 
 
 def test_a_transient_error_while_restoring_is_retried_and_the_newest_checkpoint_resumes(gcs, tmp_path, monkeypatch,
