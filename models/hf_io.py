@@ -301,6 +301,7 @@ def save_pretrained(model: Transformer, out_dir: str | pathlib.Path | None, *, d
         tensors = {name: np.ascontiguousarray(tmap.to_hf(read()).astype(np_dtype)) for name, _, read, tmap in shard}
         if out_dir is not None:
             save_file(tensors, out_dir / file, metadata={"format": "pt"})
+            storage.follow_umask(out_dir / file)  # safetensors renames a private (0600) temporary file into place
         weight_map.update({name: file for name in tensors})
         del tensors
     if out_dir is None:

@@ -10,9 +10,11 @@ trainer/ (MODEL_DIR) and eval/ (results) all use it, and models/ must not import
 
 What object stores cannot do, the helpers here do explicitly: `read_range` reads one byte range (a ranged GET, not a
 download), `atomic_write` makes a file appear whole (a local temporary file renamed into place; an object is whole
-once its upload ends), `list_files` lists a folder recursively (one listing of the prefix), `move_tree` copies then
-deletes (no rename), `local_file` gives libraries that only open local files (tokenizers) a cached local copy, and
-`LocalMirror` lets a writer that only writes local files (TensorBoard) write to a remote folder by syncing.
+once its upload ends), `list_files` lists a folder recursively (one listing of the prefix; `list_entries` also its
+folders and links), `move_tree` copies then deletes (no rename), `local_file` gives libraries that only open local
+files (tokenizers) a cached local copy, and `LocalMirror` lets a writer that only writes local files (TensorBoard)
+write to a remote folder by syncing. What docmix writes locally gets the modes of the process's umask, also where a
+library creates it private (`follow_umask`).
 """
 from __future__ import annotations
 
@@ -98,6 +100,11 @@ def list_files(root: PathLike) -> list[str]:
     if not is_remote(root):
         folder = pathlib.Path(os.fspath(root))
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    return _objects(root)
+
+
+def _objects(root: PathLike) -> list[str]:
+    """The relative names of the objects under the prefix `root` (one listing), sorted."""
     fs, prefix = filesystem(root)
     fs.invalidate_cache(prefix)
     try:
@@ -105,6 +112,71 @@ def list_files(root: PathLike) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(name[len(prefix) + 1:] for name in names if name.startswith(prefix + "/"))
+
+
+def list_entries(root: PathLike) -> dict[str, str]:
+    """Everything under the folder `root`, recursively: relative name ('a/b.txt') -> "file", "folder" or "link"
+    (sorted by name; {} when it does not exist). Links are not followed: a symbolic link, to a folder or anything
+    else, is one entry. Locally every folder is an entry, an empty one too; an object store has folders only as
+    prefixes of objects, so there a folder is an entry only where a placeholder object 'a/' stands for it (what
+    consoles create for an empty folder)."""
+    if is_remote(root):
+        return {name.rstrip("/"): "folder" if name.endswith("/") else "file" for name in _objects(root)
+                if name.rstrip("/")}
+    found = {}
+    for folder, dirs, files in os.walk(os.fspath(root)):  # a link to a folder is listed in dirs, never entered
+        rel = pathlib.Path(folder).relative_to(os.fspath(root)).as_posix()
+        for name in dirs + files:
+            kind = "link" if os.path.islink(os.path.join(folder, name)) else "folder" if name in dirs else "file"
+            found[name if rel == "." else f"{rel}/{name}"] = kind
+    return dict(sorted(found.items()))
+
+
+def kind(path: PathLike) -> str | None:
+    """What is at `path`: "file", "folder", "link" (a local symbolic link, not followed) or None (nothing)."""
+    if is_remote(path):
+        path = Path(path)
+        return "file" if path.is_file() else "folder" if path.is_dir() else None
+    local = os.fspath(path)
+    if os.path.islink(local):
+        return "link"
+    return "folder" if os.path.isdir(local) else "file" if os.path.exists(local) else None
+
+
+def remove_empty_folder(path: PathLike) -> bool:
+    """Removes a local folder if it holds nothing and says whether it did (os.rmdir: the kernel refuses a folder that
+    holds anything, so nothing that appears in it meanwhile is lost, unlike epath's rmdir, which lists the folder
+    and then removes it whole). An object store has no folders: True."""
+    if is_remote(path):
+        return True
+    try:
+        os.rmdir(os.fspath(path))
+    except OSError:
+        return False
+    return True
+
+
+def umask() -> int:
+    """This process's file mode creation mask. Linux reports it in /proc/self/status; elsewhere it can only be read
+    by setting it, so it is set back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def follow_umask(path: PathLike) -> None:
+    """Gives a local file or folder the mode that creating it plainly gives under the process's umask (0644 and
+    0755 under umask 022, 0640 and 0750 under 027), for what a library creates private and docmix hands to the user:
+    tempfile's folders (0700) and safetensors' files (a 0600 temporary file renamed into place). A URL: nothing
+    (objects have no modes)."""
+    if is_remote(path):
+        return
+    full = 0o777 if os.path.isdir(os.fspath(path)) else 0o666
+    os.chmod(os.fspath(path), full & ~umask())
 
 
 def _cache_root() -> pathlib.Path:

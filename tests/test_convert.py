@@ -77,3 +77,42 @@ def test_converted_dir_initialises_an_unrolled_run_but_cannot_be_resumed(hf_dir,
     _, _, _, meta = checkpoint.read_metadata(run_dir)
     with pytest.raises(run_metadata.CheckpointMismatch, match="init_from"):
         run_metadata.check(meta, meta, str(run_dir))
+
+
+def hf_to_orbax(hf_dir, out) -> int:
+    """The command line's exit code (errors are one line on stderr, exit_codes.run)."""
+    import exit_codes
+
+    return exit_codes.run(convert.main, "python -m models.convert",
+                          ["hf-to-orbax", "--hf_dir", str(hf_dir), "--out", str(out)])
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda out: (out / "tokenizer").mkdir() or (out / "tokenizer" / "tokenizer.json").write_text("mine"),
+     "tokenizer/tokenizer.json"),
+    (lambda out: (out / "tokenizer").symlink_to(out.parent), "tokenizer (a symbolic link)"),
+    (lambda out: (out / "checkpoints" / "7").mkdir(parents=True), "checkpoints/7"),
+    (lambda out: (out / "checkpoints").write_text("mine"), "checkpoints (a file)"),
+], ids=["tokenizer-file", "tokenizer-link", "checkpoints-folder", "checkpoints-file"])
+def test_hf_to_orbax_overwrites_nothing_and_says_so_before_reading_weights(tmp_path, capsys, make, named):
+    from tests.test_export_target import snapshot
+
+    out = tmp_path / "out"
+    out.mkdir()
+    make(out)
+    before = snapshot(out)
+    assert hf_to_orbax(tmp_path / "no_such_hf_folder", out) == 2   # the target is checked before the weights
+    err = capsys.readouterr().err
+    assert named in err and "replaces nothing" in err and err.count("\n") == 1
+    assert snapshot(out) == before
+
+
+def test_hf_to_orbax_writes_beside_what_out_holds(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)                 # empty folders it would make anyway
+    (out / "checkpoints").mkdir()
+    (out / "README.md").write_text("my notes")
+    assert hf_to_orbax(hf_dir, out) == 0
+    assert (out / "README.md").read_text() == "my notes"
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert checkpoint.restore_model(out)[1].num_layers == 3

@@ -1,9 +1,15 @@
-"""An export replaces only an earlier export (with --overwrite), never a user's folder or a run directory, and a
-crash while writing leaves the earlier export complete."""
+"""An export replaces only an earlier export (with --overwrite), never a user's folder or a run directory, nor an
+earlier export holding anything it did not write (a file, a folder, a symbolic link); a crash while writing leaves the
+earlier export complete, and replacing it deletes only the files its marker lists."""
+import hashlib
+import logging
+import os
+
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+import storage
 from models import convert
 from models.transformer import Transformer
 from tests.test_checkpoint_signals import tree_digest
@@ -28,6 +34,16 @@ def orbax_to_hf(run_dir, out, *extra):
 
     return exit_codes.run(convert.main, "python -m models.convert",
                           ["orbax-to-hf", "--ckpt", str(run_dir), "--out", str(out), *extra])
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Every entry under a local folder, links not followed: each file's SHA-256, each folder, each link's target."""
+    def what(path, kind):
+        if kind == "file":
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        return f"link to {os.readlink(path)}" if kind == "link" else kind
+
+    return {name: what(folder / name, kind) for name, kind in storage.list_entries(folder).items()}
 
 
 def test_foreign_folders_are_refused_before_reading_the_checkpoint(tmp_path, capsys):
@@ -81,3 +97,44 @@ def test_a_crash_while_writing_leaves_the_earlier_export(run_dir, tmp_path, monk
     assert orbax_to_hf(run_dir, out, "--overwrite") == 130   # exit_codes.INTERRUPTED
     assert tree_digest(out) == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("add, named", [
+    (lambda out, mine: (out / "mine").symlink_to(mine), "mine (a symbolic link)"),
+    (lambda out, mine: (out / "tokenizer.json").unlink() or (out / "tokenizer.json").symlink_to(mine / "thesis.txt"),
+     "tokenizer.json (a symbolic link)"),                                  # a link where the export wrote a file
+    (lambda out, mine: (out / "empty").mkdir(), "empty/"),
+    (lambda out, mine: (out / "notes" / "more").mkdir(parents=True), "notes/"),
+], ids=["link-to-a-folder", "link-in-place-of-a-file", "empty-folder", "folders"])
+def test_overwrite_refuses_an_earlier_export_holding_a_link_or_a_folder(run_dir, tmp_path, capsys, add, named):
+    out, mine = tmp_path / "hf", tmp_path / "mine"
+    assert orbax_to_hf(run_dir, out) == 0
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("my thesis")
+    add(out, mine)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert orbax_to_hf(run_dir, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert named in err and "not replacing it" in err and err.count("\n") == 1
+    assert snapshot(out) == before and (mine / "thesis.txt").read_text() == "my thesis"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mine"]    # no temporary sibling left
+
+
+def test_replacing_deletes_only_the_files_the_earlier_export_listed(run_dir, tmp_path, monkeypatch, caplog):
+    """A file that appears in the earlier export after the last check (just before it is moved aside) is kept: the
+    old export's listed files are deleted, its folder (holding that file) stays, with a warning naming it."""
+    out = tmp_path / "hf"
+    assert orbax_to_hf(run_dir, out) == 0
+    move = storage.move_tree
+
+    def a_file_appears_first(src, dst):
+        if src == out:
+            (out / "late.txt").write_text("mine")
+        move(src, dst)
+
+    monkeypatch.setattr(export.storage, "move_tree", a_file_appears_first)
+    assert orbax_to_hf(run_dir, out, "--overwrite") == 0
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.replaced-")]
+    assert snapshot(kept) == {"export": "folder", "export/late.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert any(str(kept) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

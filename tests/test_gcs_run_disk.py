@@ -7,6 +7,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from tests import extras, gcs_emulator
 
@@ -98,6 +99,28 @@ def test_truncate_after_folds_leftover_parts_in(gcs):
     assert storage.list_files(metrics_file.parts_dir(path)) == []
 
 
+def test_a_torn_record_in_metrics_or_a_part_is_dropped_and_the_resume_rewrite_leaves_whole_lines(gcs, caplog):
+    """metrics.jsonl and a part each end in a torn record (as copied from a file a kill cut short): readers drop each
+    with a warning naming its object and line, and the rewrite at resume folds the rest in, whole lines again. A
+    malformed line in a part that is not its last is an error naming the part and line."""
+    from tests.test_metrics_file import lines, records as metrics_records, torn, warnings
+
+    path = f"{URL}/torn/metrics.jsonl"
+    parts = metrics_file.parts_dir(path)
+    storage.Path(path).write_text(lines([1, 2]) + torn(3))
+    (parts / f"{1:012d}.jsonl").write_text(lines([3]) + torn(4))
+    (parts / f"{2:012d}.jsonl").write_text(lines([4, 5]))
+    assert metrics_file.read(path) == metrics_records([1, 2, 3, 4, 5])
+    assert sorted(w.split(": ")[0] for w in warnings(caplog)) == sorted([f"{path}:3", f"{parts}/{1:012d}.jsonl:2"])
+    metrics_file.truncate_after(path, 4)
+    metrics_file.MetricsFile(path).append(metrics_records([5]))
+    assert storage.Path(path).read_text() == lines([1, 2, 3, 4, 5])
+    assert storage.list_files(parts) == []
+    (parts / f"{3:012d}.jsonl").write_text(lines([6]) + torn(7) + "\n" + lines([8]))
+    with pytest.raises(ValueError, match=f"^{parts}/{3:012d}.jsonl:2: invalid JSON"):
+        metrics_file.read(path)
+
+
 def test_a_transient_error_while_restoring_is_retried_and_the_newest_checkpoint_resumes(gcs, tmp_path, monkeypatch,
                                                                                           caplog):
     """Reads of the newest checkpoint fail (an error the storage clients do not retry) on the first attempts: it is
@@ -137,6 +160,27 @@ def test_gs_exports_keep_every_object_they_did_not_write(gcs, run_dir, capsys): 
     assert marker["dtype"] == "float32" and "replacing" not in marker
     assert sorted(marker["files"]) == sorted(set(storage.list_files(out)) - {"docmix_export.json"})
     assert storage.list_files(f"{URL}/exports") == [f"hf/{name}" for name in storage.list_files(out)]  # no sibling
+
+
+def test_gs_hf_to_orbax_overwrites_nothing_and_writes_beside_what_out_holds(gcs, run_dir, tmp_path,  # noqa: F811
+                                                                            capsys):
+    from tests.test_convert import hf_to_orbax
+    from trainer import checkpoint
+
+    hf = tmp_path / "hf"
+    assert orbax_to_hf(run_dir, hf, "--dtype", "float32") == 0
+    out = f"{URL}/converted"
+    storage.Path(out, "tokenizer", "tokenizer.json").write_text("mine")
+    storage.Path(out, "README.md").write_text("my notes")
+    assert hf_to_orbax(hf, out) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer/tokenizer.json" in err and err.count("\n") == 1
+    assert storage.Path(out, "tokenizer", "tokenizer.json").read_text() == "mine"
+    storage.Path(out, "tokenizer", "tokenizer.json").unlink()
+    assert hf_to_orbax(hf, out) == 0
+    assert storage.Path(out, "README.md").read_text() == "my notes"
+    np.testing.assert_array_equal(np.asarray(checkpoint.restore_model(out)[0].embed.embedding[...]),
+                                  np.asarray(checkpoint.restore_model(run_dir)[0].embed.embedding[...]))
 
 
 def test_a_complete_gs_export_can_be_read_at_every_moment(gcs, run_dir, monkeypatch):  # noqa: F811

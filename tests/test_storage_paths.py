@@ -31,8 +31,6 @@ ALLOWED = {
     ("models/hf_io.py", "save_pretrained"): "writes an HF folder on local disk (safetensors writes local files); "
                                             "trainer.export gives it a temporary folder and uploads that",
     ("models/hf_io.py", "_write_json"): "the same local folder as save_pretrained",
-    ("trainer/export.py", "check_target"): "refuses a local export path that is a symbolic link (storage has no "
-                                           "links)",
     ("trainer/run_lock.py", "LocalStore"): "the writer lock's local-filesystem store; gs:// has ObjectStore",
     ("trainer/demo_assets.py", "cache_dir"): "the local cache folder of the generated demo assets",
     ("data/demo.py", "kjv_chapters"): "reads the KJV text from an installed package",

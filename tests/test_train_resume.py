@@ -88,6 +88,77 @@ def test_resume_after_sigkill_is_bit_identical(reference, tmp_path):
         assert (model_dir / "hf" / name).read_bytes() == (reference / "hf" / name).read_bytes()
 
 
+# train.py, killed (SIGKILL) by its metrics writer once it has written half of the record of step {step}.
+KILL_MID_RECORD = """
+import json, os, runpy, signal, sys
+from trainer import metrics_file
+
+append = metrics_file.MetricsFile.append
+
+def append_cut_short(self, records):
+    steps = [r["step"] for r in records]
+    if {step} in steps:
+        done = records[:steps.index({step})]
+        line = json.dumps(records[len(done)])
+        with self.path.open("a") as f:
+            f.write("".join(json.dumps(r) + "\\n" for r in done) + line[:len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    append(self, records)
+
+metrics_file.MetricsFile.append = append_cut_short
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # 20 s at load average 2, 40 s at 4: two train.py processes (the reference run is shared)
+def test_a_kill_while_a_metrics_record_is_written_does_not_block_resume(reference, tmp_path):
+    """The record of step 5 is cut short by a SIGKILL (no checkpoint of step 5 yet: one every 2 steps). The resumed
+    run drops it with a warning naming the file and line, and every loss equals the uninterrupted run's. Both
+    processes run under umask 027: everything they write is 0640/0750."""
+    from tests.test_file_modes import wrong_modes
+
+    model_dir, step = tmp_path / "run", 5
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_RECORD.format(step=step), *train_cmd(model_dir)[1:]],
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, umask=0o027)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    text = (model_dir / "metrics.jsonl").read_text()
+    assert text.count("\n") == step - 1 and not text.endswith("\n")       # steps 1-4 and half of step 5
+    resumed = subprocess.run(train_cmd(model_dir), cwd=REPO, env=env(), capture_output=True, text=True,
+                             timeout=600, umask=0o027)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warning = f"{model_dir / 'metrics.jsonl'}:{step}: dropped a partial last record"
+    assert resumed.stderr.count(warning) == 1, resumed.stderr[-3000:]
+    assert losses(model_dir) == losses(reference)                          # bit-identical floats, steps 1-8
+    assert wrong_modes(model_dir, 0o027) == []
+
+
+def test_a_malformed_metrics_line_stops_the_resume_before_compiling(reference, tmp_path):
+    """A bad line that is not the last one is an error naming the file and line (exit 2), before the data is read
+    or anything compiled, and nothing in the run directory changes."""
+    from tests.test_checkpoint_signals import tree_digest
+
+    model_dir = tmp_path / "copy"
+    shutil.copytree(reference, model_dir)
+    lines = (model_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:20] + "\n"
+    (model_dir / "metrics.jsonl").write_text("".join(lines))
+    digest = tree_digest(model_dir)
+    proc = run_train(model_dir, check=False)  # the same command again
+    assert proc.returncode == 2
+    assert f"train.py: error: {model_dir / 'metrics.jsonl'}:3: invalid JSON" in proc.stderr, proc.stderr[-3000:]
+    assert "compiled the train step" not in proc.stderr and "records parsed" not in proc.stderr
+    assert tree_digest(model_dir) == digest
+
+
+def test_run_directory_follows_the_umask(reference):
+    """Everything train.py wrote, its export included, has the modes this process's umask gives."""
+    import storage
+    from tests.test_file_modes import wrong_modes
+
+    assert wrong_modes(reference, storage.umask()) == []
+
+
 def test_keep_policy_and_layout(reference):
     steps = sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 6, 8]                      # latest 2, plus every 4th forever

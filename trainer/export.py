@@ -4,13 +4,17 @@ can always be read (local or gs://).
 An export folder carries a marker file (EXPORT_MARKER) listing the files it wrote. `check_target` accepts a missing
 folder or an empty one; an earlier export only with `overwrite` (train.py's own exports pass it: a rerun re-exports
 MODEL_DIR/hf), and only while it holds nothing but the files its marker lists (one listing of the folder, local or a
-gs:// prefix). Anything else — a user's folder, a run directory, a folder with checkpoints, an export with a file
-added — is refused before any parameters are read, and nothing the marker does not list is ever touched.
+gs:// prefix). Anything else — a user's folder, a run directory, a folder with checkpoints, an export with a file,
+a folder (even an empty one; on gs:// a folder's placeholder object) or a symbolic link added — is refused before any
+parameters are read, naming what is there, and nothing the marker does not list is ever touched. Files and folders
+written locally get the modes the process's umask gives (0644/0755 under umask 022), also the temporary folder that
+becomes the export and safetensors' files.
 
 How an earlier export is replaced, and what a reader sees meanwhile:
 - local: the new export is written to a temporary sibling `.NAME.writing-*` and swapped in by two renames (the old
   folder to `.NAME.replaced-*`, the new one into place), so `out_dir` holds the old export or the new one; a crash
-  between the two renames leaves the old one complete in the hidden sibling.
+  between the two renames leaves the old one complete in the hidden sibling. The old export's listed files are then
+  deleted and its folder removed once empty.
 - gs:// (no rename): the new export is uploaded completely to a sibling prefix `.NAME.writing-<id>/` (its marker
   last). Then the marker in `out_dir` is rewritten to name that prefix under "replacing" (its "files" now list the
   old and the new files), the new files are copied in server-side (config.json last), files only the old export
@@ -23,7 +27,7 @@ How an earlier export is replaced, and what a reader sees meanwhile:
 from __future__ import annotations
 
 import json
-import os
+import logging
 import pathlib
 import tempfile
 import uuid
@@ -35,6 +39,7 @@ import storage
 from models import hf_io
 from models.transformer import Transformer
 
+log = logging.getLogger(__name__)
 EXPORT_MARKER = "docmix_export.json"
 
 
@@ -55,26 +60,39 @@ def _marker(folder: storage.Path) -> dict:
 
 
 def check_target(out_dir: str | pathlib.Path, *, overwrite: bool) -> None:
-    """Raises UnsafeExportTarget unless exporting to `out_dir` cannot replace anything but an earlier export."""
-    if not storage.is_remote(out_dir) and os.path.islink(out_dir):
+    """Raises UnsafeExportTarget unless exporting to `out_dir` cannot replace anything but an earlier export: a
+    missing or empty folder, or (with `overwrite`) one holding the files its marker lists and nothing else — no other
+    file, folder (empty or not) or symbolic link, each named in the error."""
+    what = storage.kind(out_dir)
+    if what == "link":
         raise UnsafeExportTarget(f"{out_dir} is a symbolic link; choose another export path")
-    out_dir = storage.Path(out_dir)
-    if not storage.is_remote(out_dir) and out_dir.exists() and not out_dir.is_dir():
+    if what == "file":
         raise UnsafeExportTarget(f"{out_dir} exists and is not a folder; choose another export path")
-    present = storage.list_files(out_dir)
-    if not present and (storage.is_remote(out_dir) or not out_dir.exists() or not any(out_dir.iterdir())):
-        return  # nothing there (a local folder holding only empty folders is not taken as empty)
-    if any(f.startswith("checkpoints/") for f in present) or EXPORT_MARKER not in present:
+    out_dir = storage.Path(out_dir)
+    present = storage.list_entries(out_dir)
+    if not present:
+        return
+    if any(name.startswith("checkpoints/") for name in present) or present.get(EXPORT_MARKER) != "file":
         raise UnsafeExportTarget(
             f"{out_dir} already exists and is not a docmix export (no {EXPORT_MARKER}"
-            f"{'; it holds checkpoints' if any(f.startswith('checkpoints/') for f in present) else ''}); nothing was "
+            f"{'; it holds checkpoints' if any(n.startswith('checkpoints/') for n in present) else ''}); nothing was "
             "written. Choose a new or empty folder: an export never replaces anything else")
-    extra = sorted(set(present) - set(_marker(out_dir)["files"]) - {EXPORT_MARKER})
+    listed = {*_marker(out_dir)["files"], EXPORT_MARKER}
+    folders = _folders(listed)
+    extra = [f"{name} (a symbolic link)" if kind == "link" else f"{name}/" if kind == "folder" else name
+             for name, kind in present.items()
+             if not (kind == "file" and name in listed or kind == "folder" and name in folders)]
     if extra:
-        raise UnsafeExportTarget(f"{out_dir} is an earlier export but also holds files it did not write "
-                                 f"({', '.join(extra[:5])}); not replacing it. Move them, or export elsewhere")
+        raise UnsafeExportTarget(f"{out_dir} is an earlier export but also holds what it did not write "
+                                 f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); not replacing it. "
+                                 "Move them, or export elsewhere")
     if not overwrite:
         raise UnsafeExportTarget(f"{out_dir} holds an earlier export; pass --overwrite to replace it")
+
+
+def _folders(files) -> set[str]:
+    """The folders that the relative file names `files` lie in ('a/b/c.json': 'a/b' and 'a')."""
+    return {parent.as_posix() for name in files for parent in pathlib.PurePosixPath(name).parents} - {"."}
 
 
 def readable(path: str | pathlib.Path) -> storage.Path:
@@ -123,6 +141,7 @@ def _export_local(model: Transformer, out_dir: storage.Path, *, dtype: str, toke
                   ) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = storage.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
+    storage.follow_umask(tmp)  # it becomes out_dir: the umask's mode, not tempfile's private 0700
     try:
         hf_io.save_pretrained(model, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
         _write_marker(tmp, dtype, source)
@@ -131,13 +150,16 @@ def _export_local(model: Transformer, out_dir: storage.Path, *, dtype: str, toke
             storage.move_tree(tmp, out_dir)  # a rename onto an empty folder replaces it
             return
         old = storage.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+        storage.follow_umask(old)  # holds the earlier export until it is removed (after a crash, for good)
         storage.move_tree(out_dir, old / "export")  # a crash here leaves the earlier export complete, under `old`
         try:
             storage.move_tree(tmp, out_dir)
         except BaseException:
             storage.move_tree(old / "export", out_dir)
             raise
-        old.rmtree()
+        _remove_export(old / "export")  # only what the earlier export wrote
+        if not storage.remove_empty_folder(old):  # something appeared in out_dir while it was replaced: kept
+            log.warning("%s: kept, with what %s held that its earlier export did not write", old, out_dir)
     finally:
         if tmp.exists():
             tmp.rmtree()  # our own temporary folder, never the target
@@ -167,9 +189,13 @@ def _export_remote(model: Transformer, out_dir: storage.Path, *, dtype: str, tok
 
 
 def _remove_export(folder: storage.Path) -> None:
-    """Deletes an export this code wrote: the files its marker lists, then the marker (nothing else)."""
+    """Deletes an export this code wrote: the files its marker lists, then the marker, then (locally) its folders
+    that this left empty, itself included. Nothing else: a folder still holding anything stays."""
     if not (folder / EXPORT_MARKER).is_file():
         return
-    for name in _marker(folder)["files"]:
+    files = _marker(folder)["files"]
+    for name in files:
         (folder / name).unlink(missing_ok=True)
     (folder / EXPORT_MARKER).unlink()
+    for sub in [*(folder / f for f in sorted(_folders(files), key=lambda f: -f.count("/"))), folder]:  # deepest 1st
+        storage.remove_empty_folder(sub)

@@ -150,7 +150,7 @@ class Sinks:
     def __init__(self, model_dir: str | pathlib.Path, *, resume_step: int, run_name: str,
                  wandb_project: str | None = None, config: dict | None = None, tb_sync_s: float = 60.0):
         self.active = jax.process_index() == 0
-        self.path = storage.Path(model_dir) / "metrics.jsonl"
+        self.path = storage.Path(model_dir) / metrics_file.NAME
         self.tb = self.wandb = self.tb_dir = None
         if not self.active:
             return

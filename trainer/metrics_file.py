@@ -11,8 +11,11 @@ whatever the length of the run. Layout:
                                              between its compose and its delete
 
 `read` returns metrics.jsonl's records, then those of the parts in order whose step is past the last one seen (so a
-part that was composed but not deleted is not counted twice). `truncate_after` rewrites metrics.jsonl once, at the
-start of a resumed run, and removes the parts.
+part that was composed but not deleted is not counted twice). A kill while records are appended (locally; an object
+is stored whole, but one copied from such a file is read alike) leaves a torn record: the last line of its file,
+without its newline. Readers drop it with a warning naming the file; any other malformed line is an error naming the
+file and line (`parse`). `truncate_after` rewrites metrics.jsonl once, at the start of a resumed run, and removes the
+parts.
 """
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ import logging
 from typing import Any
 
 import storage
-from data.synth.records import read_jsonl
 
 log = logging.getLogger(__name__)
+NAME = "metrics.jsonl"  # in MODEL_DIR
 PARTS_SUFFIX = ".parts"
 COMPOSE_MAX = 32  # GCS composes at most 32 source objects per request
 READ_ROUNDS = 5   # a reader racing the writer's compose-and-delete starts over at most this often
@@ -89,15 +92,17 @@ class MetricsFile:
 
 
 def read(path: storage.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (local or gs://, with its parts not yet composed), in the order written; a
-    malformed record is an error naming the file and line. Safe while a run writes: a part composed and deleted
-    between the listing and its read sends the reader round again (its records are then in metrics.jsonl)."""
+    """The records of a metrics.jsonl (local or gs://, with its parts not yet composed), in the order written. A
+    malformed record is an error naming the file and line, except a torn one (`parse`), which is dropped with a
+    warning. Safe while a run writes: a part composed and deleted between the listing and its read sends the reader
+    round again (its records are then in metrics.jsonl)."""
     path = storage.Path(path)
     for attempt in range(READ_ROUNDS):
-        records = list(read_jsonl(path, require=("step",))) if path.exists() else []
         try:
+            records = parse(path, path.read_bytes()) if path.exists() else []
             for name in storage.list_files(parts_dir(path)):
-                for record in read_jsonl(parts_dir(path) / name, require=("step",)):
+                part = parts_dir(path) / name
+                for record in parse(part, part.read_bytes()):
                     if not records or record["step"] > records[-1]["step"]:
                         records.append(record)
         except FileNotFoundError:
@@ -107,9 +112,44 @@ def read(path: storage.PathLike) -> list[dict[str, Any]]:
         return records
 
 
+def parse(path: storage.Path, data: bytes) -> list[dict[str, Any]]:
+    """The records in `data`, the bytes of metrics.jsonl or of one part. Each line must be a JSON object with a
+    'step', or it is an error naming `path` and the line; except the last line when no newline ends it and it does
+    not parse: a write cut short (a kill while appending; every record is written with its newline), dropped with a
+    warning naming the file and line, once per process."""
+    lines = data.split(b"\n")
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:  # also a line that is not UTF-8
+            if lineno == len(lines):
+                _warn_torn(path, lineno, len(line))
+                break
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({getattr(err, 'msg', err)})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        if "step" not in record:
+            raise ValueError(f"{path}:{lineno}: record lacks ['step']")
+        records.append(record)
+    return records
+
+
+_warned: set[tuple[str, int]] = set()
+
+
+def _warn_torn(path: storage.Path, lineno: int, size: int) -> None:
+    if (str(path), lineno) not in _warned:
+        _warned.add((str(path), lineno))
+        log.warning("%s:%d: dropped a partial last record (%d bytes, no newline: a write cut short, e.g. by a "
+                    "kill); the records before it are read", path, lineno, size)
+
+
 def truncate_after(path: storage.PathLike, step: int) -> None:
-    """Drops records past `step` (written by a run that died after its last checkpoint, then redone on resume): the
-    file is rewritten once, whole (atomically), and its parts removed."""
+    """Drops records past `step` (written by a run that died after its last checkpoint, then redone on resume) and a
+    torn last record (`parse`): the file is rewritten once, whole (atomically), and its parts removed."""
     path = storage.Path(path)
     parts = storage.list_files(parts_dir(path))
     if not path.exists() and not parts:

@@ -18,8 +18,8 @@ from data.config import single_component_mixture
 from data.tokenize import check_vocab
 from models import sharding
 from storage import Path
-from trainer import (checkpoint, consensus, export, initialize, optimizer, program as program_lib, run_metadata,
-                     state as state_lib)
+from trainer import (checkpoint, consensus, export, initialize, metrics_file, optimizer, program as program_lib,
+                     run_metadata, state as state_lib)
 from trainer.config import RunConfig, write_operative_config
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Setup:
         t = run.train
         with consensus.together("checking the run and opening its data shards"):
             _check_export_targets(run, Path(t.model_dir))
+            _check_metrics(Path(t.model_dir))
             notes = [run.mixture.check_run(jax.process_count()), optimizer.warmup_note(run.optimizer, t.train_steps)]
             mesh = sharding.make_mesh(**t.mesh)
             program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
@@ -80,6 +81,13 @@ def _check_export_targets(run: RunConfig, model_dir: Path) -> None:
         for folder in (model_dir / "exports").iterdir():
             if folder.name.isdigit():  # exports/<step>, not a crashed export's hidden temporary folder
                 export.check_target(folder, overwrite=True)
+
+
+def _check_metrics(model_dir: Path) -> None:
+    """MODEL_DIR/metrics.jsonl must read (trainer.metrics_file: a malformed record is an error naming its line; a
+    torn last one is dropped with a warning) before any expensive work, not when the step loop rewrites it."""
+    if jax.process_index() == 0:  # the one process that writes it
+        metrics_file.read(model_dir / metrics_file.NAME)
 
 
 def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.ndarray]]]:
