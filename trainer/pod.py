@@ -225,8 +225,10 @@ def join(prog: str, timeout_s: float, cluster: dict[str, Any]) -> None:
             os._exit(exit_codes.UNAVAILABLE)
 
     threading.Thread(target=give_up, name="docmix-pod-join", daemon=True).start()
-    coordination.initialize(timeout_s, **cluster)
-    joined.set()
+    try:
+        coordination.initialize(timeout_s, **cluster)
+    finally:  # joined, or initialize raised (a bad layout): either way nothing is left to give up on
+        joined.set()
     if jax.process_count() > 1:
         _watch = _Watch(prog, timeout_s)
         _watch._thread.start()
