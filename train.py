@@ -113,15 +113,18 @@ def join(cluster: dict, failure_timeout: float) -> int:
 
 
 def check_model_dir(model_dir: str) -> None:
-    """A local MODEL_DIR must be a directory (or not exist yet) that this user can write; raised before any work."""
-    if "://" in model_dir:  # remote storage: its filesystem layer reports access errors
-        return
-    path = pathlib.Path(model_dir).absolute()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"MODEL_DIR={model_dir} is a file, not a directory")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"MODEL_DIR={model_dir}: {existing} is not a writable directory")
+    """MODEL_DIR must not exist yet, or be a docmix run directory (trainer.run_dir), or be empty; a local one must be
+    a directory this user can write. Raised before any work."""
+    from trainer import run_dir
+
+    if "://" not in model_dir:  # remote storage: its filesystem layer reports access errors
+        path = pathlib.Path(model_dir).absolute()
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"MODEL_DIR={model_dir} is a file, not a directory")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"MODEL_DIR={model_dir}: {existing} is not a writable directory")
+    run_dir.check(model_dir)
 
 
 def shell_word(arg: str) -> str:

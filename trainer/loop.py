@@ -26,8 +26,8 @@ from flax import nnx
 import exit_codes
 from data import multihost
 from storage import Path
-from trainer import (checkpoint, consensus, export, metrics, pod, probes_in_loop, program as program_lib, run_lock,
-                     run_metadata, run_setup, state as state_lib)
+from trainer import (checkpoint, consensus, export, metrics, pod, probes_in_loop, program as program_lib, run_dir,
+                     run_lock, run_metadata, run_setup, state as state_lib)
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,15 @@ def _writer_lock(model_dir: str):
     lock = None
     with consensus.together("taking MODEL_DIR's writer lock"):
         if jax.process_index() == 0:
+            run_dir.check(model_dir)  # someone else's folder is refused before anything is written into it
             Path(model_dir).mkdir(parents=True, exist_ok=True)
             lock = run_lock.RunLock(model_dir)
             lock.acquire()
+            try:
+                run_dir.claim(model_dir)  # a docmix run directory from here on
+            except BaseException:
+                lock.release()
+                raise
     if lock is None:
         yield None
         return

@@ -1,0 +1,70 @@
+"""What docmix writes into a run directory (MODEL_DIR), and the check that MODEL_DIR is one, before anything is written.
+
+A run directory holds the names in NAMES (docs/design.md "Run directory") and whatever its user puts beside them,
+which docmix never reads, moves or deletes. MARKER is the first file a run writes into it after the writer lock
+(`claim`); from then on the folder is a docmix run directory, and every later run resumes in it. A MODEL_DIR that
+exists, holds anything, and is not a run directory (no MARKER) is refused by `check` before anything is written: it is
+someone else's folder, even when it holds a `config.gin` and a `metrics.jsonl` of its own. Not refused: a folder
+holding only what a start-up killed before MARKER leaves (START_UP), and a run directory written before MARKER existed
+(its checkpoints/ hold docmix's metadata).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+
+import exit_codes
+from storage import Path
+
+MARKER = "docmix_run.json"
+NAMES = ("config.gin", "metrics.jsonl", "tb", "tokenizer", "checkpoints",
+         "checkpoints_set_aside", "writer.lock", "hf", "exports", "eval", MARKER)
+START_UP = ("writer.lock", "writer.lock.*.tmp", ".docmix_shared_check.*")  # run_lock, pod_start
+SHOWN = 5  # foreign entries named in the error
+
+
+class ForeignModelDir(FileExistsError):
+    """MODEL_DIR holds files that docmix did not write."""
+    exit_code = exit_codes.USAGE
+
+
+def check(model_dir: str) -> None:
+    """Raises ForeignModelDir when `model_dir` exists, is not empty and is not a docmix run directory."""
+    path = Path(model_dir)
+    if not path.is_dir() or (path / MARKER).exists():
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    foreign = [n for n in entries if not any(fnmatch.fnmatchcase(n, pattern) for pattern in START_UP)]
+    if not foreign or _has_docmix_checkpoints(path):
+        return
+    shown = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
+    raise ForeignModelDir(f"MODEL_DIR={model_dir} holds files docmix did not write ({shown}): it is not a docmix run "
+                          f"directory (no {MARKER}), so nothing was written into it. Choose a new or empty folder for "
+                          "MODEL_DIR, or the run directory of the docmix run to resume")
+
+
+def claim(model_dir: str) -> None:
+    """Makes `model_dir` a run directory (creates it and writes MARKER), after `check`; nothing when it is one."""
+    check(model_dir)
+    path = Path(model_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).exists():
+        (path / MARKER).write_text(json.dumps({"format": "docmix run directory", "contents": list(NAMES),
+                                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                              indent=1) + "\n")
+
+
+def _has_docmix_checkpoints(path: Path) -> bool:
+    """A run directory written before MARKER: a checkpoint step holding docmix's metadata item."""
+    checkpoints = path / "checkpoints"
+    if not checkpoints.is_dir():
+        return False
+    for step in checkpoints.iterdir():
+        meta = step / "metadata" / "metadata"
+        if step.name.isdigit() and meta.is_file():
+            try:
+                return "model_config" in json.loads(meta.read_text())
+            except ValueError:
+                return False
+    return False
