@@ -1,6 +1,6 @@
 """MODEL_DIR must be a docmix run directory, a new folder or an empty one: someone else's folder is refused before
 anything is written (exit 2, one line naming the folder and a few of its files), and a run directory resumes (also
-one written before the marker existed)."""
+one written before the marker existed); a run that diverged keeps its metrics apart for the rerun."""
 import json
 import os
 import pathlib
@@ -79,3 +79,26 @@ def test_what_check_refuses(tmp_path, names, shown):
     with pytest.raises(run_dir.ForeignModelDir):
         run_dir.claim(str(folder))
     assert not (folder / run_dir.MARKER).exists()
+
+
+def test_set_aside_metrics_keeps_every_diverged_attempt(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 2.5}\n')
+    first = run_dir.set_aside_metrics(tmp_path, 3, "step 3: non-finite loss")
+    second = run_dir.set_aside_metrics(tmp_path, 3, "step 3: non-finite gradient norm")
+    assert (first.name, second.name) == ("3", "3-2")
+    for folder, reason in ((first, "loss"), (second, "gradient norm")):
+        assert (folder / "metrics.jsonl").read_text() == (tmp_path / "metrics.jsonl").read_text()
+        assert (folder / "reason.txt").read_text() == f"step 3: non-finite {reason}\n"
+    assert run_dir.set_aside_metrics(tmp_path / "none", 1, "x") is None
+
+
+def test_set_aside_metrics_keeps_the_parts_not_yet_composed(tmp_path):
+    """On gs:// records may still be in metrics.jsonl.parts/ (trainer.metrics_file): the copy reads the same."""
+    from trainer import metrics_file
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    metrics_file.parts_dir(tmp_path / "metrics.jsonl").mkdir()
+    (metrics_file.parts_dir(tmp_path / "metrics.jsonl") / "0.jsonl").write_text('{"step": 2, "loss": 2.5}\n')
+    kept = run_dir.set_aside_metrics(tmp_path, 3, "step 3: non-finite loss")
+    assert metrics_file.read(kept / "metrics.jsonl") == metrics_file.read(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 2.5}]

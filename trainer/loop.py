@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or gradient norm became NaN/Inf; the run stopped without saving that state."""
+    """The loss or gradient norm of `step` became NaN/Inf; the run stopped without saving that state."""
     exit_code = exit_codes.STOPPED
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,11 @@ def train(run: RunConfig, *, probe_scorer: probes_in_loop.ScorerFactory | None =
             with _Preemption() as preemption, jax.set_mesh(setup.mesh):
                 stopped = loop.run(preemption, lock)
                 return finish(loop, stopped)
+        except NonFiniteLoss as e:  # the rerun truncates metrics.jsonl: this attempt's records are kept apart
+            kept = run_dir.set_aside_metrics(setup.model_dir, e.step, str(e)) if jax.process_index() == 0 else None
+            if kept is None:
+                raise
+            raise NonFiniteLoss(f"{e} This attempt's metrics are kept in {kept}.", e.step) from None
         finally:
             setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
             setup.pipe.iterator.close()  # stops the prefetch thread
@@ -274,8 +283,9 @@ class StepLoop:
         """Step `step`'s loss was computed from the parameters of step - 1: it decides whether their checkpoint is
         good (checkpoint_health)."""
         ckpt = self.setup.ckpt
-        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-            raise NonFiniteLoss(_nonfinite_message(step, m, ckpt, ckpt.mark_nonfinite(step - 1)))
+        what = _nonfinite(m)
+        if what:
+            raise NonFiniteLoss(_nonfinite_message(step, m, what, ckpt, ckpt.mark_nonfinite(step - 1, what)), step)
         ckpt.mark_good(step - 1)
 
     def _due(self, step: int) -> Due:
@@ -375,11 +385,21 @@ def finish(loop: StepLoop, stopped: str) -> Summary:
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
-def _nonfinite_message(step: int, m: dict[str, Any], ckpt: checkpoint.Checkpointer, bad: list[int]) -> str:
+def _nonfinite(m: dict[str, Any]) -> str:
+    """Which of a step's loss and gradient norm are NaN/Inf: "loss", "gradient norm", "loss and gradient norm" or
+    "" (both finite)."""
+    bad = [name for name, key in (("loss", "loss"), ("gradient norm", "grad_norm")) if not np.isfinite(m[key])]
+    return " and ".join(bad)
+
+
+def _nonfinite_message(step: int, m: dict[str, Any], what: str, ckpt: checkpoint.Checkpointer,
+                       bad: list[int]) -> str:
     """What stopped, which checkpoint is good, what a rerun resumes from (Checkpointer.restore_resumable's choice)."""
-    text = f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without saving."
+    finite = " (the loss is finite)" if what == "gradient norm" else ""
+    text = (f"step {step}: non-finite {what}{finite}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without "
+            "saving.")
     if bad:
-        text += (f" Checkpoints {bad} hold the parameters that gave this loss (or came after them): they are kept, "
+        text += (f" Checkpoints {bad} hold the parameters that gave this {what} (or came after them): they are kept, "
                  "marked, and set aside by the next run.")
     good, resume = ckpt.newest_good(), ckpt.resume_candidate()
     if good is not None:

@@ -6,7 +6,8 @@ which docmix never reads, moves or deletes. MARKER is the first file a run write
 exists, holds anything, and is not a run directory (no MARKER) is refused by `check` before anything is written: it is
 someone else's folder, even when it holds a `config.gin` and a `metrics.jsonl` of its own. Not refused: a folder
 holding only what a start-up killed before MARKER leaves (START_UP), and a run directory written before MARKER existed
-(its checkpoints/ hold docmix's metadata).
+(its checkpoints/ hold docmix's metadata). `set_aside_metrics` keeps the metrics of an attempt that diverged, as
+trainer.checkpoint_health keeps the checkpoints it does not resume.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import json
 import time
 
 import exit_codes
+import storage
 from storage import Path
+from trainer import metrics_file
 
 MARKER = "docmix_run.json"
-NAMES = ("config.gin", "metrics.jsonl", "tb", "tokenizer", "checkpoints",
+METRICS, METRICS_SET_ASIDE = "metrics.jsonl", "metrics_set_aside"
+NAMES = ("config.gin", METRICS, METRICS_SET_ASIDE, "tb", "tokenizer", "checkpoints",
          "checkpoints_set_aside", "writer.lock", "hf", "exports", "eval", MARKER)
 START_UP = ("writer.lock", "writer.lock.*.tmp", ".docmix_shared_check.*")  # run_lock, pod_start
 SHOWN = 5  # foreign entries named in the error
@@ -53,6 +57,32 @@ def claim(model_dir: str) -> None:
         (path / MARKER).write_text(json.dumps({"format": "docmix run directory", "contents": list(NAMES),
                                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                                               indent=1) + "\n")
+
+
+def set_aside_metrics(model_dir: str | Path, step: int, reason: str) -> Path | None:
+    """Copies metrics.jsonl (with its parts not yet composed, on gs://: trainer.metrics_file) into
+    METRICS_SET_ASIDE/<step>/ with `reason` in reason.txt (a run that diverged at `step`: its rerun truncates
+    metrics.jsonl to the step it resumes from, as after a kill, and may train on with other settings); None when there
+    are no metrics. A folder of an earlier attempt that diverged at the same step is kept: the copy goes to <step>-2,
+    <step>-3, ... `metrics_file.read` reads the copy as it reads the original."""
+    source = Path(model_dir) / METRICS
+    parts = storage.list_files(metrics_file.parts_dir(source))
+    if not source.exists() and not parts:
+        return None
+    folder, n = Path(model_dir) / METRICS_SET_ASIDE / str(step), 1
+    while folder.exists():
+        n += 1
+        folder = folder.parent / f"{step}-{n}"
+    folder.mkdir(parents=True)
+    if source.exists():
+        (folder / METRICS).write_bytes(source.read_bytes())
+    if parts:
+        copy = metrics_file.parts_dir(folder / METRICS)
+        copy.mkdir()
+        for name in parts:
+            (copy / name).write_bytes((metrics_file.parts_dir(source) / name).read_bytes())
+    (folder / "reason.txt").write_text(reason + "\n")
+    return folder
 
 
 def _has_docmix_checkpoints(path: Path) -> bool:
