@@ -39,14 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices for every evaluated checkpoint
     from experiments import plan
     from experiments.evaluate import settings
-    from experiments.settings import SettingsError
 
-    try:
-        sweep = plan.load(args.sweep_file)
-        eval_settings = settings(sweep.eval)
-    except SettingsError as e:
-        print(f"sweep.py: {e}", file=sys.stderr)
-        return 2
+    sweep = plan.load(args.sweep_file)  # a bad sweep file: SettingsError, exit 2 (exit_codes.run)
+    eval_settings = settings(sweep.eval)
     if args.dry_run:
         from experiments import estimate
 
@@ -70,11 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     report = sweep_report.write(sweep, status, results, eval_settings, sweep.out_dir / "report")
     print(f"\n{report['note']}\nreport: {sweep.out_dir / 'report' / 'report.md'} "
           f"({len(report['runs'])} runs, {len(results)} evaluated)")
-    return 0 if len(results) == len(jobs) else 1
+    if len(results) < len(jobs):
+        import exit_codes
+
+        raise exit_codes.Failed(exit_codes.STOPPED, f"{len(jobs) - len(results)} of {len(jobs)} runs did not finish "
+                                f"(their logs: {sweep.out_dir / 'logs'}); rerun the same command to resume them")
+    return 0
 
 
 if __name__ == "__main__":
+    import exit_codes
     import host_memory
 
     host_memory.use_huge_pages()
-    sys.exit(main())
+    sys.exit(exit_codes.run(main, "sweep.py"))

@@ -47,15 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         pod.settle(e)  # a collective that failed because another process is gone: the watch names that one
         pod.report_failure(e)  # the other processes name this error (a no-op in a run of one process)
-        if isinstance(e, config.ConfigError):
-            print(f"train.py: configuration error: {e}", file=sys.stderr)
-        elif isinstance(e, pod.OtherProcessFailed):  # its log has the traceback, if any
-            print(f"train.py: error: {e}", file=sys.stderr)
-        elif exit_codes.code_for(e) == exit_codes.STOPPED:
-            print(f"train.py: {e}", file=sys.stderr)  # the last checkpoint is kept as is
-        else:
-            return exit_codes.report(e, "train.py")  # one line and the code from the table (a traceback for a bug)
-        return exit_codes.code_for(e)
+        return exit_codes.report(e, "train.py")  # one line and the code from the table (a traceback for a bug)
 
 
 def train(args: argparse.Namespace, cluster: dict, argv: list[str] | None) -> int:

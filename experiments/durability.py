@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import exit_codes
 import storage
 from experiments import corpora, runner
 from experiments.evaluate import EvalSettings, evaluate, settings
@@ -378,16 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     from experiments import durability_plan, estimate
 
-    try:
-        c = load(args.config)
-        with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
-            planned, runs = durability_plan.stages(c, storage.Path(scratch))
-            est = estimate.estimate(runs, measure_here=not args.no_measure,
-                                    progress=lambda line: print(line, file=sys.stderr, flush=True)) \
-                if args.dry_run else None
-    except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
-        print(f"experiments.durability: {e}", file=sys.stderr)
-        return 2
+    c = load(args.config)  # SettingsError, or a stage whose config or shares do not hold: exit 2 before any training
+    with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
+        planned, runs = durability_plan.stages(c, storage.Path(scratch))
+        est = estimate.estimate(runs, measure_here=not args.no_measure,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True)) \
+            if args.dry_run else None
     if args.dry_run:
         print(durability_plan.format_plan(c, planned, est))
         return 0
@@ -402,11 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report")
     print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
     missing = [n for n, st in done["status"].items() if st["status"] != "done"]
-    return 1 if missing else 0
+    if missing:
+        raise exit_codes.Failed(exit_codes.STOPPED, f"{len(missing)} stage(s) did not finish ({', '.join(missing[:5])}"
+                                f"{', ...' if len(missing) > 5 else ''}; their logs: {c.out_dir / 'logs'}); rerun the "
+                                "same command to resume them")
+    return 0
 
 
 if __name__ == "__main__":
     import host_memory
 
     host_memory.use_huge_pages()
-    sys.exit(main())
+    sys.exit(exit_codes.run(main, "python -m experiments.durability"))
