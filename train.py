@@ -179,9 +179,13 @@ def config_args(gin: argparse.Namespace) -> list[str]:
 
 
 if __name__ == "__main__":
-    import exit_codes
     import host_memory
-    from trainer import pod
 
     host_memory.use_huge_pages()
+    from trainer import preemption
+
+    preemption.install()  # before JAX is imported: SIGTERM from here on stops the run at its next step (exit 0)
+    import exit_codes
+    from trainer import pod
+
     pod.leave(exit_codes.run(main, "train.py"))  # in a run of several processes, the others learn how this one ended

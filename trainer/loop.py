@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -26,8 +25,8 @@ from flax import nnx
 import exit_codes
 from data import multihost
 from storage import Path
-from trainer import (checkpoint, consensus, export, metrics, pod, probes_in_loop, program as program_lib, run_dir,
-                     run_lock, run_metadata, run_setup, state as state_lib)
+from trainer import (checkpoint, consensus, export, metrics, pod, preemption, probes_in_loop, program as program_lib,
+                     run_dir, run_lock, run_metadata, run_setup, state as state_lib)
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -190,6 +189,7 @@ class StepLoop:
         try:
             if self.probes is not None and self.start == 0:
                 self.sinks.write({"step": 0, **self._probe()})  # the starting parameters
+            self._export_resumed_step()
             self.clock = time.perf_counter()
             stopped = self._steps(preemption, lock)
             self._finish_pending()
@@ -203,6 +203,18 @@ class StepLoop:
             if self.bar is not None:
                 self.bar.close()
             self.sinks.close(discard=lost)
+
+    def _export_resumed_step(self) -> None:
+        """A run stopped after checkpoint k committed but before its export of step k was complete (killed while
+        exporting) resumes at k: that export is made now, from the same parameters."""
+        every = self.config.checkpoint.export_every
+        if not (every and self.start and self.start % every == 0):
+            return
+        folder = self.setup.model_dir / "exports" / str(self.start)
+        if not consensus.from_process_0(f"looking for the export {folder}",
+                                        lambda: (folder / export.EXPORT_MARKER).exists()):
+            log.info("exporting step %d, whose export the previous run did not finish", self.start)
+            self.export(folder)
 
     def _steps(self, preemption: "_Preemption", lock: run_lock.RunLock | None) -> str:
         while self.step < self.config.train.train_steps:
@@ -347,7 +359,7 @@ class StepLoop:
         """Checkpoints the current state with the data position and tokens seen (once per step), after its step's
         loss was checked."""
         self._finish_pending()
-        if self.last_saved == self.step:
+        if self.last_saved == self.step or self.step == self.start:  # resumed from it, or nothing trained yet
             return
         self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
                              run_metadata.build(self.config.model, self.config.mixture, step=self.step,
@@ -415,19 +427,19 @@ def _nonfinite_message(step: int, m: dict[str, Any], what: str, ckpt: checkpoint
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked between steps (installed only in the main thread)."""
+    """SIGTERM as trainer.preemption's flag, checked between steps. train.py installs its handler when the process
+    starts; a caller that did not (a test calling `train`) gets it for the loop only."""
 
     def __init__(self):
-        self.requested = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = preemption.install()
         return self
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return preemption.requested()
 
     def __exit__(self, *exc):
         if self._previous is not None:
