@@ -2,9 +2,11 @@
 while an export is written, then relaunched until it ends: every exit code on the table, the user's files kept, no
 lock left, and every logged loss and every export bit-equal to an uninterrupted run's. BENCHMARKS.md records a long
 soak of one- and two-process runs (`python -m tests.chaos --kills 200`). A kill while step 8 is exported after its
-checkpoint committed (where the soak's export kills land only by chance) is made on a copy of the finished run."""
+checkpoint committed (where the soak's export kills land only by chance) is made on a copy of the finished run, and
+SIGTERM to one process of two during start-up is checked on its own."""
 import random
 import shutil
+import signal
 
 import pytest
 
@@ -31,3 +33,16 @@ def test_a_short_soak_resumes_bit_exact_and_keeps_to_the_table(tmp_path, monkeyp
         shutil.rmtree(run / name)
     multiproc.run(1, chaos.devices(1), chaos.command_args(run, 1), run.parent / "logs", chaos.LAUNCH_TIMEOUT)
     assert chaos.compare(run, reference) == []
+
+
+@pytest.mark.slow  # two processes to their first step
+def test_sigterm_to_one_process_during_start_up_stops_both_before_the_first_step(tmp_path):
+    """After jax.distributed.initialize, whose preemption notifier takes SIGTERM below Python, until the loop starts
+    (reading data, compiling): the signal still stops both processes at step 0, exit 0."""
+    model_dir = tmp_path / "run"
+    with multiproc.Cluster(2, 1, chaos.command_args(model_dir, 2), tmp_path / "logs") as cluster:
+        cluster.wait_until(lambda: (model_dir / "writer.lock").exists(), chaos.LAUNCH_TIMEOUT, "the writer lock")
+        cluster.kill(signal.SIGTERM, [1])
+        assert cluster.wait(chaos.LAUNCH_TIMEOUT) == [0, 0], cluster.report("SIGTERM to process 1")
+        for i in range(2):
+            assert f"process {i} of 2 stops at step 0 (preempted)" in cluster.stderr(i), cluster.report("step 0")
