@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import json
 import logging
 import mmap
@@ -187,7 +188,9 @@ class JsonlReader:
             spill, store = self._spill_store(os.fspath(f))
         else:
             store = self._store(os.fspath(f), os.fspath(f))
-        with f.open("rb") as raw:
+        with f.open("rb") as opened:
+            # fsspec's files (gs://) read a line only whole: io's reader reads at most `size` bytes of one
+            raw = opened if not remote else io.BufferedReader(opened, buffer_size=1 << 20)
             src = _CountingReader(raw)
             pos = a
             if a > 0:  # a line starting exactly at a follows a newline at a-1
