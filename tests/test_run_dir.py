@@ -50,6 +50,8 @@ def test_what_check_accepts(tmp_path):
     (killed / "writer.lock").write_text("{}")
     (killed / "writer.lock.123.456.tmp").write_text("{}")
     (killed / ".docmix_shared_check.0123abcd").write_text("x")
+    (killed / "launch" / "logs").mkdir(parents=True)             # launch.job's state, written as train.py starts
+    (killed / "launch" / "tpu-w0.json").write_text("{}")
     run_dir.check(str(killed))
     ours = tmp_path / "ours"                                  # a run directory with the user's own files added
     run_dir.claim(str(ours))
@@ -92,13 +94,15 @@ def test_set_aside_metrics_keeps_every_diverged_attempt(tmp_path):
     assert run_dir.set_aside_metrics(tmp_path / "none", 1, "x") is None
 
 
-def test_set_aside_metrics_keeps_the_parts_not_yet_composed(tmp_path):
+def test_set_aside_metrics_keeps_the_parts_not_yet_composed_and_the_probes(tmp_path):
     """On gs:// records may still be in metrics.jsonl.parts/ (trainer.metrics_file): the copy reads the same."""
     from trainer import metrics_file
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     metrics_file.parts_dir(tmp_path / "metrics.jsonl").mkdir()
     (metrics_file.parts_dir(tmp_path / "metrics.jsonl") / "0.jsonl").write_text('{"step": 2, "loss": 2.5}\n')
+    (tmp_path / "probes.jsonl").write_text('{"step": 0, "welfare": [0.5]}\n')  # in-loop probes' margins, too
     kept = run_dir.set_aside_metrics(tmp_path, 3, "step 3: non-finite loss")
     assert metrics_file.read(kept / "metrics.jsonl") == metrics_file.read(tmp_path / "metrics.jsonl") == [
         {"step": 1, "loss": 2.0}, {"step": 2, "loss": 2.5}]
+    assert (kept / "probes.jsonl").read_text() == (tmp_path / "probes.jsonl").read_text()

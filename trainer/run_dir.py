@@ -5,8 +5,8 @@ which docmix never reads, moves or deletes. MARKER is the first file a run write
 (`claim`); from then on the folder is a docmix run directory, and every later run resumes in it. A MODEL_DIR that
 exists, holds anything, and is not a run directory (no MARKER) is refused by `check` before anything is written: it is
 someone else's folder, even when it holds a `config.gin` and a `metrics.jsonl` of its own. Not refused: a folder
-holding only what a start-up killed before MARKER leaves (START_UP), and a run directory written before MARKER existed
-(its checkpoints/ hold docmix's metadata). `set_aside_metrics` keeps the metrics of an attempt that diverged, as
+holding only what docmix writes before MARKER (START_UP: what a start-up killed before MARKER leaves, a TPU job's
+state), and a run directory written before MARKER existed (its checkpoints/ hold docmix's metadata). `set_aside_metrics` keeps the metrics of an attempt that diverged, as
 trainer.checkpoint_health keeps the checkpoints it does not resume.
 """
 from __future__ import annotations
@@ -18,13 +18,16 @@ import time
 import exit_codes
 import storage
 from storage import Path
-from trainer import metrics_file
+from trainer import metrics_file, probes_in_loop
 
 MARKER = "docmix_run.json"
 METRICS, METRICS_SET_ASIDE = "metrics.jsonl", "metrics_set_aside"
-NAMES = ("config.gin", METRICS, METRICS_SET_ASIDE, "tb", "tokenizer", "checkpoints",
-         "checkpoints_set_aside", "writer.lock", "hf", "exports", "eval", MARKER)
-START_UP = ("writer.lock", "writer.lock.*.tmp", ".docmix_shared_check.*")  # run_lock, pod_start
+LOGS = (METRICS, probes_in_loop.FILE)  # the records a resumed run truncates to the step it resumes from
+NAMES = ("config.gin", *LOGS, METRICS_SET_ASIDE, "tb", "tokenizer", "checkpoints",
+         "checkpoints_set_aside", "writer.lock", "hf", "exports", "eval", "launch", MARKER)
+# What docmix writes into MODEL_DIR before MARKER: the writer lock (run_lock), pod_start's check file, and the job
+# state and logs of launch.job, which runs train.py on a TPU VM.
+START_UP = ("writer.lock", "writer.lock.*.tmp", ".docmix_shared_check.*", "launch")
 SHOWN = 5  # foreign entries named in the error
 
 
@@ -34,7 +37,18 @@ class ForeignModelDir(FileExistsError):
 
 
 def check(model_dir: str) -> None:
-    """Raises ForeignModelDir when `model_dir` exists, is not empty and is not a docmix run directory."""
+    """Raises ForeignModelDir when `model_dir` exists, is not empty and is not a docmix run directory. On an object
+    store the listing it makes is not kept in fsspec's listing cache: the cache would hide files that other processes
+    write there next (trainer.pod_start's check file)."""
+    try:
+        _check(model_dir)
+    finally:
+        if storage.is_remote(model_dir):
+            fs, prefix = storage.filesystem(model_dir)
+            fs.invalidate_cache(prefix)
+
+
+def _check(model_dir: str) -> None:
     path = Path(model_dir)
     if not path.is_dir() or (path / MARKER).exists():
         return
@@ -60,27 +74,29 @@ def claim(model_dir: str) -> None:
 
 
 def set_aside_metrics(model_dir: str | Path, step: int, reason: str) -> Path | None:
-    """Copies metrics.jsonl (with its parts not yet composed, on gs://: trainer.metrics_file) into
-    METRICS_SET_ASIDE/<step>/ with `reason` in reason.txt (a run that diverged at `step`: its rerun truncates
-    metrics.jsonl to the step it resumes from, as after a kill, and may train on with other settings); None when there
-    are no metrics. A folder of an earlier attempt that diverged at the same step is kept: the copy goes to <step>-2,
-    <step>-3, ... `metrics_file.read` reads the copy as it reads the original."""
-    source = Path(model_dir) / METRICS
-    parts = storage.list_files(metrics_file.parts_dir(source))
-    if not source.exists() and not parts:
+    """Copies metrics.jsonl and probes.jsonl (each with its parts not yet composed, on gs://: trainer.metrics_file)
+    into METRICS_SET_ASIDE/<step>/ with `reason` in reason.txt (a run that diverged at `step`: its rerun truncates
+    both to the step it resumes from, as after a kill, and may train on with other settings); None when there are no
+    metrics. A folder of an earlier attempt that diverged at the same step is kept: the copy goes to <step>-2,
+    <step>-3, ... `metrics_file.read` reads a copy as it reads the original."""
+    files = {name: storage.list_files(metrics_file.parts_dir(Path(model_dir) / name)) for name in LOGS}
+    present = [name for name, parts in files.items() if parts or (Path(model_dir) / name).exists()]
+    if METRICS not in present:
         return None
     folder, n = Path(model_dir) / METRICS_SET_ASIDE / str(step), 1
     while folder.exists():
         n += 1
         folder = folder.parent / f"{step}-{n}"
     folder.mkdir(parents=True)
-    if source.exists():
-        (folder / METRICS).write_bytes(source.read_bytes())
-    if parts:
-        copy = metrics_file.parts_dir(folder / METRICS)
-        copy.mkdir()
-        for name in parts:
-            (copy / name).write_bytes((metrics_file.parts_dir(source) / name).read_bytes())
+    for name in present:
+        source = Path(model_dir) / name
+        if source.exists():
+            (folder / name).write_bytes(source.read_bytes())
+        if files[name]:
+            copy = metrics_file.parts_dir(folder / name)
+            copy.mkdir()
+            for part in files[name]:
+                (copy / part).write_bytes((metrics_file.parts_dir(source) / part).read_bytes())
     (folder / "reason.txt").write_text(reason + "\n")
     return folder
 
