@@ -21,6 +21,10 @@ import json
 import logging
 import sys
 
+import exit_codes
+
+PROG = "sweep.py"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python sweep.py", description=__doc__.split("\n\n")[0],
@@ -39,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices for every evaluated checkpoint
     from experiments import plan
     from experiments.evaluate import settings
+    from experiments.settings import SettingsError
 
-    sweep = plan.load(args.sweep_file)  # a bad sweep file: SettingsError, exit 2 (exit_codes.run)
-    eval_settings = settings(sweep.eval)
+    try:
+        sweep = plan.load(args.sweep_file)
+        eval_settings = settings(sweep.eval)
+    except SettingsError as e:  # a bad sweep file: one line and exit 2, also to a caller of main()
+        return exit_codes.report(e, PROG)
     if args.dry_run:
         from experiments import estimate
 
@@ -66,16 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{report['note']}\nreport: {sweep.out_dir / 'report' / 'report.md'} "
           f"({len(report['runs'])} runs, {len(results)} evaluated)")
     if len(results) < len(jobs):
-        import exit_codes
-
-        raise exit_codes.Failed(exit_codes.STOPPED, f"{len(jobs) - len(results)} of {len(jobs)} runs did not finish "
-                                f"(their logs: {sweep.out_dir / 'logs'}); rerun the same command to resume them")
+        return exit_codes.report(exit_codes.Failed(
+            exit_codes.STOPPED, f"{len(jobs) - len(results)} of {len(jobs)} runs did not finish (their logs: "
+            f"{sweep.out_dir / 'logs'}); rerun the same command to resume them"), PROG)
     return 0
 
 
 if __name__ == "__main__":
-    import exit_codes
     import host_memory
 
     host_memory.use_huge_pages()
-    sys.exit(exit_codes.run(main, "sweep.py"))
+    sys.exit(exit_codes.run(main, PROG))

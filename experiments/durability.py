@@ -47,6 +47,7 @@ from experiments.evaluate import EvalSettings, evaluate, settings
 from experiments.plan import corpus_binding
 from experiments.settings import SettingsError, Table, read
 
+PROG = "python -m experiments.durability"
 TOP_KEYS = ("out_dir", "seeds", "midtrain", "instruction", "sft", "eval")
 MIDTRAIN_KEYS = ("gin_file", "gin", "train_steps", "share", "share_component", "replay_component", "corpus_macro",
                  "document_corpus", "control_corpus", "base_model", "probe_every")
@@ -379,12 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     from experiments import durability_plan, estimate
 
-    c = load(args.config)  # SettingsError, or a stage whose config or shares do not hold: exit 2 before any training
-    with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
-        planned, runs = durability_plan.stages(c, storage.Path(scratch))
-        est = estimate.estimate(runs, measure_here=not args.no_measure,
-                                progress=lambda line: print(line, file=sys.stderr, flush=True)) \
-            if args.dry_run else None
+    try:
+        c = load(args.config)
+        with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
+            planned, runs = durability_plan.stages(c, storage.Path(scratch))
+            est = estimate.estimate(runs, measure_here=not args.no_measure,
+                                    progress=lambda line: print(line, file=sys.stderr, flush=True)) \
+                if args.dry_run else None
+    except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
+        return exit_codes.report(e, PROG)
     if args.dry_run:
         print(durability_plan.format_plan(c, planned, est))
         return 0
@@ -400,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
     missing = [n for n, st in done["status"].items() if st["status"] != "done"]
     if missing:
-        raise exit_codes.Failed(exit_codes.STOPPED, f"{len(missing)} stage(s) did not finish ({', '.join(missing[:5])}"
-                                f"{', ...' if len(missing) > 5 else ''}; their logs: {c.out_dir / 'logs'}); rerun the "
-                                "same command to resume them")
+        return exit_codes.report(exit_codes.Failed(
+            exit_codes.STOPPED, f"{len(missing)} stage(s) did not finish ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}; their logs: {c.out_dir / 'logs'}); rerun the same command to "
+            "resume them"), PROG)
     return 0
 
 
@@ -410,4 +415,4 @@ if __name__ == "__main__":
     import host_memory
 
     host_memory.use_huge_pages()
-    sys.exit(exit_codes.run(main, "python -m experiments.durability"))
+    sys.exit(exit_codes.run(main, PROG))
