@@ -116,7 +116,7 @@ def test_a_sweep_through_the_launcher_trains_evaluates_and_reports_on_gs(tmp_pat
         logs = [o for o in objects if o.startswith("sweep/logs/")]
         assert len(logs) == 2 and all(b"rehearsal: PASSED" in bucket_get(url, "/" + urllib.parse.quote(o, safe="")
                                                                           + "?alt=media") for o in logs)
-        for run in ("w0.00", "w0.25"):
+        for run in ("-base-", "-w0.25-"):  # plan.run_name: share 0 is the base run
             assert any(re.search(rf"sweep/runs/[^/]*{run}[^/]*/hf/config\.json$", o) for o in objects), run
             assert any(re.search(rf"sweep/eval/[^/]*{run}[^/]*\.json$", o) for o in objects), run
         assert not (tmp_path / "gs:").exists()          # (a gs:// path taken for a local one)
