@@ -2,6 +2,9 @@
 
     python sweep.py sweeps/demo.toml --dry_run        # every run with its token budget, synthetic tokens, epochs/doc
                                                       # and estimated wall time (step time measured per config)
+    python sweep.py sweeps/demo.toml --dry_run --topology=v5p:2x2x1 [--mfu=0.4] [--prices=FILE] [--region=R]
+                                                      # priced: FLOPs of each config compiled for the slice, time at
+                                                      # the MFU, chip-hours and USD on demand and Spot, memory fit
     python sweep.py sweeps/demo.toml                  # train what is not finished, evaluate, write OUT_DIR/report/
     python sweep.py sweeps/demo.toml --launcher 'python -m launch.tpu --name={name} --zone=ZONE --accelerator_type=v5p-8 -- {args}'
 
@@ -12,7 +15,8 @@ resumes from MODEL_DIR). Runs execute here one after another, or each through th
 separate word) becomes `python train.py ARGS`, `{args}` train.py's arguments alone, `{name}` and `{model_dir}` are substituted; nothing goes through a
 shell. Then every finished run is evaluated (probes against the share-0 arm of the same seed, held-out loss, ANIMA
 when a grader is set) and OUT_DIR/report/ gets the table, plots and report.md listing every configured run.
-Exit status: 0 all runs finished, 1 some run failed or is missing (the report still lists it), 2 bad sweep file.
+Exit status: 0 all runs finished, 1 some run failed or is missing (the report still lists it), 2 bad sweep file or
+price table, 3 --topology without the TPU extra (libtpu).
 """
 from __future__ import annotations
 
@@ -28,13 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_file", help="sweep file (TOML)")
     parser.add_argument("--dry_run", action="store_true", help="print every run and its token budget; train nothing")
     parser.add_argument("--json", action="store_true", help="with --dry_run: print the runs as JSON")
-    parser.add_argument("--no_measure", action="store_true",
-                        help="with --dry_run: estimate wall time only from step times that runs in OUT_DIR logged; "
-                             "do not time the configs on this machine")
     parser.add_argument("--launcher", help="command template to run each run through, e.g. "
                                            "'python -m launch.tpu --name={name} --zone=ZONE --accelerator_type=v5p-8 -- {args}'")
     parser.add_argument("--no_train", action="store_true", help="only evaluate finished runs and write the report")
+    from experiments import estimate
+
+    estimate.add_flags(parser)
     args = parser.parse_args(argv)
+    estimate.check_flags(parser, args)
+    from launch import topology
+
+    if args.topology and not topology.has_libtpu("sweep.py", "--topology needs"):
+        return 3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices for every evaluated checkpoint
     from experiments import plan
@@ -48,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep.py: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from experiments import estimate
-
-        est = estimate.estimate(plan.planned(sweep), measure_here=not args.no_measure,
-                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+        try:
+            est = estimate.from_flags(plan.planned(sweep), args,
+                                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+        except ValueError as e:  # a price table or region that does not hold
+            print(f"sweep.py: error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps([plan.as_dict(r, est) for r in sweep.runs]) if args.json else plan.format_plan(sweep, est))
         return 0
     from experiments import runner, sweep_report

@@ -370,20 +370,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true",
                         help="print every stage with its steps, tokens, synthetic tokens, epochs and estimated wall "
                              "time; train nothing")
-    parser.add_argument("--no_measure", action="store_true",
-                        help="with --dry_run: estimate wall time only from step times that stages in OUT_DIR logged; "
-                             "do not time the configs on this machine")
+    from experiments import durability_plan, estimate
+    from launch import topology
+
+    estimate.add_flags(parser)
     args = parser.parse_args(argv)
+    estimate.check_flags(parser, args)
+    if args.topology and not topology.has_libtpu("experiments.durability", "--topology needs"):
+        return 3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from experiments import durability_plan, estimate
 
     try:
         c = load(args.config)
         with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
             planned, runs = durability_plan.stages(c, storage.Path(scratch))
-            est = estimate.estimate(runs, measure_here=not args.no_measure,
-                                    progress=lambda line: print(line, file=sys.stderr, flush=True)) \
+            est = estimate.from_flags(runs, args, progress=lambda line: print(line, file=sys.stderr, flush=True)) \
                 if args.dry_run else None
     except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
         print(f"experiments.durability: {e}", file=sys.stderr)

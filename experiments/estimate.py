@@ -11,8 +11,13 @@ that has it:
    run's real shapes, once per shape per estimate (a 30-run sweep of 3 shapes measures 3);
 3. none: the estimate says why it has no step time for that shape.
 A run's estimate is steps x step time: optimizer steps only; start-up, compilation, evaluation and exports are not
-included. Another source of step times (e.g. FLOPs of an ahead-of-time compile for a TPU topology at an assumed MFU)
-fits as one more `StepTime` source per shape key.
+included (a finished run's goodput.json says how much they took: trainer.goodput).
+
+Priced (`--topology`, `compiled`): the step time of each shape on a Cloud TPU topology instead, from no logged time:
+the FLOPs per chip of the run's train step compiled for that topology (launch.aot.step_flops: XLA's cost analysis)
+over the chip's peak (trainer.metrics.PEAK_FLOPS) x the assumed MFU; each run then costs steps x step time x chips
+in chip-hours, at the price table's on-demand and Spot prices (launch.pricing). The compile also tells whether the
+shape fits the chips' HBM (launch.memory).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 MEASURE_STEPS = 3
+DEFAULT_MFU = 0.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +45,43 @@ class Planned:
 
 @dataclasses.dataclass(frozen=True)
 class StepTime:
-    """Seconds per optimizer step of one shape, where they come from ("metrics" or "measured") and how."""
+    """Seconds per optimizer step of one shape, where they come from ("metrics", "measured" or "compiled") and how;
+    a compiled one also gives the chips it runs on and the memory fit of its step (launch.memory's report)."""
     seconds: float
     source: str
     detail: str
+    chips: int | None = None
+    fits: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """shapes: shape key -> StepTime, or the reason there is none (a string); runs: run name -> (shape key, seconds
-    or None); describe: shape key -> a short description of the shape."""
+    or None); describe: shape key -> a short description of the shape; price: launch.pricing.Price of a priced
+    estimate (step times "compiled")."""
     shapes: dict[str, StepTime | str]
     runs: dict[str, tuple[str, float | None]]
     describe: dict[str, str]
+    price: Any = None
 
     @property
     def total(self) -> float:
         """Seconds of the runs that have an estimate."""
         return sum(s for _, s in self.runs.values() if s is not None)
+
+    def cost(self, name: str) -> tuple[float, float, float | None] | None:
+        """(chip-hours, on-demand USD, Spot USD or None) of run `name`; None unpriced or without an estimate."""
+        key, seconds = self.runs[name]
+        t = self.shapes[key]
+        if self.price is None or seconds is None or not isinstance(t, StepTime) or t.chips is None:
+            return None
+        chip_hours = seconds * t.chips / 3600
+        return (chip_hours, *self.price.cost(chip_hours))
+
+    def total_cost(self) -> tuple[float, float, float | None]:
+        costs = [c for c in map(self.cost, self.runs) if c is not None]
+        spot = [c[2] for c in costs]
+        return (sum(c[0] for c in costs), sum(c[1] for c in costs), None if None in spot else sum(spot))
 
     @property
     def missing(self) -> list[str]:
@@ -71,9 +96,72 @@ class Estimate:
                 f"no estimate: {t}"
             out.append(f"  shape {key} ({self.describe[key]}): {what}")
         total = f"total {duration(self.total)} for {len(self.runs) - len(self.missing)} runs"
+        if self.price is not None:
+            chip_hours, on_demand, spot = self.total_cost()
+            total += f": {chip_hours:.4g} chip-hours, {usd(on_demand)} on demand, {usd(spot)} Spot"
+            out.append(f"price: {self.price.describe()}")
         if self.missing:
             total += f"; {len(self.missing)} runs without an estimate"
-        return out + [total]
+        unfit = [key for key, t in self.shapes.items() if isinstance(t, StepTime) and t.fits is False]
+        return out + [total] + [f"warning: shape {key} does not fit the chips' HBM (python -m launch.aot says what "
+                                "to change)" for key in unfit]
+
+
+def cost_header(est: Estimate | None) -> str:
+    """The dry-run table's cost columns (after est_time): empty unless the estimate is priced."""
+    return "" if est is None or est.price is None else f" {'chip_h':>9} {'on_demand':>10} {'spot':>10}"
+
+
+def cost_columns(est: Estimate | None, name: str) -> str:
+    if est is None or est.price is None:
+        return ""
+    chip_hours, on_demand, spot = est.cost(name) or (None, None, None)
+    return f" {'-' if chip_hours is None else f'{chip_hours:.4g}':>9} {usd(on_demand):>10} {usd(spot):>10}"
+
+
+def add_flags(parser: Any) -> None:
+    """The dry run's estimate flags (sweep.py, experiments.durability)."""
+    parser.add_argument("--no_measure", action="store_true",
+                        help="with --dry_run: estimate wall time only from step times that runs in OUT_DIR logged; "
+                             "do not time the configs on this machine")
+    parser.add_argument("--topology", help="with --dry_run: price every run on this Cloud TPU topology (e.g. "
+                        "v5p:2x2x1): each distinct config compiled for it (the TPU extra), FLOPs at --mfu")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                        help=f"with --topology: the share of the chips' peak FLOP/s assumed (default {DEFAULT_MFU})")
+    parser.add_argument("--prices", help="with --topology: a price table (TOML, as launch/prices.toml) replacing the "
+                        "shipped prices region by region")
+    parser.add_argument("--region", help="with --topology: the region priced (default: the table's first for the "
+                        "TPU family)")
+
+
+def check_flags(parser: Any, args: Any) -> None:
+    """Usage errors of the estimate flags (argparse's exit 2)."""
+    if (args.topology or args.prices or args.region) and not args.dry_run:
+        parser.error("--topology, --prices and --region price a dry run: add --dry_run")
+    if (args.prices or args.region) and not args.topology:
+        parser.error("--prices and --region need --topology")
+    if args.topology and args.no_measure:
+        parser.error("--topology takes every step time from a compile: leave out --no_measure")
+    if not 0 < args.mfu <= 1:
+        parser.error(f"--mfu={args.mfu:g}: give a share of the peak in (0, 1]")
+
+
+def from_flags(planned: Sequence[Planned], args: Any, progress: Callable[[str], None] | None = None) -> Estimate:
+    """The dry run's estimate as the flags ask: priced on --topology, else measured here (or only logged times).
+    Raises ValueError for a price table or region that does not hold."""
+    if not args.topology:
+        return estimate(planned, measure_here=not args.no_measure, progress=progress)
+    from launch import pricing
+
+    price = pricing.lookup(args.topology, args.region, args.prices)
+    return estimate(planned, measure_fn=compiled(args.topology, args.mfu), progress=progress, price=price)
+
+
+def usd(amount: float | None) -> str:
+    """'-', '$0.0123', '$12.35' or '$1,235' (one word, for tables)."""
+    if amount is None:
+        return "-"
+    return f"${amount:.3g}" if amount < 1 else (f"${amount:,.2f}" if amount < 1000 else f"${amount:,.0f}")
 
 
 def duration(seconds: float | None) -> str:
@@ -159,12 +247,43 @@ def measure(run: Any, steps: int = MEASURE_STEPS) -> StepTime:
                     f"compile {compile_s:.1f} s + {steps} steps here on {devices}")
 
 
+def compiled(topology_name: str, mfu: float = DEFAULT_MFU) -> Callable[[Any], StepTime]:
+    """A `measure_fn` for `estimate`: the run's train step compiled for `topology_name` (launch.aot), its FLOPs per
+    chip (launch.aot.step_flops) at `mfu` of the chip's peak."""
+    def step_time(run: Any) -> StepTime:
+        from launch import aot, memory
+        from trainer import metrics
+
+        step = aot.compile_step(run, topology_name)
+        flops = aot.step_flops(step)
+        kind = step.devices[0].device_kind
+        hardware = metrics.hardware_of(kind)
+        if flops is None or hardware is None:
+            raise ValueError(f"{topology_name}: {'no compile of the step fits' if flops is None else 'no peak FLOP/s'}"
+                             f" ({kind})")
+        peak = metrics.PEAK_FLOPS[hardware]
+        fit = aot.report(step)
+        need = fit.get("peak_bytes") or fit.get("needed_bytes")
+        memory_text = (f"peak {need / memory.GIB:.2f} of {fit['hbm_bytes'] / memory.GIB:.2f} GiB per chip"
+                       if need and fit["hbm_bytes"] else "peak ?")
+        model = metrics.train_flops_per_token(run.model, run.train.seq_len) * run.train.batch_size * \
+            run.train.seq_len / len(step.devices)
+        return StepTime(flops / (peak * mfu), "compiled",
+                        f"{flops / 1e12:.4g} TFLOP per chip per step compiled for {topology_name} ({len(step.devices)} "
+                        f"chips of {kind}; {flops / model:.2f}x the 6N+attention formula) at MFU {mfu:g} of "
+                        f"{peak / 1e12:g} TFLOP/s; {memory_text}, {'fits' if fit['fits'] else 'DOES NOT FIT'}",
+                        chips=len(step.devices), fits=fit["fits"])
+    return step_time
+
+
 def estimate(planned: Sequence[Planned], *, measure_here: bool = True,
              measure_fn: Callable[[Any], StepTime] | None = None,
-             progress: Callable[[str], None] | None = None) -> Estimate:
+             progress: Callable[[str], None] | None = None, price: Any = None) -> Estimate:
     """Step time per shape (metrics of the planned runs, else a measurement here unless `measure_here` is False) and
     steps x step time per run. A measurement that fails (e.g. the shape does not fit this machine) is reported as
-    the shape's reason, not raised. `progress` hears a line before each measurement."""
+    the shape's reason, not raised. `progress` hears a line before each measurement. A priced estimate (`price`, a
+    launch.pricing.Price, with `measure_fn=compiled(...)`) takes every step time from `measure_fn`, none from
+    logged metrics."""
     measure_fn = measure_fn or measure
     keys = {p.name: shape_key(p.run) for p in planned}
     shapes: dict[str, StepTime | str] = {}
@@ -175,10 +294,11 @@ def estimate(planned: Sequence[Planned], *, measure_here: bool = True,
             continue
         describe[key] = _describe(p.run)
         dirs = [q.run_dir for q in planned if keys[q.name] == key and q.run_dir is not None and q.run_dir.is_dir()]
-        found = from_metrics(dirs)
+        found = from_metrics(dirs) if price is None else None
         if found is None and measure_here:
             if progress:
-                progress(f"measuring the step time of shape {key} ({describe[key]}): compile + {MEASURE_STEPS} steps")
+                progress(f"compiling shape {key} ({describe[key]}) for its FLOPs" if price is not None else
+                         f"measuring the step time of shape {key} ({describe[key]}): compile + {MEASURE_STEPS} steps")
             try:
                 found = measure_fn(p.run)
             except Exception as e:  # noqa: BLE001 - any failure to run the shape here is a reason, not a crash
@@ -190,4 +310,4 @@ def estimate(planned: Sequence[Planned], *, measure_here: bool = True,
     for p in planned:
         t = shapes[keys[p.name]]
         runs[p.name] = (keys[p.name], p.steps * t.seconds if isinstance(t, StepTime) else None)
-    return Estimate(shapes=shapes, runs=runs, describe=describe)
+    return Estimate(shapes=shapes, runs=runs, describe=describe, price=price)

@@ -2,8 +2,10 @@
 compiler gives a program per chip, and the topology of a Cloud TPU accelerator type (`v6e-8` -> `v6e:2x4`)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 from typing import Any
 
 GIB = 2 ** 30
@@ -31,6 +33,16 @@ def topology_of(accelerator_type: str) -> str:
         raise ValueError(f"--accelerator_type {accelerator_type!r}: no default topology for {chips} chips; "
                          "pass --topology NAME:AxB[xC]")
     return f"{name}:{grids[chips]}"
+
+
+def has_libtpu(prog: str, what: str = "needs") -> bool:
+    """Whether the TPU extra (libtpu, for compile-only TPU devices) is installed; without it, prints one line
+    naming what to install (the caller exits 3: exit_codes)."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    print(f"{prog}: error: {what} the TPU extra (libtpu is not installed): pip install -r requirements-tpu.txt",
+          file=sys.stderr)
+    return False
 
 
 def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
