@@ -51,18 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.settings import SettingsError
 
     try:
+        estimate.price(args)  # a price table or region that does not hold, before any work
+    except ValueError as e:
+        print(f"sweep.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
         sweep = plan.load(args.sweep_file)
         eval_settings = settings(sweep.eval)
     except SettingsError as e:
         print(f"sweep.py: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        try:
-            est = estimate.from_flags(plan.planned(sweep), args,
-                                      progress=lambda line: print(line, file=sys.stderr, flush=True))
-        except ValueError as e:  # a price table or region that does not hold
-            print(f"sweep.py: error: {e}", file=sys.stderr)
-            return 2
+        est = estimate.from_flags(plan.planned(sweep), args,
+                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(json.dumps([plan.as_dict(r, est) for r in sweep.runs]) if args.json else plan.format_plan(sweep, est))
         return 0
     from experiments import runner, sweep_report
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if status.get(job.name, {}).get("status") == "done":
             print(f"evaluating {job.name}", flush=True)
             results[job.name] = evaluate(job.model_dir, eval_settings, sweep.out_dir / "eval" / f"{job.name}.json")
-    report = sweep_report.write(sweep, status, results, eval_settings, sweep.out_dir / "report")
+    est = estimate.from_flags(plan.planned(sweep), args)  # each run's estimate beside its goodput.json
+    report = sweep_report.write(sweep, status, results, eval_settings, sweep.out_dir / "report", est)
     print(f"\n{report['note']}\nreport: {sweep.out_dir / 'report' / 'report.md'} "
           f"({len(report['runs'])} runs, {len(results)} evaluated)")
     return 0 if len(results) == len(jobs) else 1

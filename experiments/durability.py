@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
     try:
+        estimate.price(args)  # a price table or region that does not hold, before any work
         c = load(args.config)
         with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
             planned, runs = durability_plan.stages(c, storage.Path(scratch))
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     done = run(c, args.launcher)
     s = dataclasses.replace(c.eval, heldout=False)  # SFT points' held-out loss: run eval.heldout on their exports
     results = evaluate_points(c, done["points"], s, done["status"])
-    report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report")
+    est = estimate.from_flags(runs, args)  # each stage's estimate beside its goodput.json
+    report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report", est)
     print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
     missing = [n for n, st in done["status"].items() if st["status"] != "done"]
     return 1 if missing else 0

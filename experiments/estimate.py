@@ -52,6 +52,7 @@ class StepTime:
     detail: str
     chips: int | None = None
     fits: bool | None = None
+    device_kind: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,40 @@ class Estimate:
                                 "to change)" for key in unfit]
 
 
+def against_actual(est: Estimate | None, name: str, run_dir: Any) -> dict[str, Any]:
+    """A run's estimated time (and cost, when priced) beside the actual ones of its run directory's goodput.json
+    (trainer.goodput: every attempt's wall time; cost = each attempt's wall time x its devices at the price, when
+    they are the priced chips); {} when neither is known."""
+    from trainer import goodput
+
+    row: dict[str, Any] = {}
+    if est is not None and est.runs.get(name, (None, None))[1] is not None:
+        row["est_time_s"] = est.runs[name][1]
+        cost = est.cost(name)
+        if cost is not None:
+            row["est_cost_usd"] = cost[1]
+    attempts = goodput.read(run_dir) if run_dir is not None else []
+    if attempts:
+        total = goodput.totals(attempts)
+        row |= {"actual_time_s": total["wall_s"], "goodput": total["goodput"]}
+        t = est.shapes.get(est.runs[name][0]) if est is not None and name in est.runs else None
+        if isinstance(t, StepTime) and t.device_kind and all(a["device_kind"] == t.device_kind for a in attempts):
+            row["actual_cost_usd"] = est.price.on_demand * sum(a["wall_s"] * a["devices"] for a in attempts) / 3600
+    return row
+
+
+TIME_HEADER = "time: estimated / actual (goodput); cost: estimated / actual"
+
+
+def time_cell(row: dict[str, Any]) -> str:
+    """A report's time (and cost) cell of a row with `against_actual`'s keys: `2.1min / 3.0min (61%); $1.20 / $1.71`."""
+    actual = duration(row["actual_time_s"]) + f" ({row['goodput']:.0%})" if "actual_time_s" in row else "-"
+    cell = f"{duration(row.get('est_time_s'))} / {actual}"
+    if "est_cost_usd" in row:
+        cell += f"; {usd(row['est_cost_usd'])} / {usd(row.get('actual_cost_usd'))}"
+    return cell
+
+
 def cost_header(est: Estimate | None) -> str:
     """The dry-run table's cost columns (after est_time): empty unless the estimate is priced."""
     return "" if est is None or est.price is None else f" {'chip_h':>9} {'on_demand':>10} {'spot':>10}"
@@ -124,8 +159,9 @@ def add_flags(parser: Any) -> None:
     parser.add_argument("--no_measure", action="store_true",
                         help="with --dry_run: estimate wall time only from step times that runs in OUT_DIR logged; "
                              "do not time the configs on this machine")
-    parser.add_argument("--topology", help="with --dry_run: price every run on this Cloud TPU topology (e.g. "
-                        "v5p:2x2x1): each distinct config compiled for it (the TPU extra), FLOPs at --mfu")
+    parser.add_argument("--topology", help="price every run on this Cloud TPU topology (e.g. v5p:2x2x1): each "
+                        "distinct config compiled for it (the TPU extra), FLOPs at --mfu; in the dry run's table, "
+                        "and beside each run's actual time and cost in the report")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                         help=f"with --topology: the share of the chips' peak FLOP/s assumed (default {DEFAULT_MFU})")
     parser.add_argument("--prices", help="with --topology: a price table (TOML, as launch/prices.toml) replacing the "
@@ -136,8 +172,6 @@ def add_flags(parser: Any) -> None:
 
 def check_flags(parser: Any, args: Any) -> None:
     """Usage errors of the estimate flags (argparse's exit 2)."""
-    if (args.topology or args.prices or args.region) and not args.dry_run:
-        parser.error("--topology, --prices and --region price a dry run: add --dry_run")
     if (args.prices or args.region) and not args.topology:
         parser.error("--prices and --region need --topology")
     if args.topology and args.no_measure:
@@ -146,15 +180,20 @@ def check_flags(parser: Any, args: Any) -> None:
         parser.error(f"--mfu={args.mfu:g}: give a share of the peak in (0, 1]")
 
 
-def from_flags(planned: Sequence[Planned], args: Any, progress: Callable[[str], None] | None = None) -> Estimate:
-    """The dry run's estimate as the flags ask: priced on --topology, else measured here (or only logged times).
-    Raises ValueError for a price table or region that does not hold."""
-    if not args.topology:
-        return estimate(planned, measure_here=not args.no_measure, progress=progress)
+def price(args: Any) -> Any:
+    """The launch.pricing.Price the flags ask for (None without --topology); ValueError for a price table or region
+    that does not hold."""
     from launch import pricing
 
-    price = pricing.lookup(args.topology, args.region, args.prices)
-    return estimate(planned, measure_fn=compiled(args.topology, args.mfu), progress=progress, price=price)
+    return pricing.lookup(args.topology, args.region, args.prices) if args.topology else None
+
+
+def from_flags(planned: Sequence[Planned], args: Any, progress: Callable[[str], None] | None = None) -> Estimate:
+    """The estimate as the flags ask: priced on --topology, else measured here (or only logged times; after the runs,
+    for the report, always only those)."""
+    if not args.topology:
+        return estimate(planned, measure_here=args.dry_run and not args.no_measure, progress=progress)
+    return estimate(planned, measure_fn=compiled(args.topology, args.mfu), progress=progress, price=price(args))
 
 
 def usd(amount: float | None) -> str:
@@ -272,7 +311,7 @@ def compiled(topology_name: str, mfu: float = DEFAULT_MFU) -> Callable[[Any], St
                         f"{flops / 1e12:.4g} TFLOP per chip per step compiled for {topology_name} ({len(step.devices)} "
                         f"chips of {kind}; {flops / model:.2f}x the 6N+attention formula) at MFU {mfu:g} of "
                         f"{peak / 1e12:g} TFLOP/s; {memory_text}, {'fits' if fit['fits'] else 'DOES NOT FIT'}",
-                        chips=len(step.devices), fits=fit["fits"])
+                        chips=len(step.devices), fits=fit["fits"], device_kind=kind)
     return step_time
 
 

@@ -100,3 +100,30 @@ def test_a_price_table_that_does_not_hold_names_its_file_and_key(tmp_path):
     with pytest.raises(ValueError, match="--region mars-1: no v5p price there; regions priced: us-east5"):
         pricing.lookup("v5p:2x2x1", "mars-1")
     assert pricing.lookup("v5p:2x2x1").cost(2.0) == (8.4, 4.2)
+
+
+def test_the_report_sets_each_runs_estimate_beside_its_goodput(sweep_file):
+    """A run with a goodput.json of two attempts on the priced chips: its report row holds the estimated and the
+    actual time and cost; a run that has not run holds its estimate alone."""
+    from experiments import estimate, plan, sweep_report
+
+    s = plan.load(sweep_file)
+    done, waiting = s.runs[0], s.runs[1]
+    attempts = [{"wall_s": 30.0, "devices": 4, "device_kind": "TPU v5", "steps": {"productive": 2, "recomputed": 0},
+                 "seconds": {"productive": 20.0, "compile": 10.0}},
+                {"wall_s": 60.0, "devices": 4, "device_kind": "TPU v5", "steps": {"productive": 1, "recomputed": 1},
+                 "seconds": {"productive": 40.0, "compile": 20.0}}]
+    s.run_dir(done).mkdir(parents=True)
+    (s.run_dir(done) / "goodput.json").write_text(json.dumps({"attempts": attempts}))
+    key = estimate.shape_key(s.configs[done.model])
+    price = pricing.Price("v5p", "us-east5", 4.0, 2.0, "test")
+    est = estimate.Estimate(
+        shapes={key: estimate.StepTime(10.0, "compiled", "", chips=4, fits=True, device_kind="TPU v5")},
+        runs={r.name: (key, r.train_steps * 10.0) for r in s.runs}, describe={key: ""}, price=price)
+    rows = {r["run"]: r for r in sweep_report.run_rows(s, {}, {}, est)}
+    row = rows[done.name]
+    assert row["est_time_s"] == 30.0 and row["est_cost_usd"] == pytest.approx(30.0 * 4 / 3600 * 4.0)
+    assert row["actual_time_s"] == 90.0 and row["goodput"] == pytest.approx(60 / 90, abs=1e-4)
+    assert row["actual_cost_usd"] == pytest.approx(90.0 * 4 / 3600 * 4.0)
+    assert estimate.time_cell(row) == "30s / 1.5min (67%); $0.133 / $0.4"
+    assert "actual_time_s" not in rows[waiting.name] and estimate.time_cell(rows[waiting.name]).startswith("30s / -")
