@@ -2,6 +2,7 @@
 several arms side by side, and one report with the decay curves. One config, one command:
 
     python -m experiments.durability sweeps/durability_demo.toml --dry_run   # every stage, its budget and time
+    python -m experiments.durability sweeps/durability_demo.toml --dry_run --topology=v5p:2x2x1   # and its cost
     python -m experiments.durability sweeps/durability_demo.toml
 
 Arms (each with every seed of the file):

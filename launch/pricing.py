@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import tomllib
-from typing import Any
-
 import storage
 
 SHIPPED = pathlib.Path(__file__).with_name("prices.toml")
@@ -91,7 +89,3 @@ def lookup(topology_name: str, region: str | None = None, user_file: str | None 
                          f"{', '.join(prices)} (or give one with --prices FILE)")
     return prices[region]
 
-
-def summary(chip_hours: float, price: Price) -> dict[str, Any]:
-    on_demand, spot = price.cost(chip_hours)
-    return {"chip_hours": chip_hours, "on_demand_usd": on_demand, "spot_usd": spot}
