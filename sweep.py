@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", help="command template to run each run through, e.g. "
                                            "'python -m launch.tpu --name={name} --zone=ZONE --accelerator_type=v5p-8 -- {args}'")
     parser.add_argument("--no_train", action="store_true", help="only evaluate finished runs and write the report")
-    from experiments import estimate
+    from experiments import priced
 
-    estimate.add_flags(parser)
+    priced.add_flags(parser)
     args = parser.parse_args(argv)
-    estimate.check_flags(parser, args)
+    priced.check_flags(parser, args)
     from launch import topology
 
     if args.topology and not topology.has_libtpu("sweep.py", "--topology needs"):
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.settings import SettingsError
 
     try:
-        estimate.price(args)  # a price table or region that does not hold, before any work
+        priced.price(args)  # a price table or region that does not hold, before any work
     except ValueError as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)
         return 2
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep.py: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        est = estimate.from_flags(plan.planned(sweep), args,
-                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
+        est = priced.from_flags(plan.planned(sweep), args,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(json.dumps([plan.as_dict(r, est) for r in sweep.runs]) if args.json else plan.format_plan(sweep, est))
         return 0
     from experiments import runner, sweep_report
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if status.get(job.name, {}).get("status") == "done":
             print(f"evaluating {job.name}", flush=True)
             results[job.name] = evaluate(job.model_dir, eval_settings, sweep.out_dir / "eval" / f"{job.name}.json")
-    est = estimate.from_flags(plan.planned(sweep), args)  # each run's estimate beside its goodput.json
+    est = priced.from_flags(plan.planned(sweep), args)  # each run's estimate beside its goodput.json
     report = sweep_report.write(sweep, status, results, eval_settings, sweep.out_dir / "report", est)
     print(f"\n{report['note']}\nreport: {sweep.out_dir / 'report' / 'report.md'} "
           f"({len(report['runs'])} runs, {len(results)} evaluated)")

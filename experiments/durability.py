@@ -371,23 +371,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true",
                         help="print every stage with its steps, tokens, synthetic tokens, epochs and estimated wall "
                              "time; train nothing")
-    from experiments import durability_plan, estimate
+    from experiments import durability_plan, priced
     from launch import topology
 
-    estimate.add_flags(parser)
+    priced.add_flags(parser)
     args = parser.parse_args(argv)
-    estimate.check_flags(parser, args)
+    priced.check_flags(parser, args)
     if args.topology and not topology.has_libtpu("experiments.durability", "--topology needs"):
         return 3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
 
     try:
-        estimate.price(args)  # a price table or region that does not hold, before any work
+        priced.price(args)  # a price table or region that does not hold, before any work
         c = load(args.config)
         with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
             planned, runs = durability_plan.stages(c, storage.Path(scratch))
-            est = estimate.from_flags(runs, args, progress=lambda line: print(line, file=sys.stderr, flush=True)) \
+            est = priced.from_flags(runs, args, progress=lambda line: print(line, file=sys.stderr, flush=True)) \
                 if args.dry_run else None
     except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
         print(f"experiments.durability: {e}", file=sys.stderr)
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     done = run(c, args.launcher)
     s = dataclasses.replace(c.eval, heldout=False)  # SFT points' held-out loss: run eval.heldout on their exports
     results = evaluate_points(c, done["points"], s, done["status"])
-    est = estimate.from_flags(runs, args)  # each stage's estimate beside its goodput.json
+    est = priced.from_flags(runs, args)  # each stage's estimate beside its goodput.json
     report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report", est)
     print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
     missing = [n for n, st in done["status"].items() if st["status"] != "done"]

@@ -13,7 +13,7 @@ import numpy as np
 import storage
 from eval import plots, stats
 from eval import report as eval_report
-from experiments import compare, estimate
+from experiments import compare, priced
 from experiments.evaluate import EvalSettings
 
 
@@ -140,8 +140,8 @@ def write(c, planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Ma
         samples = f"{r['samples']:.0f}" if r["samples"] is not None else "missing"
         lines.append(f"| {r['arm']} | {samples} | {r['set']} | {r['seeds_evaluated']}/{r['seeds_planned']} | "
                      f"{fmt(r, 'margin', 'margin_lo', 'margin_hi')} | {fmt(r, 'vs_base', 'lo', 'hi')} | {adj} |")
-    lines += ["", "## Stages", "", f"| stage | status | {estimate.TIME_HEADER} |", "|---|---|---|"]
-    stages = {name: estimate.against_actual(est, name, c.run_dir(name)) for name in status}
-    lines += [f"| {name} | {st['status']} | {estimate.time_cell(stages[name])} |" for name, st in sorted(status.items())]
+    lines += ["", "## Stages", "", f"| stage | status | {priced.TIME_HEADER} |", "|---|---|---|"]
+    stages = {name: priced.against_actual(est, name, c.run_dir(name)) for name in status}
+    lines += [f"| {name} | {st['status']} | {priced.time_cell(stages[name])} |" for name, st in sorted(status.items())]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return {"rows": table, "plots": panels, "comparisons": family, "note": note, "stages": stages}

@@ -286,7 +286,8 @@ def planned(sweep: Sweep) -> list[Any]:
 def format_plan(sweep: Sweep, est: Any = None) -> str:
     """The dry-run table: every run with its token budget, synthetic tokens, epochs per document and, given an
     experiments.estimate.Estimate, its estimated wall time (and the estimate's footer)."""
-    from experiments.estimate import cost_columns, cost_header, duration
+    from experiments.estimate import duration
+    from experiments.priced import cost_columns, cost_header
 
     header = (f"{'run':<44} {'share':>6} {'docs':>6} {'seed':>5} {'steps':>7} {'total_tokens':>13} "
               f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15} {'est_time':>9}"

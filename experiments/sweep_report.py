@@ -15,7 +15,7 @@ from typing import Any
 import storage
 from eval import plots, stats
 from eval import report as eval_report
-from experiments import compare, estimate
+from experiments import compare, priced
 from experiments.evaluate import EvalSettings
 from experiments.plan import Run, Sweep
 
@@ -34,7 +34,7 @@ def run_rows(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, 
                                "seed": r.seed, "steps": r.train_steps, "total_tokens": r.total_tokens,
                                "synthetic_tokens": r.synthetic_tokens,
                                "epochs_per_doc": r.epochs_per_doc, "baseline": r.baseline or ""}
-        row |= estimate.against_actual(est, r.name, sweep.run_dir(r))
+        row |= priced.against_actual(est, r.name, sweep.run_dir(r))
         res = results.get(r.name)
         if res:
             for name, m in res["margins"].items():
@@ -153,11 +153,11 @@ def _markdown(run_table: list[dict[str, Any]], arm_table: list[dict[str, Any]], 
                      f"| {adj} |")
     lines += ["", f"Plots: {', '.join(drawn) or 'none'} (plots.json holds what they show).", *not_drawn]
     lines += ["", "## Every configured run", "", "| run | status | share | docs | seed | steps | total tokens | "
-              f"synthetic tokens | epochs/doc | {estimate.TIME_HEADER} |", "|---|---|---|---|---|---|---|---|---|---|"]
+              f"synthetic tokens | epochs/doc | {priced.TIME_HEADER} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in run_table:
         epochs = f"{r['epochs_per_doc']:.3f}" if r["epochs_per_doc"] is not None else "-"
         lines.append(f"| {r['run']} | {r['status']} | {r['share']:g} | {r['docs'] or '-'} | {r['seed']} | {r['steps']} "
-                     f"| {r['total_tokens']} | {r['synthetic_tokens']} | {epochs} | {estimate.time_cell(r)} |")
+                     f"| {r['total_tokens']} | {r['synthetic_tokens']} | {epochs} | {priced.time_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -105,7 +105,7 @@ def test_a_price_table_that_does_not_hold_names_its_file_and_key(tmp_path):
 def test_the_report_sets_each_runs_estimate_beside_its_goodput(sweep_file):
     """A run with a goodput.json of two attempts on the priced chips: its report row holds the estimated and the
     actual time and cost; a run that has not run holds its estimate alone."""
-    from experiments import estimate, plan, sweep_report
+    from experiments import estimate, plan, priced, sweep_report
 
     s = plan.load(sweep_file)
     done, waiting = s.runs[0], s.runs[1]
@@ -125,5 +125,5 @@ def test_the_report_sets_each_runs_estimate_beside_its_goodput(sweep_file):
     assert row["est_time_s"] == 30.0 and row["est_cost_usd"] == pytest.approx(30.0 * 4 / 3600 * 4.0)
     assert row["actual_time_s"] == 90.0 and row["goodput"] == pytest.approx(60 / 90, abs=1e-4)
     assert row["actual_cost_usd"] == pytest.approx(90.0 * 4 / 3600 * 4.0)
-    assert estimate.time_cell(row) == "30s / 1.5min (67%); $0.133 / $0.4"
-    assert "actual_time_s" not in rows[waiting.name] and estimate.time_cell(rows[waiting.name]).startswith("30s / -")
+    assert priced.time_cell(row) == "30s / 1.5min (67%); $0.133 / $0.4"
+    assert "actual_time_s" not in rows[waiting.name] and priced.time_cell(rows[waiting.name]).startswith("30s / -")
