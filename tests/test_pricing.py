@@ -26,8 +26,9 @@ def sweep_file(tmp_path) -> pathlib.Path:
 
 
 @pytest.mark.tpu
-@pytest.mark.slow  # 4 compiles for TPU topologies: ~40 s of CPU on a loaded 2-core machine
+@pytest.mark.slow  # 3 compiles for TPU topologies: ~35 s on a loaded 2-core machine
 def test_priced_dry_run_is_tokens_over_flops_throughput_times_price(sweep_file, tmp_path, monkeypatch, capsys):
+    """v5p at the shipped prices: 8 runs of 2 shapes, 2 compiles; v6e at a user's prices: the short shape's 4 runs."""
     compiles = []  # (sequence length, FLOPs per chip from the compiled step's cost analysis, chips)
     real = aot.compile_step
 
@@ -40,14 +41,17 @@ def test_priced_dry_run_is_tokens_over_flops_throughput_times_price(sweep_file, 
     user = tmp_path / "my_prices.toml"
     user.write_text('source = "our contract"\n[v6e.lab-region]\non_demand = 10.0\nspot = 3.0\n')
     shipped = tomllib.loads((REPO / "launch" / "prices.toml").read_text())
-    for topology, flags, price, peak in (("v5p:2x2x1", [], shipped["v5p"]["us-east5"], 459e12),
-                                         ("v6e:2x4", [f"--prices={user}", "--region=lab-region"],
-                                          {"on_demand": 10.0, "spot": 3.0}, 918e12)):
+    short = sweep_file.with_name("short.toml")
+    short.write_text(sweep_file.read_text().split("[models.long]")[0] + "[corpora]" +
+                     sweep_file.read_text().split("[corpora]")[1])
+    for path, topology, flags, price, peak, shapes in (
+            (sweep_file, "v5p:2x2x1", [], shipped["v5p"]["us-east5"], 459e12, 2),
+            (short, "v6e:2x4", [f"--prices={user}", "--region=lab-region"], {"on_demand": 10.0, "spot": 3.0}, 918e12,
+             1)):
         compiles.clear()
-        assert sweep.main([str(sweep_file), "--dry_run", "--json", f"--topology={topology}", "--mfu=0.5",
-                           *flags]) == 0
+        assert sweep.main([str(path), "--dry_run", "--json", f"--topology={topology}", "--mfu=0.5", *flags]) == 0
         runs = json.loads(capsys.readouterr().out)
-        assert len(runs) == 8 and len(compiles) == 2                   # one compile per distinct config shape
+        assert len(runs) == 4 * shapes and len(compiles) == shapes     # one compile per distinct config shape
         flops = {seq: (f, chips) for seq, f, chips in compiles}
         for r in runs:
             f, chips = flops[r["tokens_per_step"] // 8]
