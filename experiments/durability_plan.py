@@ -146,5 +146,9 @@ def format_plan(c: Config, planned: list[StagePlan], est: estimate.Estimate | No
         lines.append(f"{p.name:<26} {p.arm:<12} {p.seed:>4} {p.steps:>6} {p.tokens:>10} {p.synthetic_tokens:>17} "
                      f"{estimate.duration(est.runs[p.name][1] if est else None):>9}{priced.cost_columns(est, p.name)}"
                      f"  {epochs}{points}")
+    arms: dict[str, list[str]] = {}
+    for p in planned:
+        arms.setdefault(p.arm, []).append(p.name)
+    lines += priced.arm_lines(est, arms)
     lines += [f"warning: {p.name}: {note}" for p in planned for note in p.notes]
     return "\n".join(lines + (est.lines() if est else []))

@@ -287,7 +287,7 @@ def format_plan(sweep: Sweep, est: Any = None) -> str:
     """The dry-run table: every run with its token budget, synthetic tokens, epochs per document and, given an
     experiments.estimate.Estimate, its estimated wall time (and the estimate's footer)."""
     from experiments.estimate import duration
-    from experiments.priced import cost_columns, cost_header
+    from experiments.priced import arm_lines, cost_columns, cost_header
 
     header = (f"{'run':<44} {'share':>6} {'docs':>6} {'seed':>5} {'steps':>7} {'total_tokens':>13} "
               f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15} {'est_time':>9}"
@@ -303,6 +303,10 @@ def format_plan(sweep: Sweep, est: Any = None) -> str:
         if len(r.stages) > 1:
             lines += [f"{'':<4}stage from step {start}: steps {start}-{end - 1}, {tokens} tokens, {synthetic} synthetic"
                       for start, end, tokens, synthetic in r.stages]
+    arms: dict[str, list[str]] = {}
+    for r in sweep.runs:
+        arms.setdefault(r.arm, []).append(r.name)
+    lines += arm_lines(est, arms)
     notes = {r.arm: r.notes for r in sweep.runs if r.notes}
     lines += [f"warning: {arm}-s*: {note}" for arm, arm_notes in notes.items() for note in arm_notes]
     return "\n".join(lines + (est.lines() if est else []))

@@ -61,6 +61,19 @@ def cost_columns(est: Estimate | None, name: str) -> str:
     return f" {'-' if chip_hours is None else f'{chip_hours:.4g}':>9} {usd(on_demand):>10} {usd(spot):>10}"
 
 
+def arm_lines(est: Estimate | None, arms: dict[str, list[str]]) -> list[str]:
+    """Per arm ({arm: its run names}), the chip-hours and cost of its runs: lines under a priced dry run's table."""
+    if est is None or est.price is None:
+        return []
+    lines = []
+    for arm, names in arms.items():
+        costs = [c for c in map(est.cost, names) if c is not None]
+        spot = None if any(c[2] is None for c in costs) else sum(c[2] for c in costs)
+        lines.append(f"arm {arm} ({len(names)} runs): {sum(c[0] for c in costs):.4g} chip-hours, "
+                     f"{usd(sum(c[1] for c in costs))} on demand, {usd(spot)} Spot")
+    return lines
+
+
 def add_flags(parser: Any) -> None:
     """The dry run's estimate flags (sweep.py, experiments.durability)."""
     parser.add_argument("--no_measure", action="store_true",

@@ -108,7 +108,7 @@ def test_a_price_table_that_does_not_hold_names_its_file_and_key(tmp_path):
 
 def test_the_report_sets_each_runs_estimate_beside_its_goodput(sweep_file):
     """A run with a goodput.json of two attempts on the priced chips: its report row holds the estimated and the
-    actual time and cost; a run that has not run holds its estimate alone."""
+    actual time and cost; a run that has not run holds its estimate alone. The dry run's table sums each arm."""
     from experiments import estimate, plan, priced, sweep_report
 
     s = plan.load(sweep_file)
@@ -131,3 +131,9 @@ def test_the_report_sets_each_runs_estimate_beside_its_goodput(sweep_file):
     assert row["actual_cost_usd"] == pytest.approx(90.0 * 4 / 3600 * 4.0)
     assert priced.time_cell(row) == "30s / 1.5min (67%); $0.133 / $0.4"
     assert "actual_time_s" not in rows[waiting.name] and priced.time_cell(rows[waiting.name]).startswith("30s / -")
+    # The dry run's table: per arm (its seeds' runs) the chip-hours and cost.
+    text = plan.format_plan(s, est)
+    arm = [r for r in s.runs if r.arm == done.arm]
+    hours = sum(r.train_steps * 10.0 * 4 / 3600 for r in arm)
+    assert f"arm {done.arm} ({len(arm)} runs): {hours:.4g} chip-hours, {estimate.usd(hours * 4.0)} on demand, " \
+           f"{estimate.usd(hours * 2.0)} Spot" in text
