@@ -128,8 +128,8 @@ def compiled(topology_name: str, mfu: float = DEFAULT_MFU) -> Callable[[Any], St
         kind = step.devices[0].device_kind
         hardware = metrics.hardware_of(kind)
         if flops is None or hardware is None:
-            raise ValueError(f"{topology_name}: {'no compile of the step fits' if flops is None else 'no peak FLOP/s'}"
-                             f" ({kind})")
+            raise ValueError(f"{topology_name}: " + ("the step does not fit even unrolled at one row per batch shard"
+                                                     if flops is None else f"no peak FLOP/s known for {kind}"))
         peak = metrics.PEAK_FLOPS[hardware]
         fit = aot.report(step)
         need = fit.get("peak_bytes") or fit.get("needed_bytes")

@@ -139,13 +139,13 @@ def step_flops(step: CompiledStep, mesh_axes: dict[str, int] | None = None) -> f
     """FLOPs per chip of one train step of `step.run` (None when no compile of it fits the chips).
 
     XLA's cost analysis counts the body of a loop once, whatever its trip count. A step without loops is counted
-    from its own compile. A step with loops (has_loops) is compiled again unrolled (layers unscanned, one
-    microbatch, the loss unchunked; the same remat, mesh and sequence length) at one and at two rows per batch
-    shard, which are small enough to fit: its FLOPs are affine in the rows (the optimizer update is the constant),
-    so the two give the step's at its batch exactly."""
+    from its own compile. A step with loops (has_loops), or one that does not fit, is compiled again unrolled
+    (layers unscanned, one microbatch, the loss unchunked; the same remat, mesh and sequence length) at one and at
+    two rows per batch shard, which are small enough to fit: its FLOPs are affine in the rows (the optimizer update
+    is the constant), so the two give the step's at its batch exactly."""
     run = step.run
-    if not has_loops(run):
-        return None if step.compiled is None else cost_flops(step.compiled)
+    if step.compiled is not None and not has_loops(run):
+        return cost_flops(step.compiled)
     shards = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
     flops = []
     for rows in (shards, 2 * shards):
