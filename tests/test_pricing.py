@@ -59,7 +59,10 @@ def test_priced_dry_run_is_tokens_over_flops_throughput_times_price(sweep_file, 
             chip_hours = r["total_tokens"] / tokens_per_s / 3600 * chips
             assert r["chip_hours"] == pytest.approx(chip_hours, rel=1e-9)
             assert r["on_demand_usd"] == pytest.approx(chip_hours * price["on_demand"], rel=1e-9)
-            assert r["spot_usd"] == pytest.approx(chip_hours * price["spot"], rel=1e-9)
+            if "spot" in price:  # the shipped table has no Spot prices (they change daily); a user's may
+                assert r["spot_usd"] == pytest.approx(chip_hours * price["spot"], rel=1e-9)
+            else:
+                assert r["spot_usd"] is None
     assert compiles[0][2] == 8 and "our contract" in pricing.lookup("v6e:2x4", "lab-region", str(user)).source
 
 
