@@ -3,12 +3,13 @@
 | code | meaning |
 |---|---|
 | 0 | done; for `train.py` also: preempted (SIGTERM, after saving) or the data ran out with `on_exhausted='stop'` |
-| 1 | stopped on the numbers or the data: a non-finite loss, a component exhausted with `on_exhausted='error'`, |
-|   | `data.synth generate` items that failed for good, `contamination --fail-on-hit` hits |
+| 1 | stopped on the numbers or the data: a non-finite loss or gradient norm, a component exhausted with |
+|   | `on_exhausted='error'`, `data.synth generate` items that failed for good, `contamination --fail-on-hit` hits, |
+|   | runs of `sweep.py` or `experiments.durability` that did not finish, a run `launch.aot` finds too large |
 | 2 | usage, configuration or input error, found before any expensive work (a flag, gin binding, file, model folder); |
 |   | for `train.py` also another run writing to MODEL_DIR (at start, or taking over this run's lock: this run stops) |
-| 3 | an external service or client is missing or unreachable (LLM server, grader, `gs://` filesystem client), or |
-|   | another process of a multi-host `train.py` run stopped answering (lost) |
+| 3 | an external service or client is missing, unreachable or refuses the client (LLM server, grader, `gs://` |
+|   | filesystem client, HTTP 401/403), or another process of a multi-host `train.py` run stopped answering (lost) |
 | 4 | internal error (a bug): the traceback is printed; please report it |
 | 130 | interrupted (Ctrl-C) |
 
@@ -30,6 +31,16 @@ OK, STOPPED, USAGE, UNAVAILABLE, INTERNAL, INTERRUPTED = 0, 1, 2, 3, 4, 130
 class ServiceUnavailable(ConnectionError):
     """An external service (an LLM server, a grader) or the client library it needs is missing or unreachable; the
     message names the URL or package."""
+
+
+class Failed(Exception):
+    """A command's outcome that is an error of the table's kinds 1-3 but no exception of its own (items that failed
+    for good, contamination hits, runs of a sweep that did not finish): `raise Failed(code, message)` from main, and
+    `run` prints `PROG: error: MESSAGE` and returns `code`."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.exit_code = code
 
 
 def code_for(error: BaseException) -> int:
@@ -60,13 +71,16 @@ def run(main: Callable[[Sequence[str] | None], Any], prog: str, argv: Sequence[s
     return result if isinstance(result, int) and not isinstance(result, bool) else OK
 
 
-def report(error: Exception, prog: str) -> int:
+def report(error: Exception, prog: str, code: int | None = None) -> int:
     """Prints `error` as `run` does (one line; the traceback too for a bug or with DOCMIX_TRACEBACK; call it while
-    handling the error) and returns its exit code."""
-    code = code_for(error)
-    if code == INTERNAL or os.environ.get("DOCMIX_TRACEBACK"):
+    handling the error) and returns its exit code, or `code` where the command knows better (a compiler's rejection
+    of a configuration). An error that carries its own code 4 (another process's bug, whose log has the traceback)
+    is one line too."""
+    code = code_for(error) if code is None else code
+    bug = code == INTERNAL and getattr(error, "exit_code", None) != INTERNAL
+    if bug or os.environ.get("DOCMIX_TRACEBACK"):
         traceback.print_exc()
-    kind = "internal error (a bug; please report it with the traceback above)" if code == INTERNAL else "error"
+    kind = "internal error (a bug; please report it with the traceback above)" if bug else "error"
     print(f"{prog}: {kind}: {message(error)}", file=sys.stderr)
     return code
 

@@ -25,6 +25,10 @@ import json
 import logging
 import sys
 
+import exit_codes
+
+PROG = "sweep.py"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python sweep.py", description=__doc__.split("\n\n")[0],
@@ -42,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     priced.check_flags(parser, args)
     from launch import topology
 
-    if args.topology and not topology.has_libtpu("sweep.py", "--topology needs"):
-        return 3
+    missing = args.topology and topology.libtpu_missing("--topology needs")
+    if missing:
+        return exit_codes.report(missing, PROG)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices for every evaluated checkpoint
     from experiments import plan
@@ -58,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = plan.load(args.sweep_file)
         eval_settings = settings(sweep.eval)
-    except SettingsError as e:
-        print(f"sweep.py: {e}", file=sys.stderr)
-        return 2
+    except SettingsError as e:  # a bad sweep file: one line and exit 2, also to a caller of main()
+        return exit_codes.report(e, PROG)
     if args.dry_run:
         est = priced.from_flags(plan.planned(sweep), args,
                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -83,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     report = sweep_report.write(sweep, status, results, eval_settings, sweep.out_dir / "report", est)
     print(f"\n{report['note']}\nreport: {sweep.out_dir / 'report' / 'report.md'} "
           f"({len(report['runs'])} runs, {len(results)} evaluated)")
-    return 0 if len(results) == len(jobs) else 1
+    if len(results) < len(jobs):
+        return exit_codes.report(exit_codes.Failed(
+            exit_codes.STOPPED, f"{len(jobs) - len(results)} of {len(jobs)} runs did not finish (their logs: "
+            f"{sweep.out_dir / 'logs'}); rerun the same command to resume them"), PROG)
+    return 0
 
 
 if __name__ == "__main__":
     import host_memory
 
     host_memory.use_huge_pages()
-    sys.exit(main())
+    sys.exit(exit_codes.run(main, PROG))

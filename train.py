@@ -49,15 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         pod.settle(e)  # a collective that failed because another process is gone: the watch names that one
         pod.report_failure(e)  # the other processes name this error (a no-op in a run of one process)
-        if isinstance(e, config.ConfigError):
-            print(f"train.py: configuration error: {e}", file=sys.stderr)
-        elif isinstance(e, pod.OtherProcessFailed):  # its log has the traceback, if any
-            print(f"train.py: error: {e}", file=sys.stderr)
-        elif exit_codes.code_for(e) == exit_codes.STOPPED:
-            print(f"train.py: {e}", file=sys.stderr)  # the last checkpoint is kept as is
-        else:
-            return exit_codes.report(e, "train.py")  # one line and the code from the table (a traceback for a bug)
-        return exit_codes.code_for(e)
+        return exit_codes.report(e, "train.py")  # one line and the code from the table (a traceback for a bug)
 
 
 def train(args: argparse.Namespace, cluster: dict, argv: list[str] | None) -> int:
@@ -115,15 +107,18 @@ def join(cluster: dict, failure_timeout: float) -> int:
 
 
 def check_model_dir(model_dir: str) -> None:
-    """A local MODEL_DIR must be a directory (or not exist yet) that this user can write; raised before any work."""
-    if "://" in model_dir:  # remote storage: its filesystem layer reports access errors
-        return
-    path = pathlib.Path(model_dir).absolute()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"MODEL_DIR={model_dir} is a file, not a directory")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"MODEL_DIR={model_dir}: {existing} is not a writable directory")
+    """MODEL_DIR must not exist yet, or be a docmix run directory (trainer.run_dir), or be empty; a local one must be
+    a directory this user can write. Raised before any work."""
+    from trainer import run_dir
+
+    if "://" not in model_dir:  # remote storage: its filesystem layer reports access errors
+        path = pathlib.Path(model_dir).absolute()
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"MODEL_DIR={model_dir} is a file, not a directory")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"MODEL_DIR={model_dir}: {existing} is not a writable directory")
+    run_dir.check(model_dir)
 
 
 def shell_word(arg: str) -> str:
@@ -190,9 +185,13 @@ def config_args(gin: argparse.Namespace) -> list[str]:
 
 
 if __name__ == "__main__":
-    import exit_codes
     import host_memory
-    from trainer import pod
 
     host_memory.use_huge_pages()
+    from trainer import preemption
+
+    preemption.install()  # before JAX is imported: SIGTERM from here on stops the run at its next step (exit 0)
+    import exit_codes
+    from trainer import pod
+
     pod.leave(exit_codes.run(main, "train.py"))  # in a run of several processes, the others learn how this one ended

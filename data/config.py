@@ -159,6 +159,9 @@ class MixtureConfig:
     tokenizer: a tokenizer.json file or a folder with tokenizer.json (+ tokenizer_config.json, chat template).
     add_bos/add_eos: None = the tokenizer's own policy (see data.tokenize); bos_token/eos_token override the tokens.
     max_bad_records: per component, malformed records skipped (and reported) before the run stops with an error.
+    max_document_bytes: a record larger than this (a JSONL line's bytes, found without reading the line whole; for
+      other sources the UTF-8 bytes of its text) is a bad record: skipped and reported like a malformed one, so one
+      huge document (a file without newlines) neither stalls a step nor fills memory while it is tokenized.
     num_shards: data shards. Each shard is packed and mixed independently and fills batch_size/num_shards contiguous
       rows of every global batch; the global stream depends on the shard count only, so a run resumes with the same
       data order on any number of processes that divides it. None = `default_num_shards(batch_size)` (raised to a
@@ -184,6 +187,7 @@ class MixtureConfig:
     bos_token: str | None = None
     eos_token: str | None = None
     max_bad_records: int = 100
+    max_document_bytes: int = 4 << 20
     num_shards: int | None = None
     worker_count: int = 0
     prefetch: int = 2
@@ -210,6 +214,8 @@ class MixtureConfig:
             raise ValueError(f"MixtureConfig.block_size too large: {self.block_size}")
         if self.max_bad_records < 0:
             raise ValueError(f"MixtureConfig.max_bad_records must be >= 0, got {self.max_bad_records}")
+        if self.max_document_bytes < 1:
+            raise ValueError(f"MixtureConfig.max_document_bytes must be >= 1, got {self.max_document_bytes}")
         if self.num_shards is not None and (self.num_shards < 1 or self.batch_size % self.num_shards):
             raise ValueError(f"MixtureConfig.num_shards={self.num_shards} must be >= 1 and divide "
                              f"batch_size={self.batch_size}")

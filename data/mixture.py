@@ -16,6 +16,7 @@ mixture start from their beginning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -122,9 +123,15 @@ def _check_block(shares: Sequence[float], block: int, names: Sequence[str]) -> N
             raise ValueError(f"component {_name(names, c)!r} has weight {w:.3g} but gets 0 of the {block} rows in a "
                              f"mixture block; increase MixtureConfig.block_size to >= {int(np.ceil(1 / w))}")
         if w > 0 and abs(n / block - w) > 0.01 * w:
-            log.warning("component %r: weight %.4g realizes as %d/%d rows per block = %.4g of the rows; pick a "
-                        "block_size that makes weight * block_size a whole number (e.g. 1000 for percentages)",
-                        _name(names, c), w, n, block, n / block)
+            _warn_once(f"component {_name(names, c)!r}: weight {w:.4g} realizes as {n}/{block} rows per block = "
+                       f"{n / block:.4g} of the rows; pick a block_size that makes weight * block_size a whole number "
+                       "(e.g. 1000 for percentages)")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Logs `message` once per process: every data shard and every segment of a schedule checks its blocks."""
+    log.warning("%s", message)
 
 
 class BlockMixIterDataset(grain.IterDataset):

@@ -253,7 +253,7 @@ def _open(component: Component, encoder: TextEncoder, config: MixtureConfig, sha
         return open_pretokenized(component, config.tokenizer, shard, shards)
     doc_encoder = DocumentEncoder(component, encoder)
     source, report = open_source(component, doc_encoder.check, max_bad_records=config.max_bad_records, shard=shard,
-                                 shards=shards)
+                                 shards=shards, max_document_bytes=config.max_document_bytes)
     return source, doc_encoder, report
 
 

@@ -74,7 +74,8 @@ def pretokenize(config: MixtureConfig, component: str, output_dir: str, *, num_f
     if comp.kind == "pretokenized":
         raise ValueError(f"component {component!r} is already pretokenized")
     doc_encoder = DocumentEncoder(comp, TextEncoder(config))
-    source, report = open_source(comp, doc_encoder.check, max_bad_records=config.max_bad_records)
+    source, report = open_source(comp, doc_encoder.check, max_bad_records=config.max_bad_records,
+                                 max_document_bytes=config.max_document_bytes)
     out = storage.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_files = max(1, min(num_files, len(source)))

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import json
 import logging
 import mmap
 import os
 import tempfile
 import weakref
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
@@ -91,10 +93,26 @@ class _CountingReader:
         self.count += len(data)
         return data
 
-    def readline(self) -> bytes:
-        data = self._f.readline()
+    def readline(self, size: int = -1) -> bytes:
+        data = self._f.readline(size)
         self.count += len(data)
         return data
+
+
+def _next_line(f: Any, limit: int) -> tuple[bytes | None, int, int]:
+    """(the next line of binary file object `f`, bytes read, the line's length without its newline); (b"", 0, 0) at
+    the end. A line longer than `limit` bytes comes back as None: it is read past in 64 KiB pieces, never held
+    whole."""
+    line = f.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, len(line), len(line) - line.endswith(b"\n")
+    size = len(line)
+    while not line.endswith(b"\n"):
+        line = f.readline(1 << 16)
+        if not line:
+            break
+        size += len(line)
+    return None, size, size - line.endswith(b"\n")
 
 
 class _Spill:
@@ -121,10 +139,12 @@ class JsonlReader:
 
     Index per document: (store, start, end, line) — a store is a local plain file read in place or the spill file of
     lines from remote / gzip files; `line` counts from where the shard's range starts in its file (the lines before
-    it are counted only to name a bad record's line)."""
+    it are counted only to name a bad record's line). A line longer than `max_line_bytes` is indexed as (store, -1,
+    its length, line) and never read: `read` raises BadRecord for it."""
 
-    def __init__(self, files: Sequence[storage.Path], shard: int = 0, shards: int = 1):
+    def __init__(self, files: Sequence[storage.Path], shard: int = 0, shards: int = 1, max_line_bytes: int = 4 << 20):
         self.bytes_read = 0
+        self.max_line_bytes = max_line_bytes
         self._stores: list[str] = []
         self._labels: list[str] = []
         self._line_base: list[int | tuple[str, int]] = []  # lines before a store's rows, or (file, byte) to count them
@@ -168,7 +188,9 @@ class JsonlReader:
             spill, store = self._spill_store(os.fspath(f))
         else:
             store = self._store(os.fspath(f), os.fspath(f))
-        with f.open("rb") as raw:
+        with f.open("rb") as opened:
+            # fsspec's files (gs://) read a line only whole: io's reader reads at most `size` bytes of one
+            raw = opened if not remote else io.BufferedReader(opened, buffer_size=1 << 20)
             src = _CountingReader(raw)
             pos = a
             if a > 0:  # a line starting exactly at a follows a newline at a-1
@@ -177,31 +199,45 @@ class JsonlReader:
             self._line_base[store] = (os.fspath(f), pos) if pos > 0 else 0
             line_no = 0
             while pos < b:
-                line = src.readline()
-                if not line:
+                line, size, length = _next_line(src, self.max_line_bytes)
+                if not size:
                     break
                 line_no += 1
-                if line.strip():
+                if line is None:
+                    rows.append((store, -1, length, line_no))
+                elif line.strip():
                     if remote:
                         start, end = spill.add(line)
                     else:
                         start, end = pos, pos + len(line)
                     rows.append((store, start, end - (line.endswith(b"\n")), line_no))
-                pos += len(line)
+                pos += size
         self.bytes_read += src.count
         return rows
 
     def _read_gz(self, f: storage.Path, every: int, first: int) -> list[tuple[int, int, int, int]]:
         """Lines first, first + every, ... of a gzip file, streamed through the decompressor into the spill file."""
         spill, store = self._spill_store(os.fspath(f))
-        rows = []
+        rows, k = [], -1
         with f.open("rb") as raw:
             src = _CountingReader(raw)
-            with gzip.GzipFile(fileobj=src) as lines:
-                for k, line in enumerate(lines):
-                    if k % every == first and line.strip():
-                        start, end = spill.add(line)
-                        rows.append((store, start, end - (line.endswith(b"\n")), k + 1))
+            try:
+                with gzip.GzipFile(fileobj=src) as lines:
+                    while True:
+                        line, size, length = _next_line(lines, self.max_line_bytes)
+                        if not size:
+                            break
+                        k += 1
+                        if k % every != first:
+                            continue
+                        if line is None:
+                            rows.append((store, -1, length, k + 1))
+                        elif line.strip():
+                            start, end = spill.add(line)
+                            rows.append((store, start, end - (line.endswith(b"\n")), k + 1))
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, cut short (EOFError), or corrupt
+                raise BadInputError(f"{os.fspath(f)}: unreadable gzip file after {k + 1} lines ({e}); a .gz corpus "
+                                    "must be a complete gzip file") from None
         self.bytes_read += src.count
         return rows
 
@@ -229,6 +265,8 @@ class JsonlReader:
 
     def read(self, i: int) -> dict:
         store, start, end, _ = (int(x) for x in self._rows[i])
+        if start < 0:
+            raise BadRecord(too_large(end, self.max_line_bytes))
         line = self._map(store)[start:end]
         try:
             text = line.decode("utf-8")
@@ -241,6 +279,11 @@ class JsonlReader:
         if not isinstance(record, dict):
             raise BadRecord(f"expected a JSON object, got {type(record).__name__}")
         return record
+
+
+def too_large(size: int, limit: int) -> str:
+    return (f"a record of {size:,} bytes, over MixtureConfig.max_document_bytes={limit:,}; split the document into "
+            "several records, or raise the limit")
 
 
 def _count_lines(f: storage.Path, end: int) -> int:
@@ -346,12 +389,12 @@ def parquet_reader(files: Sequence[storage.Path], shard: int, shards: int) -> Li
     return reader
 
 
-def make_reader(component: Component, shard: int = 0, shards: int = 1):
+def make_reader(component: Component, shard: int = 0, shards: int = 1, max_document_bytes: int = 4 << 20):
     """The RecordReader of data shard `shard` of `shards` for a component's kind (pretokenized components are read by
     data.pretokenize)."""
     kind = component.kind
     if kind == "jsonl":
-        return JsonlReader(expand_paths(component), shard, shards)
+        return JsonlReader(expand_paths(component), shard, shards, max_document_bytes)
     if kind == "array_record":
         import grain
 
@@ -387,6 +430,16 @@ def make_reader(component: Component, shard: int = 0, shards: int = 1):
     raise ValueError(f"component {component.name!r}: no record reader for kind {kind!r}")
 
 
+def _within(check: Callable[[dict], bool], component: Component, limit: int) -> Callable[[dict], bool]:
+    """`check`, after a BadRecord for a text document over `limit` UTF-8 bytes."""
+    def checked(record: dict) -> bool:
+        text = record.get(component.text_field) if component.format == "text" else None
+        if isinstance(text, str) and len(text) > limit // 4 and len(text.encode("utf-8")) > limit:
+            raise BadRecord(too_large(len(text.encode("utf-8")), limit))
+        return check(record)
+    return checked
+
+
 class DocumentSource:
     """The valid documents of a reader: `source[j]` is the record of the j-th valid document."""
 
@@ -402,13 +455,15 @@ class DocumentSource:
 
 
 def open_source(component: Component, check: Callable[[dict], bool], *, max_bad_records: int, shard: int = 0,
-                shards: int = 1) -> tuple[DocumentSource, ScanReport]:
+                shards: int = 1, max_document_bytes: int = 4 << 20) -> tuple[DocumentSource, ScanReport]:
     """Opens data shard `shard` of `shards` and scans its records once. check(record) -> False for an empty document;
-    raises BadRecord when unusable.
+    raises BadRecord when unusable; so is a record over `max_document_bytes` (MixtureConfig.max_document_bytes).
 
     Raises BadInputError past `max_bad_records` bad records or when no document is left in the shard.
     """
-    reader = make_reader(component, shard, shards)
+    reader = make_reader(component, shard, shards, max_document_bytes)
+    if not isinstance(reader, JsonlReader):  # JSONL lines are measured while they are indexed
+        check = _within(check, component, max_document_bytes)
     report, valid = ScanReport(records_parsed=len(reader), bytes_read=reader.bytes_read), []
     where = f" in data shard {shard} of {shards}" if shards > 1 else ""
     for i in range(len(reader)):

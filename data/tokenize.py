@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import pathlib
 from collections.abc import Sequence
 
@@ -38,9 +37,26 @@ def tokenizer_files(path: str | pathlib.Path) -> tuple[storage.Path, dict, str |
     tok_file = folder / "tokenizer.json" if path.is_dir() else path
     if not tok_file.is_file():
         raise FileNotFoundError(f"MixtureConfig.tokenizer: no tokenizer.json at {tok_file}")
-    cfg_file = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cfg = read_json(folder / "tokenizer_config.json")
     return tok_file, cfg, template_source(folder, cfg)
+
+
+def read_json(path: storage.PathLike) -> dict:
+    """A tokenizer folder's JSON file (tokenizer_config.json, generation_config.json) as a dict, {} when absent;
+    a malformed one is a ValueError naming it."""
+    return storage.read_json_object(path) if storage.Path(path).is_file() else {}
+
+
+def load_tokenizer(path: storage.PathLike) -> tokenizers.Tokenizer:
+    """The `tokenizers.Tokenizer` of a tokenizer.json file (local or gs://); one that `tokenizers` cannot read (cut
+    short, not JSON, not a tokenizer) is a ValueError naming the file."""
+    local = storage.local_file(path)
+    try:
+        return tokenizers.Tokenizer.from_file(str(local))
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception for every malformed file
+        if type(e) is not Exception:
+            raise
+        raise ValueError(f"{path}: not a tokenizer.json that the tokenizers library can read ({e})") from None
 
 
 def tokenizer_sha256(tokenizer: str | pathlib.Path) -> str:
@@ -81,7 +97,7 @@ class TextEncoder:
     @property
     def tokenizer(self) -> tokenizers.Tokenizer:
         if self._tok is None:
-            self._tok = tokenizers.Tokenizer.from_file(str(storage.local_file(self._path)))
+            self._tok = load_tokenizer(self._path)
         return self._tok
 
     def __getstate__(self):
@@ -132,7 +148,7 @@ def check_vocab(tokenizer: str | pathlib.Path, model_vocab_size: int) -> int:
     Call at start-up with the model config's vocab_size (a model may pad its vocabulary, so smaller is fine).
     """
     tok_file, _, _ = tokenizer_files(tokenizer)
-    size = tokenizers.Tokenizer.from_file(str(storage.local_file(tok_file))).get_vocab_size(with_added_tokens=True)
+    size = load_tokenizer(tok_file).get_vocab_size(with_added_tokens=True)
     if size > model_vocab_size:
         raise ValueError(f"tokenizer {tok_file} has {size} tokens but the model's vocab_size is {model_vocab_size}; "
                          "token ids past the embedding would be out of range")

@@ -31,8 +31,7 @@ try:
 except ImportError as err:  # an optional extra: one line and exit 3 (exit_codes), not a traceback
     MISSING_EXTRA = f"needs the eval extra ({err.name} is not installed): pip install -r requirements-eval.txt"
     if __name__ == "__main__":
-        print(f"python -m eval.anima: error: {MISSING_EXTRA}", file=sys.stderr)
-        sys.exit(exit_codes.UNAVAILABLE)
+        sys.exit(exit_codes.report(exit_codes.ServiceUnavailable(MISSING_EXTRA), "python -m eval.anima"))
     raise ImportError(f"eval.anima {MISSING_EXTRA}", name=err.name) from err
 from inspect_ai.log import EvalLog
 from inspect_ai.model import GenerateConfig, Model, get_model

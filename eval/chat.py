@@ -7,7 +7,6 @@ chat templates are code that ships with a checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +15,7 @@ import tokenizers
 
 import storage
 from data.chat_template import compile_template, template_source
+from data.tokenize import load_tokenizer, read_json
 
 
 def _token_text(value: Any) -> str | None:
@@ -23,15 +23,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping):
         return value.get("content")
     return value
-
-
-def _read_json(path: storage.Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +68,15 @@ def load(tokenizer_dir: str | pathlib.Path, *, extra_eos_ids: Sequence[int] = ()
     tokenizer_file = tokenizer_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file} not found (a docmix tokenizer folder needs tokenizer.json)")
-    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_file.read_text())
-    config = _read_json(tokenizer_dir / "tokenizer_config.json")
+    tokenizer = load_tokenizer(tokenizer_file)
+    config = read_json(tokenizer_dir / "tokenizer_config.json")
     special = {
         name: text
         for name in ("bos_token", "eos_token", "pad_token", "unk_token")
         if (text := _token_text(config.get(name))) is not None
     }
     eos = list(extra_eos_ids)
-    generation_eos = _read_json(tokenizer_dir / "generation_config.json").get("eos_token_id")
+    generation_eos = read_json(tokenizer_dir / "generation_config.json").get("eos_token_id")
     if generation_eos is not None:
         eos += generation_eos if isinstance(generation_eos, list) else [generation_eos]
     if "eos_token" in special:

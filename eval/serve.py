@@ -7,8 +7,9 @@ template; `max_tokens`/`max_completion_tokens`, `temperature`, `top_p`, `stop`, 
 Built on Starlette + uvicorn (HTTP parsing, keep-alive and connection timeouts are theirs). With `stream: true` the
 answer comes as server-sent events (`chat.completion.chunk` objects, then `data: [DONE]`); the batched sampler
 produces whole completions, so the chunks (one per token) are sent once a completion is done. Concurrent requests are
-batched. A request body over 1 MB is refused (413); a request waits at most `--request_timeout` seconds for its
-completion (504). If DOCMIX_API_KEY is set in the server's environment, requests must send it as a Bearer token.
+batched. A request must name the served model (`--name`, default the folder's name; another name is a 404 naming it,
+as OpenAI answers). A request body over 1 MB is refused (413); a request waits at most `--request_timeout` seconds
+for its completion (504). If DOCMIX_API_KEY is set in the server's environment, requests must send it as a Bearer token.
 Prints `serving http://HOST:PORT/v1` once the model is loaded and the port is listening.
 """
 from __future__ import annotations
@@ -33,11 +34,12 @@ API_KEY_ENV = "DOCMIX_API_KEY"
 
 
 class RequestError(ValueError):
-    """A client error, reported as an OpenAI-style 400 with the offending parameter."""
+    """A client error, reported as an OpenAI-style error object with the offending parameter: a 400, or `status`
+    with OpenAI's `code` (a model this server does not serve: 404, "model_not_found")."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.code = param, status, code
 
 
 def _text_content(content: Any, index: int) -> str:
@@ -128,7 +130,14 @@ class Service:
         return hmac.compare_digest(header.removeprefix("Bearer ").strip().encode(), self.api_key.encode())
 
     def prompt(self, body: Mapping[str, Any]) -> tuple[list[int], list[SamplingParams]]:
-        """The prompt's token ids and each choice's sampling parameters; RequestError names what is wrong."""
+        """The prompt's token ids and each choice's sampling parameters; RequestError names what is wrong. The
+        request must name the served model, as OpenAI's API requires (a 404 names the one served)."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise RequestError(f"the request names no model: this server serves {self.generator.name!r}", "model")
+        if model != self.generator.name:
+            raise RequestError(f"the model {model!r} does not exist: this server serves {self.generator.name!r}",
+                               "model", status=404, code="model_not_found")
         messages = parse_messages(body)
         params, _ = parse_sampling(body, self.default_max_tokens)
         try:
@@ -193,8 +202,8 @@ def app(service: Service):
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    def error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+    def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
     def refused(request: Request) -> JSONResponse | None:
         if service.authorized(request.headers.get("authorization", "")):
@@ -227,7 +236,7 @@ def app(service: Service):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error(400, f"invalid JSON body: {e}", "invalid_request_error")
         except RequestError as e:
-            return error(400, str(e), "invalid_request_error", e.param)
+            return error(e.status, str(e), "invalid_request_error", e.param, e.code)
         try:
             completions = await service.complete(prompt, params)
         except asyncio.TimeoutError:

@@ -41,12 +41,14 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import exit_codes
 import storage
 from experiments import corpora, runner
 from experiments.evaluate import EvalSettings, evaluate, settings
 from experiments.plan import corpus_binding
 from experiments.settings import SettingsError, Table, read
 
+PROG = "python -m experiments.durability"
 TOP_KEYS = ("out_dir", "seeds", "midtrain", "instruction", "sft", "eval")
 MIDTRAIN_KEYS = ("gin_file", "gin", "train_steps", "share", "share_component", "replay_component", "corpus_macro",
                  "document_corpus", "control_corpus", "base_model", "probe_every")
@@ -377,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     priced.add_flags(parser)
     args = parser.parse_args(argv)
     priced.check_flags(parser, args)
-    if args.topology and not topology.has_libtpu("experiments.durability", "--topology needs"):
-        return 3
+    missing = args.topology and topology.libtpu_missing("--topology needs")
+    if missing:
+        return exit_codes.report(missing, PROG)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -390,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             est = priced.from_flags(runs, args, progress=lambda line: print(line, file=sys.stderr, flush=True)) \
                 if args.dry_run else None
     except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
-        print(f"experiments.durability: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.report(e, PROG)
     if args.dry_run:
         print(durability_plan.format_plan(c, planned, est))
         return 0
@@ -407,11 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report", est)
     print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
     missing = [n for n, st in done["status"].items() if st["status"] != "done"]
-    return 1 if missing else 0
+    if missing:
+        return exit_codes.report(exit_codes.Failed(
+            exit_codes.STOPPED, f"{len(missing)} stage(s) did not finish ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}; their logs: {c.out_dir / 'logs'}); rerun the same command to "
+            "resume them"), PROG)
+    return 0
 
 
 if __name__ == "__main__":
     import host_memory
 
     host_memory.use_huge_pages()
-    sys.exit(main())
+    sys.exit(exit_codes.run(main, PROG))

@@ -29,8 +29,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import exit_codes
 from launch import memory, topology
 
+PROG = "python -m launch.aot"
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 # `--all`: each shipped model config at the batch a midtraining run uses, on the topologies it is sized for, with
@@ -277,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(prog="python -m launch.aot", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     config.add_gin_flags(parser)
     parser.add_argument("--topology", help="TPU topology NAME:AxB[xC], e.g. v5p:2x2x1, v6e:2x4, v5e:2x2")
@@ -292,8 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--benchmarks", type=pathlib.Path,
                         default=pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     args = parser.parse_args(ours)
-    if not topology.has_libtpu("python -m launch.aot"):
-        return 3
+    missing = topology.libtpu_missing()
+    if missing:
+        raise missing
     if args.all:
         return run_all(args.gin_bindings, args.benchmarks)
     if not args.topology:
@@ -301,10 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = load_train_args(train_args, args.gin_file, args.gin_bindings, args.gin_search_paths)
     r = report(compile_step(run, args.topology, args.mesh, args.num_slices), args.hbm_free)
     print(json.dumps(r, indent=1) if args.json else memory.format_report(r))
-    return 0 if r["fits"] else 1
+    if not r["fits"]:
+        raise exit_codes.Failed(exit_codes.STOPPED, f"the run does not fit {args.topology} (the report above says "
+                                "what to change)")
+    return 0
 
 
 if __name__ == "__main__":
-    import exit_codes
-
-    sys.exit(exit_codes.run(main, "launch.aot"))
+    sys.exit(exit_codes.run(main, PROG))

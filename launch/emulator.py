@@ -263,4 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main())
+    import exit_codes
+
+    sys.exit(exit_codes.run(main, "python -m launch.emulator"))

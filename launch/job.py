@@ -221,4 +221,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     import exit_codes
 
-    sys.exit(exit_codes.run(main, "launch.job"))
+    sys.exit(exit_codes.run(main, "python -m launch.job"))

@@ -8,6 +8,8 @@ import re
 import sys
 from typing import Any
 
+import exit_codes
+
 GIB = 2 ** 30
 # HBM per chip that the TPU compiler lets one program use (the `Y` of its out-of-memory message "Used X of Y hbm"),
 # in GiB: the chip's HBM less what the TPU runtime keeps for itself (v6e and v4: 32 GiB less 0.75; v5e: 16 less 0.25).
@@ -35,14 +37,13 @@ def topology_of(accelerator_type: str) -> str:
     return f"{name}:{grids[chips]}"
 
 
-def has_libtpu(prog: str, what: str = "needs") -> bool:
-    """Whether the TPU extra (libtpu, for compile-only TPU devices) is installed; without it, prints one line
-    naming what to install (the caller exits 3: exit_codes)."""
+def libtpu_missing(what: str = "needs") -> exit_codes.ServiceUnavailable | None:
+    """None when the TPU extra (libtpu, for compile-only TPU devices) is installed; else the error naming what to
+    install (exit 3 in the exit-code table), for the caller to raise or report."""
     if importlib.util.find_spec("libtpu") is not None:
-        return True
-    print(f"{prog}: error: {what} the TPU extra (libtpu is not installed): pip install -r requirements-tpu.txt",
-          file=sys.stderr)
-    return False
+        return None
+    return exit_codes.ServiceUnavailable(f"{what} the TPU extra (libtpu is not installed): pip install -r "
+                                         "requirements-tpu.txt")
 
 
 def topology_devices(name: str, num_slices: int = 1) -> list[Any]:

@@ -135,4 +135,4 @@ def launch(s: Slice, gcloud: Gcloud, model_dir: str, train_args: Sequence[str], 
 
 
 if __name__ == "__main__":
-    sys.exit(exit_codes.run(main, "launch.tpu"))
+    sys.exit(exit_codes.run(main, "python -m launch.tpu"))

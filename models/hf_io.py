@@ -46,7 +46,7 @@ def read_config(hf_dir: str | pathlib.Path, **runtime: Any) -> ModelConfig:
     path = storage.Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config.json in the Hugging Face folder")
-    return ModelConfig.from_hf(json.loads(path.read_text()), **runtime)
+    return ModelConfig.from_hf(storage.read_json_object(path), **runtime)
 
 
 def weight_files(hf_dir: str | pathlib.Path) -> dict[str, storage.Path]:

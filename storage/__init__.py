@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -177,6 +178,18 @@ def follow_umask(path: PathLike) -> None:
         return
     full = 0o777 if os.path.isdir(os.fspath(path)) else 0o666
     os.chmod(os.fspath(path), full & ~umask())
+
+
+def read_json_object(path: PathLike) -> dict:
+    """The JSON object in the file at `path`; a file that is not one (cut short, not JSON, a list) is a ValueError
+    naming it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _cache_root() -> pathlib.Path:

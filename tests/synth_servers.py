@@ -71,7 +71,8 @@ class FlakyApp:
     """Answers request k's n-th attempt with `script(key)[n]` until the script runs out, then succeeds.
 
     Steps: "429" (Retry-After from `retry_after`), "500", "stall" (sleeps `stall_s`, longer than the client timeout),
-    "truncated" (a 200 whose JSON is cut off), "echo400" (a 400 whose body echoes the Authorization header).
+    "truncated" (a 200 whose JSON is cut off), "echo400" (a 400 whose body echoes the Authorization header), "401"
+    (the key is refused, as OpenAI answers a wrong one).
     `delay_s` delays every successful answer (to kill a client mid-run).
     """
 
@@ -106,6 +107,9 @@ class FlakyApp:
             return handler.reply(429, b'{"error": "rate limited"}', {"Retry-After": self.retry_after})
         if step == "500":
             return handler.reply(500, b'{"error": "internal"}')
+        if step == "401":
+            return handler.reply(401, b'{"error": {"message": "Incorrect API key provided", '
+                                      b'"code": "invalid_api_key"}}')
         if step == "stall":
             time.sleep(self.stall_s)
         if step == "truncated":

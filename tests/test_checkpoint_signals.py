@@ -3,6 +3,7 @@ naming the last good one (a finite loss came from it), which retention kept byte
 from."""
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from tests.test_train_resume import REPO, env, train_cmd
+from trainer import loop
 from trainer.checkpoint_health import RECORD
 
 
@@ -61,7 +63,14 @@ def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "stopped without saving" in proc.stderr
     assert f"last good checkpoint is {model_dir}/checkpoints/{saved} " in proc.stderr, proc.stderr[-3000:]
-    assert f"Checkpoints [{bad}] hold the parameters that gave this loss" in proc.stderr
+    kept = model_dir / "metrics_set_aside" / str(bad + 1)  # this attempt's metrics, which the rerun truncates
+    assert f"This attempt's metrics are kept in {kept}." in proc.stderr.strip().splitlines()[-1]
+    diverged = metrics.read_text()
+    assert (kept / "metrics.jsonl").read_text() == diverged and f"step {bad + 1}: non-finite " in \
+        (kept / "reason.txt").read_text()
+    what = "(loss|gradient norm|loss and gradient norm)"  # the message names the same one twice
+    assert re.search(rf"step {bad + 1}: non-finite {what}\b.* Checkpoints \[{bad}\] hold the parameters that gave "
+                     r"this \1 \(or came after them\)", proc.stderr), proc.stderr[-3000:]
     assert sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == [saved, bad]
     assert tree_digest(good, skip=RECORD) == digest
     verdict = lambda step: json.loads((model_dir / "checkpoints" / str(step) / RECORD).read_text())["verdict"]  # noqa
@@ -76,9 +85,26 @@ def test_sigterm_saves_then_nan_stops_without_saving(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, saved + 3))   # records after the resumed step are replaced
+    assert (kept / "metrics.jsonl").read_text() == diverged
     assert records[saved]["loss"] == first_try["loss"]   # step saved+1 again, from the same parameters and data
     set_aside = model_dir / "checkpoints_set_aside" / str(bad)
     assert "non-finite" in (set_aside / "reason.txt").read_text() and (set_aside / "params").is_dir()
+
+
+@pytest.mark.parametrize("loss, grad_norm, what", [
+    (float("nan"), 1.5, "non-finite loss: loss=nan grad_norm=1.5"),
+    (2.25, float("inf"), "non-finite gradient norm (the loss is finite): loss=2.25 grad_norm=inf"),
+    (float("nan"), float("nan"), "non-finite loss and gradient norm: loss=nan grad_norm=nan"),
+])
+def test_the_nan_message_says_which_was_not_finite(loss, grad_norm, what):
+    class Checkpoints:  # no checkpoint at all: the rerun starts over
+        directory = "run/checkpoints"
+        newest_good = resume_candidate = staticmethod(lambda: None)
+
+    m = {"loss": loss, "grad_norm": grad_norm}
+    text = loop._nonfinite_message(7, m, loop._nonfinite(m), Checkpoints(), [])
+    assert text.startswith(f"step 7: {what}; stopped without saving. No checkpoint remains"), text
+    assert loop._nonfinite({"loss": 2.0, "grad_norm": 1.0}) == ""
 
 
 @pytest.mark.slow  # ~20 s on an idle 2-core machine: one train.py process
@@ -89,7 +115,7 @@ def test_nan_on_a_checkpoint_step_is_never_saved(tmp_path):
     proc = subprocess.run(train_cmd(model_dir, "--gin.CHECKPOINT_EVERY=1", "--gin.OptimizerConfig.learning_rate=1e30"),
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "train.py: step 3: loss=" in proc.stderr and "stopped without saving" in proc.stderr
+    assert "train.py: error: step 3: non-finite " in proc.stderr and "stopped without saving" in proc.stderr
     saved = sorted(int(p.name) for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) < 3
     assert [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

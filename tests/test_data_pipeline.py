@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from data.config import Component, MixtureConfig
+from data import mixture as mixture_module
 from data.mixture import ComponentExhausted, Schedule, largest_remainder
 from data.pipeline import build
 from tests.test_data_util import word_tokenizer, words_doc, write_jsonl
@@ -303,6 +305,20 @@ def test_a_share_that_gets_no_row_in_the_run_is_an_error_unless_allowed(corpus):
 def test_schedule_rejects_weight_below_one_row_per_block():
     with pytest.raises(ValueError, match="'b'.*0 of the 100 rows.*block_size"):
         Schedule.from_weights([(0, [0.996, 0.004])], block_size=100, seed=0, shard=0, names=["a", "b"])
+
+
+def test_a_rounded_share_is_warned_once_whatever_the_shards_and_segments(caplog):
+    """Every data shard builds its schedule, and a run's end starts a segment with the same shares: one warning."""
+    mixture_module._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="data.mixture"):
+        for shard in range(4):
+            Schedule.from_weights([(0, [0.923, 0.077])], block_size=10, seed=0, shard=shard, end=80, names=["a", "b"],
+                                  allow_empty=True)
+    warned = [r.getMessage() for r in caplog.records if "realizes as" in r.getMessage()]
+    assert warned == ["component 'a': weight 0.923 realizes as 9/10 rows per block = 0.9 of the rows; pick a "
+                      "block_size that makes weight * block_size a whole number (e.g. 1000 for percentages)",
+                      "component 'b': weight 0.077 realizes as 1/10 rows per block = 0.1 of the rows; pick a "
+                      "block_size that makes weight * block_size a whole number (e.g. 1000 for percentages)"]
 
 
 @pytest.mark.slow  # ~15-25 s: starts 2 x 2 worker processes

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -83,6 +84,35 @@ def test_bad_records_reported_with_file_and_line_and_skipped(tok, tmp_path, capl
     assert stats["bad_records"] == 3 and stats["empty_filtered"] == 1
     with pytest.raises(BadInputError, match=r"'c': 3 bad records exceed max_bad_records=2"):
         build(cfg(tok, [Component("c", paths=(str(path),))], max_bad_records=2))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_document_over_the_size_limit_is_a_bad_record_read_in_bounded_memory(tok, tmp_path, caplog, suffix):
+    """A 3 MiB one-line document (a file without newlines, say) under a 256 KiB limit: reported with its file, line
+    and size, skipped like a malformed record; the others train. Memory: the scan never holds the long line (peak
+    Python allocation below the document's size), so a 60 MB document costs no more than a short one."""
+    limit = 256 << 10
+    huge = {"text": " ".join(f"w{i % 5000}" for i in range(600_000))}  # 3.3 MB of JSON on one line
+    records = [{"text": "a b"}, huge, {"text": "c d"}]
+    path = tmp_path / f"big{suffix}"
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in records)
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    config = cfg(tok, [Component("c", paths=(str(path),), shuffle=False, max_epochs=1)], batch_size=1,
+                 max_document_bytes=limit)
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            p = build(config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = len(json.dumps(huge))
+    assert f"{path}:2: a record of {size:,} bytes, over MixtureConfig.max_document_bytes={limit:,}" in caplog.text
+    assert len(p.reports["c"].bad) == 1 and p.reports["c"].documents == 2
+    assert all_text(p, 1) == ["<s> a b </s> <s> c d </s>"]
+    assert peak < size // 2, f"peak Python allocation {peak:,} bytes while scanning a {size:,}-byte line"
+    with pytest.raises(ValueError, match="MixtureConfig.max_document_bytes must be >= 1"):
+        cfg(tok, [Component("c", paths=(str(path),))], max_document_bytes=0)
 
 
 def test_startup_errors(tok, tmp_path):

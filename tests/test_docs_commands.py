@@ -274,8 +274,13 @@ def test_docs_commands_run_as_written(tmp_path, smollm2_dir, anima_dir):
 def test_documented_commands_that_need_the_tpu_extra(tmp_path):
     """What the main test leaves out when libtpu is installed: the documented commands that need it, as written (the
     8B compiles scaled down), after the quick start's activation."""
+    from launch import aot
+
     root, shell = user_shell(tmp_path)
     shell.run(". .venv/bin/activate")
+    stand_in = root / "runs" / "demo" / "hf"  # the 8B INIT_FROM's stand-in: a compile reads only its config.json
+    stand_in.mkdir(parents=True)
+    aot.write_init_from("models/demo.gin", stand_in)
     commands = [c for doc in DOCS for c in doc_commands(doc) if (needs_extra(c) or ("",))[0] == "tpu"]
     assert any(c.startswith("python -m launch.aot ") for c in commands)
     failures = []

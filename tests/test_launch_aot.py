@@ -153,6 +153,6 @@ def test_launch_tpu_refuses_a_run_that_does_not_fit_before_creating_anything(tmp
     assert out.returncode == 2, out.stderr[-3000:]
     assert "checking that the step fits v5e:2x2" in out.stdout and "out of memory: " in out.stdout
     error = out.stderr.strip().splitlines()[-1]  # (libtpu may warn first that this machine has no TPU)
-    assert error.startswith("launch.tpu: error: the run does not fit v5e:2x2 with 10% of HBM free; nothing was "
-                            "created. Try: --gin.TrainConfig.loss_chunk=")
+    assert error.startswith("python -m launch.tpu: error: the run does not fit v5e:2x2 with 10% of HBM free; nothing "
+                            "was created. Try: --gin.TrainConfig.loss_chunk=")
     assert out.stderr.count("launch.tpu:") == 1 and not (tmp_path / "called").exists()

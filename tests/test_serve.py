@@ -118,6 +118,14 @@ def test_malformed_content_length_is_a_400_not_a_hang(server_url, length):
     assert status.split()[1] in (b"400", b"413"), answer[:300]
 
 
+def test_a_model_it_does_not_serve_is_a_404_naming_the_served_one(client):
+    """As OpenAI answers: a 404 with the code model_not_found, whatever the messages."""
+    with pytest.raises(openai.NotFoundError, match="the model 'gpt-4o' does not exist: this server serves "
+                                                   "'smollm2-135m-instruct'") as err:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=4)
+    assert (err.value.code, err.value.param) == ("model_not_found", "model")
+
+
 def test_a_long_prompt_is_refused_naming_its_length(client):
     with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens; the model's context is 8192") as err:
         _ask(client, [{"role": "user", "content": "cat " * 100_000}], max_tokens=4)

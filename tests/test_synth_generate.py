@@ -233,7 +233,9 @@ def test_api_key_from_env_never_appears_in_outputs_or_logs(tmp_path):
                                             "--ideas-per-call", "2"),
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert {e["auth"] for e in app.log} == {f"Bearer {secret}"}  # the key was used...
-    assert proc.returncode == 1 and "incomplete" in proc.stdout  # (the echo400 item failed for good)
+    # The echo400 item failed for good: one line, exit 1.
+    assert proc.returncode == 1 and f"python -m data.synth: error: {out}: incomplete (1 failed, 0 not started)" \
+        in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
     everything = proc.stdout + proc.stderr + "".join(p.read_text() for p in tmp_path.iterdir())
     assert secret not in everything  # ...and appears nowhere we wrote
     assert "Bearer ***" in log.read_text() and "HTTP 400" in log.read_text()

@@ -108,13 +108,14 @@ class Checkpointer:
         if self.verdicts.get(step) != health.GOOD and (step in self._saved or step in self.all_steps()):
             self._set_verdict(step, health.GOOD, f"a finite loss was computed from these parameters at step {step + 1}")
 
-    def mark_nonfinite(self, step: int) -> list[int]:
-        """The loss from the parameters of `step` was NaN/Inf: marks every checkpoint >= `step` (their parameters
-        produced that loss or descend from those that did). Waits for in-flight saves; returns the steps marked."""
+    def mark_nonfinite(self, step: int, what: str = "loss") -> list[int]:
+        """The loss (or `what` else: "gradient norm") from the parameters of `step` was NaN/Inf: marks every checkpoint
+        >= `step` (their parameters produced it or descend from those that did). Waits for in-flight saves; returns
+        the steps marked."""
         self.manager.wait_until_finished()
         bad = [s for s in self.all_steps() if s >= step]
         for s in bad:
-            self._set_verdict(s, health.NONFINITE, f"a non-finite loss was computed at step {step + 1} from the "
+            self._set_verdict(s, health.NONFINITE, f"a non-finite {what} was computed at step {step + 1} from the "
                                                    f"parameters of step {step}")
         self._record()
         return bad

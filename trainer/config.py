@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import pathlib
 import re
+import tokenize
 from typing import Any, Sequence
 
 import gin
@@ -156,6 +157,22 @@ def _literal_or_string(value: str) -> str:
         return repr(text)
 
 
+def _gin_message(error: Exception) -> str:
+    """gin's parse error as one line. A value that is not a literal (`nan`, a bare word) is named as such, not by the
+    Python AST node gin's parser failed on."""
+    text = str(error).strip()
+    if isinstance(error, tokenize.TokenError):  # Python's tokenizer: an unclosed bracket or string
+        text = f"{error.args[0]} (an unclosed bracket or quote)"
+    token = re.search(r"Failed to parse token '([^']*)'( \([^)]*\))?", text)
+    if token and "<ast." in text:
+        where = token.group(2) or ""
+        where = " (in --gin_bindings)" if where.startswith(" (line ") else where  # no file: a binding
+        special = "NaN and infinity have no Python literal; " if token.group(1).lower() in ("nan", "inf") else ""
+        text = (f"cannot parse {token.group(1)!r}{where}: {special}a value must be a Python literal (a number, "
+                "string, list, tuple, dict, True, False or None), an @configurable or a %MACRO")
+    return "gin: " + re.sub(r"\s*\n\s*", "; ", text)
+
+
 def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> RunConfig:
     """Parses gin files then bindings (later wins) and returns the validated RunConfig.
 
@@ -186,8 +203,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: 
     try:
         with _quiet_search(), _plain_files_only():
             gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
-    except (ValueError, IOError, SyntaxError) as e:  # gin reports unknown configurables/params with file and line
-        raise ConfigError("gin: " + re.sub(r"\s*\n\s*", "; ", str(e).strip())) from e  # one line
+    except (ValueError, IOError, SyntaxError, tokenize.TokenError) as e:  # gin names the file and line
+        raise ConfigError(_gin_message(e)) from e
     _check_macros()
 
 

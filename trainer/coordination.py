@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+from trainer import preemption
+
 # JAX ends every process with an abort (exit 134, a C++ stack) when a process has been silent, or has not joined,
 # this long past docmix's bound: trainer.pod must always act first.
 HEARTBEAT_MARGIN_S = 60
@@ -26,6 +28,7 @@ def initialize(timeout_s: float, **cluster: Any) -> None:
     jax.distributed.initialize(**cluster, initialization_timeout=seconds + HEARTBEAT_MARGIN_S,
                                heartbeat_timeout_seconds=seconds + HEARTBEAT_MARGIN_S,
                                shutdown_timeout_seconds=seconds)
+    preemption.install()  # JAX's distributed runtime took SIGTERM for its preemption notifier: ours again
 
 
 def client() -> Any:

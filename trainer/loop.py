@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -26,16 +25,20 @@ from flax import nnx
 import exit_codes
 from data import multihost
 from storage import Path
-from trainer import (checkpoint, consensus, export, goodput, metrics, pod, probes_in_loop, program as program_lib,
-                     run_lock, run_metadata, run_setup, state as state_lib)
+from trainer import (checkpoint, consensus, export, goodput, metrics, pod, preemption, probes_in_loop,
+                     program as program_lib, run_dir, run_lock, run_metadata, run_setup, state as state_lib)
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or gradient norm became NaN/Inf; the run stopped without saving that state."""
+    """The loss or gradient norm of `step` became NaN/Inf; the run stopped without saving that state."""
     exit_code = exit_codes.STOPPED
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,11 @@ def train(run: RunConfig, *, probe_scorer: probes_in_loop.ScorerFactory | None =
                 with clock.phase("productive"):
                     stopped = loop.run(preemption, lock)
                 summary = finish(loop, stopped)
+        except NonFiniteLoss as e:  # the rerun truncates metrics.jsonl: this attempt's records are kept apart
+            kept = run_dir.set_aside_metrics(setup.model_dir, e.step, str(e)) if jax.process_index() == 0 else None
+            if kept is None:
+                raise
+            raise NonFiniteLoss(f"{e} This attempt's metrics are kept in {kept}.", e.step) from None
         finally:
             with clock.phase("checkpoint_save"):
                 setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
@@ -108,9 +116,15 @@ def _writer_lock(model_dir: str):
     lock = None
     with consensus.together("taking MODEL_DIR's writer lock"):
         if jax.process_index() == 0:
+            run_dir.check(model_dir)  # someone else's folder is refused before anything is written into it
             Path(model_dir).mkdir(parents=True, exist_ok=True)
             lock = run_lock.RunLock(model_dir)
             lock.acquire()
+            try:
+                run_dir.claim(model_dir)  # a docmix run directory from here on
+            except BaseException:
+                lock.release()
+                raise
     if lock is None:
         yield None
         return
@@ -189,6 +203,7 @@ class StepLoop:
         try:
             if self.probes is not None and self.start == 0:
                 self.sinks.write({"step": 0, **self._probe()})  # the starting parameters
+            self._export_resumed_step()
             self.clock = time.perf_counter()
             stopped = self._steps(preemption, lock)
             self._finish_pending()
@@ -203,6 +218,18 @@ class StepLoop:
                 self.bar.close()
             with self.spent.phase("metrics"):
                 self.sinks.close(discard=lost)
+
+    def _export_resumed_step(self) -> None:
+        """A run stopped after checkpoint k committed but before its export of step k was complete (killed while
+        exporting) resumes at k: that export is made now, from the same parameters."""
+        every = self.config.checkpoint.export_every
+        if not (every and self.start and self.start % every == 0):
+            return
+        folder = self.setup.model_dir / "exports" / str(self.start)
+        if not consensus.from_process_0(f"looking for the export {folder}",
+                                        lambda: (folder / export.EXPORT_MARKER).exists()):
+            log.info("exporting step %d, whose export the previous run did not finish", self.start)
+            self.export(folder)
 
     def _steps(self, preemption: "_Preemption", lock: run_lock.RunLock | None) -> str:
         while self.step < self.config.train.train_steps:
@@ -285,8 +312,9 @@ class StepLoop:
         """Step `step`'s loss was computed from the parameters of step - 1: it decides whether their checkpoint is
         good (checkpoint_health)."""
         ckpt = self.setup.ckpt
-        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-            raise NonFiniteLoss(_nonfinite_message(step, m, ckpt, ckpt.mark_nonfinite(step - 1)))
+        what = _nonfinite(m)
+        if what:
+            raise NonFiniteLoss(_nonfinite_message(step, m, what, ckpt, ckpt.mark_nonfinite(step - 1, what)), step)
         ckpt.mark_good(step - 1)
 
     def _due(self, step: int) -> Due:
@@ -349,7 +377,7 @@ class StepLoop:
         """Checkpoints the current state with the data position and tokens seen (once per step), after its step's
         loss was checked."""
         self._finish_pending()
-        if self.last_saved == self.step:
+        if self.last_saved == self.step or self.step == self.start:  # resumed from it, or nothing trained yet
             return
         with self.spent.phase("checkpoint_save"):
             self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
@@ -389,11 +417,21 @@ def finish(loop: StepLoop, stopped: str) -> Summary:
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
-def _nonfinite_message(step: int, m: dict[str, Any], ckpt: checkpoint.Checkpointer, bad: list[int]) -> str:
+def _nonfinite(m: dict[str, Any]) -> str:
+    """Which of a step's loss and gradient norm are NaN/Inf: "loss", "gradient norm", "loss and gradient norm" or
+    "" (both finite)."""
+    bad = [name for name, key in (("loss", "loss"), ("gradient norm", "grad_norm")) if not np.isfinite(m[key])]
+    return " and ".join(bad)
+
+
+def _nonfinite_message(step: int, m: dict[str, Any], what: str, ckpt: checkpoint.Checkpointer,
+                       bad: list[int]) -> str:
     """What stopped, which checkpoint is good, what a rerun resumes from (Checkpointer.restore_resumable's choice)."""
-    text = f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without saving."
+    finite = " (the loss is finite)" if what == "gradient norm" else ""
+    text = (f"step {step}: non-finite {what}{finite}: loss={m['loss']} grad_norm={m['grad_norm']}; stopped without "
+            "saving.")
     if bad:
-        text += (f" Checkpoints {bad} hold the parameters that gave this loss (or came after them): they are kept, "
+        text += (f" Checkpoints {bad} hold the parameters that gave this {what} (or came after them): they are kept, "
                  "marked, and set aside by the next run.")
     good, resume = ckpt.newest_good(), ckpt.resume_candidate()
     if good is not None:
@@ -409,19 +447,19 @@ def _nonfinite_message(step: int, m: dict[str, Any], ckpt: checkpoint.Checkpoint
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked between steps (installed only in the main thread)."""
+    """SIGTERM as trainer.preemption's flag, checked between steps. train.py installs its handler when the process
+    starts; a caller that did not (a test calling `train`) gets it for the loop only."""
 
     def __init__(self):
-        self.requested = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = preemption.install()
         return self
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return preemption.requested()
 
     def __exit__(self, *exc):
         if self._previous is not None:

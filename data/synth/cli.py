@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 import storage
+import exit_codes
 from data.synth.records import approx_tokens, read_jsonl, record_text, timestamp, write_jsonl
 from data.synth.spec import bundled_specs, load_spec
 
@@ -126,15 +127,18 @@ def cmd_contamination(args: argparse.Namespace) -> int:
         bad = {h.index for h in report.hits}
         kept = write_jsonl(args.drop_out, (r for i, r in enumerate(records) if i not in bad))
         print(f"wrote {kept} uncontaminated records -> {args.drop_out}")
-    return 1 if args.fail_on_hit and report.hits else 0
+    if args.fail_on_hit and report.hits:
+        raise exit_codes.Failed(exit_codes.STOPPED, f"{args.input}: {len(report.hits)} contaminated documents "
+                                "(--fail-on-hit)")
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from data.synth.stats import corpus_stats, format_stats, load_removed
     count = approx_tokens
     if args.tokenizer:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_str(storage.Path(args.tokenizer).read_text())
+        from data.tokenize import load_tokenizer
+        tok = load_tokenizer(args.tokenizer)
         count = lambda text: len(tok.encode(text, add_special_tokens=False).ids)  # noqa: E731
     stats = corpus_stats(_progress(read_jsonl(args.input, require=()), 0, "stats"), count)
     removed = load_removed(args.input)
@@ -192,9 +196,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"generate {spec.name}: {summary.written} written, {summary.already_done} already done, "
           f"{summary.failed} failed, {summary.not_started} not started (budget), {summary.truncated} hit max_tokens; "
           f"{summary.tokens_used} tokens in {summary.elapsed_s}s -> {args.out}")
-    if not summary.complete:
-        print("incomplete: rerun the same command to continue (finished items are skipped)")
-    return 0 if summary.complete else 1  # some items failed for good: a data error (exit_codes)
+    if not summary.complete:  # some items failed for good, or the token budget ran out: a data error (exit_codes)
+        raise exit_codes.Failed(exit_codes.STOPPED, f"{args.out}: incomplete ({summary.failed} failed, "
+                                f"{summary.not_started} not started); rerun the same command to continue (finished "
+                                "items are skipped)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

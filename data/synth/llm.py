@@ -1,9 +1,10 @@
 """A small async client for OpenAI-compatible chat completions (hosted APIs, vLLM, any `/v1/chat/completions`).
 
 Retries with exponential backoff (and jitter) on 429 (honouring Retry-After, seconds or HTTP date), 408/409, 5xx,
-timeouts, connection errors and unparseable or truncated JSON bodies; other 4xx fail at once. The API key is read
-from an environment variable whose *name* is configured, sent only in the Authorization header, and scrubbed from
-every message this module logs or raises (a server that echoes the header back cannot leak it through us).
+timeouts, connection errors and unparseable or truncated JSON bodies; 401/403 (the server refuses this client) and
+no server at the URL stop the whole run (ServerRefused, ServerUnreachable); other 4xx fail the request. The API key
+is read from an environment variable whose *name* is configured, sent only in the Authorization header, and scrubbed
+from every message this module logs or raises (a server that echoes the header back cannot leak it through us).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import httpx
 
 log = logging.getLogger("data.synth.llm")
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+REFUSED_STATUS = frozenset({401, 403})
 
 
 class LLMError(RuntimeError):
@@ -28,8 +30,14 @@ class LLMError(RuntimeError):
 
 
 class ServerUnreachable(ConnectionError):
-    """The first `ClientConfig.unreachable_after` attempts all failed to connect: no server at the URL (the message
-    names it). Generation stops instead of retrying every item."""
+    """No server answers at the URL: the first `ClientConfig.unreachable_after` attempts, or every attempt of a
+    request, failed to connect (the message names the URL). Generation stops instead of retrying every item; exit 3
+    (exit_codes)."""
+
+
+class ServerRefused(ConnectionError):
+    """The server refuses this client (HTTP 401 or 403: a missing, wrong or unauthorised API key), so it would refuse
+    every request: generation stops at the first refusal; exit 3 (exit_codes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +139,10 @@ class ChatClient:
                         wait = retry_after_seconds(response.headers.get("retry-after"))
                         if wait is not None:
                             wait = min(wait, self.config.retry_after_max_s)
+                elif response.status_code in REFUSED_STATUS:
+                    raise ServerRefused(self.redact(
+                        f"HTTP {response.status_code} from {self.config.base_url} ({label}): the server refuses this "
+                        f"client; {self._key_note()}: {response.text[:300]}"))
                 else:
                     raise LLMError(self.redact(f"{label}: HTTP {response.status_code} from {self.config.base_url}: "
                                                f"{response.text[:300]}"))
@@ -139,8 +151,17 @@ class ChatClient:
             wait = self._backoff(attempt) if wait is None else wait
             log.warning(self.redact(f"{label}: {last}; retry {attempt + 1}/{self.config.max_retries} in {wait:.2f}s"))
             await asyncio.sleep(wait)
+        if not self._answered and last.startswith("connection error"):
+            raise ServerUnreachable(f"cannot connect to {self.config.base_url}: all {self.config.max_retries + 1} "
+                                    f"attempts of {label} failed ({last}); is the server running and --base-url right?")
         raise LLMError(self.redact(f"{label}: gave up after {self.config.max_retries + 1} attempts to "
                                    f"{self.config.base_url} (last: {last})"))
+
+    def _key_note(self) -> str:
+        env = self.config.api_key_env
+        if not env:
+            return "no API key was sent (--api-key-env is empty)"
+        return f"the API key in ${env} was sent" if self._key else f"no API key was sent (${env} is not set)"
 
 
 def _parse(body: str, attempts: int) -> Completion:

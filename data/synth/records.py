@@ -73,12 +73,16 @@ def write_jsonl(path: str | pathlib.Path, records: Iterable[dict[str, Any]]) -> 
 def read_jsonl(path: str | pathlib.Path, *, require: tuple[str, ...] = ("text",)) -> Iterator[dict[str, Any]]:
     """Yields records (local or gs://); a malformed line or a record missing a required key raises naming file:line."""
     path = storage.Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid UTF-8 at byte {err.start}") from None
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
             if not isinstance(record, dict):
