@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         priced.price(args)  # a price table or region that does not hold, before any work
     except ValueError as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.report(e, PROG)
     try:
         sweep = plan.load(args.sweep_file)
         eval_settings = settings(sweep.eval)

@@ -96,7 +96,7 @@ def test_without_the_tpu_extra_a_priced_dry_run_is_one_line_and_exit_3(prog, swe
         code = durability.main(["sweeps/durability_demo.toml", "--dry_run", "--topology=v5p:2x2x1"])
     assert code == 3
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"{prog}: error: --topology needs the TPU extra (libtpu is not installed): pip install -r requirements-tpu.txt"]
+        f"{'python -m ' * (prog != 'sweep.py')}{prog}: error: --topology needs the TPU extra (libtpu is not installed): pip install -r requirements-tpu.txt"]
 
 
 def test_a_price_table_that_does_not_hold_names_its_file_and_key(tmp_path):
@@ -106,7 +106,7 @@ def test_a_price_table_that_does_not_hold_names_its_file_and_key(tmp_path):
         pricing.lookup("v5p:2x2x1", None, str(bad))
     with pytest.raises(ValueError, match="--region mars-1: no v5p price there; regions priced: us-east5"):
         pricing.lookup("v5p:2x2x1", "mars-1")
-    assert pricing.lookup("v5p:2x2x1").cost(2.0) == (8.4, 4.2)
+    assert pricing.lookup("v5p:2x2x1").cost(2.0) == (8.4, None)  # no Spot price shipped
 
 
 def test_the_report_sets_each_runs_estimate_beside_its_goodput(sweep_file):
