@@ -19,7 +19,9 @@ import os
 import pathlib
 import shlex
 import sys
+import time
 
+STARTED = time.perf_counter()  # the goodput clock's start (trainer.goodput): imports and start-up count
 log = logging.getLogger("docmix.train")
 
 
@@ -79,9 +81,9 @@ def train(args: argparse.Namespace, cluster: dict, argv: list[str] | None) -> in
         pod_start.shared_model_dir(run.model_dir)
     elif error is not None:
         raise error
-    from trainer import loop
+    from trainer import goodput, loop
 
-    summary = loop.train(run, probe_scorer=probe_scorer)
+    summary = loop.train(run, probe_scorer=probe_scorer, clock=goodput.Clock(STARTED))
     if jax.process_index() == 0:
         print(format_summary(summary, argv if argv is not None else sys.argv[1:]))
         if summary.step > run.train_steps:
@@ -150,6 +152,10 @@ def format_summary(s, argv: list[str]) -> str:
                                                   for n, v in s.eval_loss.items())
                      + f"; python -m eval.heldout --model {s.model_dir} gives the same numbers")
     lines.append(f"throughput {s.tokens_per_s:,.0f} tokens/s, MFU {s.mfu:.1%} of {s.peak_source}")
+    if s.goodput is not None:
+        from trainer import goodput
+
+        lines.append(f"{goodput.summary_line(s.goodput)} ({s.model_dir / goodput.FILE})")
     lines.append(f"metrics      {s.model_dir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {s.model_dir / 'tb'})")
     if s.checkpoint is not None:
         lines.append(f"checkpoint   {s.checkpoint}")

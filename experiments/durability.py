@@ -2,6 +2,7 @@
 several arms side by side, and one report with the decay curves. One config, one command:
 
     python -m experiments.durability sweeps/durability_demo.toml --dry_run   # every stage, its budget and time
+    python -m experiments.durability sweeps/durability_demo.toml --dry_run --topology=v5p:2x2x1   # and its cost
     python -m experiments.durability sweeps/durability_demo.toml
 
 Arms (each with every seed of the file):
@@ -372,20 +373,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true",
                         help="print every stage with its steps, tokens, synthetic tokens, epochs and estimated wall "
                              "time; train nothing")
-    parser.add_argument("--no_measure", action="store_true",
-                        help="with --dry_run: estimate wall time only from step times that stages in OUT_DIR logged; "
-                             "do not time the configs on this machine")
+    from experiments import durability_plan, priced
+    from launch import topology
+
+    priced.add_flags(parser)
     args = parser.parse_args(argv)
+    priced.check_flags(parser, args)
+    missing = args.topology and topology.libtpu_missing("--topology needs")
+    if missing:
+        return exit_codes.report(missing, PROG)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from experiments import durability_plan, estimate
 
     try:
+        priced.price(args)  # a price table or region that does not hold, before any work
         c = load(args.config)
         with tempfile.TemporaryDirectory(prefix="docmix-plan-") as scratch:  # stand-ins for exports not made yet
             planned, runs = durability_plan.stages(c, storage.Path(scratch))
-            est = estimate.estimate(runs, measure_here=not args.no_measure,
-                                    progress=lambda line: print(line, file=sys.stderr, flush=True)) \
+            est = priced.from_flags(runs, args, progress=lambda line: print(line, file=sys.stderr, flush=True)) \
                 if args.dry_run else None
     except ValueError as e:  # SettingsError, or a stage whose config or shares do not hold (before any training)
         return exit_codes.report(e, PROG)
@@ -400,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     done = run(c, args.launcher)
     s = dataclasses.replace(c.eval, heldout=False)  # SFT points' held-out loss: run eval.heldout on their exports
     results = evaluate_points(c, done["points"], s, done["status"])
-    report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report")
+    est = priced.from_flags(runs, args)  # each stage's estimate beside its goodput.json
+    report = durability_report.write(c, done["points"], results, done["status"], s, c.out_dir / "report", est)
     print(f"\n{report['note']}\nreport: {c.out_dir / 'report' / 'report.md'}")
     missing = [n for n, st in done["status"].items() if st["status"] != "done"]
     if missing:

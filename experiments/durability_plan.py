@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 import storage
-from experiments import corpora, durability, estimate, plan as sweep_plan
+from experiments import corpora, durability, estimate, plan as sweep_plan, priced
 from experiments.durability import Config, Stage
 
 
@@ -139,11 +139,16 @@ def format_plan(c: Config, planned: list[StagePlan], est: estimate.Estimate | No
     lines = [f"durability {c.path}: arms {', '.join(c.arms)} x seeds {list(c.seeds)}, {len(planned)} stages -> "
              f"{c.out_dir}",
              f"{'stage':<26} {'arm':<12} {'seed':>4} {'steps':>6} {'tokens':>10} {'synthetic_tokens':>17} "
-             f"{'est_time':>9}  epochs; SFT samples at the evaluation points"]
+             f"{'est_time':>9}{priced.cost_header(est)}  epochs; SFT samples at the evaluation points"]
     for p in planned:
         epochs = ", ".join(f"{v:.4f} {k}" for k, v in p.epochs.items()) or "-"
         points = f"; points {list(p.points)}" if p.points else ""
         lines.append(f"{p.name:<26} {p.arm:<12} {p.seed:>4} {p.steps:>6} {p.tokens:>10} {p.synthetic_tokens:>17} "
-                     f"{estimate.duration(est.runs[p.name][1] if est else None):>9}  {epochs}{points}")
+                     f"{estimate.duration(est.runs[p.name][1] if est else None):>9}{priced.cost_columns(est, p.name)}"
+                     f"  {epochs}{points}")
+    arms: dict[str, list[str]] = {}
+    for p in planned:
+        arms.setdefault(p.arm, []).append(p.name)
+    lines += priced.arm_lines(est, arms)
     lines += [f"warning: {p.name}: {note}" for p in planned for note in p.notes]
     return "\n".join(lines + (est.lines() if est else []))

@@ -13,7 +13,7 @@ import numpy as np
 import storage
 from eval import plots, stats
 from eval import report as eval_report
-from experiments import compare
+from experiments import compare, priced
 from experiments.evaluate import EvalSettings
 
 
@@ -113,7 +113,7 @@ def training_panels(c, s: EvalSettings, status: Mapping[str, Mapping]) -> dict[s
 
 
 def write(c, planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Mapping[int, list]],
-          status: Mapping[str, Mapping], s: EvalSettings, out: storage.Path) -> dict[str, Any]:
+          status: Mapping[str, Mapping], s: EvalSettings, out: storage.Path, est: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     table, family, level = rows(planned, results, s, c.arms, c.seeds)
     eval_report.write_table(table, out, "durability")
@@ -140,7 +140,8 @@ def write(c, planned: Mapping[str, Mapping[int, list]], results: Mapping[str, Ma
         samples = f"{r['samples']:.0f}" if r["samples"] is not None else "missing"
         lines.append(f"| {r['arm']} | {samples} | {r['set']} | {r['seeds_evaluated']}/{r['seeds_planned']} | "
                      f"{fmt(r, 'margin', 'margin_lo', 'margin_hi')} | {fmt(r, 'vs_base', 'lo', 'hi')} | {adj} |")
-    lines += ["", "## Stages", "", "| stage | status |", "|---|---|"]
-    lines += [f"| {name} | {st['status']} |" for name, st in sorted(status.items())]
+    lines += ["", "## Stages", "", f"| stage | status | {priced.TIME_HEADER} |", "|---|---|---|"]
+    stages = {name: priced.against_actual(est, name, c.run_dir(name)) for name in status}
+    lines += [f"| {name} | {st['status']} | {priced.time_cell(stages[name])} |" for name, st in sorted(status.items())]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {"rows": table, "plots": panels, "comparisons": family, "note": note}
+    return {"rows": table, "plots": panels, "comparisons": family, "note": note, "stages": stages}

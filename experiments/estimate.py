@@ -11,8 +11,9 @@ that has it:
    run's real shapes, once per shape per estimate (a 30-run sweep of 3 shapes measures 3);
 3. none: the estimate says why it has no step time for that shape.
 A run's estimate is steps x step time: optimizer steps only; start-up, compilation, evaluation and exports are not
-included. Another source of step times (e.g. FLOPs of an ahead-of-time compile for a TPU topology at an assumed MFU)
-fits as one more `StepTime` source per shape key.
+included (a finished run's goodput.json says how much they took: trainer.goodput). A priced estimate
+(experiments.priced, `--topology`) takes every step time from one more source, a compile for a Cloud TPU topology,
+and gives each run its chip-hours and cost (`Estimate.cost`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 MEASURE_STEPS = 3
+DEFAULT_MFU = 0.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +41,44 @@ class Planned:
 
 @dataclasses.dataclass(frozen=True)
 class StepTime:
-    """Seconds per optimizer step of one shape, where they come from ("metrics" or "measured") and how."""
+    """Seconds per optimizer step of one shape, where they come from ("metrics", "measured" or "compiled") and how;
+    a compiled one also gives the chips it runs on and the memory fit of its step (launch.memory's report)."""
     seconds: float
     source: str
     detail: str
+    chips: int | None = None
+    fits: bool | None = None
+    device_kind: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """shapes: shape key -> StepTime, or the reason there is none (a string); runs: run name -> (shape key, seconds
-    or None); describe: shape key -> a short description of the shape."""
+    or None); describe: shape key -> a short description of the shape; price: launch.pricing.Price of a priced
+    estimate (step times "compiled")."""
     shapes: dict[str, StepTime | str]
     runs: dict[str, tuple[str, float | None]]
     describe: dict[str, str]
+    price: Any = None
 
     @property
     def total(self) -> float:
         """Seconds of the runs that have an estimate."""
         return sum(s for _, s in self.runs.values() if s is not None)
+
+    def cost(self, name: str) -> tuple[float, float, float | None] | None:
+        """(chip-hours, on-demand USD, Spot USD or None) of run `name`; None unpriced or without an estimate."""
+        key, seconds = self.runs[name]
+        t = self.shapes[key]
+        if self.price is None or seconds is None or not isinstance(t, StepTime) or t.chips is None:
+            return None
+        chip_hours = seconds * t.chips / 3600
+        return (chip_hours, *self.price.cost(chip_hours))
+
+    def total_cost(self) -> tuple[float, float, float | None]:
+        costs = [c for c in map(self.cost, self.runs) if c is not None]
+        spot = [c[2] for c in costs]
+        return (sum(c[0] for c in costs), sum(c[1] for c in costs), None if None in spot else sum(spot))
 
     @property
     def missing(self) -> list[str]:
@@ -71,9 +93,22 @@ class Estimate:
                 f"no estimate: {t}"
             out.append(f"  shape {key} ({self.describe[key]}): {what}")
         total = f"total {duration(self.total)} for {len(self.runs) - len(self.missing)} runs"
+        if self.price is not None:
+            chip_hours, on_demand, spot = self.total_cost()
+            total += f": {chip_hours:.4g} chip-hours, {usd(on_demand)} on demand, {usd(spot)} Spot"
+            out.append(f"price: {self.price.describe()}")
         if self.missing:
             total += f"; {len(self.missing)} runs without an estimate"
-        return out + [total]
+        unfit = [key for key, t in self.shapes.items() if isinstance(t, StepTime) and t.fits is False]
+        return out + [total] + [f"warning: shape {key} does not fit the chips' HBM (python -m launch.aot says what "
+                                "to change)" for key in unfit]
+
+
+def usd(amount: float | None) -> str:
+    """'-', '$0.0123', '$12.35' or '$1,235' (one word, for tables)."""
+    if amount is None:
+        return "-"
+    return f"${amount:.3g}" if amount < 1 else (f"${amount:,.2f}" if amount < 1000 else f"${amount:,.0f}")
 
 
 def duration(seconds: float | None) -> str:
@@ -161,10 +196,12 @@ def measure(run: Any, steps: int = MEASURE_STEPS) -> StepTime:
 
 def estimate(planned: Sequence[Planned], *, measure_here: bool = True,
              measure_fn: Callable[[Any], StepTime] | None = None,
-             progress: Callable[[str], None] | None = None) -> Estimate:
+             progress: Callable[[str], None] | None = None, price: Any = None) -> Estimate:
     """Step time per shape (metrics of the planned runs, else a measurement here unless `measure_here` is False) and
     steps x step time per run. A measurement that fails (e.g. the shape does not fit this machine) is reported as
-    the shape's reason, not raised. `progress` hears a line before each measurement."""
+    the shape's reason, not raised. `progress` hears a line before each measurement. A priced estimate (`price`, a
+    launch.pricing.Price, with `measure_fn=compiled(...)`) takes every step time from `measure_fn`, none from
+    logged metrics."""
     measure_fn = measure_fn or measure
     keys = {p.name: shape_key(p.run) for p in planned}
     shapes: dict[str, StepTime | str] = {}
@@ -175,10 +212,11 @@ def estimate(planned: Sequence[Planned], *, measure_here: bool = True,
             continue
         describe[key] = _describe(p.run)
         dirs = [q.run_dir for q in planned if keys[q.name] == key and q.run_dir is not None and q.run_dir.is_dir()]
-        found = from_metrics(dirs)
+        found = from_metrics(dirs) if price is None else None
         if found is None and measure_here:
             if progress:
-                progress(f"measuring the step time of shape {key} ({describe[key]}): compile + {MEASURE_STEPS} steps")
+                progress(f"compiling shape {key} ({describe[key]}) for its FLOPs" if price is not None else
+                         f"measuring the step time of shape {key} ({describe[key]}): compile + {MEASURE_STEPS} steps")
             try:
                 found = measure_fn(p.run)
             except Exception as e:  # noqa: BLE001 - any failure to run the shape here is a reason, not a crash
@@ -190,4 +228,4 @@ def estimate(planned: Sequence[Planned], *, measure_here: bool = True,
     for p in planned:
         t = shapes[keys[p.name]]
         runs[p.name] = (keys[p.name], p.steps * t.seconds if isinstance(t, StepTime) else None)
-    return Estimate(shapes=shapes, runs=runs, describe=describe)
+    return Estimate(shapes=shapes, runs=runs, describe=describe, price=price)

@@ -287,9 +287,11 @@ def format_plan(sweep: Sweep, est: Any = None) -> str:
     """The dry-run table: every run with its token budget, synthetic tokens, epochs per document and, given an
     experiments.estimate.Estimate, its estimated wall time (and the estimate's footer)."""
     from experiments.estimate import duration
+    from experiments.priced import arm_lines, cost_columns, cost_header
 
     header = (f"{'run':<44} {'share':>6} {'docs':>6} {'seed':>5} {'steps':>7} {'total_tokens':>13} "
-              f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15} {'est_time':>9}  baseline")
+              f"{'synthetic_tokens':>17} {'corpus_tokens':>14} {'epochs_per_doc':>15} {'est_time':>9}"
+              f"{cost_header(est)}  baseline")
     lines = [f"sweep {sweep.path} ({sweep.budget}): {len(sweep.runs)} runs -> {sweep.out_dir}", header]
     for r in sweep.runs:
         seconds = est.runs[r.name][1] if est else None
@@ -297,18 +299,26 @@ def format_plan(sweep: Sweep, est: Any = None) -> str:
                      f"{r.train_steps:>7} {r.total_tokens:>13} {r.synthetic_tokens:>17} "
                      f"{r.corpus_tokens if r.corpus_tokens is not None else '-':>14} "
                      f"{f'{r.epochs_per_doc:.4f}' if r.epochs_per_doc is not None else '-':>15} "
-                     f"{duration(seconds):>9}  {r.baseline or '-'}")
+                     f"{duration(seconds):>9}{cost_columns(est, r.name)}  {r.baseline or '-'}")
         if len(r.stages) > 1:
             lines += [f"{'':<4}stage from step {start}: steps {start}-{end - 1}, {tokens} tokens, {synthetic} synthetic"
                       for start, end, tokens, synthetic in r.stages]
+    arms: dict[str, list[str]] = {}
+    for r in sweep.runs:
+        arms.setdefault(r.arm, []).append(r.name)
+    lines += arm_lines(est, arms)
     notes = {r.arm: r.notes for r in sweep.runs if r.notes}
     lines += [f"warning: {arm}-s*: {note}" for arm, arm_notes in notes.items() for note in arm_notes]
     return "\n".join(lines + (est.lines() if est else []))
 
 
 def as_dict(run: Run, est: Any = None) -> dict[str, Any]:
-    """A run as JSON, with its estimated seconds and config shape when an estimate is given."""
+    """A run as JSON, with its estimated seconds and config shape when an estimate is given (and its chip-hours and
+    USD on demand and Spot when it is priced)."""
     out = dataclasses.asdict(run)
     if est:
         out["step_time_shape"], out["estimated_seconds"] = est.runs[run.name]
+        cost = est.cost(run.name)
+        if cost is not None:
+            out["chip_hours"], out["on_demand_usd"], out["spot_usd"] = cost
     return out

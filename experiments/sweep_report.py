@@ -15,13 +15,15 @@ from typing import Any
 import storage
 from eval import plots, stats
 from eval import report as eval_report
-from experiments import compare
+from experiments import compare, priced
 from experiments.evaluate import EvalSettings
 from experiments.plan import Run, Sweep
 
 
-def run_rows(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, Mapping]) -> list[dict[str, Any]]:
-    """One row per configuration of the sweep, in plan order, whatever happened to it."""
+def run_rows(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, Mapping],
+             est: Any = None) -> list[dict[str, Any]]:
+    """One row per configuration of the sweep, in plan order, whatever happened to it; with its estimated time (an
+    experiments.estimate.Estimate) beside its actual one (goodput.json) and, priced, their costs."""
     rows = []
     for r in sweep.runs:
         state = status.get(r.name, {}).get("status", "not run")
@@ -32,6 +34,7 @@ def run_rows(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, 
                                "seed": r.seed, "steps": r.train_steps, "total_tokens": r.total_tokens,
                                "synthetic_tokens": r.synthetic_tokens,
                                "epochs_per_doc": r.epochs_per_doc, "baseline": r.baseline or ""}
+        row |= priced.against_actual(est, r.name, sweep.run_dir(r))
         res = results.get(r.name)
         if res:
             for name, m in res["margins"].items():
@@ -150,18 +153,18 @@ def _markdown(run_table: list[dict[str, Any]], arm_table: list[dict[str, Any]], 
                      f"| {adj} |")
     lines += ["", f"Plots: {', '.join(drawn) or 'none'} (plots.json holds what they show).", *not_drawn]
     lines += ["", "## Every configured run", "", "| run | status | share | docs | seed | steps | total tokens | "
-              "synthetic tokens | epochs/doc |", "|---|---|---|---|---|---|---|---|---|"]
+              f"synthetic tokens | epochs/doc | {priced.TIME_HEADER} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in run_table:
         epochs = f"{r['epochs_per_doc']:.3f}" if r["epochs_per_doc"] is not None else "-"
         lines.append(f"| {r['run']} | {r['status']} | {r['share']:g} | {r['docs'] or '-'} | {r['seed']} | {r['steps']} "
-                     f"| {r['total_tokens']} | {r['synthetic_tokens']} | {epochs} |")
+                     f"| {r['total_tokens']} | {r['synthetic_tokens']} | {epochs} | {priced.time_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 
 def write(sweep: Sweep, status: Mapping[str, Mapping], results: Mapping[str, Mapping], s: EvalSettings,
-          out: storage.Path) -> dict[str, Any]:
+          out: storage.Path, est: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    run_table = run_rows(sweep, status, results)
+    run_table = run_rows(sweep, status, results, est)
     arm_table, family, level = arm_rows(sweep, results, s)
     eval_report.write_table(run_table, out, "runs")
     eval_report.write_table(arm_table, out, "arms")

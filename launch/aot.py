@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
@@ -125,6 +124,40 @@ def compile_step(run: Any, topology_name: str, mesh_axes: dict[str, int] | None 
             error = str(e).strip()
     return CompiledStep(run, topology_name, num_slices, devices, mesh, program, compiled, error,
                         time.perf_counter() - start)
+
+
+def has_loops(run: Any) -> bool:
+    """Whether the train step runs loops: scanned layers, microbatches, loss chunks."""
+    return run.model.scan_layers or run.train.microbatches > 1 or run.train.loss_chunk is not None
+
+
+def cost_flops(compiled: Any) -> float:
+    """FLOPs per chip of one run of a compiled program: XLA's cost analysis (`compiled.cost_analysis()`)."""
+    analysis = compiled.cost_analysis()
+    return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+
+
+def step_flops(step: CompiledStep, mesh_axes: dict[str, int] | None = None) -> float | None:
+    """FLOPs per chip of one train step of `step.run` (None when no compile of it fits the chips).
+
+    XLA's cost analysis counts the body of a loop once, whatever its trip count. A step without loops is counted
+    from its own compile. A step with loops (has_loops), or one that does not fit, is compiled again unrolled
+    (layers unscanned, one microbatch, the loss unchunked; the same remat, mesh and sequence length) at one and at
+    two rows per batch shard, which are small enough to fit: its FLOPs are affine in the rows (the optimizer update
+    is the constant), so the two give the step's at its batch exactly."""
+    run = step.run
+    if step.compiled is not None and not has_loops(run):
+        return cost_flops(step.compiled)
+    shards = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
+    flops = []
+    for rows in (shards, 2 * shards):
+        twin = dataclasses.replace(run, model=dataclasses.replace(run.model, scan_layers=False), train=dataclasses.replace(
+            run.train, microbatches=1, loss_chunk=None, batch_size=rows))
+        unrolled = compile_step(twin, step.topology, mesh_axes, step.num_slices)
+        if unrolled.compiled is None:
+            return None
+        flops.append(cost_flops(unrolled.compiled))
+    return flops[0] + (flops[1] - flops[0]) * (run.train.batch_size - shards) / shards
 
 
 def report(step: CompiledStep, free_fraction: float = memory.HBM_FREE) -> dict[str, Any]:
@@ -261,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--benchmarks", type=pathlib.Path,
                         default=pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     args = parser.parse_args(ours)
-    if importlib.util.find_spec("libtpu") is None:  # the optional TPU extra: one line, exit 3 (exit_codes)
-        raise exit_codes.ServiceUnavailable("needs the TPU extra (libtpu is not installed): pip install -r "
-                                            "requirements-tpu.txt")
+    missing = topology.libtpu_missing()
+    if missing:
+        raise missing
     if args.all:
         return run_all(args.gin_bindings, args.benchmarks)
     if not args.topology:

@@ -2,9 +2,13 @@
 compiler gives a program per chip, and the topology of a Cloud TPU accelerator type (`v6e-8` -> `v6e:2x4`)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 from typing import Any
+
+import exit_codes
 
 GIB = 2 ** 30
 # HBM per chip that the TPU compiler lets one program use (the `Y` of its out-of-memory message "Used X of Y hbm"),
@@ -31,6 +35,15 @@ def topology_of(accelerator_type: str) -> str:
         raise ValueError(f"--accelerator_type {accelerator_type!r}: no default topology for {chips} chips; "
                          "pass --topology NAME:AxB[xC]")
     return f"{name}:{grids[chips]}"
+
+
+def libtpu_missing(what: str = "needs") -> exit_codes.ServiceUnavailable | None:
+    """None when the TPU extra (libtpu, for compile-only TPU devices) is installed; else the error naming what to
+    install (exit 3 in the exit-code table), for the caller to raise or report."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return None
+    return exit_codes.ServiceUnavailable(f"{what} the TPU extra (libtpu is not installed): pip install -r "
+                                         "requirements-tpu.txt")
 
 
 def topology_devices(name: str, num_slices: int = 1) -> list[Any]:

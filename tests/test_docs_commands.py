@@ -91,7 +91,8 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
 ]
 # (pattern, extra, what the command does without it): "error" = exit 3 and one line naming the requirements file;
 # "install" = it is the line that installs the extra (CI's second pass does).
-NEEDS_EXTRA = [(r"^python -m launch\.aot ", "tpu", "error"), (r"^pip install -r requirements-tpu\.txt$", "tpu", "install"),
+NEEDS_EXTRA = [(r"^python -m launch\.aot ", "tpu", "error"), (r" --dry_run .*--topology=", "tpu", "error"),
+               (r"^pip install -r requirements-tpu\.txt$", "tpu", "install"),
                (r"^pip install -r requirements-seqio\.txt$", "seqio", "install"), (r"eval\.anima ", "eval", "error")]
 RUN_BY_ITS_OWN_TEST = {"tpu"}  # with the extra, these run in test_documented_commands_that_need_the_tpu_extra
 SCALE = [(r"--count \d+", "--count 12"), (r"--num_batches \d+", "--num_batches 2"), (r"--epochs \d+", "--epochs 1"),

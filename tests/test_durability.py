@@ -112,6 +112,8 @@ def test_documented_durability_run_produces_its_curve(documented, capsys):
     assert row["vs_base"] == pytest.approx(expected["difference"], abs=1e-9)
     assert [row["adjusted_lo"], row["adjusted_hi"]] == pytest.approx(expected["difference_ci_adjusted"], abs=1e-9)
     assert f"{family} comparisons are reported together" in (out / "report" / "report.md").read_text()
+    stages = (out / "report" / "report.md").read_text().split("## Stages")[1]  # estimate / actual time (goodput.json)
+    assert all(re.search(rf"\| {name} \| done \| \S+ / \S+ \(\d+%\) \|", stages) for name in schedules), stages
 
     # The curve: probe shift vs SFT samples with CIs, one series per arm, exactly the table's numbers.
     figures = json.loads((out / "report" / "plots.json").read_text())

@@ -32,10 +32,15 @@ pairs = ["eval/probe_sets/animal_welfare.jsonl"]
 
 @pytest.fixture
 def sweep_file(tmp_path) -> pathlib.Path:
+    return write_sweep(tmp_path, SWEEP)
+
+
+def write_sweep(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
+    """`text` (SWEEP or a variant) as tmp_path/s.toml, with its corpus of 6 documents."""
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": DOC}) + "\n" for _ in range(6)))
     path = tmp_path / "s.toml"
-    path.write_text(SWEEP.format(out=tmp_path / "out", corpus=corpus))
+    path.write_text(text.format(out=tmp_path / "out", corpus=corpus))
     return path
 
 

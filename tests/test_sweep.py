@@ -197,6 +197,8 @@ def test_documented_sweep_end_to_end(tmp_path, capsys):
             saved = json.loads((out / "runs" / n / "eval" / "2" / f"probes-{k}.json").read_text())
             assert saved["overall"]["margin"] == pytest.approx(margins[n][k].mean(), abs=1e-6)
         assert float(runs[n]["heldout/replay/loss"]) > 0
+        # its estimate (steps x its logged step time) beside its actual wall time (goodput.json: compile included)
+        assert float(runs[n]["actual_time_s"]) > float(runs[n]["est_time_s"]) > 0 < float(runs[n]["goodput"]) < 1
 
     # Arm comparisons: the paired shift minus the neutral shift against the share-0 arm, with Bonferroni CIs over
     # 2 arms x 2 sets = 4 comparisons.

@@ -25,8 +25,8 @@ from flax import nnx
 import exit_codes
 from data import multihost
 from storage import Path
-from trainer import (checkpoint, consensus, export, metrics, pod, preemption, probes_in_loop, program as program_lib,
-                     run_dir, run_lock, run_metadata, run_setup, state as state_lib)
+from trainer import (checkpoint, consensus, export, goodput, metrics, pod, preemption, probes_in_loop,
+                     program as program_lib, run_dir, run_lock, run_metadata, run_setup, state as state_lib)
 from trainer.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -55,32 +55,45 @@ class Summary:
     peak_source: str
     checkpoint: Path | None
     export: Path | None
+    goodput: dict[str, Any] | None = None  # MODEL_DIR/goodput.json as written at the end (process 0; trainer.goodput)
 
 
-def train(run: RunConfig, *, probe_scorer: probes_in_loop.ScorerFactory | None = None) -> Summary:
+def train(run: RunConfig, *, probe_scorer: probes_in_loop.ScorerFactory | None = None,
+          clock: goodput.Clock | None = None) -> Summary:
     """Runs (or resumes) `run` to TrainConfig.train_steps, SIGTERM, or the end of the data. `probe_scorer` scores
-    TrainConfig.probe_sets (train.py passes eval.live_probes.ProbeSets.scorer; trainer.probes_in_loop)."""
+    TrainConfig.probe_sets (train.py passes eval.live_probes.ProbeSets.scorer; trainer.probes_in_loop). `clock`
+    (train.py's, started with the process) accounts for the wall time in MODEL_DIR/goodput.json."""
+    clock = clock or goodput.Clock()
     with _writer_lock(run.train.model_dir) as lock:
         setup = run_setup.Setup.create(run)
         try:
             run = run_setup.effective_run(setup)
             program = program_lib.build(run, setup.mesh, len(setup.pipe.component_names))
             scorer = _probe_scorer(run, setup, program, probe_scorer)
-            state, tokens_seen = run_setup.initial_state(setup, run, program)
+            with clock.phase("restore") as phase:
+                state, tokens_seen = run_setup.initial_state(setup, run, program)
+                if int(state.step) == 0:  # initialised from scratch or INIT_FROM: start-up
+                    phase.name = "startup"
             tokenizer_dir = run_setup.write_run_files(run, setup.model_dir)
-            steps = run_setup.compile_steps(program, state, run, len(setup.eval_names))
-            loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir, scorer)
+            with clock.phase("compile"):
+                steps = run_setup.compile_steps(program, state, run, len(setup.eval_names))
+            clock.open(setup.model_dir, int(state.step), setup.logged_step, writes=jax.process_index() == 0)
+            loop = StepLoop(run, setup, steps, state, tokens_seen, tokenizer_dir, scorer, clock)
+            clock.started()
             with _Preemption() as preemption, jax.set_mesh(setup.mesh):
-                stopped = loop.run(preemption, lock)
-                return finish(loop, stopped)
+                with clock.phase("productive"):
+                    stopped = loop.run(preemption, lock)
+                summary = finish(loop, stopped)
         except NonFiniteLoss as e:  # the rerun truncates metrics.jsonl: this attempt's records are kept apart
             kept = run_dir.set_aside_metrics(setup.model_dir, e.step, str(e)) if jax.process_index() == 0 else None
             if kept is None:
                 raise
             raise NonFiniteLoss(f"{e} This attempt's metrics are kept in {kept}.", e.step) from None
         finally:
-            setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
+            with clock.phase("checkpoint_save"):
+                setup.ckpt.close()  # waits for in-flight async saves (good checkpoints) even when stopping on an error
             setup.pipe.iterator.close()  # stops the prefetch thread
+        return dataclasses.replace(summary, goodput=clock.write(stopped))
 
 
 def _probe_scorer(run: RunConfig, setup: run_setup.Setup, program: program_lib.Program,
@@ -156,8 +169,9 @@ class StepLoop:
 
     def __init__(self, run: RunConfig, setup: run_setup.Setup, steps: run_setup.CompiledSteps,
                  state: state_lib.TrainState, tokens_seen: dict[str, int], tokenizer_dir: Path,
-                 scorer: probes_in_loop.Scorer | None = None):
+                 scorer: probes_in_loop.Scorer | None = None, clock: goodput.Clock | None = None):
         t = run.train
+        self.spent = clock or goodput.Clock()  # where the wall time goes (trainer.goodput)
         self.config, self.setup, self.steps, self.tokenizer_dir = run, setup, steps, tokenizer_dir
         self.names = setup.pipe.component_names
         self.state, self.tokens_seen = state, tokens_seen
@@ -202,7 +216,8 @@ class StepLoop:
         finally:
             if self.bar is not None:
                 self.bar.close()
-            self.sinks.close(discard=lost)
+            with self.spent.phase("metrics"):
+                self.sinks.close(discard=lost)
 
     def _export_resumed_step(self) -> None:
         """A run stopped after checkpoint k committed but before its export of step k was complete (killed while
@@ -245,7 +260,8 @@ class StepLoop:
             reasons.add("preempted")
         else:
             try:
-                local = next(iterator)
+                with self.spent.phase("data_wait"):
+                    local = next(iterator)
             except StopIteration:
                 reasons.add("data_exhausted")
             except Exception as e:  # noqa: BLE001 - e.g. ComponentExhausted, a read error: all stop, then it is raised
@@ -286,6 +302,7 @@ class StepLoop:
         now = time.perf_counter()
         seconds, self.clock = now - self.clock, now
         self._check_finite(step, m)
+        self.spent.step_finished(step)
         for name, n in zip(self.names, np.asarray(m["component_tokens"])):
             self.tokens_seen[name] += int(n)
         self.window.add(m, seconds)
@@ -315,7 +332,8 @@ class StepLoop:
         if due.needs_state:
             assert step == self.step, f"step {step} is due for host work but the state is at step {self.step}"
         if due.evaluate:
-            self.eval_loss, self.eval_tokens = self._evaluate()
+            with self.spent.phase("evaluation"):
+                self.eval_loss, self.eval_tokens = self._evaluate()
         if due.log:
             self._log(step, m, self.eval_loss if due.evaluate else {}, self._probe() if due.probe else {})
         if due.save:
@@ -341,8 +359,8 @@ class StepLoop:
 
     def _probe(self) -> dict[str, float]:
         """The in-loop probes of the current parameters (trainer.probes_in_loop)."""
-        with consensus.together(f"scoring the probe sets at step {self.step}"):  # process 0 also writes
-            return self.probes.score(self.step, self.state.params)
+        with self.spent.phase("probes"), consensus.together(f"scoring the probe sets at step {self.step}"):
+            return self.probes.score(self.step, self.state.params)  # (process 0 also writes)
 
     def _log(self, step: int, m: dict[str, Any], eval_loss: dict[str, float], probes: dict[str, float]) -> None:
         t = self.config.train
@@ -361,17 +379,19 @@ class StepLoop:
         self._finish_pending()
         if self.last_saved == self.step or self.step == self.start:  # resumed from it, or nothing trained yet
             return
-        self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
-                             run_metadata.build(self.config.model, self.config.mixture, step=self.step,
-                                                tokens_seen=self.tokens_seen, optimizer=self.config.optimizer,
-                                                train_steps=self.config.train.train_steps,
-                                                data_fingerprint=self.setup.data_fingerprint))
+        with self.spent.phase("checkpoint_save"):
+            self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
+                                 run_metadata.build(self.config.model, self.config.mixture, step=self.step,
+                                                    tokens_seen=self.tokens_seen, optimizer=self.config.optimizer,
+                                                    train_steps=self.config.train.train_steps,
+                                                    data_fingerprint=self.setup.data_fingerprint))
+            self.spent.write()  # this attempt's time so far survives a kill
         self.last_saved = self.step
 
     def export(self, out_dir: Path) -> Path:
         """Hugging Face export of the current parameters in CheckpointConfig.export_dtype."""
         model = nnx.merge(self.steps.program.graphdef, self.state.params)
-        with consensus.together(f"exporting {out_dir}"):  # gathered by all, written by process 0 alone
+        with self.spent.phase("export"), consensus.together(f"exporting {out_dir}"):  # gathered by all, written by process 0 alone
             return export.export(model, out_dir, dtype=self.config.checkpoint.export_dtype,
                                  tokenizer_dir=self.tokenizer_dir, overwrite=True,  # the run's own earlier export
                                  source=f"{self.setup.model_dir} step {self.step}")

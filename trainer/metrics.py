@@ -74,10 +74,16 @@ def peak_flops_per_device(hardware: str | None, peak_flops: float | None) -> tup
             raise ValueError(f"TrainConfig.hardware={hardware!r}; known: {sorted(PEAK_FLOPS)}")
         return PEAK_FLOPS[hardware], hardware
     kind = jax.devices()[0].device_kind.lower()
-    for pattern, name in _DEVICE_KINDS:
-        if pattern in kind and jax.devices()[0].platform != "cpu":
-            return PEAK_FLOPS[name], f"{name} ({kind})"
+    name = hardware_of(kind) if jax.devices()[0].platform != "cpu" else None
+    if name is not None:
+        return PEAK_FLOPS[name], f"{name} ({kind})"
     return measure_matmul_peak(), f"measured fp32 matmul on {kind}"
+
+
+def hardware_of(device_kind: str) -> str | None:
+    """The PEAK_FLOPS name of a device kind (`TPU v5 lite` -> `tpu_v5e`); None for one not in the table."""
+    kind = device_kind.lower()
+    return next((name for pattern, name in _DEVICE_KINDS if pattern in kind), None)
 
 
 class Window:

@@ -38,6 +38,7 @@ class Setup:
     eval_batches: list[dict[str, np.ndarray]]
     ckpt: checkpoint.Checkpointer
     data_fingerprint: dict[str, Any]  # data.fingerprint of the mixture, recorded in every checkpoint
+    logged_step: int = 0  # the furthest step metrics.jsonl held at start (process 0; trainer.goodput's recomputed steps)
 
     @classmethod
     def create(cls, run: RunConfig) -> "Setup":
@@ -46,7 +47,7 @@ class Setup:
         t = run.train
         with consensus.together("checking the run and opening its data shards"):
             _check_export_targets(run, Path(t.model_dir))
-            _check_metrics(Path(t.model_dir))
+            logged_step = _check_metrics(Path(t.model_dir))
             notes = [run.mixture.check_run(jax.process_count()), optimizer.warmup_note(run.optimizer, t.train_steps)]
             mesh = sharding.make_mesh(**t.mesh)
             program_lib.check_batch_fits_mesh(t.batch_size, t.microbatches, mesh)
@@ -62,7 +63,7 @@ class Setup:
         model_dir = Path(t.model_dir)  # the checkpoint manager's start-up waits for every process: after the vote
         return cls(run=run, model_dir=model_dir, mesh=mesh, pipe=pipe, eval_names=eval_names,
                    eval_batches=eval_batches, ckpt=checkpoint.Checkpointer(model_dir, run.checkpoint, run.model),
-                   data_fingerprint=data_fingerprint)
+                   data_fingerprint=data_fingerprint, logged_step=logged_step)
 
 
 def _log_reads(pipe: data_pipeline.Pipeline) -> None:
@@ -83,11 +84,13 @@ def _check_export_targets(run: RunConfig, model_dir: Path) -> None:
                 export.check_target(folder, overwrite=True)
 
 
-def _check_metrics(model_dir: Path) -> None:
+def _check_metrics(model_dir: Path) -> int:
     """MODEL_DIR/metrics.jsonl must read (trainer.metrics_file: a malformed record is an error naming its line; a
-    torn last one is dropped with a warning) before any expensive work, not when the step loop rewrites it."""
-    if jax.process_index() == 0:  # the one process that writes it
-        metrics_file.read(model_dir / metrics_file.NAME)
+    torn last one is dropped with a warning) before any expensive work, not when the step loop rewrites it. Returns
+    the furthest step it logged (0 without one, and on the processes that do not write it)."""
+    if jax.process_index() != 0:  # the one process that writes it
+        return 0
+    return max((r["step"] for r in metrics_file.read(model_dir / metrics_file.NAME)), default=0)
 
 
 def _eval_batches(run: RunConfig) -> tuple[tuple[str, ...], list[dict[str, np.ndarray]]]:
