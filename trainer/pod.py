@@ -249,14 +249,12 @@ def report_failure(error: BaseException, what: str = "") -> None:
 
 
 def settle(error: BaseException) -> None:
-    """Before `error` counts as this process's own: an XLA runtime error (jax.errors.JaxRuntimeError), or any error
-    that would be reported as a bug (exit 4), is what a collective raises when another process is gone (on CPU,
-    gloo's "Connection reset by peer" or "AllGather failed: Connection closed by peer"; on TPU it would hang), so wait
-    until the watch has judged the others: when one is lost or failed, the watch ends this process naming it (within
-    `timeout`/2 and 3 beats); when all of them beat again (about one beat for an error of this process's own), this
-    returns and the error is this process's."""
-    if _watch is None or not (isinstance(error, jax.errors.JaxRuntimeError)
-                              or exit_codes.code_for(error) == exit_codes.INTERNAL):
+    """Before `error` counts as this process's own, wait until the watch has judged the others: a collective raises
+    when another process is gone (on CPU, gloo's "Connection reset by peer" as a JaxRuntimeError, or wrapped in
+    another error by the library that ran it, such as a checkpoint save; on TPU it would hang). When another process
+    is lost or failed, the watch ends this process naming it (within `timeout`/2 and 3 beats); when all of them beat
+    again (about one beat for an error of this process's own), this returns and the error is this process's."""
+    if _watch is None or isinstance(error, OtherProcessFailed):
         return
     start = time.monotonic()
     while time.monotonic() < start + _watch.lost_after + 3 * _watch.interval:
