@@ -99,6 +99,24 @@ def test_gs_model_dir_and_corpora_resume_on_a_fresh_machine(bucket, tmp_path):
         storage.Path(reference, "hf", "model.safetensors").read_bytes()
 
 
+def test_a_checkpoint_is_written_after_the_metrics_of_its_steps(bucket, tmp_path):
+    """A run preempted right after checkpoint k committed resumes at k and never redoes steps 1..k, so their
+    records must be stored by then or they are missing for good. The bucket refuses the first two uploads of
+    records (the writer retries after 1 s and 2 s): nothing of checkpoint 2 is written before they are stored."""
+    from trainer import metrics_file
+
+    cwd, env = fresh_machine(tmp_path, bucket, "slow-metrics")
+    with gcs_emulator.recording() as served, \
+            gcs_emulator.failing("ordered/metrics.jsonl.parts/", 2, handlers=("insert",)) as fault:
+        train(f"gs://{gcs_emulator.BUCKET}/ordered", 2, cwd, env)
+    assert fault.times == 0
+    names = [(r.handler, r.name or "") for r in served]
+    stored = next(i for i, (h, n) in enumerate(names) if h == "insert" and n.startswith("ordered/metrics.jsonl.parts/"))
+    checkpoint = next(i for i, (_, n) in enumerate(names) if n.startswith("ordered/checkpoints/2"))
+    assert stored < checkpoint, names[stored:checkpoint + 1]
+    assert [r["step"] for r in metrics_file.read(f"gs://{gcs_emulator.BUCKET}/ordered/metrics.jsonl")] == [1, 2]
+
+
 def test_storage_helpers_on_the_emulator(bucket, tmp_path):
     """byte ranges, atomic writes, recursive listings, local copies of remote files/folders, upload order, mirrors."""
     target = storage.Path(f"gs://{gcs_emulator.BUCKET}/helpers/log.jsonl")

@@ -380,6 +380,7 @@ class StepLoop:
         if self.last_saved == self.step or self.step == self.start:  # resumed from it, or nothing trained yet
             return
         with self.spent.phase("checkpoint_save"):
+            self.sinks.flush()  # the metrics of the steps this checkpoint holds are stored before it commits
             self.setup.ckpt.save(self.state, self.setup.pipe.iterator,
                                  run_metadata.build(self.config.model, self.config.mixture, step=self.step,
                                                     tokens_seen=self.tokens_seen, optimizer=self.config.optimizer,

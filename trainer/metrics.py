@@ -189,6 +189,18 @@ class Sinks:
         if self.active:
             self._queue.put(rec)
 
+    def flush(self) -> None:
+        """Returns once every record written so far is stored (or, its writes having failed ATTEMPTS times, kept for
+        the next batch), waiting at most CLOSE_TIMEOUT_S. Called before a checkpoint is saved, so that a run killed
+        after its checkpoint committed resumes with the metrics of every step it does not redo."""
+        if not self.active:
+            return
+        stored = threading.Event()
+        self._queue.put(stored)
+        if not stored.wait(self.CLOSE_TIMEOUT_S):
+            log.error("%s: the metrics writer did not store the records within %.0fs; the checkpoint is saved "
+                      "without waiting further", self.path, self.CLOSE_TIMEOUT_S)
+
     def _run(self) -> None:
         done = False
         while not done:
@@ -196,17 +208,19 @@ class Sinks:
             while not self._queue.empty():
                 batch.append(self._queue.get())
             done = batch[-1] is None
-            records = [r for r in batch if r is not None]
-            if self._discard:
-                continue
-            try:
-                self._store(records, final=done)
-                for rec in records:
-                    self._to_tensorboard_and_wandb(rec)
-                if done or time.monotonic() - self.tb_synced > self.tb_sync_s:
-                    self._sync_tensorboard(final=done)
-            except Exception:  # noqa: BLE001 - a sink's failure is logged, never the end of the run
-                log.exception("writing metrics records %s failed", [r["step"] for r in records])
+            records = [r for r in batch if isinstance(r, dict)]
+            if not self._discard:
+                try:
+                    self._store(records, final=done)
+                    for rec in records:
+                        self._to_tensorboard_and_wandb(rec)
+                    if done or time.monotonic() - self.tb_synced > self.tb_sync_s:
+                        self._sync_tensorboard(final=done)
+                except Exception:  # noqa: BLE001 - a sink's failure is logged, never the end of the run
+                    log.exception("writing metrics records %s failed", [r["step"] for r in records])
+            for waiter in batch:
+                if isinstance(waiter, threading.Event):
+                    waiter.set()
 
     def _store(self, records: list[dict[str, Any]], final: bool) -> None:
         self.unwritten += records
