@@ -8,8 +8,9 @@ connection. It runs
 `python train.py --distributed ARGS` and, every `--heartbeat_s` seconds and at the end, writes through `storage`:
 - `MODEL_DIR/launch/<NODE>-w<I>.json` (I: the worker's index in its slice), the job's state: `launch_id`, `state`
   (`running`; then `finished` with exit code 0, `failed` with another exit code, or `stopped` when the job was sent
-  SIGTERM, with train.py's exit code), `exit_code`, `step` (the last step train.py logged; process 0 logs them),
-  `heartbeat` (a counter: the launcher sees a job as alive while it grows, whatever the clocks say), `host`, `pid`;
+  SIGTERM, with train.py's exit code), `exit_code`, `step` (the last step train.py logged, or the step it resumed
+  at: a run resumed at its last step logs none; process 0 logs them), `heartbeat` (a counter: the launcher sees a
+  job as alive while it grows, whatever the clocks say), `host`, `pid`;
 - `MODEL_DIR/launch/logs/<NODE>-w<I>/<launch_id>/<N>.txt`, train.py's output since the previous write (one new small
   object per write: an object store has no append), which the launcher streams and which outlive the VM.
 A storage error is logged and retried at the next heartbeat; it never stops training. The same output goes to
@@ -43,7 +44,7 @@ FINAL_STATES = ("finished", "failed", "stopped")
 CLUSTER_ENV = {"DOCMIX_COORDINATOR_ADDRESS": "--coordinator_address", "DOCMIX_NUM_PROCESSES": "--num_processes",
                "DOCMIX_PROCESS_ID": "--process_id"}
 LOCAL_DIR = pathlib.Path("launch_logs")  # relative to the job's working directory (the code folder)
-STEP = re.compile(rb"\bstep (\d+) loss ")
+STEP = re.compile(rb"\bstep (\d+) loss |\bresuming from \S+/(\d+)\s*$")
 METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
 
 
@@ -118,7 +119,7 @@ class Job:
             with self._lock:
                 self._pending.append(line)
                 if match:
-                    self.state["step"] = int(match.group(1))
+                    self.state["step"] = int(match.group(1) or match.group(2))
 
     def _write(self) -> None:
         """One heartbeat: the output since the last one as a new log object, then the state (never raises)."""

@@ -33,6 +33,8 @@ stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 progress = model_dir / "progress.json"
 step = json.loads(progress.read_text())["step"] if progress.exists() else 0
+if step and rank == 0:
+    print(f"00:00:00 INFO trainer.run_setup: resuming from {model_dir}/checkpoints/{step}", flush=True)
 while step < int(os.environ["FAKE_STEPS"]) and not stop:
     time.sleep(0.2)
     step += 1
@@ -129,6 +131,17 @@ def test_preemption_in_every_phase_is_relaunched_and_the_run_resumes_to_the_end(
     assert c.node("t1")["state"] == "DELETED"
     states = json.loads((c.model_dir / "launch" / "t1-w0.json").read_text())
     assert states["state"] == "finished" and states["exit_code"] == 0 and states["step"] == STEPS
+
+
+def test_a_run_preempted_at_its_last_step_resumes_there_and_is_reported_at_it(tmp_path):
+    """Preempted after its last step was saved: the relaunched train.py resumes at that step and logs no step; the
+    job's state and the launcher's last line give the step it resumed at."""
+    c = Cloud(tmp_path, [{"kind": "preempt", "phase": "train", "step": STEPS}], env={"FAKE_HOLD_AT": str(STEPS)})
+    assert c.launcher(SLICE).run() == 0
+    said = "\n".join(c.lines)
+    assert "(train): relaunch 1 of" in said
+    assert f"finished at step {STEPS}: exit status 0" in said
+    assert json.loads((c.model_dir / "launch" / "t1-w0.json").read_text())["step"] == STEPS
 
 
 def test_a_launcher_that_loses_the_network_keeps_the_vm_of_a_live_job_and_reattaches(tmp_path):
