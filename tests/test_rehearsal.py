@@ -110,8 +110,11 @@ def test_a_sweep_through_the_launcher_trains_evaluates_and_reports_on_gs(tmp_pat
                               LAUNCHER], cwd=tmp_path, env=env(tmp_path, **client_env(url)), capture_output=True,
                              text=True, timeout=1800)
         log = out.stdout + out.stderr
-        assert out.returncode == 0, log[-6000:]
         objects = bucket_objects(url, "sweep/")
+        if out.returncode != 0:  # the runs' own logs say why, not the sweep's summary
+            log += "".join(f"\n--- {o}\n" + bucket_get(url, "/" + urllib.parse.quote(o, safe="") + "?alt=media")
+                           .decode(errors="replace")[-4000:] for o in objects if o.startswith("sweep/logs/"))
+        assert out.returncode == 0, log[-12000:]
         assert "sweep/report/report.md" in objects
         logs = [o for o in objects if o.startswith("sweep/logs/")]
         assert len(logs) == 2 and all(b"rehearsal: PASSED" in bucket_get(url, "/" + urllib.parse.quote(o, safe="")

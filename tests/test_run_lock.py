@@ -161,13 +161,19 @@ def test_a_stale_lock_renewed_while_being_broken_is_not_broken(tmp_path, caplog)
     write_lock(tmp_path, host="tpu-vm-7", pid=1, heartbeat=stale)
     stop = threading.Event()
 
+    def renewed():  # in place, atomically: the lock is never absent, so the breaker cannot take it while it renews
+        record = {"started": 0, "heartbeat": time.time(), "command": "train.py", "token": "theirs",
+                  "host": "tpu-vm-7", "pid": 1}
+        (tmp_path / "renewed").write_text(json.dumps(record))
+        os.replace(tmp_path / "renewed", tmp_path / run_lock.LOCK_NAME)
+
     def renew():
         while not stop.wait(0.05):
-            write_lock(tmp_path, host="tpu-vm-7", pid=1)
+            renewed()
 
     renewer = threading.Thread(target=renew)
     store = Interleaved(run_lock.LocalStore(), 1,  # the holder renews right after the breaker's read
-                        lambda: (write_lock(tmp_path, host="tpu-vm-7", pid=1), renewer.start()))
+                        lambda: (renewed(), renewer.start()))
     try:
         with pytest.raises(run_lock.RunLocked, match="tpu-vm-7.*last heartbeat 0s ago"):
             run_lock.RunLock(str(tmp_path), store, renew_s=0.1).acquire()
