@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from launch.pricing import duration, usd
+
 MEASURE_STEPS = 3
-DEFAULT_MFU = 0.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,22 +103,6 @@ class Estimate:
         unfit = [key for key, t in self.shapes.items() if isinstance(t, StepTime) and t.fits is False]
         return out + [total] + [f"warning: shape {key} does not fit the chips' HBM (python -m launch.aot says what "
                                 "to change)" for key in unfit]
-
-
-def usd(amount: float | None) -> str:
-    """'-', '$0.0123', '$12.35' or '$1,235' (one word, for tables)."""
-    if amount is None:
-        return "-"
-    return f"${amount:.3g}" if amount < 1 else (f"${amount:,.2f}" if amount < 1000 else f"${amount:,.0f}")
-
-
-def duration(seconds: float | None) -> str:
-    """'-', '42s', '3.5min' or '2.1h' (one word, for tables)."""
-    if seconds is None:
-        return "-"
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    return f"{seconds / 60:.1f}min" if seconds < 5400 else f"{seconds / 3600:.1f}h"
 
 
 def shape_key(run: Any) -> str:

@@ -3,16 +3,16 @@ topology (FLOPs per chip at an assumed MFU), the flags sweep.py and experiments.
 table's cost columns, and the reports' estimated vs actual time and cost (goodput.json).
 
 A priced run costs steps x step time x chips in chip-hours at the price table's on-demand and Spot prices
-(launch.pricing); the step time is the FLOPs per chip of the run's train step compiled for the topology
-(launch.aot.step_flops: XLA's cost analysis) over the chip's peak (trainer.metrics.PEAK_FLOPS) x the MFU. The compile
-also tells whether the config fits the chips' HBM (launch.memory).
+(launch.pricing); the step time is that of the run's train step compiled for the topology (launch.step_time: its
+FLOPs per chip over the chip's peak x the MFU). The compile also tells whether the config fits the chips' HBM.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from experiments.estimate import DEFAULT_MFU, Estimate, Planned, StepTime, duration, estimate, usd
+from experiments.estimate import Estimate, Planned, StepTime, duration, estimate, usd
+from launch.step_time import DEFAULT_MFU
 
 
 def against_actual(est: Estimate | None, name: str, run_dir: Any) -> dict[str, Any]:
@@ -117,29 +117,11 @@ def from_flags(planned: Sequence[Planned], args: Any, progress: Callable[[str], 
 
 
 def compiled(topology_name: str, mfu: float = DEFAULT_MFU) -> Callable[[Any], StepTime]:
-    """A `measure_fn` for `estimate`: the run's train step compiled for `topology_name` (launch.aot), its FLOPs per
-    chip (launch.aot.step_flops) at `mfu` of the chip's peak."""
+    """A `measure_fn` for `estimate`: the run's train step compiled for `topology_name`, timed by launch.step_time."""
     def step_time(run: Any) -> StepTime:
-        from launch import aot, memory
-        from trainer import metrics
+        from launch import aot, step_time as compiled_time
 
-        step = aot.compile_step(run, topology_name)
-        flops = aot.step_flops(step)
-        kind = step.devices[0].device_kind
-        hardware = metrics.hardware_of(kind)
-        if flops is None or hardware is None:
-            raise ValueError(f"{topology_name}: " + ("the step does not fit even unrolled at one row per batch shard"
-                                                     if flops is None else f"no peak FLOP/s known for {kind}"))
-        peak = metrics.PEAK_FLOPS[hardware]
-        fit = aot.report(step)
-        need = fit.get("peak_bytes") or fit.get("needed_bytes")
-        memory_text = (f"peak {need / memory.GIB:.2f} of {fit['hbm_bytes'] / memory.GIB:.2f} GiB per chip"
-                       if need and fit["hbm_bytes"] else "peak ?")
-        model = metrics.train_flops_per_token(run.model, run.train.seq_len) * run.train.batch_size * \
-            run.train.seq_len / len(step.devices)
-        return StepTime(flops / (peak * mfu), "compiled",
-                        f"{flops / 1e12:.4g} TFLOP per chip per step compiled for {topology_name} ({len(step.devices)} "
-                        f"chips of {kind}; {flops / model:.2f}x the 6N+attention formula) at MFU {mfu:g} of "
-                        f"{peak / 1e12:g} TFLOP/s; {memory_text}, {'fits' if fit['fits'] else 'DOES NOT FIT'}",
-                        chips=len(step.devices), fits=fit["fits"], device_kind=kind)
+        t = compiled_time.of_compiled(aot.compile_step(run, topology_name), mfu)
+        return StepTime(t.seconds, "compiled", t.describe(topology_name), chips=t.chips, fits=t.fits,
+                        device_kind=t.device_kind)
     return step_time

@@ -233,13 +233,6 @@ def load_train_args(train_args: Sequence[str], gin_files: Sequence[str] = (), bi
                     [*search_paths, *args.gin_search_paths])
 
 
-def check(train_args: Sequence[str], topology_name: str, num_slices: int = 1,
-          mesh_axes: dict[str, int] | None = None) -> dict[str, Any]:
-    """The report for a train command's arguments on a topology (what launch.tpu checks before creating a VM)."""
-    run = load_train_args(train_args)
-    return report(compile_step(run, topology_name, mesh_axes, num_slices))
-
-
 def write_init_from(model_gin: str, folder: pathlib.Path) -> str:
     """Writes the config.json of a `models/*.gin` file into `folder` (an INIT_FROM for a compile: no weights)."""
     run = load_run(["base.gin", "mixtures/replay_synthetic.gin", model_gin], [])

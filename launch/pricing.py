@@ -89,3 +89,18 @@ def lookup(topology_name: str, region: str | None = None, user_file: str | None 
                          f"{', '.join(prices)} (or give one with --prices FILE)")
     return prices[region]
 
+
+def usd(amount: float | None) -> str:
+    """'-', '$0.0123', '$12.35' or '$1,235' (one word, for tables)."""
+    if amount is None:
+        return "-"
+    return f"${amount:.3g}" if amount < 1 else (f"${amount:,.2f}" if amount < 1000 else f"${amount:,.0f}")
+
+
+def duration(seconds: float | None) -> str:
+    """'-', '42s', '3.5min' or '2.1h' (one word, for tables)."""
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.1f}min" if seconds < 5400 else f"{seconds / 3600:.1f}h"

@@ -2,21 +2,25 @@
 detached on every worker, follow it, relaunch after preemption, delete the VM at the end.
 
     python -m launch.tpu --name=docmix-8b --zone=us-east5-a --accelerator_type=v5p-8 --spot [--queued] \
-        [--num_slices=2] [--runtime_version=...] [--project=P] [--dry_run] [--rehearse=N] -- TRAIN.PY ARGUMENTS
+        [--num_slices=2] [--runtime_version=...] [--project=P] [--dry_run [--price]] [--mfu=0.4] [--prices=FILE] \
+        [--rehearse=N] -- TRAIN.PY ARGUMENTS
 
 Before anything is created, the train command is compiled for the slice's topology (`launch.aot`, libtpu needed;
-`--skip_aot_check` skips it) and refused when it does not fit with 10% of HBM free. MODEL_DIR and INIT_FROM must be
-on gs:// (a new VM has neither the old VM's disk nor yours). Then, per attempt: create the slice (or reuse a READY
-one), set up every worker (Python 3.11, a venv, requirements-tpu.txt and requirements-gcs.txt), copy the code
-(the repository's tracked files), and start `launch.job` (which runs `train.py --distributed ARGS`) detached on every
-worker. The launcher then follows the job through what it writes under MODEL_DIR/launch/ (state, heartbeat, step,
-logs: streamed here) and the VMs' state, over no long-lived connection. A dropped SSH connection (exit 255, VM still
-READY) is retried; a node that is not READY (preempted) in any phase, a job stopped by SIGTERM, or a job whose
-heartbeat stops is relaunched (the run resumes from MODEL_DIR), up to `--max_relaunches` times. A VM is deleted at
-the end only when its jobs have ended (or were never started); rerunning the same command while a job still runs
-reattaches to it. Exit status: train.py's (0 done, 1 stopped on the numbers or data, 2 configuration), 2 for a bad
-command line or a run that does not fit, 3 for the cloud (gcloud missing or failing, relaunches used up), 130
-interrupted (the job keeps running). `--rehearse=N` runs all of it on this machine (launch.rehearsal).
+`--skip_aot_check` skips it) and refused when it does not fit with 10% of HBM free; the same compile estimates the run's
+time (TRAIN_STEPS x the step's FLOPs per chip over the chips' peak at `--mfu`) and its cost in chip-hours and USD at the
+zone's region's price (launch.pricing; `--prices FILE`), printed before anything is created: `--dry_run --price` prints
+them and creates nothing. MODEL_DIR and INIT_FROM must be on gs:// (a new VM has neither the old VM's disk nor yours).
+Then, per attempt: create the slice (or reuse a READY one), set up every worker (Python 3.11, a venv, requirements-
+tpu.txt and requirements-gcs.txt), copy the code (the repository's tracked files), and start `launch.job` (which runs
+`train.py --distributed ARGS`) detached on every worker. The launcher then follows the job through what it writes under
+MODEL_DIR/launch/ (state, heartbeat, step, logs: streamed here) and the VMs' state, over no long-lived connection. A
+dropped SSH connection (exit 255, VM still READY) is retried; a node that is not READY (preempted) in any phase, a job
+stopped by SIGTERM, or a job whose heartbeat stops is relaunched (the run resumes from MODEL_DIR), up to
+`--max_relaunches` times. A VM is deleted at the end only when its jobs have ended (or were never started); rerunning
+the same command while a job still runs reattaches to it. Exit status: train.py's (0 done, 1 stopped on the numbers or
+data, 2 configuration), 2 for a bad command line or a run that does not fit, 3 for the cloud (gcloud missing or failing,
+relaunches used up), 130 interrupted (the job keeps running). `--rehearse=N` runs all of it on this machine
+(launch.rehearsal).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 import exit_codes
-from launch import cloud, remote
+from launch import cloud, pricing, remote, step_time
 from launch.cloud import Gcloud, Slice
 from launch.launcher import Launcher, Options
 
@@ -80,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="do not delete the VM at the end")
     p.add_argument("--skip_aot_check", action="store_true", help="launch without compiling for the topology first")
     p.add_argument("--dry_run", action="store_true", help="print what would run; create and run nothing")
+    p.add_argument("--price", action="store_true", help="with --dry_run: also compile the step here (the TPU extra), "
+                   "check its fit and price the run (a launch always does)")
+    p.add_argument("--mfu", type=float, default=step_time.DEFAULT_MFU,
+                   help=f"the share of the chips' peak FLOP/s the run's time is estimated at (default "
+                        f"{step_time.DEFAULT_MFU})")
+    p.add_argument("--prices", help="a price table (TOML, as launch/prices.toml) replacing the shipped prices "
+                   "region by region; the zone's region is priced")
     p.add_argument("--rehearse", type=int, metavar="N", help="rehearse the whole launch here with N workers, a "
                    "local GCS emulator, a small model, an SSH drop and a preemption (launch.rehearsal)")
     return p
@@ -99,7 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    args = parser().parse_args(ours)
+    p = parser()
+    args = p.parse_args(ours)
+    if args.price and not args.dry_run:
+        p.error("--price is for --dry_run (a launch always checks the fit and prices the run)")
+    if args.price and args.skip_aot_check:
+        p.error("--price compiles the step: leave out --skip_aot_check")
+    if not 0 < args.mfu <= 1:
+        p.error(f"--mfu={args.mfu:g}: give a share of the peak in (0, 1]")
     s = slice_of(args)
     if args.rehearse is not None:
         from launch import rehearsal
@@ -109,26 +127,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     topo = None if args.skip_aot_check else args.topology or topology.topology_of(args.accelerator_type)
     options = Options(max_relaunches=args.max_relaunches, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s,
                       stale_s=args.stale_s, keep=args.keep)
-    return launch(s, Gcloud(dry_run=args.dry_run), model_dir, train_args, options, topo)
+    check = topo is not None and (args.price or not args.dry_run)
+    if check and (missing := topology.libtpu_missing()):
+        raise missing
+    cost = Cost(args.mfu, args.prices) if check else None
+    return launch(s, Gcloud(dry_run=args.dry_run), model_dir, train_args, options, topo, cost=cost)
+
+
+class Cost:
+    """What the fit check also estimates: the run's TRAIN_STEPS at `mfu` (launch.step_time) on the slice's chips, in
+    chip-hours and USD at the price of the zone's region (launch.pricing; `prices`: a user's table)."""
+
+    def __init__(self, mfu: float = step_time.DEFAULT_MFU, prices: str | None = None):
+        self.mfu, self.prices = mfu, prices
+
+    def line(self, step, s: Slice) -> str:
+        t = step_time.of_compiled(step, self.mfu)
+        steps = step.run.train.train_steps
+        seconds = steps * t.seconds
+        chip_hours = seconds * t.chips / 3600
+        text = (f"launch.tpu: estimated {steps:,} steps x {t.seconds:.4g} s = {pricing.duration(seconds)} "
+                f"({t.describe(step.topology)}): {chip_hours:.4g} chip-hours")
+        try:
+            price = pricing.lookup(step.topology, s.zone.rsplit("-", 1)[0], self.prices)
+        except ValueError as e:
+            return f"{text}; not priced: {e}"
+        on_demand, spot = price.cost(chip_hours)
+        return f"{text}, {pricing.usd(on_demand)} on demand, {pricing.usd(spot)} Spot (price: {price.describe()})"
 
 
 def launch(s: Slice, gcloud: Gcloud, model_dir: str, train_args: Sequence[str], options: Options,
-           aot_topology: str | None, out: Callable[[str], None] = print) -> int:
-    """Checks the fit on `aot_topology` (None: no check), then runs the Launcher; the exit status."""
+           aot_topology: str | None, out: Callable[[str], None] = print, cost: Cost | None = None) -> int:
+    """Checks the fit on `aot_topology` (None: no check) and prints what the run costs, then runs the Launcher; the
+    exit status. A dry run checks and prices only when given a `cost`."""
     from launch import aot, memory
 
     if aot_topology is not None:
         check = ["python", "-m", "launch.aot", f"--topology={aot_topology}", f"--num_slices={s.num_slices}", "--",
                  *train_args]
-        if gcloud.dry_run:
+        if gcloud.dry_run and cost is None:
             out("(dry run, not run) " + shlex.join(check))
         else:
             out(f"launch.tpu: checking that the step fits {aot_topology} (launch.aot; minutes for a large model)")
-            report = aot.check(train_args, aot_topology, s.num_slices)
+            step = aot.compile_step(aot.load_train_args(train_args), aot_topology, num_slices=s.num_slices)
+            report = aot.report(step)
             out(memory.format_report(report))
             if not report["fits"]:
                 raise ValueError(f"the run does not fit {aot_topology} with {memory.HBM_FREE:.0%} of HBM free; "
                                  f"nothing was created. Try: {report['suggestion']}")
+            out((cost or Cost()).line(step, s))
     with tempfile.TemporaryDirectory() as tmp:
         archive = remote.code_archive(pathlib.Path(tmp) / remote.ARCHIVE)
         return Launcher(s, gcloud, model_dir, train_args, archive, options, out).run()

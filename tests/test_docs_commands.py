@@ -75,7 +75,7 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
     (r"eval\.anima .*--grader (google|openai)/", "a hosted grader (SmolLM2-135M through Inspect's hf provider)",
      lambda c, ctx: re.sub(r"--grader \S+", f"--grader hf/{ctx['grader']}", c)
      + " --limit 1 --max_tokens 8 --grader_max_tokens 8"),
-    (r"launch\.aot .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
+    (r"launch\.(aot|tpu) .*models/llama3_1_8b\.gin", "an 8B compile takes minutes and GBs of RAM (the tiny model instead)",
      lambda c, ctx: c.replace("models/llama3_1_8b.gin", "models/tiny.gin") + " --gin.BATCH_SIZE=16 --gin.SEQ_LEN=128"),
     (r"launch\.aot .*--gin\.INIT_FROM=runs/demo/hf", "an 8B compile takes minutes and GBs of RAM (the demo run's "
      "export as INIT_FROM, a small batch)", lambda c, ctx: c + " --gin.BATCH_SIZE=16 --gin.SEQ_LEN=128"),
@@ -91,7 +91,8 @@ EXTERNAL: list[tuple[str, str, Substitute]] = [
 ]
 # (pattern, extra, what the command does without it): "error" = exit 3 and one line naming the requirements file;
 # "install" = it is the line that installs the extra (CI's second pass does).
-NEEDS_EXTRA = [(r"^python -m launch\.aot ", "tpu", "error"), (r" --dry_run .*--topology=", "tpu", "error"),
+NEEDS_EXTRA = [(r"^python -m launch\.aot ", "tpu", "error"), (r"^python -m launch\.tpu .* --price ", "tpu", "error"),
+               (r" --dry_run .*--topology=", "tpu", "error"),
                (r"^pip install -r requirements-tpu\.txt$", "tpu", "install"),
                (r"^pip install -r requirements-seqio\.txt$", "seqio", "install"), (r"eval\.anima ", "eval", "error")]
 RUN_BY_ITS_OWN_TEST = {"tpu"}  # with the extra, these run in test_documented_commands_that_need_the_tpu_extra

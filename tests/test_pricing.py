@@ -84,6 +84,31 @@ def test_flops_of_a_step_with_loops_equal_its_unrolled_compile():
     assert aot.cost_flops(step.compiled) < 0.9 * unrolled           # what the step's own analysis would have said
 
 
+@pytest.mark.tpu
+@pytest.mark.slow  # 1 compile for a TPU topology: ~15 s on a loaded 2-core machine
+def test_a_priced_launch_dry_run_is_steps_times_flops_over_peak_times_price(tmp_path, monkeypatch, capsys):
+    """`launch.tpu --dry_run --price` in the zone's region of a user's price table: chip-hours and dollars by hand
+    from the compiled step's FLOPs; nothing created."""
+    from launch import tpu
+
+    compiled = []
+    real = aot.compile_step
+    monkeypatch.setattr(aot, "compile_step", lambda *a, **k: compiled.append(real(*a, **k)) or compiled[-1])
+    user = tmp_path / "prices.toml"
+    user.write_text('source = "our contract"\n[v5e.lab-west1]\non_demand = 10.0\nspot = 3.0\n')
+    assert tpu.main(["--name=priced", "--zone=lab-west1-b", "--accelerator_type=v5litepod-4", "--dry_run", "--price",
+                     "--mfu=0.25", f"--prices={user}", "--", "--gin_file=runs/demo.gin", "--gin_file=models/tiny.gin",
+                     "--gin.MODEL_DIR=gs://b/priced", "--gin.TRAIN_STEPS=1000", "--gin.BATCH_SIZE=16",
+                     "--gin.SEQ_LEN=64", "--gin.ModelConfig.scan_layers=False"]) == 0
+    out = capsys.readouterr().out
+    [step] = compiled                                   # no loops: its own cost analysis is the step's FLOPs
+    chip_hours = 1000 * aot.cost_flops(step.compiled) / (197e12 * 0.25) * 4 / 3600
+    line = next(line for line in out.splitlines() if line.startswith("launch.tpu: estimated 1,000 steps x "))
+    assert f"{chip_hours:.4g} chip-hours, ${chip_hours * 10:.3g} on demand, ${chip_hours * 3:.3g} Spot" in line
+    assert "our contract" in line and "fits" in line
+    assert out.splitlines()[-1] == "launch.tpu: dry run: nothing was created and nothing ran"
+
+
 @pytest.mark.parametrize("prog", ["sweep.py", "experiments.durability"])
 def test_without_the_tpu_extra_a_priced_dry_run_is_one_line_and_exit_3(prog, sweep_file, monkeypatch, capsys):
     find_spec = importlib.util.find_spec
