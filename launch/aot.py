@@ -3,6 +3,7 @@
     python -m launch.aot --topology=v6e:2x4 [--num_slices=2] [--mesh data=1,fsdp=-1,tensor=1] [--json] \
         -- TRAIN.PY ARGUMENTS                # the train command's own arguments, unchanged
     python -m launch.aot --all               # every shipped config x its topologies -> the table in BENCHMARKS.md
+                                             # (memory and FLOPs per chip per step)
 
 Compiles (never runs) the run's real train step, built by `trainer.program.build` exactly as train.py builds it, from
 abstract state for compile-only devices of a TPU topology (`jax.experimental.topologies`, from libtpu: install
@@ -243,7 +244,7 @@ def write_init_from(model_gin: str, folder: pathlib.Path) -> str:
 def run_all(bindings: list[str], benchmarks: pathlib.Path) -> int:
     """Compiles every shipped config for its topologies and rewrites the table between the markers in BENCHMARKS.md."""
     rows = ["| config | topology | mesh d/f/t | batch | microbatches | loss chunk | params/compute | "
-            "peak GiB per chip | HBM GiB | free | fits | compile s |", "|---" * 12 + "|"]
+            "peak GiB per chip | HBM GiB | free | fits | compile s | TFLOP per chip per step |", "|---" * 13 + "|"]
     jobs = [(model, topo, load_run(["base.gin", "mixtures/replay_synthetic.gin", model],
                                    [f"BATCH_SIZE={ALL_BATCH}", f"SEQ_LEN={ALL_SEQ}", *settings, *bindings]))
             for model, topo, settings in SHIPPED]
@@ -254,9 +255,12 @@ def run_all(bindings: list[str], benchmarks: pathlib.Path) -> int:
                          load_run([run_file], [f"INIT_FROM='{init_from}'", *bindings])))
     all_fit = True
     for name, topo, run in jobs:
-        r = report(compile_step(run, topo))
-        print(memory.table_row(name, r), flush=True)
-        rows.append(memory.table_row(name, r))
+        step = compile_step(run, topo)
+        r = report(step)
+        flops = step_flops(step) if r["fits"] else None  # a step with loops compiles its unrolled twins too
+        row = memory.table_row(name, r) + (f" {flops / 1e12:.3g} |" if flops else " - |")
+        print(row, flush=True)
+        rows.append(row)
         all_fit &= r["fits"]
     text = benchmarks.read_text()
     if TABLE_START not in text or TABLE_END not in text:

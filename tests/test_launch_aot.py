@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests import extras
 
 pytestmark = extras.require("tpu")  # libtpu gives the compile-only TPU devices
@@ -156,3 +158,25 @@ def test_launch_tpu_refuses_a_run_that_does_not_fit_before_creating_anything(tmp
     assert error.startswith("python -m launch.tpu: error: the run does not fit v5e:2x2 with 10% of HBM free; nothing "
                             "was created. Try: --gin.TrainConfig.loss_chunk=")
     assert out.stderr.count("launch.tpu:") == 1 and not (tmp_path / "called").exists()
+
+
+@pytest.mark.slow  # one compile of the tiny model for v5e:2x2: ~12 s idle, ~33 s on a loaded 2-core machine
+def test_all_writes_each_configs_memory_and_flops_per_step_between_the_markers(tmp_path, monkeypatch):
+    """`--all` on one shipped config (the tiny model, unrolled: one compile) and no run file: the row between the
+    markers carries the FLOPs per chip of launch.aot.step_flops, and the text around the markers is kept."""
+    from launch import aot
+
+    monkeypatch.setattr(aot, "SHIPPED", (("models/tiny.gin", "v5e:2x2", ("ModelConfig.scan_layers=False",)),))
+    monkeypatch.setattr(aot, "SHIPPED_RUNS", ())
+    monkeypatch.setattr(aot, "ALL_BATCH", 16)
+    monkeypatch.setattr(aot, "ALL_SEQ", 64)
+    flops = []
+    real = aot.step_flops
+    monkeypatch.setattr(aot, "step_flops", lambda step, *a: flops.append(real(step, *a)) or flops[-1])
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(f"before\n{aot.TABLE_START}\nold rows\n{aot.TABLE_END}\nafter\n")
+    assert aot.run_all([], bench) == 0
+    text = bench.read_text()
+    assert text.startswith(f"before\n{aot.TABLE_START}\n| config |") and text.endswith(f"{aot.TABLE_END}\nafter\n")
+    [row] = [line for line in text.splitlines() if line.startswith("| models/tiny.gin | v5e:2x2 |")]
+    assert len(flops) == 1 and flops[0] > 0 and row.endswith(f" | {flops[0] / 1e12:.3g} |")
