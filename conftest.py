@@ -9,8 +9,10 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent compilation cache for every test process and the train.py runs they start: the same small programs
 # are compiled by dozens of processes (~8 s of a ~23 s demo run). Keyed by the program, flags and jax version, so a
-# hit is the executable a compile would produce. Capped (LRU) and file-locked, as xdist workers share it.
+# hit is the executable a compile would produce. Not capped: JAX's LRU eviction keeps an access-time file beside each
+# entry and reads all of them before every write, so one entry left without it (a process the tests kill at that
+# moment) fails every later write of every process. The suite's entries take tens of MB.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"docmix-test-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
