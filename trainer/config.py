@@ -17,7 +17,7 @@ import gin
 
 import ginfiles
 import storage
-from ginfiles import ConfigError, add_gin_flags, bound, rewrite_gin_args  # noqa: F401 (the trainer's config API)
+from ginfiles import ConfigError, add_gin_flags, bound  # noqa: F401 (the trainer's config API)
 from data.config import Component, MixtureConfig
 from models.config import ModelConfig, RopeScaling
 from trainer.demo_assets import demo_asset
