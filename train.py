@@ -168,7 +168,7 @@ def format_summary(s, argv: list[str]) -> str:
               "  " + shell_line(["python", "-m", "eval.generate", "--model", str(model),
                                  "--prompt", "The committee reviewed the farm report and"]),
               "  " + shell_line(["python", "-m", "eval.heldout", "--model", str(s.model_dir)]),
-              "  " + shell_line(["python", "-m", "data.preview", *config_args(gin), "--num_batches", "4"])
+              "  " + shell_line(["python", "-m", "trainer.preview", *config_args(gin), "--num_batches", "4"])
               + "    # look at the training data"]
     if not gin.gin_file:  # the embedded demo (no gin file given): its share is one binding
         lines.append("  " + shell_line(["python", "train.py", "--gin.MODEL_DIR=./runs/demo_5pct",
@@ -179,7 +179,7 @@ def format_summary(s, argv: list[str]) -> str:
 
 def config_args(gin: argparse.Namespace) -> list[str]:
     """The run's gin search paths, files and bindings (parsed from train.py's argv) as the entry points that read a
-    run's config (data.preview) take them."""
+    run's config (trainer.preview) take them."""
     paths = [f"--gin_search_paths={','.join(gin.gin_search_paths)}"] if gin.gin_search_paths else []
     return paths + [f"--gin_file={f}" for f in gin.gin_file] + [f"--gin_bindings={b}" for b in gin.gin_bindings]
 

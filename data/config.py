@@ -75,7 +75,7 @@ class Component:
             raise ValueError(f"{where}: kind={self.kind!r} needs at least one entry in `paths`")
         if self.kind == "pretokenized" and (self.format != "text" or self.prefix):
             raise ValueError(f"{where}: a pretokenized component was rendered at pretokenize time; "
-                             "set format/prefix when running data.pretokenize, not here")
+                             "set format/prefix when running trainer.pretokenize, not here")
         if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
             raise ValueError(f"{where}: loss_weight must be a finite number >= 0, got {self.loss_weight!r}")
         if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):

@@ -1,7 +1,5 @@
 """Pre-tokenization: a component's documents -> ArrayRecord shards of token ids, written by several processes.
-
-    python -m data.pretokenize --gin_file=t5x_configs/runs/RUN.gin [--gin.KEY=VALUE ...] \
-        --component replay --output_dir gs://bucket/replay_tok [--num_files 16] [--processes 4]
+The command line that reads a run's gin files for it is `python -m trainer.pretokenize`.
 
 Each record is one document: int32 token ids [n] followed by uint8 target flags [n] (1 = a loss target), rendered with
 the component's format, prefix and the mixture's tokenizer/BOS/EOS policy. `pretokenized.json` next to the shards
@@ -11,12 +9,10 @@ tokenizer is not the one the shards were written with.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 from typing import Any
 
@@ -124,7 +120,7 @@ def open_pretokenized(component: Component, tokenizer: str, shard: int = 0, shar
         meta_file = folder / METADATA
         if not meta_file.exists():
             raise FileNotFoundError(f"component {component.name!r}: {meta_file} missing; write shards with "
-                                    "python -m data.pretokenize")
+                                    "python -m trainer.pretokenize")
         meta = json.loads(meta_file.read_text())
         stale = sorted(f.name for f in files if f.parent == folder and f.name not in meta["files"])
         if stale:  # e.g. shards of an earlier run with another --num_files: reading them would repeat documents
@@ -165,25 +161,3 @@ def _remote_shard(files: list[storage.Path], counts: dict[str, int], shard: int,
         return RangeSlice(records, *shard_range(len(records), shard, shards))
     offset = int(starts[needed[0]]) if needed else lo
     return RangeSlice(records, lo - offset, hi - offset)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from trainer import config as trainer_config
-
-    parser = trainer_config.add_gin_flags(argparse.ArgumentParser(prog="python -m data.pretokenize",
-                                                                  description=__doc__.split("\n")[0]))
-    parser.add_argument("--component", required=True, help="name of the mixture component to pretokenize")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_files", type=int, default=8, help="ArrayRecord shards to write")
-    parser.add_argument("--processes", type=int, default=2, help="worker processes")
-    args = parser.parse_args(argv)
-    run = trainer_config.load(args.gin_file, args.gin_bindings, args.gin_search_paths)
-    meta = pretokenize(run.mixture, args.component, args.output_dir, num_files=args.num_files,
-                       processes=args.processes)
-    print(json.dumps({k: v for k, v in meta.items() if k != "bad_records"} | {"bad_records": len(meta["bad_records"])}))
-
-
-if __name__ == "__main__":
-    import exit_codes
-
-    sys.exit(exit_codes.run(main, "python -m data.pretokenize"))

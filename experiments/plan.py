@@ -14,7 +14,7 @@ budget lengthens the run until they reach its epochs). Such a run's MIXTURE_WEIG
 [(0, {replay: 1, synthetic: 0}), (start, {replay: 1 - share, synthetic: share})] and its name ends in -fromSTART.
 Token numbers are the mixture's nominal shares of the token slots (the pipeline lays its last mixture blocks out to
 end with the run, so every run holds its shares as whole rows; a run whose rows hold a share more than 1% off gets a
-warning, and a positive share that gets no row at all is an error; `python -m data.preview` measures them). Corpus
+warning, and a positive share that gets no row at all is an error; `python -m trainer.preview` measures them). Corpus
 tokens are counted with the run's own tokenizer and document format. A share-0 run has no synthetic component, so it
 does not depend on the corpus or document count: one share-0 run per (model, seed, steps) is the baseline of every
 run with those.

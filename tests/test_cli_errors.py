@@ -77,13 +77,13 @@ def bad(tmp_path_factory, refusing_server) -> dict[str, pathlib.Path]:
             "welfare": assets.welfare_jsonl, "refusing": refusing_server}
 
 
-PREVIEW_CORPUS = ["-m", "data.preview", "--gin_file=runs/demo.gin", "--gin_file=mixtures/replay_synthetic.gin",
+PREVIEW_CORPUS = ["-m", "trainer.preview", "--gin_file=runs/demo.gin", "--gin_file=mixtures/replay_synthetic.gin",
                   "--gin.SYNTHETIC_FILES=('{welfare}',)"]
 GENERATE = ["-m", "data.synth", "generate", "--spec", "animal_welfare", "--count", "2", "--model", "m"]
 CASES = [  # (id, argv with {placeholders}, exit code, words the one error line must contain[, environment])
-    ("preview-binding", ["-m", "data.preview", "--gin.TRAIN_STEPS=-1"], 2, ["train_steps must be", "TRAIN_STEPS"]),
-    ("preview-no-init-from", ["-m", "data.preview", "--gin_file=runs/midtrain.gin"], 2, ["INIT_FROM is not set"]),
-    ("preview-gin-typo", ["-m", "data.preview", "--gin.TrainConfig.trian_steps=3"], 2, ["trian_steps", "gin: "]),
+    ("preview-binding", ["-m", "trainer.preview", "--gin.TRAIN_STEPS=-1"], 2, ["train_steps must be", "TRAIN_STEPS"]),
+    ("preview-no-init-from", ["-m", "trainer.preview", "--gin_file=runs/midtrain.gin"], 2, ["INIT_FROM is not set"]),
+    ("preview-gin-typo", ["-m", "trainer.preview", "--gin.TrainConfig.trian_steps=3"], 2, ["trian_steps", "gin: "]),
     ("train-model-dir-is-a-file", [str(REPO / "train.py"), "--gin.MODEL_DIR={file}"], 2,
      ["MODEL_DIR={file} is a file"]),
     ("train-share-without-rows", [str(REPO / "train.py"), "--gin.MODEL_DIR={dir}/never_made", "--gin.TRAIN_STEPS=2",
@@ -95,9 +95,9 @@ CASES = [  # (id, argv with {placeholders}, exit code, words the one error line 
      ["{dir}/nope does not exist"]),
     ("probes-bad-pairs", ["-m", "eval.probes", "--model", "{dir}", "--pairs", "{pairs}"], 2, ["pairs.jsonl:2"]),
     ("serve-missing-model", ["-m", "eval.serve", "--model", "{dir}/nope"], 2, ["{dir}/nope does not exist"]),
-    ("convert-bad-index", ["-m", "models.convert", "hf-to-orbax", "--hf_dir", "{index}", "--out", "{dir}/o1"], 2,
+    ("convert-bad-index", ["-m", "trainer.convert", "hf-to-orbax", "--hf_dir", "{index}", "--out", "{dir}/o1"], 2,
      ["model.safetensors.index.json", "weight_map"]),
-    ("convert-bad-header", ["-m", "models.convert", "hf-to-orbax", "--hf_dir", "{header}", "--out", "{dir}/o2"], 2,
+    ("convert-bad-header", ["-m", "trainer.convert", "hf-to-orbax", "--hf_dir", "{header}", "--out", "{dir}/o2"], 2,
      ["model.safetensors: unreadable safetensors header"]),
     ("report-missing-run", ["-m", "eval.report", "{dir}/nope", "--out", "{dir}/r"], 2, ["{dir}/nope does not exist"]),
     ("synth-target-tokens-0", ["-m", "data.synth", "render", "--spec", "animal_welfare", "--target-tokens", "0",
@@ -109,11 +109,11 @@ CASES = [  # (id, argv with {placeholders}, exit code, words the one error line 
      ["{cut_gz}: unreadable gzip file after ", "Compressed file ended before the end-of-stream marker"]),
     ("preview-not-gzip", [*PREVIEW_CORPUS, "--gin.REPLAY_FILES=('{plain_gz}',)"], 2,
      ["{plain_gz}: unreadable gzip file after 0 lines (Not a gzipped file"]),
-    ("preview-corrupt-tokenizer", ["-m", "data.preview", "--gin.MixtureConfig.tokenizer='{tokenizer}'"], 2,
+    ("preview-corrupt-tokenizer", ["-m", "trainer.preview", "--gin.MixtureConfig.tokenizer='{tokenizer}'"], 2,
      ["{tokenizer}/tokenizer.json: not a tokenizer.json that the tokenizers library can read"]),
-    ("preview-init-from-bad-config", ["-m", "data.preview", "--gin_file=runs/midtrain.gin",
+    ("preview-init-from-bad-config", ["-m", "trainer.preview", "--gin_file=runs/midtrain.gin",
                                       "--gin.INIT_FROM={init_from}"], 2, ["{init_from}/config.json: not valid JSON"]),
-    ("preview-nan-in-a-gin-file", ["-m", "data.preview", "--gin_file={nan_gin}"], 2,
+    ("preview-nan-in-a-gin-file", ["-m", "trainer.preview", "--gin_file={nan_gin}"], 2,
      ["gin: cannot parse 'nan' (nan.gin, line 1): NaN and infinity have no Python literal"]),
     ("probes-missing-pairs", ["-m", "eval.probes", "--model", "{dir}", "--pairs", "{dir}/missing.jsonl"], 2,
      ["python -m eval.probes: error: {dir}/missing.jsonl: no such file"]),
@@ -132,9 +132,9 @@ CASES = [  # (id, argv with {placeholders}, exit code, words the one error line 
       "($OPENAI_API_KEY is not set): ", "Incorrect API key provided"]),
     ("synth-filter-missing-input", ["-m", "data.synth", "filter", "{dir}/nope.jsonl", "--out", "{dir}/f.jsonl"], 2,
      ["python -m data.synth: error: {dir}/nope.jsonl: no such file"]),
-    ("pretokenize-corrupt-tokenizer", ["-m", "data.pretokenize", "--component", "replay", "--output_dir", "{dir}/pt",
+    ("pretokenize-corrupt-tokenizer", ["-m", "trainer.pretokenize", "--component", "replay", "--output_dir", "{dir}/pt",
                                        "--gin.MixtureConfig.tokenizer='{tokenizer}'"], 2,
-     ["python -m data.pretokenize: error: {tokenizer}/tokenizer.json: not a tokenizer.json"]),
+     ["python -m trainer.pretokenize: error: {tokenizer}/tokenizer.json: not a tokenizer.json"]),
     ("heldout-missing-model", ["-m", "eval.heldout", "--model", "{dir}/nope"], 2,
      ["python -m eval.heldout: error: ", "{dir}/nope"]),
     ("generate-missing-model", ["-m", "eval.generate", "--model", "{dir}/nope", "--prompt", "x"], 2,
@@ -165,7 +165,7 @@ else:
          ["--grader openai/gpt-4o-mini: ", "OPENAI_API_KEY", "defined in the environment"]),
     ]
 if importlib.util.find_spec("gcsfs") is None:  # without the client a gs:// corpus cannot be read
-    CASES.append(("preview-gs-without-client", ["-m", "data.preview", "--gin.REPLAY_FILES=('gs://b/x.jsonl',)",
+    CASES.append(("preview-gs-without-client", ["-m", "trainer.preview", "--gin.REPLAY_FILES=('gs://b/x.jsonl',)",
                                                 "--gin_file=runs/demo.gin", "--gin_file=mixtures/replay_synthetic.gin",
                                                 "--gin.SYNTHETIC_FILES=('{pairs}',)"], 3,
                   ["gs://b/x.jsonl", "gcsfs"]))
@@ -281,7 +281,7 @@ def test_read_only_model_dir_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("module, words", [
-    ("data.preview", ["usage: python -m data.preview", "--gin.KEY=VALUE", "Examples:", "--gin.INIT_FROM"]),
+    ("trainer.preview", ["usage: python -m trainer.preview", "--gin.KEY=VALUE", "Examples:", "--gin.INIT_FROM"]),
     ("eval.anima", ["usage: python -m eval.anima", "examples:", "--dataset_dir"]),
 ])
 def test_help_names_the_command_and_shows_examples(module, words):

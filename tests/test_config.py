@@ -53,6 +53,7 @@ def test_flags_rewrite_and_override():
     ("TrainConfig.probe_sets = 'eval/probe_sets/animal_welfare.jsonl'", ["TrainConfig.probe_sets", "tuple"]),
     ("TrainConfig.probe_control = 'eval/probe_sets/neutral_control.jsonl'", ["TrainConfig.probe_control",
                                                                             "TrainConfig.probe_sets"]),
+    ("TRAIN_STEP = 10", ["TRAIN_STEP are bound but never used"]),          # a macro nothing reads
 ])
 def test_bad_bindings_name_the_binding(binding, names):
     with pytest.raises(config.ConfigError) as err:

@@ -1,4 +1,4 @@
-"""models.convert: HF folder -> Orbax run dir -> HF folder, numerically the same network as transformers'."""
+"""trainer.convert: HF folder -> Orbax run dir -> HF folder, numerically the same network as transformers'."""
 import shutil
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import convert
+from trainer import convert
 from models.config import ModelConfig
 from models.sharding import make_mesh
 from trainer import checkpoint, initialize
@@ -83,7 +83,7 @@ def hf_to_orbax(hf_dir, out) -> int:
     """The command line's exit code (errors are one line on stderr, exit_codes.run)."""
     import exit_codes
 
-    return exit_codes.run(convert.main, "python -m models.convert",
+    return exit_codes.run(convert.main, "python -m trainer.convert",
                           ["hf-to-orbax", "--hf_dir", str(hf_dir), "--out", str(out)])
 
 

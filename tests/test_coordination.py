@@ -1,6 +1,7 @@
-"""trainer.coordination is docmix's one use of a private JAX API (the coordination service's key-value store): this
-fails loudly when a JAX upgrade moves or changes it, calling every method docmix uses the way it uses it, on a real
-one-process service (in a subprocess: jax.distributed must start before JAX does anything else)."""
+"""trainer.coordination's client comes from a private JAX API (the coordination service's key-value store, through
+shims.jax_coordination_client): this fails loudly when a JAX upgrade moves or changes it, calling every method docmix
+uses the way it uses it, on a real one-process service (in a subprocess: jax.distributed must start before JAX does
+anything else)."""
 import subprocess
 import sys
 

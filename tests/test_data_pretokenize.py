@@ -47,7 +47,7 @@ def test_pretokenize_cli(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [words_doc(4, i) for i in range(10)])
     gin_file = write_gin(tmp_path / "run.gin", tokenizer=tok, components={"c": path}, weights={"c": 1.0},
                          model_dir=tmp_path / "run")
-    res = subprocess.run([sys.executable, "-m", "data.pretokenize", f"--gin_file={gin_file}", "--component", "c",
+    res = subprocess.run([sys.executable, "-m", "trainer.pretokenize", f"--gin_file={gin_file}", "--component", "c",
                           "--output_dir", str(tmp_path / "out"), "--num_files", "2", "--processes", "1"],
                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

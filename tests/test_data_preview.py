@@ -1,4 +1,4 @@
-"""preview() and the `python -m data.preview` CLI on a small gin config."""
+"""preview() and the `python -m trainer.preview` CLI on a small gin config."""
 from __future__ import annotations
 
 import json
@@ -41,7 +41,7 @@ def test_preview_counts_and_samples(files):
 def test_preview_cli_json(files, tmp_path):
     gin_file = write_gin(tmp_path / "small.gin", tokenizer=files["tok"], components={"a": files["a"], "b": files["b"]},
                          weights={"a": 0.25, "b": 0.75}, model_dir=tmp_path / "run")
-    cmd = [sys.executable, "-m", "data.preview", f"--gin_file={gin_file}", "--num_batches", "4", "--json",
+    cmd = [sys.executable, "-m", "trainer.preview", f"--gin_file={gin_file}", "--num_batches", "4", "--json",
            "--gin.MIXTURE_WEIGHTS={'a': 0.5, 'b': 0.5}"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -98,7 +98,7 @@ def _stderr(cmd: list[str], terminal: bool) -> str:
 
 
 def test_progress_on_a_terminal_and_quiet_otherwise():
-    cmd = [sys.executable, "-m", "data.preview", "--num_batches", "3", "--samples", "0"]
+    cmd = [sys.executable, "-m", "trainer.preview", "--num_batches", "3", "--samples", "0"]
     shown = _stderr(cmd, terminal=True)
     assert "data.preview: opening the corpora" in shown and "3/3" in shown
     quiet = _stderr(cmd, terminal=False)

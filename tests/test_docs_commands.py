@@ -198,10 +198,10 @@ def without_extra(proc: subprocess.CompletedProcess, extra: str) -> str | None:
 def test_every_doc_command_is_found():
     """The extraction itself: continuations joined, comments dropped, text blocks skipped, indented fences read."""
     readme = doc_commands(REPO / "README.md")
-    assert any(c.startswith("python -m data.preview --gin_file=runs/midtrain.gin ") and c.endswith("--num_batches 50")
-               for c in readme)
+    assert any(c.startswith("python -m trainer.preview --gin_file=runs/midtrain.gin ")
+               and c.endswith("--num_batches 50") for c in readme)
     training = doc_commands(REPO / "docs" / "training.md")
-    assert any(c.startswith("python -m models.convert orbax-to-hf") for c in training)  # an indented block
+    assert any(c.startswith("python -m trainer.convert orbax-to-hf") for c in training)  # an indented block
     assert not any("[--" in c for doc in DOCS for c in doc_commands(doc))  # synopses live in text blocks
     assert scale("python train.py --gin.TRAIN_STEPS=300").endswith("--gin.TRAIN_STEPS=300" + TRAIN_SCALE)
     # The quick start activates its venv, so the commands after it say `python`; none reaches for .venv/bin.

@@ -10,7 +10,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import storage
-from models import convert
+from trainer import convert
 from models.transformer import Transformer
 from tests.test_checkpoint_signals import tree_digest
 from tests.test_train_step import TINY
@@ -32,7 +32,7 @@ def orbax_to_hf(run_dir, out, *extra):
     """The command line's exit code (errors are one line on stderr, exit_codes.run)."""
     import exit_codes
 
-    return exit_codes.run(convert.main, "python -m models.convert",
+    return exit_codes.run(convert.main, "python -m trainer.convert",
                           ["orbax-to-hf", "--ckpt", str(run_dir), "--out", str(out), *extra])
 
 

@@ -74,7 +74,7 @@ def test_preview_shows_each_stage(tmp_path):
              for k, n in enumerate(("replay", "synthetic"))}
     gin = write_gin(tmp_path / "run.gin", tokenizer=tok, components=files, weights={"replay": 1.0, "synthetic": 0.0},
                     model_dir=tmp_path / "run")
-    cmd = [sys.executable, "-m", "data.preview", f"--gin_file={gin}", "--num_batches", "8", "--json",
+    cmd = [sys.executable, "-m", "trainer.preview", f"--gin_file={gin}", "--num_batches", "8", "--json",
            "--gin.TRAIN_STEPS=8", f"--gin.MIXTURE_WEIGHTS={SCHEDULE}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

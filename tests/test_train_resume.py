@@ -254,7 +254,7 @@ def test_longer_run_is_refused_until_it_starts_a_new_schedule_phase(reference, t
     text = train.format_summary(summary, argv)
     preview = shlex.split(next(line for line in text.splitlines() if "# look at the training data" in line)
                           .split("#")[0])
-    assert preview[:3] == ["python", "-m", "data.preview"] and "demo_5pct" not in text
+    assert preview[:3] == ["python", "-m", "trainer.preview"] and "demo_5pct" not in text
     proc = subprocess.run([sys.executable, *preview[1:], "--json"], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

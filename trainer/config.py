@@ -1,25 +1,23 @@
-"""gin at the edge: the configurables, the run macros, the command-line flags and `load() -> RunConfig`.
+"""A run's configuration: the gin configurables, the run macros and `load() -> RunConfig`.
 
-A run is configured T5X-style: `--gin_file=runs/demo.gin [--gin_file=...] [--gin.KEY=VALUE ...] [--gin_search_paths=a,b]`.
-Every run file includes `base.gin`, which defines the macros every run understands (`KNOWN_MACROS`) and wires them
-into the configurables. `load()` parses, builds the frozen `RunConfig` and validates it, so unknown configurables,
-misspelled parameters or macros, and invalid values all fail here, naming the binding, before anything compiles.
+A run is configured T5X-style: `--gin_file=runs/demo.gin [--gin_file=...] [--gin.KEY=VALUE ...] [--gin_search_paths=a,b]`
+(the flags and the parsing itself: `ginfiles`, re-exported here). Every run file includes `base.gin`, which defines
+the macros every run understands (`KNOWN_MACROS`) and wires them into the configurables. `load()` parses, builds the
+frozen `RunConfig` and validates it, so unknown configurables, misspelled parameters or macros, and invalid values all
+fail here, naming the binding, before anything compiles.
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import contextlib
 import dataclasses
-import logging
 import pathlib
 import re
-import tokenize
 from typing import Any, Sequence
 
 import gin
 
+import ginfiles
 import storage
+from ginfiles import ConfigError, add_gin_flags, bound  # noqa: F401 (the trainer's config API)
 from data.config import Component, MixtureConfig
 from models.config import ModelConfig, RopeScaling
 from trainer.demo_assets import demo_asset
@@ -34,10 +32,6 @@ FIELD_MACROS = {"TrainConfig.model_dir": "MODEL_DIR", "TrainConfig.train_steps":
                 "CheckpointConfig.every": "CHECKPOINT_EVERY", "MixtureConfig.weights": "MIXTURE_WEIGHTS",
                 "MixtureConfig.seq_len": "SEQ_LEN", "MixtureConfig.batch_size": "BATCH_SIZE",
                 "MixtureConfig.train_steps": "TRAIN_STEPS"}
-
-
-class ConfigError(ValueError):
-    """A gin file, binding or value is wrong; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,71 +102,6 @@ for _fn in (ModelConfig, RopeScaling, MixtureConfig, Component, TrainConfig, Opt
     gin.external_configurable(_fn, name=_fn.__name__)
 
 
-def add_gin_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds `--gin_file` (repeatable), `--gin_search_paths` (comma-separated) and `--gin.KEY=VALUE` bindings.
-
-    `--gin.KEY=VALUE` is rewritten to `--gin_bindings "KEY = VALUE"` before argparse sees it (as T5X does), so
-    `parser.parse_args()` returns `args.gin_file`, `args.gin_bindings` and `args.gin_search_paths`. A VALUE that is
-    not a Python literal or gin reference (e.g. `--gin.MODEL_DIR=/tmp/run`) is taken as a string.
-    """
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file; repeatable, later files win")
-    parser.add_argument("--gin_bindings", action="append", default=[],
-                        help="a gin binding 'KEY = VALUE'; repeatable. Shorter: --gin.KEY=VALUE, e.g. "
-                             "--gin.TRAIN_STEPS=100 --gin.MIXTURE_WEIGHTS=\"{'replay': 0.9, 'synthetic': 0.1}\"")
-    parser.add_argument("--gin_search_paths", type=lambda s: [p for p in s.split(",") if p], default=[],
-                        help="comma-separated folders searched for gin files and includes (t5x_configs/ always is)")
-    original = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        import sys
-        argv = list(sys.argv[1:] if args is None else args)
-        return original(rewrite_gin_args(argv), namespace)
-
-    parser.parse_known_args = parse_known_args
-    return parser
-
-
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-    """`--gin.KEY=VALUE` -> `--gin_bindings=KEY = VALUE`; other arguments unchanged."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--gin.") and "=" in arg:
-            key, value = arg[len("--gin."):].split("=", 1)
-            out.append(f"--gin_bindings={key} = {_literal_or_string(value)}")
-        elif arg.startswith("--gin."):
-            raise ConfigError(f"{arg}: expected --gin.KEY=VALUE")
-        else:
-            out.append(arg)
-    return out
-
-
-def _literal_or_string(value: str) -> str:
-    text = value.strip()
-    if text.startswith(("@", "%")) or text in ("None", "True", "False"):
-        return text
-    try:
-        ast.literal_eval(text)
-        return text
-    except (ValueError, SyntaxError):
-        return repr(text)
-
-
-def _gin_message(error: Exception) -> str:
-    """gin's parse error as one line. A value that is not a literal (`nan`, a bare word) is named as such, not by the
-    Python AST node gin's parser failed on."""
-    text = str(error).strip()
-    if isinstance(error, tokenize.TokenError):  # Python's tokenizer: an unclosed bracket or string
-        text = f"{error.args[0]} (an unclosed bracket or quote)"
-    token = re.search(r"Failed to parse token '([^']*)'( \([^)]*\))?", text)
-    if token and "<ast." in text:
-        where = token.group(2) or ""
-        where = " (in --gin_bindings)" if where.startswith(" (line ") else where  # no file: a binding
-        special = "NaN and infinity have no Python literal; " if token.group(1).lower() in ("nan", "inf") else ""
-        text = (f"cannot parse {token.group(1)!r}{where}: {special}a value must be a Python literal (a number, "
-                "string, list, tuple, dict, True, False or None), an @configurable or a %MACRO")
-    return "gin: " + re.sub(r"\s*\n\s*", "; ", text)
-
-
 def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> RunConfig:
     """Parses gin files then bindings (later wins) and returns the validated RunConfig.
 
@@ -195,60 +124,8 @@ def load(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: S
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), search_paths: Sequence[str] = ()) -> None:
     """The first half of `load`: parses the files and bindings into gin's config and checks the macros, building
     nothing and reading nothing the run names (INIT_FROM, corpora); `bound()` then reads single values."""
-    gin.clear_config()
-    for path in [*search_paths, ".", str(CONFIG_ROOT)]:
-        if path not in gin.config._LOCATION_PREFIXES:  # gin has no public getter; append-only list of prefixes
-            gin.add_config_file_search_path(path)
-    files = list(gin_files) or [DEFAULT_RUN]
-    try:
-        with _quiet_search(), _plain_files_only():
-            gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
-    except (ValueError, IOError, SyntaxError, tokenize.TokenError) as e:  # gin names the file and line
-        raise ConfigError(_gin_message(e)) from e
+    ginfiles.parse(list(gin_files) or [DEFAULT_RUN], bindings, [*search_paths, ".", str(CONFIG_ROOT)])
     _check_macros()
-
-
-def bound(selector: str) -> Any:
-    """After `parse`: the value bound to `selector` (`TrainConfig.model_dir`, `INIT_FROM/macro.value`) with macros
-    resolved, or None when nothing binds it."""
-    try:
-        value = gin.query_parameter(selector)
-    except ValueError:
-        return None
-    while isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
-        value = gin.query_parameter(value.scoped_selector.split("/")[0] + "/macro.value")
-    return value
-
-
-@contextlib.contextmanager
-def _plain_files_only():
-    """Reads gin files from the file system, or from a URL (a run's gs:// config.gin) through `storage`.
-
-    gin's second reader treats `a/b.gin` as file b.gin of Python package `a`; when the working directory holds a plain
-    folder of that name (the demo's own `./runs/` output, say) it finds a namespace package and crashes with a
-    TypeError instead of moving on. docmix never ships configs inside Python packages, so that reader is left out.
-    """
-    readers = list(gin.config._FILE_READERS)  # gin has no public way to choose readers
-    gin.config._FILE_READERS[:] = [(reader, exists) for reader, exists in readers if reader is open] + [
-        (lambda path: storage.Path(path).open(), lambda path: storage.is_remote(path) and storage.Path(path).is_file())]
-    try:
-        yield
-    finally:
-        gin.config._FILE_READERS[:] = readers
-
-
-@contextlib.contextmanager
-def _quiet_search():
-    """gin's resource reader logs every search-path prefix it tries (a miss at ERROR); a real miss still raises."""
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.pathname.endswith("resource_reader.py")
-
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
 
 
 def _name_macros(message: str) -> str:
@@ -288,7 +165,7 @@ def _check_consistent(run: RunConfig) -> None:
 
 
 def _bound_macros() -> set[str]:
-    return {scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"}
+    return ginfiles.macros(gin.config_str())
 
 
 def _check_macros() -> None:
@@ -298,8 +175,7 @@ def _check_macros() -> None:
 
 
 def _unused_macros() -> set[str]:
-    operative = gin.operative_config_str()
-    used = {line.split("=", 1)[0].strip() for line in operative.splitlines() if "=" in line}
+    used = ginfiles.macros(gin.operative_config_str())
     return {m for m in _bound_macros() if m not in used and m not in KNOWN_MACROS}
 
 

@@ -1,10 +1,9 @@
 """The JAX coordination service behind `jax.distributed`: joining it with docmix's timeouts, and its key-value store.
 
 Every multi-process decision (trainer.consensus) and the liveness watch (trainer.pod) go through the coordination
-service's key-value store and barriers, which never wait for the devices. JAX 0.10.2 has no public API for that store
-(`jax.experimental.multihost_utils` agrees through device collectives, which a lost process hangs), so `client()` is
-the one place docmix reads JAX's private `jax._src.distributed` state; tests/test_coordination.py fails loudly when a
-JAX upgrade changes it.
+service's key-value store and barriers, which never wait for the devices. JAX has no public API for that store, so
+`client()` takes it from `shims.jax_coordination_client` (tests/test_shims.py and tests/test_coordination.py fail
+loudly when a JAX upgrade changes it).
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from typing import Any
 
 import jax
 
+import shims
 from trainer import preemption
 
 # JAX ends every process with an abort (exit 134, a C++ stack) when a process has been silent, or has not joined,
@@ -35,9 +35,7 @@ def client() -> Any:
     """This process's coordination service client (after `initialize`): `key_value_set(key, value,
     allow_overwrite=False)`, `key_value_dir_get(prefix) -> [(key, value)]`, `key_value_delete(key)`,
     `wait_at_barrier(name, timeout_ms)`."""
-    from jax._src import distributed
-
-    found = distributed.global_state.client
+    found = shims.jax_coordination_client()
     if found is None:
         raise RuntimeError("the JAX coordination service is not initialized (train.py --distributed)")
     return found
