@@ -53,3 +53,23 @@ def test_a_stalled_watch_does_not_blame_the_others(watch):
     assert beat(watch, 1) is None
     # This watch was not scheduled for 60 s: the others' pulses it reads are old news, not silence.
     assert watch._judge(2, 61 * INTERVAL, {f"{pod.PULSE}{j}": "1 1" for j in (1, 2)}, {}, {}) is None
+
+
+def test_an_error_waits_for_the_verdict_on_a_silent_process_up_to_the_timeout(monkeypatch):
+    """A collective's error right after another process vanished: the watch's verdict on it may come later than its
+    own rule (lost_after + 3 beats) on a loaded machine, so `settle` waits up to the whole timeout for it, never
+    calling the error this process's own before; once every other process beats again, it returns at once."""
+    import threading
+    import time
+
+    w = pod._Watch("train.py", timeout_s=24 * 0.05)  # beats of 0.05 s, lost after 0.6 s, at most 1.2 s
+    now = time.monotonic()
+    w._seen = {1: (None, now, 0)}
+    monkeypatch.setattr(pod, "_watch", w)
+    start = time.monotonic()
+    pod.settle(RuntimeError("Gloo AllGather failed: Connection closed by peer"))
+    assert time.monotonic() - start >= w.timeout                       # process 1 never beat again
+    threading.Timer(0.2, lambda: w._seen.update({1: ("2 7", time.monotonic(), 2)})).start()
+    start = time.monotonic()
+    pod.settle(RuntimeError("this process's own"))
+    assert 0.2 <= time.monotonic() - start < w.timeout                  # process 1 beat: the error is this one's

@@ -252,12 +252,14 @@ def settle(error: BaseException) -> None:
     """Before `error` counts as this process's own, wait until the watch has judged the others: a collective raises
     when another process is gone (on CPU, gloo's "Connection reset by peer" as a JaxRuntimeError, or wrapped in
     another error by the library that ran it, such as a checkpoint save; on TPU it would hang). When another process
-    is lost or failed, the watch ends this process naming it (within `timeout`/2 and 3 beats); when all of them beat
-    again (about one beat for an error of this process's own), this returns and the error is this process's."""
+    is lost or failed, the watch ends this process naming it (`timeout`/2 and 3 beats after it last saw the other
+    beat, which was before this error); when all of them beat again (about one beat for an error of this process's
+    own), this returns and the error is this process's. It waits at most `timeout`: twice the watch's rule, as a
+    loaded machine delays the watch's beats."""
     if _watch is None or isinstance(error, OtherProcessFailed):
         return
     start = time.monotonic()
-    while time.monotonic() < start + _watch.lost_after + 3 * _watch.interval:
+    while time.monotonic() < start + _watch.timeout:
         alive = all(moved > start + _watch.interval for _, moved, _ in _watch._seen.values())
         if alive and not _watch.others_failed:  # every other process beat since: the error is this one's own
             return
