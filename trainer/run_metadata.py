@@ -100,7 +100,7 @@ def build(model: ModelConfig, mixture: MixtureConfig, *, step: int, tokens_seen:
 
 
 def for_params_only(model: ModelConfig, tokenizer_dir: str | pathlib.Path | None, source: str) -> dict[str, Any]:
-    """Metadata of a params-only checkpoint (models.convert): no mixture, no data or optimizer state."""
+    """Metadata of a params-only checkpoint (trainer.convert): no mixture, no data or optimizer state."""
     return {"step": 0, "model_config": model_config_to_dict(model),
             "tokenizer_sha256": tokenize.tokenizer_sha256(tokenizer_dir) if tokenizer_dir else None, "mixture": None,
             "tokens_seen": {}, "code_version": code_version(), "layout": LAYOUT, "scan_layers": model.scan_layers,
@@ -110,7 +110,7 @@ def for_params_only(model: ModelConfig, tokenizer_dir: str | pathlib.Path | None
 def check(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raises CheckpointMismatch listing every difference that makes resuming `where` unsafe."""
     if saved.get("mixture") is None:
-        raise CheckpointMismatch(f"{where} holds parameters only (written by models.convert) and cannot be resumed; "
+        raise CheckpointMismatch(f"{where} holds parameters only (written by trainer.convert) and cannot be resumed; "
                                  "start a run from it with --gin.TrainConfig.init_from=<that run dir>")
     problems = []
     if saved.get("layout") != LAYOUT:
