@@ -249,21 +249,33 @@ def report_failure(error: BaseException, what: str = "") -> None:
 
 
 def settle(error: BaseException) -> None:
-    """Before `error` counts as this process's own, wait until the watch has judged the others: a collective raises
-    when another process is gone (on CPU, gloo's "Connection reset by peer" as a JaxRuntimeError, or wrapped in
-    another error by the library that ran it, such as a checkpoint save; on TPU it would hang). When another process
-    is lost or failed, the watch ends this process naming it (`timeout`/2 and 3 beats after it last saw the other
-    beat, which was before this error); when all of them beat again (about one beat for an error of this process's
-    own), this returns and the error is this process's. It waits at most `timeout`: twice the watch's rule, as a
-    loaded machine delays the watch's beats."""
+    """Before `error` counts as this process's own, wait for proof that the others live: a collective raises when
+    another process is gone (on CPU, gloo's "Connection reset by peer" as a JaxRuntimeError, or wrapped in another
+    error by the library that ran it, such as a checkpoint save; on TPU it would hang). The proof is two beats of
+    every other process written to the coordination service after this error (one may have been on its way from a
+    process that died since). Without it, the watch ends this process naming the one lost or failed
+    (`timeout`/2 and 3 beats after it last saw it beat). It waits at most `timeout`, then the error is this
+    process's."""
     if _watch is None or isinstance(error, OtherProcessFailed):
         return
-    start = time.monotonic()
-    while time.monotonic() < start + _watch.timeout:
-        alive = all(moved > start + _watch.interval for _, moved, _ in _watch._seen.values())
-        if alive and not _watch.others_failed:  # every other process beat since: the error is this one's own
+    client = coordination.client()
+
+    def beats() -> dict[str, int] | None:
+        try:
+            return {key: int(value.split()[0]) for key, value in client.key_value_dir_get(PULSE)}
+        except Exception:  # noqa: BLE001 - the service is unreachable: the watch judges that
+            return None
+
+    others = [f"{PULSE}{j}" for j in range(_watch.n) if j != _watch.me]
+    first, deadline = beats(), time.monotonic() + _watch.timeout
+    while time.monotonic() < deadline:
+        time.sleep(_watch.interval / 2)
+        now = beats()
+        if first is None:
+            first = now
+        elif now is not None and not _watch.others_failed and all(
+                now.get(key, -1) >= first.get(key, 0) + 2 for key in others):
             return
-        time.sleep(_watch.interval / 4)
 
 
 def failures() -> dict[int, dict]:
