@@ -81,3 +81,19 @@ def test_an_error_counts_as_this_processs_own_only_after_two_beats_of_every_othe
     start = time.monotonic()
     pod.settle(RuntimeError("this process's own"))
     assert 0.2 <= time.monotonic() - start < w.timeout
+
+
+def test_an_error_in_a_together_block_is_settled_before_it_is_reported(monkeypatch):
+    """A collective inside `consensus.together` (an export's gather) fails because another process died: the error
+    waits for the watch's verdict (`settle`) before it is published as this process's own, or the watch, ending
+    this process for the lost one, would exit with this process's code (4) instead of naming the lost process."""
+    from trainer import consensus
+
+    calls = []
+    monkeypatch.setattr(pod, "settle", lambda e: calls.append(("settle", e)))
+    monkeypatch.setattr(pod, "report_failure", lambda e, what="": calls.append(("report", e)))
+    error = RuntimeError("Gloo AllGather failed: Connection closed by peer")
+    with pytest.raises(RuntimeError):
+        with consensus.together("exporting runs/x/hf"):
+            raise error
+    assert calls == [("settle", error), ("report", error)]

@@ -72,6 +72,7 @@ def together(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
+        pod.settle(e)  # a collective in the block failed because another process is gone: the watch names that one
         pod.report_failure(e, what)
         agree({"failed"})
         raise
