@@ -6,16 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
+import repo
 import storage
 from eval import probes
 from experiments.settings import SettingsError, Table
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +62,7 @@ def settings(table: Table) -> EvalSettings:
         """A probe file: an absolute path or URL as it is; a relative path in the repository (eval/probe_sets/...)
         or else in the working directory."""
         fixed = storage.is_remote(p) or os.path.isabs(p)
-        for resolved in [storage.Path(p)] if fixed else [storage.Path(REPO / p), storage.absolute(p)]:
+        for resolved in [storage.Path(p)] if fixed else [storage.Path(repo.ROOT / p), storage.absolute(p)]:
             if resolved.is_file():
                 return resolved
         raise SettingsError(f"{table.where}: probe file {p} not found")

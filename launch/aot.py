@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import exit_codes
+import repo
 from launch import memory, topology
 
 PROG = "python -m launch.aot"
@@ -292,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="compile every shipped config for its topologies "
                         "and write the table into --benchmarks")
     parser.add_argument("--benchmarks", type=pathlib.Path,
-                        default=pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+                        default=repo.ROOT / "BENCHMARKS.md")
     args = parser.parse_args(ours)
     missing = topology.libtpu_missing()
     if missing:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import exit_codes
+import repo
 import storage
 from data import fingerprint, tokenize
 from data.config import MixtureConfig
@@ -32,7 +33,6 @@ from trainer.checkpoint_tree import LAYOUT
 from trainer.run_config import OptimizerConfig
 
 log = logging.getLogger(__name__)
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 
@@ -57,7 +57,7 @@ def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path)
 
 def code_version() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "-C", str(repo.ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
