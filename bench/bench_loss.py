@@ -1,4 +1,4 @@
-"""The output head + loss on CPU: all logits at once (trainer.loss.loss_sums) vs in sequence blocks
+"""The output head + loss on CPU: all logits at once (trainer.loss.predicting_loss_sums) vs in sequence blocks
 (trainer.loss.chunked_loss_sums), forward and backward, in one process.
 
     python bench/bench_loss.py [--shape smollm2_135m] [--chunks 64 128 256] [--steps 5]
@@ -46,8 +46,8 @@ def main() -> None:
             "component": jnp.zeros((batch,), jnp.int32)}
 
     def full(h, k):
-        logits = jnp.einsum("bse,ev->bsv", h, k, preferred_element_type=jnp.float32)
-        return loss_lib.loss_sums(logits, data, 1).loss
+        logits = jnp.einsum("bse,ev->bsv", h[:, :-1], k, preferred_element_type=jnp.float32)
+        return loss_lib.predicting_loss_sums(logits, data, 1).loss
 
     results = {"shape": dict(batch=batch, seq=seq, embed=embed, vocab=vocab),
                "full": measure(jax.value_and_grad(full, argnums=(0, 1)), (hidden, kernel), args.steps)}

@@ -130,7 +130,7 @@ def bench_checkpoint(run, state, mesh) -> dict:
             tick = time.perf_counter()
             ckpt.save(state, it, {"step": step})
             blocked = time.perf_counter() - tick
-            ckpt.wait()
+            ckpt.manager.wait_until_finished()
             out[f"save{i + 1}_blocks_s"], out[f"save{i + 1}_total_s"] = blocked, time.perf_counter() - tick
         ckpt.close()
     return out
