@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.gpu_check import median_seconds  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 from trainer import loss as loss_lib  # noqa: E402
 
 SHAPES = {"demo": (8, 128, 128, 6000), "smollm2_135m": (4, 256, 576, 49152), "llama3_2_1b": (1, 2048, 2048, 128256)}
