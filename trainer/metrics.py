@@ -271,9 +271,11 @@ class Sinks:
             self.tb = self._summary_writer()
 
     def close(self, discard: bool = False) -> None:
-        """Writes every queued record (retrying as above) and closes the sinks; with `discard`, writes nothing more."""
+        """Writes every queued record (retrying as above) and closes the sinks; with `discard`, writes nothing more.
+        Later `write`s and `flush`es do nothing (the final checkpoint's flush finds every record stored)."""
         if not self.active:
             return
+        self.active = False
         self._discard = discard
         self._queue.put(None)
         self._thread.join(self.CLOSE_TIMEOUT_S)
