@@ -12,7 +12,7 @@ import numpy as np
 
 import repo
 import storage
-from eval import probes
+from eval import probe_pairs, probes
 from experiments.settings import SettingsError, Table
 
 
@@ -50,11 +50,11 @@ class EvalSettings:
             raise ValueError(f"{where}: no in-loop margins of {missing} (the run scored {sorted(record['margins'])})")
         return {name: record["margins"][stem] for name, stem in wanted.items()}
 
-    def read_sets(self) -> dict[str, list[probes.Pair]]:
+    def read_sets(self) -> dict[str, list[probe_pairs.Pair]]:
         """Every set's pairs (chat-style ones only in chat mode); control set under the key "control"."""
         files = dict(zip(self.set_names, self.pairs)) | ({"control": self.control_pairs} if self.control_pairs else {})
-        sets = {name: probes.read_pairs(path) for name, path in files.items()}
-        return {name: probes.chat_pairs(p) for name, p in sets.items()} if self.chat else sets
+        sets = {name: probe_pairs.read_pairs(path) for name, path in files.items()}
+        return {name: probe_pairs.chat_pairs(p) for name, p in sets.items()} if self.chat else sets
 
 
 def settings(table: Table) -> EvalSettings:

@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_experiment as gx  # noqa: E402
-from eval import probes  # noqa: E402
+from eval import probe_pairs  # noqa: E402
 from trainer.run_config import TrainConfig  # noqa: E402
 
 IN_LOOP_PROBES = "probe_sets" in {f.name for f in dataclasses.fields(TrainConfig)}
@@ -73,7 +73,7 @@ def test_analysis_compares_arms_paired_by_seed_minus_the_neutral_shift(tmp_path)
     midtraining, of which the wash-out takes 0.1; the control arm moves nothing. Each comparison is the set's paired
     shift minus the neutral set's; the curve runs over the midtraining and then the wash-out."""
     scale = dataclasses.replace(gx.TINY, midtrain_steps=4, sft_steps=2)
-    sizes = {s: len(probes.read_pairs(gx.SETS / f"{s}.jsonl")) for s in (*gx.VALUE_SETS, gx.CONTROL_SET)}
+    sizes = {s: len(probe_pairs.read_pairs(gx.SETS / f"{s}.jsonl")) for s in (*gx.VALUE_SETS, gx.CONTROL_SET)}
     rng = np.random.default_rng(0)
     pair_noise = {seed: {s: rng.normal(0, 0.5, n) for s, n in sizes.items()} for seed in (0, 1)}  # shared by arms
     model_noise = {(seed, arm): {s: rng.normal(0, 0.05, n) for s, n in sizes.items()} for seed in (0, 1)
