@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Callable
 
-# OpenMP threads that spin while waiting make PyTorch 10x slower when other processes share the cores; passive
+# OpenMP threads that spin while waiting make PyTorch many times slower when other processes share the cores; passive
 # waiting costs nothing when the machine is idle. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

@@ -253,7 +253,7 @@ def test_identical_models_are_named_as_such(tiny_models, tmp_path, capsys):
                           "--bootstrap", "200"])
     out = capsys.readouterr().out
     assert result["vs_baseline"]["identical_models"] == [[str(tiny_models[0]), str(copy)]]
-    assert result["vs_baseline"]["margin_diff"] == 0.0  # what used to be printed as if it were a measurement
+    assert result["vs_baseline"]["margin_diff"] == 0.0  # not a measurement: the two are the same parameters
     assert f"identical models: {tiny_models[0]} and {copy} have the same parameters" in out
     assert "every model is identical to a baseline; there is no difference to measure" in out
     assert "margin diff" not in out

@@ -122,7 +122,7 @@ class Window:
 
 
 def _summary_writer_class() -> type:
-    """tensorboardX's SummaryWriter. tensorboardX imports torch whenever it is installed (~3 s at every start, only to
+    """tensorboardX's SummaryWriter. tensorboardX imports torch whenever it is installed (seconds at every start, only to
     accept torch tensors, which docmix never passes); unless this process already has torch, it is hidden for that
     import."""
     if "torch" in sys.modules:
