@@ -188,7 +188,7 @@ def test_points_of_a_stage_that_did_not_finish_are_not_scored(tmp_path, monkeypa
     for folder in [base, *folders.values()]:
         folder.mkdir(parents=True)
     scored = []
-    monkeypatch.setattr(durability, "evaluate", lambda folder, s, cache: scored.append(folder) or {"margins": {}})
+    monkeypatch.setattr(durability_run, "evaluate", lambda folder, s, cache: scored.append(folder) or {"margins": {}})
     points = {arm: {0: [(0, base, f"{arm}-before-s0"), (8, folders[f"{arm}-sft-s0"], f"{arm}-sft-s0-4")]}
               for arm in ("document", "control")}
     status = {"document-sft-s0": {"status": "done"}, "control-sft-s0": {"status": "failed"}}
