@@ -1,13 +1,13 @@
 """Transparent huge pages for large host allocations: entry points re-execute themselves once with glibc's tunable.
 
-On a CPU, XLA allocates each execution's temporaries as one block with malloc (3.15 GB for a SmolLM2-135M train step
-at batch 4 x 256). glibc serves a block that large with a fresh anonymous mapping and unmaps it on free, so every
-step faults its whole working set in again, 4 KiB at a time: 770k page faults and 1.3-1.5 s of kernel time in a
-3.8-4.1 s step on the 2-core development VM. With `glibc.malloc.hugetlb=1`, malloc marks such mappings for
-transparent huge pages (madvise): 2.5k faults and 0.2 s of kernel time per step (BENCHMARKS.md: SmolLM2 step 27%,
-demo step 42% more tokens/s). The kernel must allow it (`/sys/kernel/mm/transparent_hugepage/enabled` in "madvise";
-in "always" every large mapping gets huge pages already). glibc reads tunables only when a process starts, hence the
-re-execution: same process id, arguments and environment, plus the tunable. `DOCMIX_HUGE_PAGES=0` turns it off.
+On a CPU, XLA allocates each execution's temporaries as one block with malloc (gigabytes for a SmolLM2-135M train
+step). glibc serves a block that large with a fresh anonymous mapping and unmaps it on free, so every step faults its
+whole working set in again, 4 KiB at a time, and spends much of the step in the kernel. With `glibc.malloc.hugetlb=1`,
+malloc marks such mappings for transparent huge pages (madvise), and the faults and kernel time almost vanish
+(BENCHMARKS.md has the measurements). The kernel must allow it (`/sys/kernel/mm/transparent_hugepage/enabled` in
+"madvise"; in "always" every large mapping gets huge pages already). glibc reads tunables only when a process starts,
+hence the re-execution: same process id, arguments and environment, plus the tunable. `DOCMIX_HUGE_PAGES=0` turns it
+off.
 """
 from __future__ import annotations
 

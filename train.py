@@ -109,9 +109,10 @@ def join(cluster: dict, failure_timeout: float) -> int:
 def check_model_dir(model_dir: str) -> None:
     """MODEL_DIR must not exist yet, or be a docmix run directory (trainer.run_dir), or be empty; a local one must be
     a directory this user can write. Raised before any work."""
+    import storage
     from trainer import run_dir
 
-    if "://" not in model_dir:  # remote storage: its filesystem layer reports access errors
+    if not storage.is_remote(model_dir):  # remote storage: its filesystem layer reports access errors
         path = pathlib.Path(model_dir).absolute()
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(f"MODEL_DIR={model_dir} is a file, not a directory")

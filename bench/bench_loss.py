@@ -1,4 +1,4 @@
-"""The output head + loss on CPU: all logits at once (trainer.loss.loss_sums) vs in sequence blocks
+"""The output head + loss on CPU: all logits at once (trainer.loss.predicting_loss_sums) vs in sequence blocks
 (trainer.loss.chunked_loss_sums), forward and backward, in one process.
 
     python bench/bench_loss.py [--shape smollm2_135m] [--chunks 64 128 256] [--steps 5]
@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.gpu_check import median_seconds  # noqa: E402
+from bench.timing import median_seconds  # noqa: E402
 from trainer import loss as loss_lib  # noqa: E402
 
 SHAPES = {"demo": (8, 128, 128, 6000), "smollm2_135m": (4, 256, 576, 49152), "llama3_2_1b": (1, 2048, 2048, 128256)}
@@ -46,8 +46,8 @@ def main() -> None:
             "component": jnp.zeros((batch,), jnp.int32)}
 
     def full(h, k):
-        logits = jnp.einsum("bse,ev->bsv", h, k, preferred_element_type=jnp.float32)
-        return loss_lib.loss_sums(logits, data, 1).loss
+        logits = jnp.einsum("bse,ev->bsv", h[:, :-1], k, preferred_element_type=jnp.float32)
+        return loss_lib.predicting_loss_sums(logits, data, 1).loss
 
     results = {"shape": dict(batch=batch, seq=seq, embed=embed, vocab=vocab),
                "full": measure(jax.value_and_grad(full, argnums=(0, 1)), (hidden, kernel), args.steps)}

@@ -3,7 +3,7 @@
     python bench/bench_matmul.py [--reps 30]
 
 Each `[M, K] x [K, N]` product (M = the tokens of a step, K/N = the models' projection sizes) jitted in JAX and run by
-torch with all cores, alternating in one process (`bench_train.interleaved_medians`); prints milliseconds and GFLOP/s.
+torch with all cores, alternating in one process (`bench.timing.interleaved_medians`); prints milliseconds and GFLOP/s.
 The demo model's products are small enough that a fixed per-dot cost shows.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.bench_train import interleaved_medians  # noqa: E402
+from bench.timing import interleaved_medians  # noqa: E402
 
 # (model, what, M, K, N): SmolLM2-135M at 4 x 256 tokens, the demo model at 8 x 128.
 SHAPES = (("smollm2_135m", "MLP gate/up", 1024, 576, 1536), ("smollm2_135m", "MLP down", 1024, 1536, 576),

@@ -2,7 +2,7 @@
 
     python bench/bench_overlap.py [--steps 20] [--repeats 3] [--json out.json]
 
-Runs the real step loop (trainer.loop.StepLoop) of the demo run, compiled once. Each variant is timed `--repeats`
+Runs the real step loop (trainer.step_loop.StepLoop) of the demo run, compiled once. Each variant is timed `--repeats`
 times, the variants alternating, each run over `--steps` steps (after 2 warm-up steps) on a freshly built pipeline,
 by the wall time of the whole loop, so preparing batches, dispatching steps and fetching metrics all count; the
 median is reported. Variants:
@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from data import pipeline as data_pipeline  # noqa: E402
-from trainer import config, loop, program as program_lib, run_setup  # noqa: E402
+from trainer import config, program as program_lib, run_setup, step_loop  # noqa: E402
 
 WARMUP = 2
 
@@ -78,12 +78,12 @@ def main() -> None:
             pipe = data_pipeline.build(dataclasses.replace(run.mixture, prefetch=prefetch))
             for n in (WARMUP, args.steps):
                 train = dataclasses.replace(run.train, async_metrics=async_metrics, train_steps=int(state.step) + n)
-                step_loop = loop.StepLoop(dataclasses.replace(run, train=train), dataclasses.replace(setup, pipe=pipe),
+                loop = step_loop.StepLoop(dataclasses.replace(run, train=train), dataclasses.replace(setup, pipe=pipe),
                                           steps, state, tokens_seen, pathlib.Path(tmp))
                 start = time.perf_counter()
-                step_loop.run(not_stopping)
+                loop.run(not_stopping)
                 rate = n / (time.perf_counter() - start)
-                state = step_loop.state
+                state = loop.state
             pipe.iterator.close()
         return rate
 

@@ -53,13 +53,13 @@ def run(hf_dir: str, set_paths: list[str], batch_size: int, repeats: int) -> dic
     import torch
     import transformers
 
-    from eval import chat, loading, probes
+    from eval import chat, loading, probe_pairs, probes
 
-    pairs = [p for path in set_paths for p in probes.read_pairs(path)]
+    pairs = [p for path in set_paths for p in probe_pairs.read_pairs(path)]
     items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     model, config, tokenizer_dir = loading.load_model(hf_dir)
     tokenizer = chat.load(tokenizer_dir)
-    encoded = [probes.encode_pair_texts(tokenizer, p, c) for p, c in items]
+    encoded = [probe_pairs.encode_pair_texts(tokenizer, p, c) for p, c in items]
     scored_tokens = sum(len(ids) - n for ids, n in encoded)
     all_tokens = sum(len(ids) for ids, _ in encoded)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

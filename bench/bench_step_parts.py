@@ -30,7 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.bench_train import SHAPES, fake_batch, interleaved_medians  # noqa: E402
+from bench.bench_train import SHAPES, fake_batch  # noqa: E402
+from bench.timing import interleaved_medians  # noqa: E402
 from data import multihost  # noqa: E402
 from models import layers  # noqa: E402
 from models.sharding import make_mesh  # noqa: E402

@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Callable
 
-# OpenMP threads that spin while waiting make PyTorch 10x slower when other processes share the cores; passive
+# OpenMP threads that spin while waiting make PyTorch many times slower when other processes share the cores; passive
 # waiting costs nothing when the machine is idle. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import interleaved_medians  # noqa: E402
 from data import multihost  # noqa: E402
 from models.sharding import make_mesh  # noqa: E402
 from trainer import checkpoint, config, metrics, optimizer, program, state as state_lib  # noqa: E402
@@ -92,33 +93,6 @@ def torch_steps(model_config, batch: int, seq: int) -> dict[int, Callable[[], No
     return {threads: functools.partial(step, threads) for threads in sorted({1, os.cpu_count() or 1})}
 
 
-def interleaved_medians(sides: dict[str, dict[str, Callable[[], object]]], reps: int,
-                        settle: int = 1) -> dict[str, dict[str, float]]:
-    """Median seconds of every part of every side, `reps` rounds in which each part runs once per side, alternating;
-    each timed call follows `settle` untimed calls of the same part and side.
-
-    This VM's speed drifts by 20-40% over minutes: timing one framework after the other measured the drift (one run:
-    PyTorch's SmolLM2 body took 5.5 s in one run, 14.7 s in the next); alternating puts both under the same load. But
-    the first call after the other framework ran is not a steady-state step: it re-faults the memory the other
-    side's step just used and freed (SmolLM2's docmix step right after a PyTorch step: 4.8-8.0 s, of which 3-6 s in
-    the kernel, against 3.8-4.1 s, 1.3 s in the kernel, for the next ones), so it is run untimed."""
-    for fns in sides.values():
-        for fn in fns.values():
-            fn()  # compile / warm up
-    times: dict[str, dict[str, list[float]]] = {side: {part: [] for part in fns} for side, fns in sides.items()}
-    parts = list(dict.fromkeys(part for fns in sides.values() for part in fns))
-    for _ in range(reps):
-        for part in parts:
-            for side, fns in sides.items():
-                if part in fns:
-                    for _ in range(settle):
-                        fns[part]()
-                    tick = time.perf_counter()
-                    fns[part]()
-                    times[side][part].append(time.perf_counter() - tick)
-    return {side: {part: float(np.median(ts)) for part, ts in by_part.items()} for side, by_part in times.items()}
-
-
 def bench_checkpoint(run, state, mesh) -> dict:
     import grain
 
@@ -130,7 +104,7 @@ def bench_checkpoint(run, state, mesh) -> dict:
             tick = time.perf_counter()
             ckpt.save(state, it, {"step": step})
             blocked = time.perf_counter() - tick
-            ckpt.wait()
+            ckpt.manager.wait_until_finished()
             out[f"save{i + 1}_blocks_s"], out[f"save{i + 1}_total_s"] = blocked, time.perf_counter() - tick
         ckpt.close()
     return out

@@ -26,7 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from eval import probes  # noqa: E402
+from eval import probe_pairs, probes  # noqa: E402
 from models import hf_io, sharding  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from trainer import loss as loss_lib, optimizer, state as state_lib, step as step_lib  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/demo_device_models"))
     args = p.parse_args()
     manifest = json.loads((args.prep / "manifest.json").read_text())
-    pair_sets = {name: probes.read_pairs(args.prep / "probe_sets" / f"{name}.jsonl") for name in manifest["probe_sets"]}
+    pair_sets = {name: probe_pairs.read_pairs(args.prep / "probe_sets" / f"{name}.jsonl") for name in manifest["probe_sets"]}
     mesh = sharding.make_mesh()
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__})"
     print("device:", device, flush=True)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from data import demo  # noqa: E402
 from data import pipeline as data_pipeline  # noqa: E402
-from eval import heldout, loading, probes, report, stats  # noqa: E402
+from eval import heldout, loading, probe_pairs, probes, report, stats  # noqa: E402
 from trainer import config as trainer_config  # noqa: E402
 
 SETS = REPO / "eval" / "probe_sets"
@@ -158,7 +158,7 @@ def analyze(args: argparse.Namespace) -> None:
     manifests = [json.loads((prep / "manifest.json").read_text()) for prep in args.prep]
     manifest = manifests[0]
     runs = [r for m in manifests for r in m["runs"] if r["name"] in results]
-    pair_sets = {s: probes.read_pairs(SETS / f"{s}.jsonl") for s in manifest["probe_sets"]}
+    pair_sets = {s: probe_pairs.read_pairs(SETS / f"{s}.jsonl") for s in manifest["probe_sets"]}
     args.out.mkdir(parents=True, exist_ok=True)
     run_dirs = [write_run_dir(args.runs, r, results[r["name"]], pair_sets) for r in runs]
     summary = {"steps": sorted({r["steps"] for r in runs}), "share": sorted({r["share"] for r in runs}),

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.timing import median_seconds
 from models.config import ModelConfig
 from models.kernels import AttentionMask, attend, xla_attention
 
@@ -29,16 +29,6 @@ def packed_mask(batch: int, seq: int, docs_per_row: int, rng: np.random.Generato
     idx = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     segments = jnp.asarray(segments)
     return AttentionMask(segments, segments, idx, idx[0], None)
-
-
-def median_seconds(fn, *args, repeats: int = 7) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def kernel_check(dtype: str, batch: int = 4, seq: int = 2048, heads: int = 16, kv_heads: int = 4,

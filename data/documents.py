@@ -7,7 +7,7 @@ import numpy as np
 
 from data import sft
 from data.config import Component
-from data.sources import BadRecord
+from data.records import BadRecord
 from data.tokenize import TextEncoder
 
 

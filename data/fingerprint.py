@@ -24,7 +24,7 @@ from typing import Any
 
 import storage
 from data.config import Component, MixtureConfig
-from data.sources import expand_paths
+from data.records import expand_paths
 
 EDGE = 1 << 20
 READERS = 16

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from data.chat_template import compile_template
-from data.sources import BadRecord
+from data.records import BadRecord
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -60,7 +60,8 @@ def _explanation_of_graded_dimensions(overall_score: float, target_dimensions: l
                                       grader_models: Any = None) -> str:
     """inspect_evals 0.26.0 raises KeyError when one dimension of a sample got no parseable grade but another did
     (its explanation indexes every tagged dimension). The scores already leave such a dimension out, as the scorer
-    documents; the explanation now does too. The grades themselves stay in the score metadata (None = unparseable)."""
+    documents, and this explanation is given only the graded dimensions. The grades themselves stay in the score
+    metadata (None = unparseable)."""
     graded = [d for d in target_dimensions if d in avg_by_dim]
     return _upstream_explanation(overall_score, graded, dimensions, dim_vsets, results_by_dim_var_set, avg_by_dim,
                                  grader_models)

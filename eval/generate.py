@@ -63,8 +63,8 @@ def _step(graphdef, state, cache, tokens, positions, step, seeds, temperature, t
     return sampling.select_tokens(logits, _row_keys(seeds, step), temperature, top_p), cache
 
 
-# Plain jax.jit, not models.xla_cpu.jit: on a CPU its accurate float32 dots make a decode step of 2-4 rows ~5x slower
-# (0.8 s vs 0.17 s for SmolLM2), and greedy text still matches transformers without them (tests/test_generate.py).
+# Plain jax.jit, not models.xla_cpu.jit: on a CPU its accurate float32 dots make a decode step of a few rows several
+# times slower, and greedy text still matches transformers without them (tests/test_generate.py).
 _prefill_jit = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
 _step_jit = jax.jit(_step, static_argnums=0, donate_argnums=2)
 

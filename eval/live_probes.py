@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 import storage
-from eval import chat, probes, scoring
+from eval import chat, probe_pairs, scoring
 from models.config import ModelConfig
 
 
@@ -31,7 +31,7 @@ class ProbeSets:
     """The pairs of TrainConfig.probe_sets and probe_control, read and checked before a run does any work.
     `pairs`/`files`/`digests`: by set name (the file's stem): its pairs (only the chat-style ones in chat mode), its
     path, the sha256 of its file; `control`: the control set's name or None."""
-    pairs: dict[str, list[probes.Pair]]
+    pairs: dict[str, list[probe_pairs.Pair]]
     files: dict[str, str]
     digests: dict[str, str]
     control: str | None
@@ -61,9 +61,9 @@ def read_sets(train) -> ProbeSets:
         if not local.is_file():
             raise FileNotFoundError(f"TrainConfig.probe_sets: {path} does not exist")
         digests[name] = hashlib.sha256(local.read_bytes()).hexdigest()
-        pairs[name] = probes.read_pairs(local)
+        pairs[name] = probe_pairs.read_pairs(local)
         if train.probe_chat:
-            pairs[name] = probes.chat_pairs(pairs[name])
+            pairs[name] = probe_pairs.chat_pairs(pairs[name])
             if not pairs[name]:
                 raise ValueError(f"{path}: no chat-style pairs to score (TrainConfig.probe_chat)")
     return ProbeSets(pairs, dict(zip(names, files)), digests, names[-1] if train.probe_control else None,
@@ -79,7 +79,7 @@ class LiveScorer:
         self.names, self.control, self.digests = tuple(sets.pairs), sets.control, sets.digests
         self.graphdef, self.mesh = graphdef, mesh
         self.sizes, self.plans = {}, {}
-        encode = probes.encode_chat_texts if sets.chat_mode else probes.encode_pair_texts
+        encode = probe_pairs.encode_chat_texts if sets.chat_mode else probe_pairs.encode_pair_texts
         for name, pairs in sets.pairs.items():
             items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
             try:

@@ -123,30 +123,23 @@ def _checkpoints(run_dir: storage.Path, last_step: int | None) -> list[tuple[str
     return found
 
 
-def _read_json(path: storage.Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-
-
 def checkpoint_row(results: storage.Path) -> dict[str, Any]:
     """Flat columns of one checkpoint's saved results."""
     row: dict[str, Any] = {}
     for path in sorted(results.glob(f"{PROBE_PREFIX}*.json")):
         name = path.stem[len(PROBE_PREFIX):]
-        overall = _read_json(path)["overall"]
+        overall = storage.read_json_object(path)["overall"]
         row[f"probe/{name}/accuracy"] = overall["accuracy"]
         row[f"probe/{name}/margin"] = overall["margin"]
         row[f"probe/{name}/margin_lo"], row[f"probe/{name}/margin_hi"] = overall["ci95"]["margin"]
         row[f"probe/{name}/accuracy_lo"], row[f"probe/{name}/accuracy_hi"] = overall["ci95"]["accuracy"]
         row[f"probe/{name}/n"] = overall["n"]
     if (results / "heldout.json").is_file():
-        for comp, r in _read_json(results / "heldout.json")["components"].items():
+        for comp, r in storage.read_json_object(results / "heldout.json")["components"].items():
             row[f"heldout/{comp}/loss"] = r["loss"]
             row[f"heldout/{comp}/tokens"] = r["target_tokens"]
     if (results / "anima.json").is_file():
-        anima = _read_json(results / "anima.json")
+        anima = storage.read_json_object(results / "anima.json")
         for key in ("overall_mean", "dimension_normalized_avg"):
             if isinstance(anima.get(key), (int, float)):
                 row[f"anima/{key}"] = anima[key]

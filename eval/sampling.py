@@ -68,7 +68,7 @@ def select_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
 
     def sample() -> jax.Array:
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        # Sorting the vocabulary costs ~20 ms per row on a CPU: only done when some row asks for top-p < 1.
+        # Sorting the vocabulary is the costly part of sampling: only done when some row asks for top-p < 1.
         scaled = jax.lax.cond(jnp.any(top_p < 1.0), lambda: top_p_filter(scaled, top_p), lambda: scaled)
         sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         return jnp.where(temperature > 0, sampled, greedy)

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from eval import probes, stats
+from eval import probe_pairs, probes, stats
 
 Margins = Mapping[int, Mapping[str, Sequence[float]]]  # seed -> probe set -> per-pair margins
 
 
-def arm_summary(pairs: Sequence[probes.Pair], runs: Margins, name: str, n_boot: int) -> dict[str, Any] | None:
+def arm_summary(pairs: Sequence[probe_pairs.Pair], runs: Margins, name: str, n_boot: int) -> dict[str, Any] | None:
     """An arm's mean margin on set `name` over its seeds, with the two-level bootstrap CI (None without runs)."""
     seeds = sorted(runs)
     if not seeds:
@@ -26,7 +26,7 @@ def arm_summary(pairs: Sequence[probes.Pair], runs: Margins, name: str, n_boot: 
             "seeds": seeds}
 
 
-def versus(pairs: Sequence[probes.Pair], treat: Margins, base: Margins, name: str, *, has_control: bool, n_boot: int,
+def versus(pairs: Sequence[probe_pairs.Pair], treat: Margins, base: Margins, name: str, *, has_control: bool, n_boot: int,
            adjusted_level: float) -> dict[str, Any] | None:
     """Treatment arm vs baseline arm on set `name`, over the seeds both have (paired by seed); None if none."""
     seeds = sorted(set(treat) & set(base))

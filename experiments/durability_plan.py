@@ -96,7 +96,7 @@ def _read_epochs(run: Any, steps: int) -> dict[str, float]:
 
 
 def stages(c: Config, scratch: storage.Path) -> tuple[list[StagePlan], list[estimate.Planned]]:
-    """Every stage in the order durability.run trains them, and the same as estimate.Planned. Raises ValueError
+    """Every stage in the order durability_run.run trains them, and the same as estimate.Planned. Raises ValueError
     naming the stage when its config does not load or a share gets no row in it."""
     out: list[tuple[StagePlan, Any]] = []
     for seed in c.seeds:

@@ -6,16 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
+import repo
 import storage
-from eval import probes
+from eval import probe_pairs, probes
 from experiments.settings import SettingsError, Table
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +50,11 @@ class EvalSettings:
             raise ValueError(f"{where}: no in-loop margins of {missing} (the run scored {sorted(record['margins'])})")
         return {name: record["margins"][stem] for name, stem in wanted.items()}
 
-    def read_sets(self) -> dict[str, list[probes.Pair]]:
+    def read_sets(self) -> dict[str, list[probe_pairs.Pair]]:
         """Every set's pairs (chat-style ones only in chat mode); control set under the key "control"."""
         files = dict(zip(self.set_names, self.pairs)) | ({"control": self.control_pairs} if self.control_pairs else {})
-        sets = {name: probes.read_pairs(path) for name, path in files.items()}
-        return {name: probes.chat_pairs(p) for name, p in sets.items()} if self.chat else sets
+        sets = {name: probe_pairs.read_pairs(path) for name, path in files.items()}
+        return {name: probe_pairs.chat_pairs(p) for name, p in sets.items()} if self.chat else sets
 
 
 def settings(table: Table) -> EvalSettings:
@@ -64,7 +62,7 @@ def settings(table: Table) -> EvalSettings:
         """A probe file: an absolute path or URL as it is; a relative path in the repository (eval/probe_sets/...)
         or else in the working directory."""
         fixed = storage.is_remote(p) or os.path.isabs(p)
-        for resolved in [storage.Path(p)] if fixed else [storage.Path(REPO / p), storage.absolute(p)]:
+        for resolved in [storage.Path(p)] if fixed else [storage.Path(repo.ROOT / p), storage.absolute(p)]:
             if resolved.is_file():
                 return resolved
         raise SettingsError(f"{table.where}: probe file {p} not found")

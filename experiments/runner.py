@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pathlib
 import shlex
 import subprocess
 import sys
@@ -15,9 +14,9 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
 
+import repo
 import storage
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 PLACEHOLDERS = ("{name}", "{model_dir}")
 CMD = "{cmd}"
 ARGS = "{args}"
@@ -59,7 +58,7 @@ def command(job: Job, launcher: str | None) -> list[str]:
     word) replaced by `python train.py ARGS`, or `{args}` (a whole word) by ARGS alone (what `launch.tpu` takes after
     `--`), and `{name}` / `{model_dir}` substituted inside words."""
     if launcher is None:
-        return [sys.executable, str(REPO / "train.py"), *job.args]
+        return [sys.executable, str(repo.ROOT / "train.py"), *job.args]
     template = shlex.split(launcher)
     if template.count(CMD) + template.count(ARGS) != 1:
         raise ValueError(f"--launcher {launcher!r}: needs `{CMD}` or `{ARGS}` exactly once, as a separate word")
@@ -100,7 +99,7 @@ def run_all(jobs: Sequence[Job], out_dir: storage.Path, *, launcher: str | None 
               flush=True)
         log = logs / f"{job.name}.log"
         with _job_log(log) as f:
-            proc = subprocess.run(command(job, launcher), cwd=REPO, env=env,
+            proc = subprocess.run(command(job, launcher), cwd=repo.ROOT, env=env,
                                   stdout=f, stderr=subprocess.STDOUT)
         done = proc.returncode == 0 and is_done(job)
         status[job.name] = {"status": "done" if done else "failed", "returncode": proc.returncode, "log": str(log)}

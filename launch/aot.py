@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import exit_codes
+import repo
 from launch import memory, topology
 
 PROG = "python -m launch.aot"
@@ -44,8 +45,8 @@ SHIPPED = (("models/llama3_1_8b.gin", "v6e:2x4", ("TrainConfig.microbatches=2",)
            ("models/llama3_1_8b.gin", "v5p:2x2x1", ()),
            ("models/llama3_2_1b.gin", "v5e:2x2", ("TrainConfig.microbatches=4",)),
            ("models/qwen3_0_6b.gin", "v5e:2x2", ("TrainConfig.microbatches=4",)),
-           # The shipped SmolLM2 config is the CPU test model (fp32 compute, no remat): without these it needs 38.7 GiB
-           # per chip here, mostly saved [rows, heads, seq, seq] attention scores of 30 layers.
+           # The shipped SmolLM2 config is the CPU test model (fp32 compute, no remat): without these it does not fit
+           # a v5e chip, mostly for the saved [rows, heads, seq, seq] attention scores of 30 layers.
            ("models/smollm2_135m.gin", "v5e:2x2", ("TrainConfig.microbatches=4", "TrainConfig.loss_chunk=256",
                                                    "ModelConfig.compute_dtype='bfloat16'", "ModelConfig.remat='full'")))
 SHIPPED_RUNS = (("runs/midtrain.gin", "v6e:2x4"), ("runs/midtrain.gin", "v5p:2x2x1"),
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="compile every shipped config for its topologies "
                         "and write the table into --benchmarks")
     parser.add_argument("--benchmarks", type=pathlib.Path,
-                        default=pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+                        default=repo.ROOT / "BENCHMARKS.md")
     args = parser.parse_args(ours)
     missing = topology.libtpu_missing()
     if missing:

@@ -39,8 +39,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import repo
+
 PREEMPT_GRACE_S = 120.0
-PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]  # where launch.local_cloud itself is imported from
 STEP = re.compile(r"\bstep (\d+) loss ")
 
 
@@ -264,7 +265,7 @@ def make_bin(root: pathlib.Path) -> None:
     """The workers' `python3.11`: `-m venv DIR` makes a venv of this interpreter with a checking pip."""
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    python, package = shlex.quote(sys.executable), shlex.quote(str(PACKAGE_ROOT))
+    python, package = shlex.quote(sys.executable), shlex.quote(str(repo.ROOT))
     pip = f"PYTHONPATH={package} exec {python} -m launch.local_cloud --root={shlex.quote(str(root))} pip"
     script = (f"#!/bin/sh\nif [ \"$1\" = -m ] && [ \"$2\" = venv ]; then\n  mkdir -p \"$3/bin\"\n"
               f"  printf '#!/bin/sh\\nexec {python} \"$@\"\\n' > \"$3/bin/python\"\n"

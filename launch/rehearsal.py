@@ -27,7 +27,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from launch import cloud, emulator, job, local_cloud, remote, tpu
+import repo
+from launch import cloud, emulator, job, local_cloud, tpu
 from launch.launcher import Options
 
 MAX_STEPS, ROWS_PER_WORKER, SEQ, DEVICES = 8, 4, 64, 2
@@ -158,7 +159,7 @@ def run(s: cloud.Slice, workers: int, max_relaunches: int, train_args: Sequence[
         (root / "cloud.json").write_text(json.dumps({"workers": workers, "devices": DEVICES, "faults": faults,
                                                      "env": emulator.client_env(url)}))
         local_cloud.make_bin(root)
-        pythonpath = os.pathsep.join(filter(None, [str(remote.ROOT), os.environ.get("PYTHONPATH")]))
+        pythonpath = os.pathsep.join(filter(None, [str(repo.ROOT), os.environ.get("PYTHONPATH")]))
         gcloud = cloud.Gcloud(program=[sys.executable, "-m", "launch.local_cloud", f"--root={root}"],
                               env={**os.environ, **emulator.client_env(url), "PYTHONPATH": pythonpath})
         options = Options(max_relaunches=max_relaunches, poll_s=1.0, heartbeat_s=1.0, stale_s=600.0,

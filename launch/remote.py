@@ -15,14 +15,15 @@ import subprocess
 import tarfile
 from collections.abc import Sequence
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import repo
+
 REMOTE_DIR = "$HOME/docmix"
 ARCHIVE = "docmix.tar.gz"
 # Everything a gs:// run needs on a TPU VM: the TPU runtime and the GCS filesystem client.
 REQUIREMENTS = ("requirements-tpu.txt", "requirements-gcs.txt")
 
 
-def code_files(root: pathlib.Path = ROOT) -> list[str]:
+def code_files(root: pathlib.Path = repo.ROOT) -> list[str]:
     """The repository's files, committed or not, less what .gitignore excludes (runs, caches, venvs stay home): `git
     ls-files --cached --others --exclude-standard` in a git checkout; elsewhere (a release tarball, a copied tree)
     every file not excluded by the top-level .gitignore."""
@@ -49,7 +50,7 @@ def code_files(root: pathlib.Path = ROOT) -> list[str]:
     return files
 
 
-def code_archive(destination: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.Path:
+def code_archive(destination: pathlib.Path, root: pathlib.Path = repo.ROOT) -> pathlib.Path:
     """A .tar.gz of the repository's files (`code_files`) as they are in the working tree."""
     with tarfile.open(destination, "w:gz") as tar:
         for name in code_files(root):

@@ -231,8 +231,10 @@ def _to_ours(x: jax.Array, *, in_axes: bool, stacked: bool, shape: tuple[int, ..
     return jax.lax.with_sharding_constraint(y, sharding), jax.lax.with_sharding_constraint(bad, replicated)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# A docmix tokenizer folder: tokenizer.json (the `tokenizers` file every docmix command reads) and the files that
+# configure it (special tokens, chat template). Exports copy these; generation_config.json is the model's, written
+# from its config.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MAX_SHARD_BYTES = 5 * 10**9
 
 
@@ -321,8 +323,8 @@ def save_pretrained(model: Transformer, out_dir: str | pathlib.Path | None, *, d
 def _tokenizer_files(tokenizer_dir: str | pathlib.Path) -> list[storage.Path]:
     """The tokenizer files of a local or gs:// folder."""
     found = [storage.Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (storage.Path(tokenizer_dir) / n).exists()]
-    if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in found):
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json, tokenizer.model or vocab.json to export")
+    if not any(p.name == "tokenizer.json" for p in found):
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json to export")
     return found
 
 

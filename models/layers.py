@@ -36,11 +36,10 @@ def projection(equation: str, out_dtype: jnp.dtype | None = None):
     `dx = einsum(g, kernel)` and `dkernel = einsum(x, g)` (cast to x's and the kernel's dtypes).
 
     Why not autodiff's own rule: JAX transposes a dot_general into a dot_general plus a transpose of its result, and
-    XLA:CPU (jaxlib 0.10.2) then lays the kernel gradient out by materialising a transposed copy of the larger
-    activation gradient, fused into the elementwise op before it (SmolLM2: the silu backward written as a
-    [1536, 1024] transpose, ~9% of a decoder block's time; a [49152, 1020] copy of the logits' gradient in the
-    output layer). These einsums avoid both copies (SmolLM2's step: BENCHMARKS.md, "Where the SmolLM2 step's time
-    goes"). They are the same products, and the TPU program compiles to the same collectives and peak memory.
+    XLA:CPU then lays the kernel gradient out by materialising a transposed copy of the larger activation gradient,
+    fused into the elementwise op before it (in the MLP's backward, and a copy of the logits' gradient in the output
+    layer). These einsums make neither copy (BENCHMARKS.md, "Where the SmolLM2 step's time goes"). They are the same
+    products, and the TPU program compiles to the same collectives and peak memory.
     """
     inputs, out = equation.split("->")
     x_axes, kernel_axes = inputs.split(",")

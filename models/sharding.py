@@ -120,19 +120,3 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def init_sharded(config: Any, mesh: Mesh, seed: int = 0):
-    """A freshly initialised `Transformer` whose parameters are created directly in their shardings (under jit with
-    out_shardings, so no device ever holds a full copy). `jax.eval_shape(lambda: init_sharded(...))` works too."""
-    from models.transformer import Transformer
-
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-
-    def init():
-        return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
-
-    # The NamedShardings carry the mesh, so no mesh context is needed (and this stays traceable by eval_shape).
-    state = jax.jit(init, out_shardings=state_shardings(abstract_state, mesh))()
-    return nnx.merge(graphdef, state)

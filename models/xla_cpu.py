@@ -1,10 +1,9 @@
 """XLA CPU compile options that give Hugging Face-level float32 accuracy.
 
-With its default YNNPACK dot fusions, XLA CPU (jaxlib 0.10.2) accumulates float32 matmuls with about 5x the error of
-torch's blocked GEMM (max error 2.3e-4 vs 4.5e-5 on a [64,1536]x[1536,576] product). Over SmolLM2's 30 layers that
-pushes logits ~1.1e-4 away from transformers; without the fusions they are 4.5e-5 away, closer to float64 truth than
-transformers' own float32 forward. The same effect for a whole process: add `XLA_FLAG` to the XLA_FLAGS environment
-variable before importing jax. On TPU/GPU nothing changes.
+With its default YNNPACK dot fusions, XLA CPU accumulates float32 matmuls with several times the error of torch's
+blocked GEMM, and over SmolLM2's 30 layers that pushes the logits away from transformers'; without the fusions they
+are closer to float64 truth than transformers' own float32 forward. The same effect for a whole process: add
+`XLA_FLAG` to the XLA_FLAGS environment variable before importing jax. On TPU/GPU nothing changes.
 """
 from __future__ import annotations
 

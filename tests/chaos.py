@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from tests import multiproc
+from tests import chaos_disk, multiproc
 from trainer.run_dir import MARKER
 
 STEPS = 10
@@ -51,7 +51,6 @@ SLACK_S = 10                   # a loaded machine's scheduling on top of the bou
 LAUNCH_TIMEOUT = 600           # a launch that runs longer than this is a hang
 MAX_KILLS = 4                  # kills per soak run; then it is relaunched until it ends
 MOMENTS = ("start-up", "steps", "checkpoint", "export")
-USER_FILES = ("../notes.txt", "notes.txt", "exports/notes.txt", "exports/keep/data.bin")
 
 
 @dataclasses.dataclass
@@ -108,54 +107,6 @@ def reference(out: pathlib.Path, processes: int) -> pathlib.Path:
     return model_dir
 
 
-def moment_on_disk(model_dir: pathlib.Path, started: float) -> str:
-    """What the run is doing, as MODEL_DIR shows it: writing an export or a checkpoint, stepping (a metrics record of
-    this launch), else starting up."""
-    for folder in (model_dir, model_dir / "exports"):
-        if _names(folder, lambda e: (".writing-" in e.name or ".replaced-" in e.name) and _since(e, started)):
-            return "export"
-    if _names(model_dir / "checkpoints", lambda e: "tmp" in e.name and _since(e, started)):
-        return "checkpoint"
-    metrics = model_dir / "metrics.jsonl"
-    try:
-        if metrics.stat().st_mtime >= started and metrics.stat().st_size:
-            return "steps"
-    except FileNotFoundError:
-        pass
-    return "start-up"
-
-
-def _names(folder: pathlib.Path, keep) -> list[str]:
-    try:
-        return [e.name for e in os.scandir(folder) if keep(e)]
-    except FileNotFoundError:
-        return []
-
-
-def _since(entry: os.DirEntry, started: float) -> bool:
-    """Made by this launch (a killed launch's leftovers are not what this one is doing)."""
-    try:
-        return entry.stat().st_mtime >= started
-    except FileNotFoundError:
-        return False
-
-
-def leftovers(model_dir: pathlib.Path) -> list[str]:
-    """Temporary folders of exports and checkpoint saves left in the run directory."""
-    found = []
-    for folder in (model_dir, model_dir / "exports", model_dir / "checkpoints"):
-        found += [f"{folder.name}/{n}" for n in _names(folder, lambda e: e.name.startswith(".") or "tmp" in e.name)]
-    return found
-
-
-def logged_step(model_dir: pathlib.Path) -> int:
-    try:
-        lines = (model_dir / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, ValueError, KeyError, IndexError):
-        return 0
-
-
 class Launch:
     """One launch of the run's command; `watch_and_kill` signals it at a moment, `finish` waits for every process."""
 
@@ -186,14 +137,14 @@ class Launch:
                 time.sleep(0.01)
             deadline = time.time() + (0.0 if first else rng.uniform(0, startup_s / 2))
             while time.time() < deadline and self.running() and \
-                    moment_on_disk(self.model_dir, self.started) == "start-up":
+                    chaos_disk.moment_on_disk(self.model_dir, self.started) == "start-up":
                 time.sleep(0.01)
-            return moment_on_disk(self.model_dir, self.started) if self.running() else None
-        target = min(logged_step(self.model_dir) + rng.randint(1, 3), STEPS - 1)
+            return chaos_disk.moment_on_disk(self.model_dir, self.started) if self.running() else None
+        target = min(chaos_disk.logged_step(self.model_dir) + rng.randint(1, 3), STEPS - 1)
         deadline = time.time() + LAUNCH_TIMEOUT
         while time.time() < deadline and self.running():
-            seen = moment_on_disk(self.model_dir, self.started)
-            if seen == wanted and (wanted != "steps" or logged_step(self.model_dir) >= target):
+            seen = chaos_disk.moment_on_disk(self.model_dir, self.started)
+            if seen == wanted and (wanted != "steps" or chaos_disk.logged_step(self.model_dir) >= target):
                 return seen
             time.sleep(0.003)
         return None
@@ -234,33 +185,13 @@ def check_codes(launch: Launch, codes: list[int], killed: bool) -> list[str]:
     return problems
 
 
-def write_user_files(model_dir: pathlib.Path, rng: random.Random) -> dict[str, bytes]:
-    files = {}
-    for name in USER_FILES:
-        path = model_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        files[name] = rng.randbytes(64)
-        path.write_bytes(files[name])
-    return files
-
-
-def missing_user_files(model_dir: pathlib.Path, files: dict[str, bytes]) -> list[str]:
-    return [name for name, data in files.items()
-            if not (model_dir / name).is_file() or (model_dir / name).read_bytes() != data]
-
-
-def logged_losses(records: list[dict]) -> list[dict]:
-    """Every record's losses (total and per component) and gradient norm."""
-    return [{k: v for k, v in r.items() if k.startswith("loss") or k == "grad_norm"} for r in records]
-
-
 def compare(got: pathlib.Path, want: pathlib.Path) -> list[str]:
     """Differences between a finished run and the reference: logged losses (bit for bit), exports (byte for byte)."""
     a, b = multiproc.metrics(got), multiproc.metrics(want)
     problems = []
     if [r["step"] for r in a] != list(range(1, STEPS + 1)):
         problems.append(f"logged steps {[r['step'] for r in a]}")
-    got_losses, want_losses = logged_losses(a), logged_losses(b)
+    got_losses, want_losses = chaos_disk.logged_losses(a), chaos_disk.logged_losses(b)
     if got_losses != want_losses:
         first = next((i for i, (x, y) in enumerate(zip(got_losses, want_losses)) if x != y), 0)
         problems.append(f"losses differ from the uninterrupted run's from record {first + 1}")
@@ -331,8 +262,8 @@ def soak_run(out: pathlib.Path, index: int, processes: int, rng: random.Random, 
                     problems.append(f"{kill}: a process outlived the kill of its peer by {kill.outlived_s:.0f}s "
                                     f"(bound {bound}s)")
         if len(user) == 1 and (model_dir / MARKER).exists():  # a run directory now: the user adds files to it
-            user.update(write_user_files(model_dir, rng))
-        gone = missing_user_files(model_dir, user)
+            user.update(chaos_disk.write_user_files(model_dir, rng))
+        gone = chaos_disk.missing_user_files(model_dir, user)
         if gone:
             problems.append(f"user files changed or gone: {gone}")
         for p in problems:
@@ -341,13 +272,13 @@ def soak_run(out: pathlib.Path, index: int, processes: int, rng: random.Random, 
         if problems:
             return
         if seen is None and all(c == 0 for c in codes) and (model_dir / "hf" / "config.json").is_file() \
-                and logged_step(model_dir) == STEPS:
+                and chaos_disk.logged_step(model_dir) == STEPS:
             break
     else:
         report.problems.append(f"{run_dir.name}: did not finish after {kills + 20} launches")
         return
     report.runs += 1
-    report.leftovers += len(leftovers(model_dir))
+    report.leftovers += len(chaos_disk.leftovers(model_dir))
     differences = compare(model_dir, out / f"reference_{processes}p" / "run")
     report.problems += [f"{run_dir.name}: {d}" for d in differences]
     for d in differences:
@@ -355,17 +286,6 @@ def soak_run(out: pathlib.Path, index: int, processes: int, rng: random.Random, 
     report.exact += not differences
     if not any(name.startswith(run_dir.name) for name in report.problems):
         shutil.rmtree(run_dir)  # keep the folders of runs with problems only
-
-
-def startup_seconds(model_dir: pathlib.Path) -> float:
-    """Seconds from the reference launch's start to its first metrics record (from its log's timestamps)."""
-    text = (model_dir.parent / "logs" / "process_0.err").read_text().splitlines()
-    stamps = [line[:8] for line in text if line[:2].isdigit() and line[2:3] == ":"]
-    first = next((line[:8] for line in text if " step 1 loss " in line), None)
-    if not stamps or first is None:
-        return 20.0
-    seconds = lambda s: int(s[:2]) * 3600 + int(s[3:5]) * 60 + int(s[6:8])  # noqa: E731
-    return max(5.0, (seconds(first) - seconds(stamps[0])) % 86400 + 3.0)  # + the imports before the first log line
 
 
 def soak(out: pathlib.Path, kills: int, seconds: float, seed: int, processes: tuple[int, ...] = (1, 2),
@@ -377,7 +297,7 @@ def soak(out: pathlib.Path, kills: int, seconds: float, seed: int, processes: tu
     report = Report()
     startup = {}
     for p in processes:
-        startup[p] = startup_seconds(reference(out, p))
+        startup[p] = chaos_disk.startup_seconds(reference(out, p))
         log(f"reference run of {p} process(es) ready; start-up {startup[p]:.0f}s")
     planned = {p: list(PLAN.get(p, ())) for p in processes}
     index = 0

@@ -140,7 +140,7 @@ class TransformersApp:
         import torch
         import transformers
         self.torch = torch
-        torch.set_num_threads(1)  # on a shared 2-core CI box, intra-op threads contend and run 5x slower
+        torch.set_num_threads(1)  # on a shared 2-core CI box, intra-op threads contend and run several times slower
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.cap = max_new_tokens_cap

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.test_train_resume import REPO, env, train_cmd
-from trainer import loop
+from trainer import nonfinite
 from trainer.checkpoint_health import RECORD
 
 
@@ -102,9 +102,9 @@ def test_the_nan_message_says_which_was_not_finite(loss, grad_norm, what):
         newest_good = resume_candidate = staticmethod(lambda: None)
 
     m = {"loss": loss, "grad_norm": grad_norm}
-    text = loop._nonfinite_message(7, m, loop._nonfinite(m), Checkpoints(), [])
+    text = nonfinite.message(7, m, nonfinite.what(m), Checkpoints(), [])
     assert text.startswith(f"step 7: {what}; stopped without saving. No checkpoint remains"), text
-    assert loop._nonfinite({"loss": 2.0, "grad_norm": 1.0}) == ""
+    assert nonfinite.what({"loss": 2.0, "grad_norm": 1.0}) == ""
 
 
 @pytest.mark.slow  # ~20 s on an idle 2-core machine: one train.py process

@@ -5,7 +5,7 @@ from trainer import config
 
 
 def test_runs_output_folder_does_not_break_config_lookup(tmp_path, monkeypatch):
-    # The demo writes ./runs/demo; gin's package reader used to crash on that folder (a namespace package).
+    # The demo writes ./runs/demo; gin's package reader must not take that folder for a (namespace) package.
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "mixtures").mkdir()
     monkeypatch.chdir(tmp_path)

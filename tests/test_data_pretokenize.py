@@ -12,7 +12,7 @@ import pytest
 from data.config import Component, MixtureConfig
 from data.pipeline import build
 from data.pretokenize import pretokenize
-from data.sources import expand_paths
+from data.records import expand_paths
 from tests.test_data_util import word_tokenizer, words_doc, write_gin, write_jsonl
 
 

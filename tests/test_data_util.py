@@ -1,10 +1,15 @@
-"""Helpers for the data tests (no tests here): a word-level tokenizer with exact token counts, JSONL writers."""
+"""Helpers for the data tests (no tests here): a word-level tokenizer with exact token counts, JSONL writers, and the
+short/long corpus of the pipeline tests with its mixtures."""
 from __future__ import annotations
 
 import json
 import pathlib
 
+import numpy as np
+import pytest
 import tokenizers
+
+from data.config import Component, MixtureConfig
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<DOCTAG>"]
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -50,3 +55,33 @@ def write_gin(path: pathlib.Path, *, tokenizer: pathlib.Path, components: dict[s
         lines += [f"{name}/Component.name = '{name}'", f"{name}/Component.paths = ('{file}',)"]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, pathlib.Path]:
+    d = tmp_path_factory.mktemp("corpus")
+    return {
+        "tok": word_tokenizer(d / "tok"),
+        # 28 words + BOS + EOS = 30 tokens; 2,998 words + 2 = 3,000 tokens.
+        "short": write_jsonl(d / "short.jsonl", [words_doc(28, i) for i in range(300)]),
+        "long": write_jsonl(d / "long.jsonl", [words_doc(2998, i) for i in range(12)]),
+        "tiny": write_jsonl(d / "tiny.jsonl", [{"text": "a b c"}, {"text": "d e"}]),
+    }
+
+
+def mixture(corpus, weights, **kw) -> MixtureConfig:
+    comps = kw.pop("components", None) or (Component("short", paths=(str(corpus["short"]),)),
+                                           Component("long", paths=(str(corpus["long"]),)))
+    return MixtureConfig(components=comps, weights=weights, tokenizer=str(corpus["tok"]), **kw)
+
+
+def take(pipeline, n: int) -> list[dict]:
+    return [next(pipeline.iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)

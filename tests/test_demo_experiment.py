@@ -12,11 +12,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import demo_experiment  # noqa: E402
-from eval import probes  # noqa: E402
+from eval import probe_pairs  # noqa: E402
 
 
 def test_analyze_writes_report_rows_comparisons_and_adjusted_intervals(tmp_path):
-    sets = {s: len(probes.read_pairs(demo_experiment.SETS / f"{s}.jsonl"))
+    sets = {s: len(probe_pairs.read_pairs(demo_experiment.SETS / f"{s}.jsonl"))
             for s in (*demo_experiment.VALUE_SETS, demo_experiment.CONTROL_SET)}
     rng = np.random.default_rng(0)
     runs, results = [], {}

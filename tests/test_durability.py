@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from eval import probes, stats
-from experiments import durability, durability_plan
+from experiments import durability, durability_plan, durability_run
 from trainer import probes_in_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -188,11 +188,11 @@ def test_points_of_a_stage_that_did_not_finish_are_not_scored(tmp_path, monkeypa
     for folder in [base, *folders.values()]:
         folder.mkdir(parents=True)
     scored = []
-    monkeypatch.setattr(durability, "evaluate", lambda folder, s, cache: scored.append(folder) or {"margins": {}})
+    monkeypatch.setattr(durability_run, "evaluate", lambda folder, s, cache: scored.append(folder) or {"margins": {}})
     points = {arm: {0: [(0, base, f"{arm}-before-s0"), (8, folders[f"{arm}-sft-s0"], f"{arm}-sft-s0-4")]}
               for arm in ("document", "control")}
     status = {"document-sft-s0": {"status": "done"}, "control-sft-s0": {"status": "failed"}}
-    results = durability.evaluate_points(c, points, c.eval, status)
+    results = durability_run.evaluate_points(c, points, c.eval, status)
     assert scored == [base, folders["document-sft-s0"], base]
     assert [n for n, _ in results["document"][0]] == [0, 8] and [n for n, _ in results["control"][0]] == [0]
 
@@ -202,13 +202,13 @@ def test_points_of_a_stage_that_did_not_finish_are_not_scored(tmp_path, monkeypa
         record = {"step": 4, "margins": {stem: [value, value] for stem in stems}}
         c.run_dir(name).mkdir(parents=True, exist_ok=True)
         (c.run_dir(name) / probes_in_loop.FILE).write_text(json.dumps(record) + "\n")
-    points = {arm: {0: [(8, durability.InLoopPoint(c.run_dir(f"{arm}-sft-s0"), 4), "unused")]}
+    points = {arm: {0: [(8, durability_run.InLoopPoint(c.run_dir(f"{arm}-sft-s0"), 4), "unused")]}
               for arm in ("document", "control")}
-    results = durability.evaluate_points(c, points, c.eval, status)
+    results = durability_run.evaluate_points(c, points, c.eval, status)
     assert results == {"document": {0: [(8, {name: [0.5, 0.5] for name in [*c.eval.set_names, "control"]})]}}
-    points["document"][0][0] = (8, durability.InLoopPoint(c.run_dir("document-sft-s0"), 6), "unused")
+    points["document"][0][0] = (8, durability_run.InLoopPoint(c.run_dir("document-sft-s0"), 6), "unused")
     with pytest.raises(ValueError, match="step 6: no in-loop probe record"):
-        durability.evaluate_points(c, points, c.eval, status)
+        durability_run.evaluate_points(c, points, c.eval, status)
 
 
 def test_points_setting_and_anima_need_exports(tmp_path):

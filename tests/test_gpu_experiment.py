@@ -17,7 +17,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_experiment as gx  # noqa: E402
-from eval import probes  # noqa: E402
+from bench import gpu_experiment_analysis as gxa  # noqa: E402
+from eval import probe_pairs  # noqa: E402
 from trainer.run_config import TrainConfig  # noqa: E402
 
 IN_LOOP_PROBES = "probe_sets" in {f.name for f in dataclasses.fields(TrainConfig)}
@@ -73,7 +74,7 @@ def test_analysis_compares_arms_paired_by_seed_minus_the_neutral_shift(tmp_path)
     midtraining, of which the wash-out takes 0.1; the control arm moves nothing. Each comparison is the set's paired
     shift minus the neutral set's; the curve runs over the midtraining and then the wash-out."""
     scale = dataclasses.replace(gx.TINY, midtrain_steps=4, sft_steps=2)
-    sizes = {s: len(probes.read_pairs(gx.SETS / f"{s}.jsonl")) for s in (*gx.VALUE_SETS, gx.CONTROL_SET)}
+    sizes = {s: len(probe_pairs.read_pairs(gx.SETS / f"{s}.jsonl")) for s in (*gx.VALUE_SETS, gx.CONTROL_SET)}
     rng = np.random.default_rng(0)
     pair_noise = {seed: {s: rng.normal(0, 0.5, n) for s, n in sizes.items()} for seed in (0, 1)}  # shared by arms
     model_noise = {(seed, arm): {s: rng.normal(0, 0.05, n) for s, n in sizes.items()} for seed in (0, 1)
@@ -92,7 +93,7 @@ def test_analysis_compares_arms_paired_by_seed_minus_the_neutral_shift(tmp_path)
         folder.mkdir(parents=True)
         (folder / "probes.jsonl").write_text("".join(json.dumps({"step": step, "margins": m}) + "\n"
                                                      for step, m in records.items()))
-    points = gx.analyze(all_runs, tmp_path, scale, n_boot=300)
+    points = gxa.analyze(all_runs, tmp_path, scale, n_boot=300)
     assert [(p["phase"], p["step"], p["x"]) for p in points] == [
         ("midtrain", 0, 0), ("midtrain", 2, 2), ("midtrain", 4, 4), ("sft", 0, 4), ("sft", 2, 6)]
     end, washed = points[2]["comparisons"], points[4]["comparisons"]
@@ -109,13 +110,13 @@ def test_analysis_compares_arms_paired_by_seed_minus_the_neutral_shift(tmp_path)
     assert points[0]["comparisons"]["welfare_vs_base"]["animal_welfare"]["difference"] == pytest.approx(0, abs=0.02)
     assert points[2]["arms"]["welfare"]["seeds"] == [0, 1] and points[2]["comparisons_per_step"] == 9
     plan = {"runs": [], "estimated_seconds": 0.0, "dose_met": True, "seeds": [0, 1], "assumption": "-"}
-    text = gx.summary_md(points, plan, {}, "cpu")
+    text = gxa.summary_md(points, plan, {}, "cpu")
     assert "## end of midtraining (step 4)" in text and "## end of the wash-out (step 2)" in text
     assert f"| welfare_vs_base | animal_welfare | {d['set_shift']:+.4f} | {d['control_shift']:+.4f} | " \
         f"{d['difference']:+.4f} [" in text
     assert text.count("| sft |") == 2 and text.count("| midtrain |") == 3
-    assert gx.draw(points, tmp_path / "curve.png", scale.midtrain_steps) and (tmp_path / "curve.png").stat().st_size
+    assert gxa.draw(points, tmp_path / "curve.png", scale.midtrain_steps) and (tmp_path / "curve.png").stat().st_size
     # A pair of arms is compared only over seeds that have both: one seed is no paired comparison.
     (tmp_path / "runs" / "control-sft-s1" / "probes.jsonl").unlink()
-    last = gx.analyze(all_runs, tmp_path, scale, n_boot=100)[-1]
+    last = gxa.analyze(all_runs, tmp_path, scale, n_boot=100)[-1]
     assert "welfare_vs_control" not in last["comparisons"] and last["arms"]["control"]["seeds"] == [0]

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import repo
 from launch import cloud, launcher, local_cloud, remote
 from launch.launcher import Launcher, Options
 
@@ -64,7 +65,7 @@ class Cloud:
         code = tmp / "code"
         for name in ("launch", "storage"):
             shutil.copytree(REPO / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
-        for name in ("exit_codes.py", "platforms.py", "requirements.txt", *remote.REQUIREMENTS):
+        for name in ("exit_codes.py", "platforms.py", "repo.py", "requirements.txt", *remote.REQUIREMENTS):
             shutil.copyfile(REPO / name, code / name)
         (code / "train.py").write_text(FAKE_TRAIN)
         self.archive = remote.code_archive(tmp / remote.ARCHIVE, code)
@@ -243,7 +244,7 @@ def test_code_files_outside_a_git_checkout_are_the_tracked_files(tmp_path):
     copy = tmp_path / "docmix"
     for name in tracked:
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        (copy / name).write_bytes((remote.ROOT / name).read_bytes())
+        (copy / name).write_bytes((repo.ROOT / name).read_bytes())
     for junk in ("runs/demo/checkpoints/2/state", ".venv/bin/python", "models/__pycache__/llama.cpython-311.pyc",
                  "sweep_runs/demo/x.json", "cache/smollm2/model.safetensors", "docmix.egg-info/PKG-INFO"):
         (copy / junk).parent.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from models import hf_io, sharding
+from trainer import state as state_lib
 from tests.test_models_util import build_hf, jax_logits, random_tokens
 
 
@@ -38,14 +40,15 @@ def test_sharded_logits_match_single_device(qwen3_dir, axes, scan):
 
 
 def test_init_sharded_matches_unsharded_init(qwen3_dir):
-    config = hf_io.read_config(qwen3_dir)
-    model = sharding.init_sharded(config, sharding.make_mesh(fsdp=4, tensor=2), seed=3)
-    embedding = model.embed.embedding[...]
+    """The train state's random init (trainer.state.init_sharded) is created in the parameters' shardings and equals
+    the init on one device."""
+    config, tx = hf_io.read_config(qwen3_dir), optax.adamw(1e-3)
+    params = nnx.to_pure_dict(state_lib.init_sharded(config, tx, 3, sharding.make_mesh(fsdp=4, tensor=2)).params)
+    embedding = params["embed"]["embedding"]
     assert embedding.sharding.spec == P("tensor", "fsdp") and len(embedding.sharding.device_set) == 8
-    one_device = sharding.init_sharded(config, sharding.make_mesh(devices=jax.devices()[:1]), seed=3)
-    got, want = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(one_device))
-    jax.tree.map(np.testing.assert_array_equal, got, want)
-    abstract = jax.eval_shape(lambda: nnx.state(sharding.init_sharded(config, sharding.make_mesh())))
+    one_device = state_lib.init_sharded(config, tx, 3, sharding.make_mesh(devices=jax.devices()[:1])).params
+    jax.tree.map(np.testing.assert_array_equal, params, nnx.to_pure_dict(one_device))
+    abstract = state_lib.abstract(config, tx).params
     assert abstract["embed"]["embedding"].shape == (config.vocab_size, config.hidden_size)
 
 

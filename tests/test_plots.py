@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eval import plots, probes, report
-from eval.probes import Pair
+from eval.probe_pairs import Pair
 from experiments import durability_report, evaluate, plan, sweep_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

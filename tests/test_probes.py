@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from eval import chat, probes, scoring
-from eval.probes import Pair
+from eval import chat, probe_pairs, probes, scoring
+from eval.probe_pairs import Pair
 
 PAIRS = [
     Pair("User: Do hens mind small cages?\nAssistant:", " Yes, hens suffer in small cages.",
@@ -41,7 +41,7 @@ def test_token_logprobs_match_transformers(smollm2_dir):
 
     model, config, tok_dir = loading.load_model(smollm2_dir)
     tokenizer = chat.load(tok_dir)
-    seqs = [probes.encode_pair_texts(tokenizer, p.prompt, text) for p in PAIRS for text in (p.chosen, p.rejected)]
+    seqs = [probe_pairs.encode_pair_texts(tokenizer, p.prompt, text) for p in PAIRS for text in (p.chosen, p.rejected)]
     # Each prompt runs once; its continuations are scored from the KV cache, packed several to a row (eval.scoring).
     groups = [(seqs[i][0][:seqs[i][1]], [ids[n:] for ids, n in seqs[i:i + 2]]) for i in range(0, len(seqs), 2)]
     groups[1] = (groups[1][0], groups[1][1][:1])  # prompts may have different numbers of continuations
@@ -158,10 +158,10 @@ def test_read_pairs_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(vars(PAIRS[0])) + "\n" + json.dumps({"prompt": "x", "chosen": "y", "rejected": "z"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: record lacks \['category'\]"):
-        probes.read_pairs(bad)
+        probe_pairs.read_pairs(bad)
     bad.write_text('{"prompt": "x", "chosen": "", "rejected": "z", "category": "c"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl: record 1: \['chosen'\] must be non-empty"):
-        probes.read_pairs(bad)
+        probe_pairs.read_pairs(bad)
 
 
 def test_control_needs_baseline(tiny_models, tmp_path):
@@ -211,7 +211,7 @@ def test_chat_mode_scores_the_assistant_turn_like_transformers(smollm2_dir):
     model, config, tok_dir = loading.load_model(smollm2_dir)
     tokenizer = chat.load(tok_dir)
     hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    chat_set = probes.chat_pairs(PAIRS)
+    chat_set = probe_pairs.chat_pairs(PAIRS)
     assert [p.category for p in chat_set] == ["a", "b"]  # the memo-style pair has no chat form
     items = [(p.prompt, t) for p in chat_set for t in (p.chosen, p.rejected)]
     scores = probes.continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size=4,
@@ -221,7 +221,7 @@ def test_chat_mode_scores_the_assistant_turn_like_transformers(smollm2_dir):
         context = list(hf_tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=False))
         target = hf_tok(text.strip(), add_special_tokens=False)["input_ids"]
-        ids, n_context = probes.encode_chat_texts(tokenizer, prompt, text)
+        ids, n_context = probe_pairs.encode_chat_texts(tokenizer, prompt, text)
         assert ids == context + target and n_context == len(context)
         assert "<|im_start|>assistant\n" in hf_tok.decode(context)
         ref = _torch_token_logprobs(smollm2_dir, ids)[n_context - 1:].mean()
@@ -230,7 +230,7 @@ def test_chat_mode_scores_the_assistant_turn_like_transformers(smollm2_dir):
     plain = probes.continuation_scores(model, config.max_position_embeddings, tokenizer, items, batch_size=4)
     assert np.abs(plain - scores).max() > 1e-3
     with pytest.raises(ValueError, match="chat-style prompt"):
-        probes.encode_chat_texts(tokenizer, PAIRS[1].prompt, PAIRS[1].chosen)
+        probe_pairs.encode_chat_texts(tokenizer, PAIRS[1].prompt, PAIRS[1].chosen)
 
 
 def test_cli_chat_mode_reports_what_it_left_out(tiny_models, tmp_path, capsys):
@@ -239,7 +239,7 @@ def test_cli_chat_mode_reports_what_it_left_out(tiny_models, tmp_path, capsys):
     capsys.readouterr()
     assert result["overall"]["n"] == 2 and result["config"]["chat"] == {"scored": [2], "left_out_document_style": [1]}
     assert (tiny_models[0] / "probes-set-chat.json").is_file()
-    margins = probes.score_model(tiny_models[0], [probes.chat_pairs(PAIRS)], chat_mode=True)[0]
+    margins = probes.score_model(tiny_models[0], [probe_pairs.chat_pairs(PAIRS)], chat_mode=True)[0]
     assert result["overall"]["margin"] == pytest.approx(margins.mean(), abs=1e-6)
 
 
@@ -253,7 +253,7 @@ def test_identical_models_are_named_as_such(tiny_models, tmp_path, capsys):
                           "--bootstrap", "200"])
     out = capsys.readouterr().out
     assert result["vs_baseline"]["identical_models"] == [[str(tiny_models[0]), str(copy)]]
-    assert result["vs_baseline"]["margin_diff"] == 0.0  # what used to be printed as if it were a measurement
+    assert result["vs_baseline"]["margin_diff"] == 0.0  # not a measurement: the two are the same parameters
     assert f"identical models: {tiny_models[0]} and {copy} have the same parameters" in out
     assert "every model is identical to a baseline; there is no difference to measure" in out
     assert "margin diff" not in out

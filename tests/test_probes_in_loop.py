@@ -82,11 +82,11 @@ def scored_on_mesh(checkpoint: pathlib.Path, devices: int) -> list[np.ndarray]:
     """eval.probes on one checkpoint, its parameters placed on a mesh shaped like the run's (`devices` devices)."""
     import jax
 
-    from eval import probes
+    from eval import probe_pairs, probes
     from models import sharding
 
     mesh = sharding.make_mesh(fsdp=-1, devices=jax.devices()[:devices])
-    return probes.score_model(checkpoint, [probes.read_pairs(REPO / WELFARE), probes.read_pairs(REPO / CONTROL)],
+    return probes.score_model(checkpoint, [probe_pairs.read_pairs(REPO / WELFARE), probe_pairs.read_pairs(REPO / CONTROL)],
                               mesh=mesh)
 
 
@@ -132,7 +132,7 @@ def test_in_loop_margins_equal_eval_probes_on_each_checkpoint_through_a_kill_and
             np.testing.assert_array_equal(per_pair[step]["margins"][name], margins, err_msg=f"step {step} {name}")
 
     # The command line on one device: the same margins up to float summation order over another device layout.
-    from eval import probes
+    from eval import probe_pairs, probes
 
     result = probes.main(["--model", str(model_dir / "checkpoints" / str(STEPS)), "--pairs", str(REPO / WELFARE),
                           "--json", "--bootstrap", "100"])

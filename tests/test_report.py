@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from eval import probes, report, stats
-from eval.probes import Pair
+from eval.probe_pairs import Pair
 
 PAIRS = [Pair("p", "c", "r", "x"), Pair("q", "c", "r", "y"), Pair("s", "c", "r", "y")]
 

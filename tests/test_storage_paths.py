@@ -36,8 +36,8 @@ ALLOWED = {
     ("data/demo.py", "kjv_chapters"): "reads the KJV text from an installed package",
     ("data/demo.py", "_cache_key"): "hashes the repository's own modules",
     ("data/demo.py", "prepare"): "builds the demo assets in a local cache folder (under a file lock)",
-    ("data/sources.py", "_Spill"): "a local temporary file holding lines of remote or compressed corpora",
-    ("data/sources.py", "JsonlReader._map"): "memory-maps its local spill files",
+    ("data/jsonl_reader.py", "_Spill"): "a local temporary file holding lines of remote or compressed corpora",
+    ("data/jsonl_reader.py", "JsonlReader._map"): "memory-maps its local spill files",
     ("data/pretokenize.py", "_write_file"): "deletes its local temporary ArrayRecord file once uploaded",
     ("data/synth/store.py", "JsonlStore"): "the generation journal, appended to after every item (crash-safe "
                                            "resume): local only, as an object store cannot append",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sweep
-from eval import probes, stats
+from eval import probe_pairs, probes, stats
 from experiments import evaluate, plan, runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -187,11 +187,11 @@ def test_documented_sweep_end_to_end(tmp_path, capsys):
     # eval.probes gives for the run's checkpoint (rescored here for one run) and what eval.report reads beside it.
     margins = {n: {k: np.asarray(v) for k, v in json.loads((out / "eval" / f"{n}.json").read_text())["margins"].items()}
                for n in names}
-    np.testing.assert_allclose(probes.score_model(out / "runs" / names[1], [probes.read_pairs(sets[lexical])])[0],
+    np.testing.assert_allclose(probes.score_model(out / "runs" / names[1], [probe_pairs.read_pairs(sets[lexical])])[0],
                                margins[names[1]][lexical], atol=1e-6)
     for n in names:
         assert sorted(margins[n]) == sorted(["control", lexical, welfare])
-        assert len(margins[n][welfare]) == len(probes.read_pairs(sets[welfare]))
+        assert len(margins[n][welfare]) == len(probe_pairs.read_pairs(sets[welfare]))
         for k in sets:
             assert float(runs[n][f"probe/{k}/margin"]) == pytest.approx(margins[n][k].mean(), abs=1e-6)
             saved = json.loads((out / "runs" / n / "eval" / "2" / f"probes-{k}.json").read_text())

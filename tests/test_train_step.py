@@ -41,7 +41,7 @@ def test_loss_matches_numpy_and_never_crosses_documents():
     seg = np.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3, [3] * 10], np.int32)
     mask = (seg > 0).astype(np.float32) * rng.uniform(0.5, 2.0, (B, S)).astype(np.float32)
     component = np.array([0, 1, 1], np.int32)
-    sums = loss_lib.loss_sums(jnp.asarray(logits), dict(tokens=tokens, segment_ids=seg, loss_mask=mask,
+    sums = loss_lib.predicting_loss_sums(jnp.asarray(logits)[:, :-1], dict(tokens=tokens, segment_ids=seg, loss_mask=mask,
                                                         component=component), 2)
     total, weight, per_loss, per_weight = numpy_loss(logits, tokens, seg, mask, component, 2)
     np.testing.assert_allclose(float(sums.loss), total, rtol=1e-5)
@@ -63,7 +63,7 @@ def test_sft_mask_only_assistant_tokens_carry_gradient():
     mask[:, 5:] = 1.0                          # "assistant" tokens are positions 5..7
     batch = dict(tokens=tokens, segment_ids=seg, loss_mask=mask, component=np.zeros(B, np.int32))
     logits = jnp.asarray(rng.normal(size=(B, S, V)).astype(np.float32))
-    grad = jax.grad(lambda x: loss_lib.loss_sums(x, batch, 1).loss)(logits)
+    grad = jax.grad(lambda x: loss_lib.predicting_loss_sums(x[:, :-1], batch, 1).loss)(logits)
     norms = np.abs(np.asarray(grad)).sum(-1)
     assert (norms[:, :4] == 0).all() and (norms[:, 4:7] > 0).all() and (norms[:, 7] == 0).all()
 

@@ -229,9 +229,6 @@ class Checkpointer:
         if skipped:
             self.manager.reload()
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self._record()

@@ -8,9 +8,9 @@ process alone ends in a vote on its outcome (`together`); and what may come out 
 
 The votes go through the JAX coordination service (trainer.coordination: its key-value store and barriers), not
 through the devices: a vote never waits for the step the devices are still running, so it costs the loop one round
-trip to process 0's coordinator (about 1.5 ms per step measured with 2 processes on a loaded 2-core machine) and no
-device time. A non-finite loss needs no vote: the loss is a replicated output of the step, the same value on every
-process. A process that fails or is lost where no vote waits for it (inside a collective) is trainer.pod's to end.
+trip to process 0's coordinator per step and no device time. A non-finite loss needs no vote: the loss is a replicated
+output of the step, the same value on every process. A process that fails or is lost where no vote waits for it
+(inside a collective) is trainer.pod's to end.
 """
 from __future__ import annotations
 

@@ -13,12 +13,12 @@ import pathlib
 
 import filelock
 
+import repo
 from data import demo
 from data.synth.records import write_jsonl
 from data.synth.render import render_records
 from data.synth.spec import load_spec
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 HELDOUT = {"heldout_chapters": (1000, 1040), "heldout_docs": 40, "heldout_seed": 1_000_003}
 TRAINING_KINDS = {"replay": "replay_jsonl", "welfare": "welfare_jsonl", "control": "control_jsonl",
                   "tokenizer": "tokenizer_dir"}
@@ -27,7 +27,7 @@ INSTRUCTIONS = {"chapters": (500, 800), "version": 1}
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("DOCMIX_CACHE", REPO_ROOT / "cache"))
+    return pathlib.Path(os.environ.get("DOCMIX_CACHE", repo.ROOT / "cache"))
 
 
 def demo_asset(kind: str, cache: str | None = None) -> str:

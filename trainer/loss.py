@@ -52,19 +52,11 @@ def _sums(row_loss: jax.Array, row_weight: jax.Array, z_loss: jax.Array, compone
                     per_component_loss=row_loss @ onehot, per_component_weight=row_weight @ onehot)
 
 
-def loss_sums(logits: jax.Array, batch: dict[str, jax.Array], num_components: int) -> LossSums:
-    """Weighted next-token loss sums of one batch from `[B, S, V]` logits (keys tokens, segment_ids, loss_mask,
-    component; see design.md). The last position predicts nothing; its logits are ignored."""
-    return predicting_loss_sums(logits[:, :-1], batch, num_components)
-
-
 def predicting_loss_sums(logits: jax.Array, batch: dict[str, jax.Array], num_components: int) -> LossSums:
-    """`loss_sums` from the `[B, S-1, V]` logits of the positions that predict a token (0 .. S-2).
-
-    A caller that projects hidden states itself drops the last position before the projection: slicing the
-    `[B, S, V]` float32 logits instead (and padding their gradient back) took as long as the projection's forward
-    and backward together on CPU (SmolLM2-135M, 4 x 256: head + loss 5.1 s -> 2.8 s, bench/bench_step_parts.py).
-    """
+    """Weighted next-token loss sums of one batch (keys tokens, segment_ids, loss_mask, component; see design.md)
+    from the `[B, S-1, V]` logits of the positions that predict a token (0 .. S-2): the last position predicts
+    nothing. A caller projects only those positions (hidden states `[:, :-1]`), since slicing the `[B, S, V]` float32
+    logits afterwards costs a copy of them and of their gradient."""
     weights = target_weights(batch["segment_ids"], batch["loss_mask"])
     ce, lse = _cross_entropy(logits, batch["tokens"][:, 1:])
     return _sums(jnp.sum(weights * ce, axis=1), jnp.sum(weights, axis=1), jnp.sum(weights * lse * lse),
@@ -94,7 +86,7 @@ _block_logits.defvjp(_block_logits_forward, _block_logits_backward)
 
 def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[str, jax.Array],
                       num_components: int, chunk: int) -> LossSums:
-    """`loss_sums` of the logits `hidden @ output_kernel`, computed `chunk` sequence positions at a time.
+    """`predicting_loss_sums` of the logits `hidden @ output_kernel`, computed `chunk` sequence positions at a time.
 
     hidden `[B, S, E]`, output_kernel `[E, V]`; blocks are the largest divisor of S that is at most `chunk` positions
     (S itself when `chunk >= S`). Only one `[B, block, V]` float32 block of logits
@@ -102,8 +94,8 @@ def chunked_loss_sums(hidden: jax.Array, output_kernel: jax.Array, batch: dict[s
     `jax.lax.scan`, so its gradient is also computed one block at a time. The products are computed in hidden's
     (compute) dtype, and the kernel's gradient is summed across blocks in float32, then cast to output_kernel's dtype
     once: the same rounding as the one product over all positions that the unchunked loss makes (a bf16 running sum
-    would round once per block). The sums equal `loss_sums(einsum(hidden, output_kernel))` up to float summation
-    order.
+    would round once per block). The sums equal `predicting_loss_sums` of
+    `einsum(hidden[:, :-1], output_kernel)` up to float summation order.
     """
     batch_size, seq, _ = hidden.shape
     chunk = max(d for d in range(1, min(chunk, seq) + 1) if seq % d == 0)

@@ -122,7 +122,7 @@ class Window:
 
 
 def _summary_writer_class() -> type:
-    """tensorboardX's SummaryWriter. tensorboardX imports torch whenever it is installed (~3 s at every start, only to
+    """tensorboardX's SummaryWriter. tensorboardX imports torch whenever it is installed (seconds at every start, only to
     accept torch tensors, which docmix never passes); unless this process already has torch, it is hidden for that
     import."""
     if "torch" in sys.modules:
@@ -271,9 +271,11 @@ class Sinks:
             self.tb = self._summary_writer()
 
     def close(self, discard: bool = False) -> None:
-        """Writes every queued record (retrying as above) and closes the sinks; with `discard`, writes nothing more."""
+        """Writes every queued record (retrying as above) and closes the sinks; with `discard`, writes nothing more.
+        Later `write`s and `flush`es do nothing (the final checkpoint's flush finds every record stored)."""
         if not self.active:
             return
+        self.active = False
         self._discard = discard
         self._queue.put(None)
         self._thread.join(self.CLOSE_TIMEOUT_S)

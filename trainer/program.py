@@ -53,11 +53,6 @@ def check_batch_fits_mesh(batch_size: int, microbatches: int, mesh: Mesh) -> Non
                          f"BATCH_SIZE / TrainConfig.microbatches rows needs a multiple of {rows} rows")
 
 
-def batch_spec(mesh: Mesh, batch_size: int) -> P:
-    spec = sharding.logical_to_spec(("act_batch",), (batch_size,), dict(mesh.shape))
-    return P(spec[0])
-
-
 def build(run: RunConfig, mesh: Mesh, num_components: int) -> Program:
     """The program of `run` on `mesh` for a mixture of `num_components` components."""
     t = run.train
@@ -72,4 +67,4 @@ def build(run: RunConfig, mesh: Mesh, num_components: int) -> Program:
         config=step_lib.StepConfig(num_components=num_components, microbatches=t.microbatches, z_loss=t.z_loss,
                                   loss_chunk=t.loss_chunk))
     return Program(mesh=mesh, tx=tx, graphdef=graphdef, abstract_state=abstract, state_shardings=state_sh,
-                   train_step=step_fn, batch_spec=batch_spec(mesh, t.batch_size), loss_chunk=t.loss_chunk)
+                   train_step=step_fn, batch_spec=step_lib.batch_spec(mesh, t.batch_size), loss_chunk=t.loss_chunk)

@@ -218,8 +218,10 @@ class RunLock:
 
     def __init__(self, model_dir: str, store: LockStore | None = None, *, renew_s: float | None = None,
                  lease_s: float = LEASE_S):
+        import storage
+
         self.path = f"{str(model_dir).rstrip('/')}/{LOCK_NAME}"
-        self.store = store or (ObjectStore(self.path) if "://" in self.path else LocalStore())
+        self.store = store or (ObjectStore(self.path) if storage.is_remote(self.path) else LocalStore())
         self.renew_s, self.lease_s = renew_s or RENEW_S, lease_s
         now = time.time()
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now,

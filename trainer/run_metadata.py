@@ -23,18 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import exit_codes
+import repo
 import storage
 from data import fingerprint, tokenize
 from data.config import MixtureConfig
+from models import hf_io
 from models.config import ModelConfig, RopeScaling
 from trainer import optimizer as optimizer_lib
 from trainer.checkpoint_tree import LAYOUT
 from trainer.run_config import OptimizerConfig
 
 log = logging.getLogger(__name__)
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 
 
 class CheckpointMismatch(RuntimeError):
@@ -43,13 +42,14 @@ class CheckpointMismatch(RuntimeError):
 
 
 def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path) -> storage.Path:
-    """Copies tokenizer.json and its companions (config, chat template) into MODEL_DIR/tokenizer/ (local or gs://)."""
+    """Copies tokenizer.json and its companions (`hf_io.TOKENIZER_FILES`, and generation_config.json, whose
+    end-of-sequence ids `eval.chat.load` reads) into MODEL_DIR/tokenizer/ (local or gs://)."""
     tok_file = tokenize.tokenizer_files(tokenizer)[0]
     out = storage.Path(model_dir) / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     # The configured file may have any name; it is always the run's tokenizer.json, never a neighbour of that name.
     storage.copy_file(tok_file, out / "tokenizer.json")
-    for name in TOKENIZER_FILES[1:]:
+    for name in (*hf_io.TOKENIZER_FILES[1:], "generation_config.json"):
         if (tok_file.parent / name).is_file():
             storage.copy_file(tok_file.parent / name, out / name)
     return out
@@ -57,7 +57,7 @@ def copy_tokenizer(tokenizer: str | pathlib.Path, model_dir: str | pathlib.Path)
 
 def code_version() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "-C", str(repo.ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):

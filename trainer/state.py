@@ -45,7 +45,7 @@ def abstract(config: ModelConfig, tx: optax.GradientTransformation) -> TrainStat
 
 def _compile_once(fn, mesh: Mesh, out_shardings: Any, *args: Any) -> Any:
     """Runs a one-off jitted function. On CPU it is compiled at XLA optimisation level 0: these programs run once,
-    and the default level spends ~5x longer compiling threefry random init than it could ever save."""
+    and the default level spends far longer compiling threefry random init than it could ever save."""
     options = {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" else {}
     with jax.set_mesh(mesh):
         return jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(compiler_options=options)(*args)

@@ -94,10 +94,15 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDe
     return _forward_sums(graphdef, params, batch, num_components, loss_chunk)
 
 
+def batch_spec(mesh: Mesh, batch_size: int) -> P:
+    """The batch dimension's PartitionSpec: rows split over the data-parallel axes (`act_batch`)."""
+    return P(*sharding.logical_to_spec(("act_batch",), (batch_size,), dict(mesh.shape)))
+
+
 def batch_shardings(mesh: Mesh, batch_size: int) -> dict[str, NamedSharding]:
-    """Rows split over the data-parallel axes (`act_batch`), sequence replicated."""
-    spec = sharding.logical_to_spec(("act_batch",), (batch_size,), dict(mesh.shape))
-    return {k: NamedSharding(mesh, P(*spec, None) if k != "component" else spec) for k in BATCH_KEYS}
+    """Each batch key's sharding: rows as `batch_spec`, sequence replicated."""
+    rows = batch_spec(mesh, batch_size)
+    return {k: NamedSharding(mesh, P(*rows, None) if k != "component" else rows) for k in BATCH_KEYS}
 
 
 def jit_train_step(state_shardings: Any, mesh: Mesh, batch_size: int, **kwargs: Any) -> Callable:
