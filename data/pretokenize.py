@@ -21,7 +21,9 @@ import numpy as np
 import storage
 from data.config import Component, MixtureConfig
 from data.documents import DocumentEncoder
-from data.sources import DocumentSource, RangeSlice, ScanReport, expand_paths, open_source, shard_range
+from data.readers import RangeSlice
+from data.records import expand_paths, shard_range
+from data.sources import DocumentSource, ScanReport, open_source
 from data.tokenize import TextEncoder, tokenizer_sha256
 
 METADATA = "pretokenized.json"

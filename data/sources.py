@@ -19,8 +19,8 @@ import numpy as np
 
 from data.config import Component
 from data.jsonl_reader import JsonlReader
-from data.readers import RangeSlice, make_reader  # noqa: F401 (RangeSlice: data.pretokenize imports it from here)
-from data.records import BadInputError, BadRecord, expand_paths, shard_range, too_large  # noqa: F401 (the same)
+from data.readers import make_reader
+from data.records import BadInputError, BadRecord, too_large
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 
 from data.config import Component, MixtureConfig
 from data.pipeline import build
-from data.sources import BadInputError
+from data.records import BadInputError
 from data.tokenize import check_vocab
 from tests.test_data_util import word_tokenizer, write_jsonl
 

@@ -9,6 +9,7 @@ import pathlib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLOORS = {
     "storage": 0, "exit_codes": 0, "platforms": 0, "progress": 0, "host_memory": 0, "ginfiles": 0, "shims": 0,
+    "repo": 0,
     "models": 1, "data": 1,
     "trainer": 2,
     "eval": 3, "launch": 3,

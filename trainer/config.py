@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import gin
 
 import ginfiles
+import repo
 import storage
 from ginfiles import ConfigError, add_gin_flags, bound  # noqa: F401 (the trainer's config API)
 from data.config import Component, MixtureConfig
@@ -23,7 +24,7 @@ from models.config import ModelConfig, RopeScaling
 from trainer.demo_assets import demo_asset
 from trainer.run_config import CheckpointConfig, OptimizerConfig, TrainConfig
 
-CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[1] / "t5x_configs"
+CONFIG_ROOT = repo.ROOT / "t5x_configs"
 DEFAULT_RUN = "runs/demo.gin"
 KNOWN_MACROS = ("MODEL_DIR", "TRAIN_STEPS", "BATCH_SIZE", "SEQ_LEN", "SEED", "CHECKPOINT_EVERY", "MIXTURE_WEIGHTS")
 # Which macro base.gin wires into a field, so a validation error names what the user actually typed.
