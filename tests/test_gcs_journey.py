@@ -114,8 +114,7 @@ bootstrap = 200
 def test_a_run_lives_in_the_bucket_from_init_to_report(hf_in_bucket, tmp_path, monkeypatch, capsys):
     import sweep
     from eval import generate, heldout, probes, report
-    from models import convert
-    from trainer import checkpoint, metrics_file
+    from trainer import checkpoint, convert, metrics_file
 
     monkeypatch.chdir(tmp_path)  # the user's working directory: nothing may land here
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # the train.py subprocesses

@@ -93,7 +93,7 @@ def test_cli_prints_json(smollm2_dir, capsys, greedy_batch):
 
 @pytest.mark.slow  # ~30 s: writes SmolLM2 as a docmix Orbax run directory, restores it, compiles again
 def test_run_directory_gives_the_same_text(smollm2_dir, tmp_path, greedy_batch):
-    from models import convert
+    from trainer import convert
 
     convert.hf_to_orbax(smollm2_dir, tmp_path / "run")
     restored = generate.load(tmp_path / "run")  # restore_model: latest checkpoint + the run's tokenizer/

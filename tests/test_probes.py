@@ -173,7 +173,7 @@ def test_control_needs_baseline(tiny_models, tmp_path):
 def test_run_directory_scores_like_its_hf_folder_and_saves_under_eval(tiny_models, tmp_path, capsys):
     """A docmix Orbax run directory (latest checkpoint via trainer.checkpoint.restore_model) gives the HF folder's
     margins, and its results land in MODEL_DIR/eval/<step>/."""
-    from models import convert
+    from trainer import convert
 
     pairs_file = _write_pairs(tmp_path / "set.jsonl", PAIRS)
     convert.hf_to_orbax(tiny_models[1], tmp_path / "run")
